@@ -1,0 +1,93 @@
+"""qkv checkpoint directories: config.json + model.safetensors (+ tokenizer files).
+
+Weights are only ever read from safetensors, which cannot run code. Every file is
+written atomically (temp file + rename). Loading checks names and shapes against the
+config and reports the file and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from qkv.config import ModelConfig
+from qkv.io import atomic_write_bytes
+from qkv.model import Transformer, build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # unwrap DDP / torch.compile wrappers, drop non-persistent buffers
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_model(directory: str | Path, model: Transformer, tokenizer=None, metadata: Optional[dict] = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    inner.cfg.save(directory / CONFIG)
+    meta = {"format": "qkv"}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write_bytes(directory / WEIGHTS, save(state_dict_for_save(model), metadata=meta))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not match the config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(
+                f"{source}: shape mismatch for {name}: file has {tuple(t.shape)}, "
+                f"config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def is_qkv_checkpoint(directory: str | Path) -> bool:
+    cfg = Path(directory) / CONFIG
+    if not cfg.exists():
+        return False
+    try:
+        d = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+    return "model_type" not in d and "d_model" in d
+
+
+def load_model(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    cfg = ModelConfig.load(directory / CONFIG)
+    state = read_safetensors(directory / WEIGHTS)
+    model = build_model(cfg)  # real storage; init cost is small next to reading weights
+    load_state_into(model, state, directory / WEIGHTS)
+    return model.to(device=device, dtype=dtype).eval()

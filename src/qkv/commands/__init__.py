@@ -1,0 +1,1 @@
+"""One module per `qkv` verb (see qkv/cli.py)."""

@@ -1,0 +1,198 @@
+"""Model configuration: one typed dataclass for every architecture qkv builds or imports.
+
+A config fully determines the module tree and the math. Architectural ablations are a
+single field: `pos` (rope/learned/sinusoidal/none), `n_kv_head` (MHA/GQA/MQA),
+`mlp` (swiglu/gelu), `norm` (rmsnorm/layernorm), `n_expert` (dense/MoE).
+Named presets live at the bottom; `ModelConfig.from_dict` rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+PosKind = Literal["rope", "learned", "sinusoidal", "none"]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # None -> n_head (MHA); 1 -> MQA; otherwise GQA
+    head_dim: Optional[int] = None  # None -> d_model // n_head
+    d_ff: Optional[int] = None  # None -> 4*d (gelu) or the Llama 8/3*d rule rounded to 64 (swiglu)
+    max_seq_len: int = 1024
+
+    # positions
+    pos: PosKind = "rope"
+    rope_theta: float = 10000.0
+    # None, {"type": "linear", "factor": f} or
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: Optional[dict] = None
+
+    # blocks
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm only
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    gelu_approx: Literal["none", "tanh"] = "tanh"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    sliding_window: Optional[int] = None
+    attn_impl: Literal["sdpa", "math"] = "sdpa"
+
+    # mixture of experts (n_expert == 0 means a dense MLP)
+    n_expert: int = 0
+    n_expert_per_token: int = 2
+    moe_renormalize: bool = True  # Mixtral renormalises the top-k weights, OLMoE does not
+    moe_d_ff: Optional[int] = None
+    moe_dispatch: Literal["grouped_mm", "loop"] = "grouped_mm"
+    router_aux_coef: float = 0.01
+    router_z_coef: float = 0.001
+
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                    "set head_dim explicitly or change one of them"
+                )
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            if self.mlp == "gelu":
+                self.d_ff = 4 * self.d_model
+            else:
+                self.d_ff = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        if self.n_expert and self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
+        self.validate()
+
+    def validate(self) -> None:
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
+                "(each KV head serves a whole group of query heads)"
+            )
+        if self.pos not in ("rope", "learned", "sinusoidal", "none"):
+            raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned, sinusoidal or none")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"unknown norm={self.norm!r}; choose rmsnorm or layernorm")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"unknown mlp={self.mlp!r}; choose swiglu or gelu")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise ValueError(f"unknown attn_impl={self.attn_impl!r}; choose sdpa or math")
+        if self.n_expert and not (1 <= self.n_expert_per_token <= self.n_expert):
+            raise ValueError(
+                f"n_expert_per_token={self.n_expert_per_token} must be in [1, n_expert={self.n_expert}]"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "llama3"):
+            raise ValueError(
+                f"unknown rope_scaling type {self.rope_scaling.get('type')!r}; choose linear or llama3"
+            )
+
+    @property
+    def group_size(self) -> int:
+        return self.n_head // self.n_kv_head
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
+        """K and V for every layer: 2 * layers * n_kv_head * head_dim * bytes."""
+        return 2 * self.n_layer * self.n_kv_head * self.head_dim * dtype_bytes
+
+    # --- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config key(s) {unknown}; valid keys are: {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        d = self.to_dict()
+        d.update(overrides)
+        return ModelConfig.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        from qkv.io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such config file")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+# --- named presets -------------------------------------------------------------------
+# vocab_size is a placeholder for presets trained with qkv's own tokenizer: the trainer
+# sets it from the tokenizer it uses.
+PRESETS: dict[str, dict[str, Any]] = {
+    # trains in about two minutes on two CPU cores
+    "tiny": dict(vocab_size=4096, n_layer=4, d_model=128, n_head=4, n_kv_head=2, max_seq_len=256),
+    # nanoGPT's shakespeare-char scale (~10M non-embedding parameters)
+    "small": dict(vocab_size=8192, n_layer=6, d_model=384, n_head=6, n_kv_head=6, max_seq_len=256),
+    "gpt2-124m": dict(
+        vocab_size=50304, n_layer=12, d_model=768, n_head=12, max_seq_len=1024, pos="learned",
+        norm="layernorm", mlp="gelu", qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True,
+    ),
+    "llama-100m": dict(
+        vocab_size=32000, n_layer=12, d_model=768, n_head=12, n_kv_head=4, d_ff=2048,
+        max_seq_len=1024, tie_embeddings=True,
+    ),
+    # configs of real models, for parameter and KV-cache arithmetic (build on the meta device)
+    "llama3-8b": dict(
+        vocab_size=128256, n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336,
+        max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False,
+    ),
+    "mixtral-8x7b": dict(
+        vocab_size=32000, n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336,
+        max_seq_len=32768, rope_theta=1e6, tie_embeddings=False, n_expert=8, n_expert_per_token=2,
+    ),
+    "olmoe-1b-7b": dict(
+        vocab_size=50304, n_layer=16, d_model=2048, n_head=16, n_kv_head=16, d_ff=1024,
+        max_seq_len=4096, qk_norm=True, tie_embeddings=False, n_expert=64, n_expert_per_token=8,
+        moe_renormalize=False,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152, n_layer=30, d_model=576, n_head=9, n_kv_head=3, d_ff=1536,
+        max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    d = dict(PRESETS[name])
+    d.update(overrides)
+    return ModelConfig.from_dict(d)

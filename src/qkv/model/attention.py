@@ -1,0 +1,120 @@
+"""Causal self-attention with multi-head, grouped-query and multi-query variants.
+
+Q comes from n_head heads, K and V from n_kv_head heads; each KV head serves a group
+of n_head // n_kv_head query heads (MHA: groups of 1, MQA: one group). Two paths
+compute the same thing:
+
+- `math`: softmax(Q Kᵀ / √d + mask) V written out. GQA is a broadcast over a group
+  axis (q: B, Hkv, G, T, D against k: B, Hkv, 1, S, D), so K/V are never copied.
+  It can keep the attention probabilities for inspection.
+- `sdpa`: torch's fused scaled_dot_product_attention (enable_gqa, no copies). For a
+  single decode token, query heads of a group are folded into the query-length axis,
+  which turns GQA decode into one plain attention call over the shared K/V.
+
+Masks: `mask` is a boolean (B or 1, 1, T, S) tensor, True = may attend. None means
+causal, aligned so the last query sees every key (the usual case with a KV cache).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qkv.config import ModelConfig
+from qkv.model.layers import RMSNorm
+from qkv.model.positions import apply_rope
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a KV cache: store this step's K/V for a layer and
+    return all K/V the step's queries may see, shaped (B, n_kv_head, S, head_dim)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def causal_mask(t_q: int, t_k: int, device=None, window: Optional[int] = None) -> torch.Tensor:
+    """(t_q, t_k) bool; query i sits at absolute position t_k - t_q + i."""
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    k_pos = torch.arange(t_k, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def math_attention(q, k, v, mask, scale, keep_probs: bool = False):
+    """q: (B, H, T, D), k/v: (B, Hkv, S, D), mask: bool broadcastable to (B, 1, T, S) or None."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q = q.view(B, Hkv, H // Hkv, T, D)
+    scores = (q @ k.unsqueeze(2).transpose(-1, -2)).float() * scale  # (B, Hkv, G, T, S)
+    if mask is None:
+        mask = causal_mask(T, S, q.device)[None, None]
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = (probs.to(v.dtype) @ v.unsqueeze(2)).reshape(B, H, T, D)
+    return out, (probs.reshape(B, H, T, S) if keep_probs else None)
+
+
+def fused_attention(q, k, v, mask, scale, dropout_p: float = 0.0):
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if T == 1 and mask is None:
+        # decode: a group's query heads become G query "positions" over the shared K/V
+        out = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, scale=scale)
+        return out.view(B, H, 1, D)
+    is_causal = mask is None and T == S
+    if mask is None and not is_causal:
+        mask = causal_mask(T, S, q.device)[None, None]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale, enable_gqa=G > 1
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.keep_probs = False  # set by the inspector; forces the math path
+        self.last_probs: Optional[torch.Tensor] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCacheLike] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+
+        if self.keep_probs or self.cfg.attn_impl == "math":
+            y, self.last_probs = math_attention(q, k, v, mask, self.scale, self.keep_probs)
+        else:
+            p = self.cfg.dropout if self.training else 0.0
+            y = fused_attention(q, k, v, mask, self.scale, p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))

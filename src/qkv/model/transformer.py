@@ -1,0 +1,200 @@
+"""The decoder-only transformer: embeddings -> N x (attention + MLP/MoE) -> norm -> logits.
+
+Each block is pre-norm:   h = x + Attn(Norm(x));   out = h + MLP(Norm(h))
+
+Initialisation (GPT-2 style, in one place, `init_weights`): every Linear and Embedding
+~ N(0, init_std), biases zero, norm weights one; the projections that write into the
+residual stream (o_proj, down_proj, expert w_down) use init_std / sqrt(2 * n_layer) so
+the residual's variance does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from qkv.config import ModelConfig
+from qkv.model.attention import Attention, KVCacheLike, causal_mask
+from qkv.model.layers import RMSNorm, make_mlp, make_norm
+from qkv.model.moe import MoE
+from qkv.model.positions import rope_table, sinusoidal_table
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe else make_mlp(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, mask=None, cache=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        elif cfg.pos == "rope":
+            cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    # --- initialisation ------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, m in self.named_modules():
+            if any(p.is_meta for p in m.parameters(recurse=False)):
+                continue
+            if isinstance(m, nn.Linear):
+                writes_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(m.weight, 0.0, resid_std if writes_residual else std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, MoE):
+                nn.init.normal_(m.w_gate, 0.0, std)
+                nn.init.normal_(m.w_up, 0.0, std)
+                nn.init.normal_(m.w_down, 0.0, resid_std)
+        if self.cfg.pos == "rope":
+            cos, sin = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg.rope_scaling)
+            if not self.rope_cos.is_meta:
+                self.rope_cos.copy_(cos)
+                self.rope_sin.copy_(sin)
+
+    # --- forward -------------------------------------------------------------------
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCacheLike] = None,
+        key_padding: Optional[torch.Tensor] = None,
+        collect: Optional[list] = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d).
+
+        positions: (T,) or (B, T) absolute positions; default 0..T-1.
+        mask: bool (B or 1, 1, T, S), True = may attend; default causal (see attention.py).
+        key_padding: bool (B, T), False marks padding (no cache): combined with the causal mask.
+        collect: if a list is given, the residual stream after each block is appended to it.
+        """
+        B, T = idx.shape
+        if positions is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than the model's context "
+                    f"max_seq_len={self.cfg.max_seq_len}; truncate the input"
+                )
+            positions = torch.arange(T, device=idx.device)
+        if mask is None and cache is None and (key_padding is not None or self._window_applies(T)):
+            mask = causal_mask(T, T, idx.device, self.cfg.sliding_window)[None, None]
+            if key_padding is not None:
+                eye = torch.eye(T, dtype=torch.bool, device=idx.device)
+                mask = mask & (key_padding[:, None, None, :].bool() | eye)  # a pad query still sees itself
+
+        x = self.tok_emb(idx)
+        rope = None
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb(positions)
+        elif self.cfg.pos == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        elif self.cfg.pos == "rope":
+            pos = positions if positions.dim() == 2 else positions[None]
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache)
+            if collect is not None:
+                collect.append(x)
+        return self.final_norm(x)
+
+    def _window_applies(self, T: int) -> bool:
+        return self.cfg.sliding_window is not None and self.cfg.sliding_window < T
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from hidden states (tied: the token embedding matrix)."""
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return h @ w.t().to(h.dtype)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCacheLike] = None,
+        key_padding: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) for the last position when last_only."""
+        h = self.hidden(idx, positions, mask, cache, key_padding)
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h)
+
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the MoE layers' router losses from the last training forward (None if dense)."""
+        losses = [b.mlp.last_aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.last_aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    active: int  # per token: only top-k experts count in MoE layers
+    embedding: int  # token + position embeddings, and the output head when untied
+
+    @property
+    def total_non_embedding(self) -> int:
+        return self.total - self.embedding
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding
+
+
+def count_params(model: Transformer) -> ParamCounts:
+    cfg = model.cfg
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.tok_emb.weight.numel()
+    if cfg.pos == "learned":
+        embedding += model.pos_emb.weight.numel()
+    if model.lm_head is not None:
+        embedding += model.lm_head.weight.numel()
+    inactive = 0
+    for b in model.blocks:
+        if isinstance(b.mlp, MoE):
+            per_expert = (b.mlp.w_gate.numel() + b.mlp.w_up.numel() + b.mlp.w_down.numel()) // cfg.n_expert
+            inactive += (cfg.n_expert - cfg.n_expert_per_token) * per_expert
+    return ParamCounts(total=total, active=total - inactive, embedding=embedding)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build on any device; 'meta' builds the module tree without memory (for counting)."""
+    with torch.device(device):
+        model = Transformer(cfg)
+    return model.to(dtype) if dtype != torch.float32 else model

@@ -1,0 +1,169 @@
+"""Tokenizer: a Hugging Face `tokenizers` BPE model plus special tokens and a chat template.
+
+Saved beside the weights in the Hugging Face layout (tokenizer.json and
+tokenizer_config.json with `chat_template`), so transformers' AutoTokenizer reads it and
+imported models keep their own tokenizer and template. Chat templates are jinja2,
+rendered in a sandbox the way transformers does. `encode_chat` also returns the mask of
+assistant tokens that SFT trains on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from qkv.io import atomic_write_text
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def _token_str(value) -> Optional[str]:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        chat_template: Optional[str] = None,
+        bos_token: Optional[str] = None,
+        eos_token: Optional[str] = None,
+        pad_token: Optional[str] = None,
+        add_bos: bool = False,
+    ):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token = pad_token or eos_token
+        self.add_bos = add_bos
+        for name in ("bos_token", "eos_token", "pad_token"):
+            tok = getattr(self, name)
+            if tok is not None and backend.token_to_id(tok) is None:
+                raise ValueError(f"{name} {tok!r} is not in the tokenizer's vocabulary")
+
+    # --- ids -----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: Optional[str]) -> Optional[int]:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> Optional[int]:
+        return self.token_id(self.pad_token)
+
+    # --- text <-> ids --------------------------------------------------------------
+    def encode(self, text: str, add_special: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    # --- chat ----------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if not self.chat_template:
+            raise ValueError(
+                "this tokenizer has no chat template; pass one (tokenizer_config.json "
+                "'chat_template') or use plain-text prompts"
+            )
+        return _compile_template(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids of the rendered conversation and, per token, whether it belongs to an
+        assistant reply (the reply text and the template's end-of-turn after it)."""
+        text = self.render_chat(messages, add_generation_prompt)
+        spans = []
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            start = len(self.render_chat(messages[:i], add_generation_prompt=True))
+            end = len(self.render_chat(messages[: i + 1]))
+            spans.append((start, end))
+        enc = self.backend.encode(text, add_special_tokens=False)
+        mask = [any(s <= a and b <= e and b > a for s, e in spans) for a, b in enc.offsets]
+        return enc.ids, mask
+
+    # --- files ---------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / TOKENIZER_FILE, self.backend.to_str())
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template,
+        }
+        atomic_write_text(directory / TOKENIZER_CONFIG, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        directory = Path(directory)
+        path = directory / TOKENIZER_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: tokenizer file not found")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        cfg: dict = {}
+        cfg_path = directory / TOKENIZER_CONFIG
+        if cfg_path.exists():
+            cfg = json.loads(cfg_path.read_text())
+        template = cfg.get("chat_template")
+        if template is None and (directory / "chat_template.jinja").exists():
+            template = (directory / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # transformers allows named templates
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        return cls(
+            backend,
+            chat_template=template,
+            bos_token=_token_str(cfg.get("bos_token")),
+            eos_token=_token_str(cfg.get("eos_token")),
+            pad_token=_token_str(cfg.get("pad_token")),
+            add_bos=bool(cfg.get("add_bos_token", False)),
+        )
+
+
+_TEMPLATE_CACHE: dict[str, object] = {}
+
+
+def _compile_template(source: str):
+    if source not in _TEMPLATE_CACHE:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template error: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        _TEMPLATE_CACHE[source] = env.from_string(source)
+    return _TEMPLATE_CACHE[source]
