@@ -1,0 +1,1 @@
+"""Inference: KV caches (contiguous and paged), sampling, scheduler, engine, speculative decoding."""

@@ -1,0 +1,85 @@
+"""Per-request sampling parameters and the logits -> token step.
+
+`SamplingParams` is the contract shared by the engine, the server and alignment code.
+Sampling itself is written per request (one row of logits, one torch.Generator) so a
+seeded request gives the same tokens whatever else is batched with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class SamplingError(ValueError):
+    """A bad sampling parameter; `.param` names the offending field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None  # makes the request reproducible whatever else is batched
+    logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob + top-k alternatives
+    n: int = 1  # parallel samples sharing the prompt (copy-on-write blocks)
+
+    def validate(self) -> None:
+        """Raise SamplingError (a ValueError) naming the field and the fix."""
+
+        def bad(param: str, msg: str) -> None:
+            raise SamplingError(param, f"invalid {param}: {msg}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            bad("max_tokens", f"{self.max_tokens!r}; must be an integer >= 1")
+        if not _is_num(self.temperature) or self.temperature < 0:
+            bad("temperature", f"{self.temperature!r}; must be >= 0 (0 = greedy)")
+        if not _is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            bad("top_p", f"{self.top_p!r}; must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", f"{self.top_k!r}; must be an integer >= 0 (0 = off)")
+        if not _is_num(self.min_p) or not (0.0 <= self.min_p <= 1.0):
+            bad("min_p", f"{self.min_p!r}; must be in [0, 1]")
+        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"{self.repetition_penalty!r}; must be > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not (-2.0 <= v <= 2.0):
+                bad(name, f"{v!r}; must be in [-2, 2]")
+        if isinstance(self.stop, str):  # accept a single string, as OpenAI does
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            bad("stop", f"{self.stop!r}; must be a string or a list of strings")
+        if any(s == "" for s in self.stop):
+            bad("stop", "empty stop string; remove it")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            bad("stop_token_ids", f"{self.stop_token_ids!r}; must be a list of token ids (ints >= 0)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", f"{self.seed!r}; must be an integer or None")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not (0 <= self.logprobs <= 20)
+        ):
+            bad("logprobs", f"{self.logprobs!r}; must be None or an integer in [0, 20]")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not (1 <= self.n <= 64):
+            bad("n", f"{self.n!r}; must be an integer in [1, 64]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
