@@ -1,0 +1,197 @@
+"""The model's own invariants: attention paths agree, positions behave as the papers say,
+MoE dispatch is exact, parameter arithmetic matches the published figures."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkv import ModelConfig, build_model, count_params, preset
+from qkv.model.attention import fused_attention, math_attention
+from qkv.model.moe import MoE
+from qkv.model.positions import apply_rope, rope_table, sinusoidal_table
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, n_layer=2, d_model=48, n_head=6, n_kv_head=2, max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("n_kv", [6, 3, 1])  # MHA, GQA, MQA
+@pytest.mark.parametrize("pos", ["rope", "learned", "sinusoidal", "none"])
+def test_math_and_fused_paths_agree(n_kv, pos):
+    model = build_model(tiny(n_kv_head=n_kv, pos=pos)).eval()
+    x = torch.randint(0, 97, (3, 20))
+    pad = torch.ones(3, 20, dtype=torch.bool)
+    pad[1, :5] = False  # left padding
+    for kp in (None, pad):
+        model.cfg.attn_impl = "sdpa"
+        fused = model(x, key_padding=kp)
+        model.cfg.attn_impl = "math"
+        plain = model(x, key_padding=kp)
+        assert (fused - plain).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("t_q,t_k", [(1, 9), (4, 9), (9, 9)])
+def test_attention_kernels_agree_with_offsets(t_q, t_k):
+    q = torch.randn(2, 6, t_q, 8)
+    k, v = torch.randn(2, 2, t_k, 8), torch.randn(2, 2, t_k, 8)
+    a, _ = math_attention(q, k, v, None, 8**-0.5)
+    b = fused_attention(q, k, v, None, 8**-0.5)
+    assert (a - b).abs().max() < 1e-5
+    # against an explicit repeat of K/V over the group (the copy the kernels avoid)
+    kr, vr = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    s = (q @ kr.transpose(-1, -2)) * 8**-0.5
+    qpos = torch.arange(t_k - t_q, t_k)[:, None]
+    s = s.masked_fill(torch.arange(t_k)[None] > qpos, float("-inf"))
+    assert (a - s.softmax(-1) @ vr).abs().max() < 1e-5
+
+
+class ListCache:
+    """The smallest KV cache that satisfies the model's protocol: concatenate per layer."""
+
+    def __init__(self, n_layer):
+        self.kv = [None] * n_layer
+
+    def update(self, layer, k, v):
+        if self.kv[layer] is not None:
+            k = torch.cat([self.kv[layer][0], k], dim=2)
+            v = torch.cat([self.kv[layer][1], v], dim=2)
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned", "sinusoidal"])
+def test_prefill_then_decode_through_cache_protocol(pos):
+    model = build_model(tiny(pos=pos)).eval()
+    x = torch.randint(0, 97, (2, 12))
+    full = model(x)
+    cache = ListCache(2)
+    out = [model(x[:, :7], cache=cache)]
+    for t in range(7, 12):
+        out.append(model(x[:, t : t + 1], positions=torch.tensor([t]), cache=cache))
+    assert (torch.cat(out, dim=1) - full).abs().max() < 1e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 200), n=st.integers(0, 200), shift=st.integers(0, 200))
+def test_rope_score_depends_only_on_offset(m, n, shift):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    cos, sin = rope_table(16, 512, 10000.0)
+
+    def score(a, b):
+        qa = apply_rope(q, cos[a].view(1, 1, 1, -1), sin[a].view(1, 1, 1, -1))
+        kb = apply_rope(k, cos[b].view(1, 1, 1, -1), sin[b].view(1, 1, 1, -1))
+        return (qa * kb).sum().item()
+
+    assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-4)
+
+
+def test_sinusoidal_table_matches_the_paper():
+    d = 16
+    table = sinusoidal_table(50, d)
+    for p in (0, 1, 7, 49):
+        for i in range(d // 2):
+            angle = p / 10000 ** (2 * i / d)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_rope_scaling_linear_divides_positions():
+    cos_lin, _ = rope_table(16, 64, 10000.0, {"type": "linear", "factor": 4.0})
+    cos, _ = rope_table(16, 256, 10000.0)
+    assert torch.allclose(cos_lin[8], cos[2], atol=1e-6)
+
+
+def test_moe_dispatch_matches_per_token_reference():
+    cfg = tiny(n_expert=4, n_expert_per_token=2, moe_d_ff=32)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 11, 48)
+    grouped = moe(x)
+    moe.dispatch = "loop"
+    looped = moe(x)
+    ref = torch.zeros_like(x)
+    flat = x.reshape(-1, 48)
+    _, _, w, e = moe.route(flat)
+    for t in range(flat.shape[0]):
+        for j in range(2):
+            ex = e[t, j]
+            h = torch.nn.functional.silu(flat[t] @ moe.w_gate[ex]) * (flat[t] @ moe.w_up[ex])
+            ref.view(-1, 48)[t] += w[t, j] * (h @ moe.w_down[ex])
+    assert (grouped - ref).abs().max() < 1e-5
+    assert (looped - ref).abs().max() < 1e-5
+
+
+def test_moe_renormalisation_and_balance_loss():
+    cfg = tiny(n_expert=4, n_expert_per_token=2, moe_renormalize=False, router_aux_coef=1.0, router_z_coef=0.0)
+    moe = MoE(cfg)
+    torch.nn.init.zeros_(moe.router.weight)  # uniform router: balance loss is exactly 1
+    for p in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(p, std=0.1)
+    moe.train()
+    moe(torch.randn(3, 5, 48))
+    assert moe.last_aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+    _, _, w, _ = moe.route(torch.randn(7, 48))
+    assert torch.allclose(w, torch.full_like(w, 0.25))  # OLMoE style: raw top-k probabilities
+    moe.renormalize = True
+    _, _, w, _ = moe.route(torch.randn(7, 48))
+    assert torch.allclose(w.sum(-1), torch.ones(7))  # Mixtral style
+
+
+def test_moe_trains_with_grouped_mm():
+    model = build_model(tiny(n_expert=4, n_expert_per_token=2)).train()
+    x = torch.randint(0, 97, (2, 16))
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, 97), x.view(-1)) + model.aux_loss()
+    loss.backward()
+    g = model.blocks[0].mlp.w_gate.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_param_counts_of_real_configs_from_config_alone():
+    mixtral = count_params(build_model(preset("mixtral-8x7b"), device="meta"))
+    assert mixtral.total / 1e9 == pytest.approx(46.7, abs=0.05)
+    assert mixtral.active / 1e9 == pytest.approx(12.9, abs=0.05)
+    olmoe = count_params(build_model(preset("olmoe-1b-7b"), device="meta"))
+    assert olmoe.total / 1e9 == pytest.approx(6.9, abs=0.05)
+    assert olmoe.active / 1e9 == pytest.approx(1.3, abs=0.05)
+    dense = count_params(build_model(tiny()))
+    assert dense.total == dense.active
+    assert dense.embedding == 97 * 48  # tied: the head shares the token embedding
+
+
+def test_kv_bytes_per_token_shrinks_by_group_size():
+    mha, mqa = tiny(n_kv_head=6), tiny(n_kv_head=1)
+    assert mha.kv_bytes_per_token(2) == 2 * 2 * 6 * 8 * 2
+    assert mha.kv_bytes_per_token() // mqa.kv_bytes_per_token() == 6
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(n_head=6, n_kv_head=4), "multiple of n_kv_head"),
+        (dict(pos="alibi"), "unknown pos"),
+        (dict(d_model=50, n_head=6), "not divisible"),
+        (dict(n_expert=4, n_expert_per_token=5), "n_expert_per_token"),
+    ],
+)
+def test_bad_configs_name_the_problem(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny(**kw)
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelConfig.from_dict({"n_layers": 3})
+
+
+def test_context_overflow_is_a_clear_error():
+    model = build_model(tiny(max_seq_len=16))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
