@@ -35,3 +35,413 @@ class GenerationResult:
     text: str
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
+
+
+# --- the engine ------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+import uuid  # noqa: E402
+from typing import Iterator, Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+from qkv.infer.paged import BlockAllocator, PagedKVCache  # noqa: E402
+from qkv.infer.sampling import SamplingError, SamplingParams, apply_penalties, make_generator, warp  # noqa: E402
+from qkv.infer.scheduler import Scheduler, Sequence  # noqa: E402
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stops: set[int]):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stop_ids = stops
+        self.seqs: list[Sequence] = []
+        self.forked = params.n == 1
+        self.max_stop_len = max((len(s) for s in params.stop), default=0)
+
+
+class _SeqText:
+    """Incremental detokenisation and stop-string state of one sequence."""
+
+    __slots__ = ("emitted", "token_emitted", "finish_reason", "stop_token")
+
+    def __init__(self):
+        self.emitted = 0  # characters of the text already sent
+        self.token_emitted = 0  # output tokens already sent
+        self.finish_reason: Optional[str] = None
+        self.stop_token = False  # last token is eos/stop id: kept in ids, not in the text
+
+
+class Engine:
+    """Continuous-batching inference over a paged KV cache. Not thread-safe: one thread
+    calls add_request / step / abort (the server wraps it)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        block_size: int = 16,
+        num_blocks: Optional[int] = None,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 512,
+        cache_dtype: Optional[torch.dtype] = None,
+        prefix_caching: bool = True,
+        kv_memory_bytes: int = 1 << 30,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        cache_dtype = cache_dtype or self.dtype
+        self.block_size = block_size
+        if num_blocks is None:
+            # enough for max_num_seqs full contexts, capped by a memory budget, but always
+            # at least one full context
+            per_block = self.cfg.kv_bytes_per_token(torch.tensor([], dtype=cache_dtype).element_size()) * block_size
+            ctx_blocks = -(-self.cfg.max_seq_len // block_size)
+            num_blocks = max(ctx_blocks, min(ctx_blocks * max_num_seqs, kv_memory_bytes // per_block))
+        if max_batch_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
+        self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching)
+        self.cache = PagedKVCache(self.cfg, num_blocks, block_size, self.device, cache_dtype)
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, max_batch_tokens)
+        # a sequence can never hold more tokens than the context or the whole pool
+        self.max_len = min(self.cfg.max_seq_len, num_blocks * block_size)
+        self.requests: dict[str, _Request] = {}
+        self._text: dict[int, _SeqText] = {}
+        self._pending: list[RequestOutput] = []  # outputs not yet returned by step()
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.generated_tokens_total = 0
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+
+    # --- requests --------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
+        """Validate everything, then queue. Raises ValueError (SamplingError for a bad
+        parameter) before any work is done."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt_ids = list(prompt_ids)
+        V = self.cfg.vocab_size
+        if not prompt_ids:
+            raise ValueError("empty prompt; give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < V for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {V})")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens is too long: the context holds {self.max_len} "
+                f"tokens including the reply; shorten the prompt"
+            )
+        if any(t >= V for t in params.stop_token_ids):
+            raise SamplingError("stop_token_ids", f"invalid stop_token_ids: ids must be < vocab size {V}")
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use; pick another")
+        stops = set(params.stop_token_ids)
+        if self.eos_id is not None and not params.ignore_eos:
+            stops.add(self.eos_id)
+        req = _Request(request_id, prompt_ids, params, stops)
+        base_seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
+        seq = self._new_seq(req, 0, list(prompt_ids), base_seed, next(self._arrivals))
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return request_id
+
+    def _new_seq(self, req: _Request, index: int, token_ids: list[int], seed: int, arrival: int) -> Sequence:
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=req.request_id,
+            index=index,
+            arrival=arrival,
+            token_ids=token_ids,
+            num_prompt=len(req.prompt_ids),
+            generator=None if req.params.greedy else make_generator(seed + index, self.device),
+            seed=seed,
+        )
+        req.seqs.append(seq)
+        self._text[seq.seq_id] = _SeqText()
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its blocks are freed at once and a final output with
+        finish_reason "abort" is returned by the next step()."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finished = True
+                self.scheduler.remove(seq)
+                st = self._text[seq.seq_id]
+                st.finish_reason = "abort"
+                self._pending.append(self._output(req, seq, st, final=True))
+            self._text.pop(seq.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    def stats(self) -> dict:
+        return dict(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            blocks_total=self.allocator.num_blocks,
+            blocks_used=self.allocator.num_used,
+            blocks_free=self.allocator.num_free,
+            generated_tokens_total=self.generated_tokens_total,
+            preemptions_total=self.scheduler.preemptions_total,
+            prefix_cache_hits=self.allocator.prefix_hits,
+        )
+
+    # --- one iteration -----------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        if not self.scheduler.has_work():
+            return outputs
+        sched = self.scheduler.schedule()
+        for src, dst in sched.copies:
+            self.cache.copy_block(src, dst)
+        # decode rows (one token) and prompt chunks run as two padded batches, so a long
+        # chunk never pads every decoding row to its length
+        to_sample: list[tuple[Sequence, torch.Tensor]] = []
+        decode = [(s, n) for s, n in sched.scheduled if n == 1]
+        chunks = [(s, n) for s, n in sched.scheduled if n > 1]
+        for group in (decode, chunks):
+            if group:
+                to_sample += self._forward(group)
+        for seq, n in sched.scheduled:
+            seq.num_computed += n
+            self.scheduler.register_computed(seq)
+        outputs += self._sample_and_emit(to_sample)
+        return outputs
+
+    def _forward(self, group: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """One forward over a padded batch; returns last-position logits of the rows
+        whose pending tokens are now all computed (they sample next)."""
+        dev, bs = self.device, self.block_size
+        B = len(group)
+        T = max(n for _, n in group)
+        start = torch.tensor([s.num_computed for s, _ in group], device=dev)
+        lens = torch.tensor([n for _, n in group], device=dev)
+        nblk = max(len(s.block_table) for s, _ in group)
+        tables = torch.tensor([s.block_table + [0] * (nblk - len(s.block_table)) for s, _ in group], device=dev)
+        tok = torch.zeros(B, T, dtype=torch.long)
+        for b, (s, n) in enumerate(group):
+            tok[b, :n] = torch.tensor(s.token_ids[s.num_computed : s.num_computed + n])
+        tok = tok.to(dev)
+
+        t = torch.arange(T, device=dev)
+        pos = start[:, None] + t[None, :]  # (B, T) absolute positions
+        valid = t[None, :] < lens[:, None]
+        total = start + lens  # keys each row sees after this step
+        S = int(total.max())
+
+        def slots(p):
+            blk = tables.gather(1, (p // bs).clamp(max=nblk - 1))
+            return blk * bs + p % bs
+
+        write_pos = slots(pos)
+        write_rows = None if bool(valid.all()) else valid.reshape(-1).nonzero().squeeze(1)
+        write_slots = write_pos.reshape(-1) if write_rows is None else write_pos.reshape(-1)[write_rows]
+        j = torch.arange(S, device=dev)
+        gather = slots(j[None, :].expand(B, S))
+        key_ok = j[None, :] < total[:, None]  # (B, S)
+        mask = (j[None, None, :] <= pos[:, :, None]) & key_ok[:, None, :]
+        if self.cfg.sliding_window is not None:
+            mask &= j[None, None, :] > pos[:, :, None] - self.cfg.sliding_window
+        self.cache.prepare(write_slots, write_rows, gather)
+        positions = pos.clamp(max=self.cfg.max_seq_len - 1)
+        h = self.model.hidden(tok, positions=positions, mask=mask[:, None], cache=self.cache)
+
+        rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == len(s.token_ids)]
+        if not rows:
+            return []
+        r = torch.tensor(rows, device=dev)
+        logits = self.model.head(h[r, lens[r] - 1]).float()
+        return [(group[b][0], logits[i]) for i, b in enumerate(rows)]
+
+    # --- sampling, stopping, detokenising -----------------------------------------------
+    def _sample_and_emit(self, to_sample: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:
+        work: list[tuple[_Request, Sequence, torch.Tensor]] = []
+        for seq, logits in to_sample:
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.finished:
+                continue
+            if not req.forked:  # the prompt is in: n samples now share its blocks
+                req.forked = True
+                for i in range(1, req.params.n):
+                    child = self._new_seq(req, i, list(seq.token_ids), seq.seed, seq.arrival)
+                    child.block_table = list(seq.block_table)
+                    for b in child.block_table:
+                        self.allocator.fork(b)
+                    child.num_computed = seq.num_computed
+                    child.num_hashed = seq.num_hashed
+                    child.block_hashes = list(seq.block_hashes)
+                    self.scheduler.add_running(child)
+                    work.append((req, child, logits))
+            work.append((req, seq, logits))
+        work.sort(key=lambda w: (w[1].arrival, w[1].index))
+
+        outputs = []
+        greedy_rows = [i for i, (rq, _, _) in enumerate(work) if rq.params.greedy and not _has_penalty(rq.params)]
+        greedy_tok = {}
+        if greedy_rows:
+            stacked = torch.stack([work[i][2] for i in greedy_rows])
+            greedy_tok = dict(zip(greedy_rows, stacked.argmax(-1).tolist()))
+        for i, (req, seq, logits) in enumerate(work):
+            p = req.params
+            if i in greedy_tok:
+                tok = greedy_tok[i]
+            else:
+                x = apply_penalties(logits, p, req.prompt_ids, seq.output_ids)
+                if p.greedy:
+                    tok = int(x.argmax())
+                else:
+                    tok = int(torch.multinomial(warp(x, p).softmax(-1), 1, generator=seq.generator))
+            lp = None
+            if p.logprobs is not None:
+                lsm = torch.log_softmax(logits, -1)
+                top = torch.topk(lsm, p.logprobs) if p.logprobs > 0 else None
+                lp = TokenLogprob(
+                    tok,
+                    float(lsm[tok]),
+                    [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
+                )
+            outputs.append(self._append(req, seq, tok, lp))
+        return [o for o in outputs if o is not None]
+
+    def _append(self, req: _Request, seq: Sequence, tok: int, lp: Optional[TokenLogprob]) -> Optional[RequestOutput]:
+        seq.token_ids.append(tok)
+        self.generated_tokens_total += 1
+        st = self._text[seq.seq_id]
+        if lp is not None:
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(lp)
+        n_out = len(seq.token_ids) - seq.num_prompt
+        if tok in req.stop_ids:
+            st.finish_reason, st.stop_token = "stop", True
+        elif n_out >= req.params.max_tokens or len(seq.token_ids) >= self.max_len:
+            st.finish_reason = "length"
+        out = self._output(req, seq, st, final=st.finish_reason is not None)
+        if st.finish_reason is not None:
+            self._finish(req, seq)
+        return out
+
+    def _output(self, req: _Request, seq: Sequence, st: _SeqText, final: bool) -> Optional[RequestOutput]:
+        out_ids = seq.output_ids
+        text_ids = out_ids[:-1] if st.stop_token else out_ids
+        text = self.tokenizer.decode(text_ids, skip_special=True) if self.tokenizer is not None else ""
+        if req.params.stop and st.finish_reason != "abort":
+            start = max(0, st.emitted - req.max_stop_len)
+            hits = [k for k in (text.find(s, start) for s in req.params.stop) if k >= 0]
+            if hits:
+                text = text[: min(hits)]
+                st.finish_reason, final = "stop", True
+                self._finish(req, seq)
+        end = len(text)
+        if not final:
+            end = _safe_end(text, req.params.stop)
+        new_text = text[st.emitted : end] if end > st.emitted else ""
+        st.emitted = max(st.emitted, end)
+        new_ids = out_ids[st.token_emitted :]
+        st.token_emitted = len(out_ids)
+        if not final and not new_ids and not new_text:
+            return None
+        lps = seq.logprobs
+        return RequestOutput(
+            request_id=req.request_id,
+            index=seq.index,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            logprobs=lps[len(lps) - len(new_ids) :] if lps is not None and req.params.logprobs is not None else None,
+            finished=final,
+            finish_reason=st.finish_reason if final else None,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(out_ids),
+        )
+
+    def _finish(self, req: _Request, seq: Sequence) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        self.scheduler.remove(seq)
+        if req.forked and all(s.finished for s in req.seqs) and len(req.seqs) == req.params.n:
+            self.requests.pop(req.request_id, None)
+            for s in req.seqs:
+                self._text.pop(s.seq_id, None)
+
+    # --- conveniences ------------------------------------------------------------------
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[GenerationResult]]:
+        """Run prompts to completion; per prompt, its n samples."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams; give one or one each")
+        for p in plist:
+            p.validate()
+        ids = []
+        for prompt, p in zip(prompts, plist):
+            ids.append(self.add_request(prompt, p))
+        acc = {rid: [GenerationResult([], "", [] if p.logprobs is not None else None, None) for _ in range(p.n)]
+               for rid, p in zip(ids, plist)}
+        left = sum(p.n for p in plist)
+        while left:
+            for o in self.step():
+                if o.request_id not in acc:
+                    self._pending.append(o)  # someone else's request: keep it for them
+                    continue
+                r = acc[o.request_id][o.index]
+                r.token_ids += o.new_token_ids
+                r.text += o.new_text
+                if o.logprobs is not None:
+                    r.logprobs += o.logprobs
+                if o.finished:
+                    r.finish_reason = o.finish_reason
+                    left -= 1
+            if left and not self.scheduler.has_work() and not any(o.request_id in acc for o in self._pending):
+                raise RuntimeError("engine stopped with unfinished requests (they were aborted?)")
+        return [acc[rid] for rid in ids]
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Add one request and yield its outputs as they are produced."""
+        rid = self.add_request(prompt_ids, params)
+        left = params.n
+        try:
+            while left:
+                others = []
+                for o in self.step():
+                    if o.request_id != rid:
+                        others.append(o)
+                        continue
+                    left -= o.finished
+                    yield o
+                self._pending = others + self._pending
+        finally:
+            if left:
+                self.abort(rid)
+                self._pending = [o for o in self._pending if o.request_id != rid]
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _safe_end(text: str, stops: list[str]) -> int:
+    """How much of the text can be sent now: not a trailing partial UTF-8 character
+    (decoded as U+FFFD), nor a tail that could still grow into a stop string."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[end - k : end] == s[:k]:
+                hold = max(hold, k)
+                break
+    return end - hold

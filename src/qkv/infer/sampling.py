@@ -83,3 +83,77 @@ class SamplingParams:
 
 def _is_num(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+# --- logits -> token ---------------------------------------------------------------------
+# Order (as transformers' logits processors): penalties, temperature, top-k, top-p, min-p.
+# Everything works on one request's row so batching never changes a seeded request.
+
+import torch  # noqa: E402
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    """Repetition penalty over prompt + output (CTRL / transformers rule: divide positive
+    logits, multiply negative ones); presence and frequency penalties over the output
+    (OpenAI rule: logit -= presence * [count > 0] + frequency * count)."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(list(prompt_ids) + list(output_ids), dtype=torch.long, device=logits.device)
+        if seen.numel():
+            seen = seen.unique()
+            x = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(x > 0, x / params.repetition_penalty, x * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
+        counts = torch.bincount(
+            torch.tensor(list(output_ids), dtype=torch.long, device=logits.device), minlength=logits.shape[-1]
+        ).to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p: returns fp32 logits with removed tokens at -inf."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def token_probs(logits: torch.Tensor, params: SamplingParams, prompt_ids=(), output_ids=()) -> torch.Tensor:
+    """The distribution a request samples from (greedy: one-hot on the argmax)."""
+    logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return warp(logits, params).softmax(-1)
+
+
+def sample_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    prompt_ids=(),
+    output_ids=(),
+) -> int:
+    """One token from one row of logits (V,)."""
+    logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        return int(logits.argmax())
+    probs = warp(logits, params).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

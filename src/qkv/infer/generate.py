@@ -1,0 +1,84 @@
+"""Single-stream generation with the contiguous KV cache: prefill, then decode.
+
+The simplest correct loop (gpt-fast's generate.py is the model): one forward over the
+prompt fills the cache and gives the first token's logits; each further step feeds
+one token at position `cache.pos` and reads back all keys/values. Decode reads every
+weight once per token, so it is bound by memory bandwidth, not FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from qkv.infer.kv_cache import KVCache
+from qkv.infer.sampling import SamplingParams, make_generator, sample_token
+from qkv.model.attention import causal_mask
+
+
+def window_mask(cfg, start: int, T: int, device) -> Optional[torch.Tensor]:
+    """Explicit mask for sliding-window models (the model only builds one without a cache)."""
+    if cfg.sliding_window is None or start + T <= cfg.sliding_window:
+        return None
+    return causal_mask(T, start + T, device, cfg.sliding_window)[None, None]
+
+
+@torch.inference_mode()
+def forward_step(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed tokens (1, T) at cache.pos; returns logits (1, T, V) and advances the cache."""
+    T = tokens.shape[1]
+    positions = torch.arange(cache.pos, cache.pos + T, device=tokens.device)
+    h = model.hidden(tokens, positions=positions, mask=window_mask(model.cfg, cache.pos, T, tokens.device), cache=cache)
+    cache.advance(T)
+    return model.head(h)
+
+
+@torch.inference_mode()
+def generate_stream(
+    model,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    eos_id: Optional[int] = None,
+    cache: Optional[KVCache] = None,
+) -> Iterator[int]:
+    """Yield generated token ids one at a time (stops at max_tokens, eos or a stop token id)."""
+    params.validate()
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    if len(prompt_ids) == 0:
+        raise ValueError("empty prompt; give at least one token")
+    if len(prompt_ids) >= cfg.max_seq_len:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens does not fit the context of {cfg.max_seq_len}; shorten it"
+        )
+    max_len = min(cfg.max_seq_len, len(prompt_ids) + params.max_tokens)
+    dtype = next(model.parameters()).dtype
+    cache = cache or KVCache(cfg, max_len, device=device, dtype=dtype)
+    gen = make_generator(params.seed if params.seed is not None else int(torch.randint(2**62, (1,))), device)
+    stops = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+    out: list[int] = []
+    logits = forward_step(model, cache, torch.tensor([prompt_ids], device=device))[0, -1]
+    while True:
+        tok = sample_token(logits, params, gen, prompt_ids, out)
+        out.append(tok)
+        yield tok
+        if tok in stops or len(out) >= params.max_tokens or len(prompt_ids) + len(out) >= max_len:
+            return
+        logits = forward_step(model, cache, torch.tensor([[tok]], device=device))[0, -1]
+
+
+def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: Optional[int] = None) -> list[int]:
+    return list(generate_stream(model, prompt_ids, params, eos_id))
+
+
+@torch.inference_mode()
+def generate_no_cache(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding that recomputes the whole sequence every step (the oracle and the
+    baseline the cache is measured against)."""
+    device = next(model.parameters()).device
+    ids = list(prompt_ids)
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):]
