@@ -1,0 +1,83 @@
+"""Serve a model over the OpenAI API (chat + completions, streaming) with a chat page at /.
+
+Loads a qkv checkpoint directory, a Hugging Face directory or a GGUF file, wraps it in the
+continuous-batching engine and serves it with uvicorn. Binds 127.0.0.1 unless --host says
+otherwise; with --api-key (or QKV_API_KEY) every /v1/ request must send
+`Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="qkv checkpoint dir, Hugging Face dir or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, help="require this bearer key on /v1/ (default: env QKV_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's file/dir name)")
+    p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together in one batch")
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 429")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunking)")
+    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: the engine's choice)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted (413 above)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def load_for_serving(path: str, dtype: str = "fp32"):
+    """(model, tokenizer) for a checkpoint dir, HF dir or GGUF file, in eval mode."""
+    from pathlib import Path
+
+    import torch
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such model file or directory; pass a checkpoint dir, HF dir or .gguf")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    try:
+        from qkv.interop import load as interop_load
+    except ImportError:
+        interop_load = None
+    if interop_load is not None:
+        loaded = interop_load(path)
+        model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded.model, loaded.tokenizer)
+    else:  # interop not built yet: qkv checkpoints only
+        from qkv.checkpoint import load_model
+        from qkv.tokenizer import Tokenizer
+
+        model, tokenizer = load_model(path), Tokenizer.load(path)
+    if tokenizer is None:
+        raise ValueError(f"{path}: has no tokenizer; save one beside the weights (tokenizer.json)")
+    return model.to(dtype=torch_dtype).eval(), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from qkv.infer.engine import Engine
+    from qkv.serve.app import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_serving(args.model, args.dtype)
+    engine_kwargs = dict(block_size=args.block_size, max_num_seqs=args.max_concurrency,
+                         max_batch_tokens=args.max_batch_tokens)
+    if args.num_blocks:
+        engine_kwargs["num_blocks"] = args.num_blocks
+    engine = Engine(model, tokenizer, **engine_kwargs)
+    name = args.served_model_name or Path(args.model).resolve().name.removesuffix(".gguf")
+    api_key = args.api_key or os.environ.get("QKV_API_KEY") or None
+    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue, tokenizer=tokenizer,
+                     max_model_len=model.cfg.max_seq_len, max_body_bytes=args.max_body_bytes)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")
+    print(f"serving '{name}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,540 @@
+"""The OpenAI-compatible HTTP server: `create_app(engine, model_name, ...)` -> FastAPI app.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as
+server-sent events ending with `data: [DONE]`), GET /health, GET /metrics, and the chat
+page at GET /. All generation goes through one `AsyncEngine` (one thread, continuous
+batching); handlers only tokenize, submit and format.
+
+Every failure a client can cause is an OpenAI error object {"error": {message, type,
+param, code}} with a 4xx status: 400 bad parameters / prompt longer than the context,
+401 missing or wrong API key, 404 unknown model or route, 413 body too large, 429 queue
+full. A user error is never a 500, and nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qkv.infer.sampling import SamplingError
+from qkv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
+from qkv.serve.metrics import CONTENT_TYPE, Metrics
+from qkv.serve.protocol import (
+    MAX_TOP_LOGPROBS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    model_card,
+    new_id,
+    now,
+    usage,
+)
+
+log = logging.getLogger("qkv.serve")
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY = 4 * 2**20
+
+
+def create_app(
+    engine,
+    model_name: str,
+    api_key: Optional[str] = None,
+    max_queue: int = 256,
+    *,
+    tokenizer=None,
+    max_model_len: Optional[int] = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+) -> FastAPI:
+    """Wrap `engine` (a qkv.infer.Engine) in the OpenAI API. The engine loop starts with the
+    app (lifespan) and stops with it. `tokenizer`/`max_model_len` default to the engine's."""
+    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+    max_model_len = max_model_len or engine.model.cfg.max_seq_len
+    aengine = AsyncEngine(engine, max_queue=max_queue)
+    metrics = Metrics(aengine, model_name)
+    created = now()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        aengine.start()
+        try:
+            yield
+        finally:
+            aengine.shutdown()
+
+    app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.aengine, app.state.tokenizer = engine, aengine, tokenizer
+    app.state.model_name, app.state.metrics = model_name, metrics
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    # --- errors: always an OpenAI error object ------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(e.status, e.body(), metrics, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return _error_response(400, _validation_body(e), metrics, request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(e.status_code, error_body(str(e.detail), kind), metrics, request)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(500, error_body(f"internal server error: {type(e).__name__}", "server_error"),
+                               metrics, request)
+
+    # --- plain routes -------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not aengine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(model_name, max_model_len, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        _check_model(name, model_name)
+        return model_card(model_name, max_model_len, created)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # --- generation ---------------------------------------------------------------------
+    async def submit_all(prompts: list[list[int]], params) -> tuple[list[str], asyncio.Queue]:
+        """Submit every prompt; wait until the engine accepted all of them, so a refusal
+        is a proper 400 even for a stream (whose headers have not gone out yet)."""
+        q: asyncio.Queue = asyncio.Queue()
+        rids, futures = [], []
+        try:
+            for ids in prompts:
+                rid, _, fut = aengine.submit(ids, params, q)
+                rids.append(rid)
+                futures.append(fut)
+            await asyncio.gather(*futures)
+        except BaseException as e:
+            for rid in rids:
+                aengine.abort(rid)
+            if isinstance(e, QueueFull):
+                raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+            if isinstance(e, EngineDead):
+                raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
+            if isinstance(e, ValueError):  # the engine's own validation: the client's fault
+                raise APIError(400, str(e), param=getattr(e, "param", None)) from None
+            raise
+        for ids in prompts:
+            metrics.prompt_tokens.inc(len(ids))
+        return rids, q
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        _check_model(req.model, model_name)
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+        try:
+            text = tokenizer.render_chat(messages, add_generation_prompt=True)
+        except Exception as e:  # template errors (raise_exception, bad roles) are the request's fault
+            raise APIError(400, f"could not apply the chat template to messages: {e}", param="messages") from None
+        prompt = tokenizer.encode(text)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"invalid top_logprobs: {req.top_logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]",
+                           param="top_logprobs")
+        explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = _budget(len(prompt), explicit, max_model_len, "messages")
+        params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        rids, q = await submit_all([prompt], params)
+        gen = aengine.results(rids, q)
+        fmt = _ChatFormat(tokenizer, model_name, req.n)
+        if req.stream:
+            return _sse(fmt, gen, metrics, request, req.stream_options, "chat")
+        return await _complete(fmt, gen, metrics, request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        _check_model(req.model, model_name)
+        if req.echo:
+            raise APIError(400, "echo=true is not supported; drop it and prepend the prompt yourself", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported by this model", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"invalid logprobs: {req.logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+        prompts = _completion_prompts(req.prompt, tokenizer)
+        longest = max(len(p) for p in prompts)
+        max_tokens = _budget(longest, req.max_tokens, max_model_len, "prompt", default=16)
+        params = _params(req, max_tokens, req.logprobs)
+        rids, q = await submit_all(prompts, params)
+        gen = aengine.results(rids, q)
+        fmt = _CompletionFormat(tokenizer, model_name, req.n, rids)
+        if req.stream:
+            return _sse(fmt, gen, metrics, request, req.stream_options, "completions")
+        return await _complete(fmt, gen, metrics, request, "completions")
+
+    try:  # the "inside" view (attention, logit lens, ...) plugs in here when it exists
+        from qkv.serve.inside import router as inside_router
+    except ModuleNotFoundError as e:
+        if e.name != "qkv.serve.inside":
+            raise
+    else:
+        app.include_router(inside_router)
+    return app
+
+
+# --- request checks ------------------------------------------------------------------------
+
+
+def _check_model(name: str, model_name: str) -> None:
+    if name != model_name:
+        raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}' (see GET /v1/models)",
+                       "invalid_request_error", param="model", code="model_not_found")
+
+
+def _budget(prompt_len: int, requested: Optional[int], ctx: int, param: str, default: Optional[int] = None) -> int:
+    """max_tokens for a prompt: the request's (which must fit the context) or what is left."""
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty; send at least one token", param=param)
+    if prompt_len >= ctx:
+        raise APIError(400, f"this model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} "
+                       "tokens; shorten it", param=param, code="context_length_exceeded")
+    left = ctx - prompt_len
+    if requested is None:
+        return left if default is None else min(default, left)
+    if requested < 1:
+        raise APIError(400, f"invalid max_tokens: {requested}; must be >= 1", param="max_tokens")
+    if requested > left:
+        raise APIError(400, f"this model's maximum context length is {ctx} tokens; you requested {prompt_len + requested} "
+                       f"({prompt_len} in the prompt, {requested} for the completion); lower max_tokens or shorten "
+                       "the prompt", param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def _params(req, max_tokens: int, logprobs: Optional[int]):
+    try:
+        return req.sampling_params(max_tokens, logprobs)
+    except SamplingError as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is an empty list", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        ids = tokenizer.encode(p, add_special=True) if isinstance(p, str) else list(p)
+        bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _validation_body(e: RequestValidationError) -> dict:
+    err = e.errors()[0] if e.errors() else {}
+    if err.get("type") == "json_invalid":
+        return error_body(f"could not parse the request body as JSON: {err.get('ctx', {}).get('error', 'invalid JSON')}",
+                          code="invalid_json")
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None  # the top-level field; the full path goes in the message
+    msg = err.get("msg", "invalid request")
+    if err.get("type") == "missing":
+        msg = "missing required field"
+    if param is None:
+        return error_body(f"the request body must be a JSON object: {msg}")
+    return error_body(f"invalid {'.'.join(loc)}: {msg}", param=param)
+
+
+def _error_response(status: int, body: dict, metrics: Metrics, request: Request) -> JSONResponse:
+    metrics.requests.labels(request.url.path if request.url.path.startswith("/v1/") else "other", str(status)).inc()
+    return JSONResponse(body, status_code=status)
+
+
+# --- response formats ------------------------------------------------------------------------
+
+
+class _Format:
+    """Turns RequestOutputs into OpenAI choices (whole or as stream chunks)."""
+
+    object_full: str
+    object_chunk: str
+    prefix: str
+
+    def __init__(self, tokenizer, model_name: str, n: int):
+        self.tok, self.model, self.n = tokenizer, model_name, n
+        self.id, self.created = new_id(self.prefix), now()
+        self.prompt_tokens: dict[str, int] = {}
+        self.completion_tokens: dict[tuple[str, int], int] = {}
+
+    def choice_index(self, out) -> int:
+        return out.index
+
+    def account(self, out) -> None:
+        if out.prompt_tokens:
+            self.prompt_tokens[out.request_id] = out.prompt_tokens
+        key = (out.request_id, out.index)
+        counted = self.completion_tokens.get(key, 0) + len(out.new_token_ids)
+        self.completion_tokens[key] = max(counted, out.completion_tokens or 0)
+
+    def usage(self) -> dict:
+        return usage(sum(self.prompt_tokens.values()), sum(self.completion_tokens.values()))
+
+    def token_text(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+
+class _ChatFormat(_Format):
+    prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def logprobs(self, lps) -> Optional[dict]:
+        if lps is None:
+            return None
+        content = []
+        for lp in lps:
+            tok = self.token_text(lp.token_id)
+            content.append({
+                "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode("utf-8")),
+                "top_logprobs": [{"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode("utf-8"))}
+                                 for i, v in lp.top],
+            })
+        return {"content": content}
+
+    def full_choice(self, index: int, text: str, lps, finish: Optional[str]) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": self.logprobs(lps), "finish_reason": finish}
+
+    def chunk_choice(self, index: int, text: str, lps, finish: Optional[str], first: bool) -> dict:
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        return {"index": index, "delta": delta, "logprobs": self.logprobs(lps), "finish_reason": finish}
+
+
+class _CompletionFormat(_Format):
+    prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, tokenizer, model_name: str, n: int, request_ids: list[str]):
+        super().__init__(tokenizer, model_name, n)
+        self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
+        self.offsets: dict[int, int] = {}
+
+    def choice_index(self, out) -> int:  # choices are ordered prompt-major, as OpenAI does
+        return self.prompt_index[out.request_id] * self.n + out.index
+
+    def logprobs(self, lps, index: int) -> Optional[dict]:
+        if lps is None:
+            return None
+        res = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in lps:
+            tok = self.token_text(lp.token_id)
+            res["text_offset"].append(self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + len(tok)
+            res["tokens"].append(tok)
+            res["token_logprobs"].append(lp.logprob)
+            res["top_logprobs"].append({self.token_text(i): v for i, v in lp.top})
+        return res
+
+    def full_choice(self, index: int, text: str, lps, finish: Optional[str]) -> dict:
+        return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
+
+    def chunk_choice(self, index: int, text: str, lps, finish: Optional[str], first: bool) -> dict:
+        return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
+
+
+async def _complete(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, endpoint: str) -> JSONResponse:
+    """Collect a whole response; abort the generation if the client goes away first."""
+    t0 = time.perf_counter()
+    texts: dict[int, list[str]] = {}
+    lps: dict[int, Optional[list]] = {}
+    finish: dict[int, Optional[str]] = {}
+
+    async def collect():
+        first = True
+        try:
+            async for out in gen:
+                if first and out.new_token_ids:
+                    metrics.ttft.observe(time.perf_counter() - t0)
+                    first = False
+                i = fmt.choice_index(out)
+                fmt.account(out)
+                texts.setdefault(i, []).append(out.new_text)
+                if out.logprobs is not None:
+                    lps.setdefault(i, []).extend(out.logprobs)
+                if out.finished:
+                    finish[i] = out.finish_reason
+        finally:
+            await gen.aclose()
+
+    task = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task not in done:  # client gone: cancelling runs results()' finally -> engine.abort
+        task.cancel()
+        metrics.requests.labels(f"/v1/{endpoint}", "499").inc()
+        return JSONResponse(error_body("client disconnected", code="client_closed"), status_code=499)
+    task.result()  # an engine failure propagates as a 500
+    metrics.latency.observe(time.perf_counter() - t0)
+    metrics.requests.labels(f"/v1/{endpoint}", "200").inc()
+    choices = [fmt.full_choice(i, "".join(texts.get(i, [])), lps.get(i), finish.get(i)) for i in sorted(texts)]
+    body = fmt.envelope(fmt.object_full, choices)
+    body["usage"] = fmt.usage()
+    return JSONResponse(body)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, stream_options, endpoint: str):
+    include_usage = bool(stream_options and stream_options.include_usage)
+
+    def event(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def body() -> AsyncIterator[str]:
+        t0 = time.perf_counter()
+        started: set[int] = set()
+        first_token = True
+        status = "200"
+        try:
+            async for out in gen:
+                if first_token and out.new_token_ids:
+                    metrics.ttft.observe(time.perf_counter() - t0)
+                    first_token = False
+                i = fmt.choice_index(out)
+                fmt.account(out)
+                first = i not in started
+                if not (out.new_text or out.finished or out.logprobs or first):
+                    continue
+                started.add(i)
+                finish = out.finish_reason if out.finished else None
+                yield event(fmt.envelope(fmt.object_chunk, [fmt.chunk_choice(i, out.new_text, out.logprobs, finish, first)]))
+            if include_usage:
+                chunk = fmt.envelope(fmt.object_chunk, [])
+                chunk["usage"] = fmt.usage()
+                yield event(chunk)
+            metrics.latency.observe(time.perf_counter() - t0)
+        except asyncio.CancelledError:  # client disconnected: results() aborts the request
+            status = "499"
+            raise
+        except Exception as e:  # an engine failure after the headers went out: say so in-band
+            status = "500"
+            log.exception("stream failed")
+            yield event(error_body(f"generation failed: {e}", "server_error"))
+        finally:
+            await gen.aclose()
+            metrics.requests.labels(f"/v1/{endpoint}", status).inc()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- ASGI guard: API key and body size, before any parsing -----------------------------------
+
+
+class _Guard:
+    """Checks the API key (constant time) on /v1/ routes and caps request bodies.
+
+    It runs before FastAPI parses anything, so an unauthenticated client cannot make the
+    server read or parse a body, and an oversized body is refused (413) while reading,
+    whether or not it declared its length."""
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None and scope["path"].startswith("/v1/"):
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                msg = "missing API key; send 'Authorization: Bearer <key>'" if not given else "incorrect API key provided"
+                return await _send_json(send, 401, error_body(msg, "invalid_request_error", code="invalid_api_key"))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = error_body(f"request body is larger than {self.max_body} bytes; send a smaller request",
+                             code="request_too_large")
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_body:
+            return await _send_json(send, 413, too_big)
+        chunks, size = [], 0
+        while True:  # read the (bounded) body ourselves, then replay it to the app
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await _send_json(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if scope["path"].startswith("/v1/") and b"json" not in headers.get(b"content-type", b""):
+            # the API only takes JSON: parse it as such even when a client (curl -d) labels it
+            # as a form, so it gets the JSON's real error rather than "not an object"
+            hs = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]
+            scope = {**scope, "headers": hs}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: http.disconnect, for abort-on-disconnect
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})

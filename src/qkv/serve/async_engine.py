@@ -1,0 +1,241 @@
+"""Drive one `Engine` from one background thread; hand outputs to asyncio handlers.
+
+The engine is not thread-safe, so exactly one thread owns it: the loop below drains a
+command queue (add / abort), runs `engine.step()` while anything is unfinished (this is
+the continuous batching: requests join and leave the running batch between steps), and
+pushes each `RequestOutput` to its request's asyncio.Queue with `loop.call_soon_threadsafe`.
+HTTP handlers only ever put commands and await queues, so they never block the loop and
+the loop never waits on a slow client.
+
+Admission is bounded: at most `max_queue` requests may be in flight (waiting or running);
+beyond that `submit` raises `QueueFull` and the server answers 429 at once instead of
+letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from qkv.infer.engine import RequestOutput
+from qkv.infer.sampling import SamplingParams
+
+log = logging.getLogger("qkv.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineDead(Exception):
+    pass
+
+
+class EngineError(RuntimeError):
+    """engine.step() failed: the server's fault (500), whatever exception type it raised."""
+
+
+@dataclass
+class _Done:
+    request_id: str
+
+
+@dataclass
+class _Failed:
+    request_id: str
+    error: BaseException
+
+
+@dataclass
+class _Stream:
+    """Per-request plumbing: where outputs go and which samples are still running."""
+
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    n: int
+    accepted: asyncio.Future  # resolved once engine.add_request returned (or raised)
+    finished: set[int] = field(default_factory=set)
+
+
+class AsyncEngine:
+    def __init__(self, engine, max_queue: int = 256, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._in_flight = 0  # admitted and not yet finished; guarded by _lock
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        # read by /metrics from other threads: replaced (never mutated) by the engine thread
+        self.stats: dict = dict(engine.stats())
+        self._tok_window: deque[tuple[float, int]] = deque(maxlen=256)
+        self.tokens_per_second = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qkv-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # --- handler side (any asyncio loop) ----------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               q: Optional[asyncio.Queue] = None) -> tuple[str, asyncio.Queue, asyncio.Future]:
+        """Queue a request. Returns its id, the asyncio.Queue its outputs arrive on (pass
+        `q` to let several requests share one queue; read it with `results`) and a future
+        that resolves when the engine accepted it or raises the engine's refusal
+        (ValueError = the client's fault)."""
+        if not self.alive:
+            raise EngineDead("the engine loop is not running; restart the server")
+        with self._lock:
+            if self._in_flight >= self.max_queue:
+                raise QueueFull(f"server is at capacity ({self.max_queue} requests in flight); retry later")
+            self._in_flight += 1
+            self._next_id += 1
+            rid = f"req-{self._next_id}"
+        q = q if q is not None else asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        self._commands.put(("add", rid, prompt_ids, params, _Stream(q, loop, params.n, accepted)))
+        return rid, q, accepted
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    async def results(self, request_ids: list[str], q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Yield the outputs of `request_ids` (sharing queue `q`) until every sample of each
+        finished. Raises the engine's exception if it refused one (ValueError = the
+        client's fault). If the consumer stops early (client gone, task cancelled, error),
+        the unfinished requests are aborted, which frees their KV blocks."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                item = await q.get()
+                if isinstance(item, _Done):
+                    pending.discard(item.request_id)
+                elif isinstance(item, _Failed):
+                    pending.discard(item.request_id)
+                    raise item.error
+                else:
+                    yield item
+        finally:
+            for rid in pending:
+                self.abort(rid)
+
+    # --- engine thread -----------------------------------------------------------------
+    def _deliver(self, stream: _Stream, item) -> None:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _resolve(self, stream: _Stream, error: Optional[BaseException]) -> None:
+        def resolve():
+            if not stream.accepted.done():  # the handler may have given up already
+                if error is None:
+                    stream.accepted.set_result(True)
+                else:
+                    stream.accepted.set_exception(error)
+
+        stream.loop.call_soon_threadsafe(resolve)
+
+    def _release(self, rid: str) -> None:
+        if self._streams.pop(rid, None) is not None:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _handle(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt_ids, params, stream = cmd
+            self._streams[rid] = stream
+            try:
+                self.engine.add_request(prompt_ids, params, request_id=rid)
+            except Exception as e:  # ValueError: the client's fault -> 400; anything else -> 500
+                self._resolve(stream, e)
+                self._deliver(stream, _Failed(rid, e))
+                self._release(rid)
+            else:
+                self._resolve(stream, None)
+        elif cmd[0] == "abort":
+            rid = cmd[1]
+            if rid in self._streams:
+                try:
+                    self.engine.abort(rid)
+                except Exception:  # already finished between the client leaving and now
+                    log.debug("abort of %s failed", rid, exc_info=True)
+                # nobody reads this stream any more; forget it even if the engine emits
+                # a final "abort" output later
+                self._release(rid)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            self._deliver(stream, out)
+            if out.finished:
+                stream.finished.add(out.index)
+                if len(stream.finished) >= stream.n:
+                    self._deliver(stream, _Done(out.request_id))
+                    self._release(out.request_id)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            self._resolve(stream, err)
+            self._deliver(stream, _Failed(rid, err))
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                pass
+            self._release(rid)
+
+    def _update_stats(self) -> None:
+        stats = dict(self.engine.stats())
+        t = time.monotonic()
+        self._tok_window.append((t, int(stats.get("generated_tokens_total", 0))))
+        while len(self._tok_window) > 2 and t - self._tok_window[0][0] > 5.0:
+            self._tok_window.popleft()
+        t0, n0 = self._tok_window[0]
+        self.tokens_per_second = (stats.get("generated_tokens_total", 0) - n0) / (t - t0) if t > t0 else 0.0
+        self.stats = stats
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.engine.has_unfinished()
+                # drain commands; when idle, sleep on the queue instead of spinning
+                try:
+                    cmd = self._commands.get_nowait() if busy else self._commands.get(timeout=self.idle_wait_s)
+                    while True:
+                        self._handle(cmd)
+                        cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished():
+                    self._dispatch(self.engine.step())
+                self._update_stats()
+            except Exception as e:  # an engine bug: fail the in-flight requests, keep serving
+                log.exception("engine step failed")
+                self.error = e
+                self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))

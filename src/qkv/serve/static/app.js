@@ -1,0 +1,167 @@
+// qkv chat page: plain JS, no build step. Streams /v1/chat/completions over fetch and
+// parses the server-sent events by hand (EventSource cannot POST).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const history = [];          // [{role, content}] sent with every request
+let model = null;
+let controller = null;       // AbortController of the reply being streamed
+
+// --- tabs (the "Inside" tab's panel is filled by the inspect view, if present) ---------
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => {
+    for (const t of document.querySelectorAll(".tab")) {
+      t.classList.toggle("active", t === tab);
+      t.setAttribute("aria-selected", t === tab ? "true" : "false");
+      $(t.dataset.panel).classList.toggle("active", t === tab);
+    }
+  });
+}
+
+// --- settings ------------------------------------------------------------------------
+for (const id of ["temperature", "top_p"]) {
+  const input = $(id);
+  const show = () => { $(id + "-val").textContent = Number(input.value).toFixed(2); };
+  input.addEventListener("input", show);
+  show();
+}
+$("api_key").value = localStorage.getItem("qkv_api_key") || "";
+$("api_key").addEventListener("change", () => localStorage.setItem("qkv_api_key", $("api_key").value));
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api_key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function loadModel() {
+  try {
+    const r = await fetch("/v1/models", { headers: headers() });
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
+    model = body.data[0].id;
+    $("model-name").textContent = model + " · context " + body.data[0].max_model_len;
+  } catch (e) {
+    $("model-name").textContent = "model unavailable: " + e.message;
+  }
+}
+
+// --- messages ------------------------------------------------------------------------
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  const label = document.createElement("span");
+  label.className = "role";
+  label.textContent = role;
+  const body = document.createElement("span");
+  body.className = "content";
+  body.textContent = text;
+  div.append(label, body);
+  $("messages").append(div);
+  $("messages").scrollTop = $("messages").scrollHeight;
+  return body;
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+// Yields parsed JSON payloads of `data:` events until `data: [DONE]`.
+async function* sseEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  while (true) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      yield JSON.parse(data);
+    }
+  }
+}
+
+async function send(text) {
+  if (!model) await loadModel();
+  $("stat-error").textContent = "";
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const out = addMessage("assistant", "");
+  out.parentElement.classList.add("streaming");
+  const system = $("system").value.trim();
+  const request = {
+    model,
+    messages: system ? [{ role: "system", content: system }, ...history] : history,
+    stream: true,
+    stream_options: { include_usage: true },
+    temperature: Number($("temperature").value),
+    top_p: Number($("top_p").value),
+    max_tokens: Number($("max_tokens").value),
+  };
+  controller = new AbortController();
+  setBusy(true);
+  const t0 = performance.now();
+  let tFirst = null, chunks = 0, usage = null, reply = "";
+  const showRate = () => {
+    const tokens = usage ? usage.completion_tokens : chunks;
+    const secs = (performance.now() - (tFirst ?? t0)) / 1000;
+    $("stat-tokens").textContent = String(tokens);
+    if (tFirst !== null && secs > 0 && tokens > 1) $("stat-tps").textContent = ((tokens - 1) / secs).toFixed(1);
+  };
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(request), signal: controller.signal,
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error ? body.error.message : response.status + " " + response.statusText);
+    }
+    for await (const event of sseEvents(response)) {
+      if (event.error) throw new Error(event.error.message);
+      if (event.usage) usage = event.usage;
+      const delta = event.choices && event.choices[0] && event.choices[0].delta;
+      if (delta && delta.content) {
+        if (tFirst === null) {
+          tFirst = performance.now();
+          $("stat-ttft").textContent = (tFirst - t0).toFixed(0) + " ms";
+        }
+        chunks += 1;
+        reply += delta.content;
+        out.textContent = reply;
+        $("messages").scrollTop = $("messages").scrollHeight;
+        showRate();
+      }
+    }
+    showRate();
+  } catch (e) {
+    if (e.name !== "AbortError") $("stat-error").textContent = e.message;
+  } finally {
+    out.parentElement.classList.remove("streaming");
+    history.push({ role: "assistant", content: reply });
+    controller = null;
+    setBusy(false);
+  }
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || controller) return;
+  $("prompt").value = "";
+  send(text);
+});
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => controller && controller.abort());
+$("clear").addEventListener("click", () => { history.length = 0; $("messages").replaceChildren(); });
+
+loadModel();
