@@ -1,0 +1,90 @@
+"""The chat page in a real headless browser (Debian's chromium driven by Playwright):
+load it, set the controls, send a message, and watch the reply stream in piece by piece.
+
+Needs /usr/bin/chromium (`make install` installs it when run as root); skipped with the
+reason otherwise. Playwright's own browser downloads are never used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from qkv.commands.serve import load_for_serving
+from qkv.infer.engine import Engine
+from qkv.serve.app import create_app
+from qkv.serve.testing import BackgroundServer, make_tiny_checkpoint
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[test]')")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} missing: apt-get install chromium (make install does it as root)")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("serve_browser") / "ckpt")
+    model, tok = load_for_serving(str(ckpt))
+    app = create_app(Engine(model, tok, num_blocks=64, max_num_seqs=4), "tiny-chat")
+    with BackgroundServer(app) as srv:
+        yield srv.url
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 720})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.errors = errors
+        yield page
+        browser.close()
+
+
+def test_page_streams_a_reply(url, page, tmp_path):
+    page.goto(url + "/")
+    sync_api.expect(page.locator("#model-name")).to_contain_text("tiny-chat")
+    # record every text update of the reply as it happens, to see it arrive in pieces
+    page.evaluate("""() => {
+        window.__lengths = [];
+        new MutationObserver(recs => { for (const r of recs) for (const n of r.addedNodes)
+            if (n.parentElement && n.parentElement.closest('.msg.assistant')) window.__lengths.push(n.textContent.length);
+        }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#max_tokens", "48")
+    page.locator("#temperature").fill("1")  # greedy on a random model is a run of newlines: sample
+    sync_api.expect(page.locator("#temperature-val")).to_have_text("1.00")
+    page.fill("#prompt", "Hello, who are you?")
+    page.click("#send")
+
+    reply = page.locator(".msg.assistant .content").last
+    sync_api.expect(page.locator(".msg.user .content")).to_have_text("Hello, who are you?")
+    sync_api.expect(page.locator("#send")).to_be_enabled(timeout=30_000)  # the stream has finished
+    text = reply.text_content()
+    assert text and len(text) > 0
+    lengths = page.evaluate("window.__lengths")
+    assert len(set(lengths)) > 3 and max(lengths) == len(text), lengths  # arrived in pieces, growing
+    assert page.locator("#stat-ttft").text_content().endswith(" ms")
+    assert float(page.locator("#stat-tps").text_content()) > 0
+    assert 1 <= int(page.locator("#stat-tokens").text_content()) <= 48  # usage from the final chunk
+    assert page.locator("#stat-error").text_content() == ""
+    assert page.locator("#inside-root").count() == 1  # the slot the inspect view fills
+    assert page.errors == []
+    shot = Path(os.environ.get("QKV_SCREENSHOT_DIR", tmp_path)) / "chat_page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_page_shows_server_errors(url, page):
+    page.goto(url + "/")
+    sync_api.expect(page.locator("#model-name")).to_contain_text("tiny-chat")
+    page.fill("#max_tokens", "100000")  # longer than the context: the server says 400
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    sync_api.expect(page.locator("#stat-error")).to_contain_text("maximum context length")
+    sync_api.expect(page.locator("#send")).to_be_enabled()
