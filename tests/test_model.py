@@ -195,3 +195,28 @@ def test_context_overflow_is_a_clear_error():
     model = build_model(tiny(max_seq_len=16))
     with pytest.raises(ValueError, match="longer than the model's context"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_linear_cross_entropy_matches_plain_loss_and_grads(tied):
+    from qkv.model.loss import fused_linear_cross_entropy
+
+    model = build_model(tiny(tie_embeddings=tied)).train()
+    x = torch.randint(0, 97, (3, 10))
+    y = torch.randint(0, 97, (3, 10))
+    y[0, :4] = -100  # e.g. prompt tokens masked out in SFT
+    plain = torch.nn.functional.cross_entropy(model(x).view(-1, 97), y.view(-1), ignore_index=-100)
+    plain.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fused = model.loss(x, y)
+    fused.backward()
+    assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        assert (p.grad - ref[n]).abs().max() < 1e-6, n
+    # chunking does not change the result
+    h = torch.randn(30, 48)
+    w = torch.randn(97, 48)
+    t = torch.randint(0, 97, (30,))
+    a = fused_linear_cross_entropy(h, w, t, chunk_elems=97 * 4)
+    assert a.item() == pytest.approx(torch.nn.functional.cross_entropy(h @ w.t(), t).item(), abs=1e-5)

@@ -5,7 +5,7 @@
 2. Dispatch: the (token, expert) pairs are sorted by expert so each expert's tokens
    are one contiguous segment; `torch._grouped_mm` runs all experts' matmuls in one
    call over those segments (a per-expert loop over the same segments is the
-   fallback). Outputs are scaled by the router weight and scattered back with index_add.
+   fallback). Outputs are gathered back to token order and mixed by the router weights.
 3. Training losses (returned, weighted by the config's coefficients):
    - Switch load balancing: E · Σ_i f_i · P_i, f_i = share of routed slots that went
      to expert i, P_i = mean router probability of expert i (1.0 when uniform).
@@ -59,8 +59,9 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.n_expert)
         x_sorted = x[token_of_slot]
         y_sorted = self._experts(x_sorted, counts)
-        y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_slot, y_sorted)
+        # un-sort with a gather (index_add is serial on CPU), then weight the k slots per token
+        y = y_sorted[order.argsort()].view(-1, self.top_k, shape[-1])
+        out = (weights.to(y.dtype).unsqueeze(1) @ y).squeeze(1)
 
         if self.training:
             share = counts.float() / flat_experts.numel()

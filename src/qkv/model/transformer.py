@@ -20,6 +20,7 @@ import torch.nn as nn
 from qkv.config import ModelConfig
 from qkv.model.attention import Attention, KVCacheLike, causal_mask
 from qkv.model.layers import RMSNorm, make_mlp, make_norm
+from qkv.model.loss import fused_linear_cross_entropy
 from qkv.model.moe import MoE
 from qkv.model.positions import rope_table, sinusoidal_table
 
@@ -155,6 +156,23 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.head(h)
+
+    def loss(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        key_padding: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy, plus the MoE router losses in training.
+        Uses the fused linear + cross-entropy (loss.py): the (B, T, vocab) logits are never
+        stored whole."""
+        h = self.hidden(idx, positions, key_padding=key_padding)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        loss = fused_linear_cross_entropy(h, w, targets, ignore_index)
+        aux = self.aux_loss() if self.training else None
+        return loss if aux is None else loss + aux
 
     def aux_loss(self) -> Optional[torch.Tensor]:
         """Sum of the MoE layers' router losses from the last training forward (None if dense)."""

@@ -1,0 +1,101 @@
+"""Show a model's parameter counts (total/active, with/without embeddings) and KV-cache size.
+
+MODEL is a preset name (e.g. tiny, mixtral-8x7b), a qkv checkpoint directory, a Hugging Face
+directory or config.json, or a GGUF file. Only the config is read; the model is built on
+the meta device, so even Mixtral-8x7B costs no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="preset name, checkpoint dir, HF dir/config.json or .gguf file")
+    p.add_argument("--context", type=int, default=None, help="context length for the KV-cache total (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache total")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"], default="bf16", help="KV-cache element type")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def resolve_config(spec: str):
+    """ModelConfig for a preset, qkv checkpoint, HF directory/config.json or GGUF file."""
+    from pathlib import Path
+
+    from qkv.config import PRESETS, ModelConfig, preset
+
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: not a preset ({', '.join(PRESETS)}) and no such file or directory")
+    from qkv.checkpoint import is_qkv_checkpoint
+
+    if path.is_dir() and is_qkv_checkpoint(path):
+        return ModelConfig.load(path / "config.json")
+    from qkv.interop import load_config  # HF config.json or GGUF metadata
+
+    return load_config(path)
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for suffix, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from qkv.model import build_model, count_params
+
+    cfg = resolve_config(args.model)
+    counts = count_params(build_model(cfg, device="meta"))
+    context = args.context or cfg.max_seq_len
+    per_token = cfg.kv_bytes_per_token(DTYPE_BYTES[args.dtype])
+    info = {
+        "model": args.model,
+        "layers": cfg.n_layer,
+        "d_model": cfg.d_model,
+        "heads": f"{cfg.n_head} q / {cfg.n_kv_head} kv ({'MHA' if cfg.n_kv_head == cfg.n_head else 'MQA' if cfg.n_kv_head == 1 else 'GQA'})",
+        "head_dim": cfg.head_dim,
+        "experts": f"{cfg.n_expert_per_token} of {cfg.n_expert}" if cfg.is_moe else "dense",
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "params_total_non_embedding": counts.total_non_embedding,
+        "params_active_non_embedding": counts.active_non_embedding,
+        "kv_bytes_per_token": per_token,
+        "kv_dtype": args.dtype,
+        "kv_context": context,
+        "kv_batch": args.batch,
+        "kv_bytes_total": per_token * context * args.batch,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("architecture", f"{cfg.n_layer} layers, d={cfg.d_model}, {info['heads']}, head_dim {cfg.head_dim}, {info['experts']}, pos={cfg.pos}"),
+        ("parameters (total)", f"{human(counts.total)}  ({counts.total:,})"),
+        ("parameters (active/token)", f"{human(counts.active)}  ({counts.active:,})"),
+        ("  without embeddings", f"total {human(counts.total_non_embedding)}, active {human(counts.active_non_embedding)}"),
+        (
+            f"KV cache per token ({args.dtype})",
+            f"{human_bytes(per_token)}  = 2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x {cfg.head_dim} x {DTYPE_BYTES[args.dtype]} B",
+        ),
+        (f"KV cache, {context} tokens x batch {args.batch}", human_bytes(info["kv_bytes_total"])),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0

@@ -1,0 +1,63 @@
+"""Fused linear + cross-entropy: the language-model loss without materialising all logits.
+
+For a vocabulary of V and N tokens, `F.cross_entropy(h @ W.T, y)` stores an N x V logits
+tensor, its log-softmax, and an N x V gradient, then walks them three more times in
+backward. Here the tokens are processed in chunks: each chunk's logits are formed, its
+loss and its gradient (softmax - one_hot) computed at once, and the gradients for h and W
+accumulated right away. Backward only rescales the stored gradients. Same matmuls,
+a fraction of the memory traffic (the idea of Liger-Kernel's FusedLinearCrossEntropy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk: int):
+        n = h.shape[0]
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        safe_targets = torch.where(valid, targets, 0)
+        w = weight.to(h.dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            hc, tc, vc = h[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
+            logits = (hc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+            if want_h or want_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
+                g *= vc[:, None]
+                g = g.to(h.dtype)
+                if want_h:
+                    torch.mm(g, w, out=grad_h[s : s + chunk])
+                if want_w:
+                    grad_w.addmm_(g.t().float(), hc.float())  # fp32 accumulation under bf16
+        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        ctx.weight_dtype = weight.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_out / n_valid
+        gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk_elems: int = 2**22
+) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ weight.T against targets (ignore_index skipped).
+
+    h: (..., d), weight: (V, d), targets: (...). chunk_elems bounds the logits held at once."""
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    chunk = max(1, chunk_elems // weight.shape[0])
+    return _FusedLinearCrossEntropy.apply(h2, weight, t2, ignore_index, chunk)
