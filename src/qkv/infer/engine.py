@@ -180,6 +180,9 @@ class Engine:
                 st.finish_reason = "abort"
                 self._pending.append(self._output(req, seq, st, final=True))
             self._text.pop(seq.seq_id, None)
+        for i in range(len(req.seqs), req.params.n):  # samples not forked yet
+            self._pending.append(RequestOutput(request_id, i, [], "", [] if req.params.logprobs is not None else None,
+                                               True, "abort", len(req.prompt_ids), 0))
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._pending)

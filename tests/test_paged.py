@@ -1,0 +1,126 @@
+"""Block pool: refcounts, copy-on-write, prefix cache, and the paged K/V store."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qkv.config import preset
+from qkv.infer.paged import BlockAllocator, NoFreeBlocks, PagedKVCache, block_hash
+
+
+def test_allocate_free_and_exhaustion():
+    a = BlockAllocator(4, 16)
+    blocks = [a.allocate() for _ in range(4)]
+    assert sorted(blocks) == [0, 1, 2, 3] and a.num_free == 0
+    with pytest.raises(NoFreeBlocks):
+        a.allocate()
+    a.free(blocks[2])
+    assert a.num_free == 1 and a.allocate() == blocks[2]
+    for b in blocks:
+        a.free(b)
+    with pytest.raises(AssertionError, match="double free"):
+        a.free(blocks[0])
+    a.check()
+
+
+def test_fork_and_copy_on_write():
+    a = BlockAllocator(4, 16)
+    b = a.allocate()
+    a.fork(b)
+    a.fork(b)
+    assert a.refcount[b] == 3
+    new, copy = a.writable(b)  # shared: the writer gets a private block
+    assert copy and new != b and a.refcount[b] == 2 and a.refcount[new] == 1
+    same, copy = a.writable(new)  # sole owner writes in place
+    assert same == new and not copy
+    a.free(b)
+    a.free(b)
+    a.free(new)
+    assert a.num_free == 4
+    a.check()
+
+
+def test_prefix_cache_reuse_and_lru_eviction():
+    a = BlockAllocator(3, 4)
+    h1 = block_hash(None, [1, 2, 3, 4])
+    h2 = block_hash(h1, [5, 6, 7, 8])
+    assert h2 != block_hash(None, [5, 6, 7, 8])  # the chain: same tokens, other prefix
+    b1, b2 = a.allocate(), a.allocate()
+    a.register(b1, h1)
+    a.register(b2, h2)
+    a.free(b2)
+    a.free(b1)
+    assert a.num_free == 3 and a.num_used == 0  # cached blocks still count as free
+    assert a.lookup(h1) == b1 and a.refcount[b1] == 1  # revived from the cache
+    a.free(b1)
+    # exhaust: never-used block first, then the least recently freed cached one (b2)
+    x, y = a.allocate(), a.allocate()
+    assert x not in (b1, b2) and y == b2
+    assert a.lookup(h2) is None and a.lookup(h1) == b1
+    a.check()
+    assert BlockAllocator(2, 4, prefix_caching=False).lookup(h1) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "fork", "cow", "register", "lookup"]), st.integers(0, 50)), max_size=80))
+def test_allocator_invariants_under_random_ops(ops):
+    a = BlockAllocator(6, 2)
+    owned: list[int] = []  # one entry per reference we hold
+    for op, x in ops:
+        if op == "alloc":
+            try:
+                owned.append(a.allocate())
+            except NoFreeBlocks:
+                assert a.num_free == 0
+        elif op == "free" and owned:
+            a.free(owned.pop(x % len(owned)))
+        elif op == "fork" and owned:
+            b = owned[x % len(owned)]
+            a.fork(b)
+            owned.append(b)
+        elif op == "cow" and owned:
+            i = x % len(owned)
+            if a.refcount[owned[i]] > 1 or a.num_free:
+                owned[i], _ = a.writable(owned[i])
+        elif op == "register" and owned:
+            a.register(owned[x % len(owned)], x % 7)
+        elif op == "lookup":
+            b = a.lookup(x % 7)
+            if b is not None:
+                owned.append(b)
+        a.check()
+        for b in range(6):
+            assert a.refcount[b] == owned.count(b)
+    for b in owned:
+        a.free(b)
+    a.check()
+    assert a.num_free == 6 and all(r == 0 for r in a.refcount)
+
+
+def test_paged_cache_writes_slots_and_gathers_per_sequence():
+    cfg = preset("tiny", n_layer=2, d_model=32, n_head=4, n_kv_head=2)
+    bs = 4
+    cache = PagedKVCache(cfg, num_blocks=8, block_size=bs)
+    # two sequences with scattered block tables, 6 and 3 tokens, padded batch T=6
+    tables = [[5, 2], [7]]
+    lens = [6, 3]
+    k = torch.randn(2, 2, 6, 8)
+    v = torch.randn(2, 2, 6, 8)
+    rows, slots = [], []
+    for b, (tab, n) in enumerate(zip(tables, lens)):
+        for t in range(n):
+            rows.append(b * 6 + t)
+            slots.append(tab[t // bs] * bs + t % bs)
+    gather = torch.zeros(2, 6, dtype=torch.long)
+    for b, (tab, n) in enumerate(zip(tables, lens)):
+        for j in range(n):
+            gather[b, j] = tab[j // bs] * bs + j % bs
+    cache.prepare(torch.tensor(slots), torch.tensor(rows), gather)
+    k_all, v_all = cache.update(1, k, v)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(k_all[b, :, :n], k[b, :, :n])
+        torch.testing.assert_close(v_all[b, :, :n], v[b, :, :n])
+    assert cache.k[0].abs().sum() == 0  # other layers untouched
+    torch.testing.assert_close(cache.k[1, 7 * bs + 2], k[1, :, 2])
+    cache.copy_block(5, 0)
+    torch.testing.assert_close(cache.k[1, 0:bs], cache.k[1, 5 * bs : 6 * bs])
