@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from qkv.commands.serve import load_for_serving
 from qkv.infer.engine import Engine
@@ -30,8 +31,13 @@ def url(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("serve_browser") / "ckpt")
     model, tok = load_for_serving(str(ckpt))
     app = create_app(Engine(model, tok, num_blocks=64, max_num_seqs=4), "tiny-chat")
-    with BackgroundServer(app) as srv:
-        yield srv.url
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a busy machine
+    try:
+        with BackgroundServer(app) as srv:
+            yield srv.url
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from qkv.commands.serve import load_for_serving
 from qkv.infer.engine import Engine
@@ -42,8 +43,13 @@ def srv(ckpt):
     model, tok = load_for_serving(str(ckpt))
     engine = Engine(model, tok, block_size=16, num_blocks=64, max_num_seqs=8, max_batch_tokens=128)
     app = create_app(engine, MODEL, api_key=KEY, max_queue=MAX_QUEUE, max_body_bytes=MAX_BODY)
-    with BackgroundServer(app) as s:
-        yield s
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a busy machine
+    try:
+        with BackgroundServer(app) as s:
+            yield s
+    finally:
+        torch.set_num_threads(threads)
 
 
 def metric(url: str, name: str) -> float:
@@ -189,7 +195,7 @@ def test_cli_serve_binds_loopback_with_env_key(ckpt):
     port = free_port()
     env = {**os.environ, "QKV_API_KEY": "sk-env"}
     proc = subprocess.Popen([sys.executable, "-m", "qkv.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--served-model-name", "m", "--log-level", "warning"],
+                             "--served-model-name", "m", "--log-level", "warning", "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

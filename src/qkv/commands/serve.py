@@ -2,8 +2,8 @@
 
 Loads a qkv checkpoint directory, a Hugging Face directory or a GGUF file, wraps it in the
 continuous-batching engine and serves it with uvicorn. Binds 127.0.0.1 unless --host says
-otherwise; with --api-key (or QKV_API_KEY) every /v1/ request must send
-`Authorization: Bearer KEY`.
+otherwise; with --api-key (or QKV_API_KEY) every API request must send
+`Authorization: Bearer KEY` (the chat page has a field for it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="qkv checkpoint dir, Hugging Face dir or .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--api-key", default=None, help="require this bearer key on /v1/ (default: env QKV_API_KEY, else none)")
+    p.add_argument("--api-key", default=None, help="require this bearer key on the API (default: env QKV_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's file/dir name)")
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 429")

@@ -274,8 +274,12 @@ def _validation_body(e: RequestValidationError) -> dict:
     return error_body(f"invalid {'.'.join(loc)}: {msg}", param=param)
 
 
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
 def _error_response(status: int, body: dict, metrics: Metrics, request: Request) -> JSONResponse:
-    metrics.requests.labels(request.url.path if request.url.path.startswith("/v1/") else "other", str(status)).inc()
+    path = request.url.path if request.url.path in _ENDPOINTS else "other"  # bounded label values
+    metrics.requests.labels(path, str(status)).inc()
     return JSONResponse(body, status_code=status)
 
 
@@ -473,7 +477,7 @@ def _sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, s
 
 
 class _Guard:
-    """Checks the API key (constant time) on /v1/ routes and caps request bodies.
+    """Checks the API key (constant time) on every non-public route and caps request bodies.
 
     It runs before FastAPI parses anything, so an unauthenticated client cannot make the
     server read or parse a body, and an oversized body is refused (413) while reading,
@@ -488,7 +492,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope["path"].startswith("/v1/"):
+        if self.key is not None and not _is_public(scope["path"]):
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, self.key):
@@ -531,6 +535,16 @@ class _Guard:
             return await receive()  # afterwards: http.disconnect, for abort-on-disconnect
 
         return await self.app(scope, replay, send)
+
+
+PUBLIC_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
+
+
+def _is_public(path: str) -> bool:
+    """Paths served without the API key: the page shell (it sends the key itself), its
+    static files, liveness and metrics. Everything else, /v1/ and any added router
+    included, needs the key when one is set."""
+    return path in PUBLIC_PATHS or path.startswith("/static/")
 
 
 async def _send_json(send, status: int, body: dict) -> None:

@@ -41,6 +41,11 @@ class EngineError(RuntimeError):
     """engine.step() failed: the server's fault (500), whatever exception type it raised."""
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 @dataclass
 class _Done:
     request_id: str
@@ -189,16 +194,22 @@ class AsyncEngine:
                 self._release(rid)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        # one wake-up of each event loop per step, not one per output: with 64 streams a
+        # call_soon_threadsafe per token would cost more than the tiny model's forward
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            self._deliver(stream, out)
+            batch = batches.setdefault(stream.loop, [])
+            batch.append((stream.queue, out))
             if out.finished:
                 stream.finished.add(out.index)
                 if len(stream.finished) >= stream.n:
-                    self._deliver(stream, _Done(out.request_id))
+                    batch.append((stream.queue, _Done(out.request_id)))
                     self._release(out.request_id)
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _fail_all(self, err: BaseException) -> None:
         for rid, stream in list(self._streams.items()):

