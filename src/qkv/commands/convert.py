@@ -1,0 +1,59 @@
+"""Convert a model between formats: Hugging Face directory or GGUF file -> qkv checkpoint or HF directory.
+
+Examples:
+  qkv convert --from gguf SmolLM2-135M-Instruct.Q4_1.gguf --to qkv runs/smollm2
+  qkv convert --from hf ./Llama-3.2-1B --to qkv runs/llama1b --dtype bf16
+  qkv convert runs/my-model --to hf exported/ --arch llama
+
+The source format is detected when --from is auto. Export to hf picks the transformers
+architecture from the config (MoE -> mixtral, learned positions + layernorm + gelu -> gpt2,
+q/k/v bias without o bias -> qwen2, sliding window -> mistral, else llama) unless --arch says;
+a config feature the target cannot express is an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="source: qkv checkpoint dir, HF model dir, or .gguf file")
+    p.add_argument("dst", help="destination directory")
+    p.add_argument("--from", dest="src_format", choices=["auto", "qkv", "hf", "gguf"], default="auto",
+                   help="source format")
+    p.add_argument("--to", dest="dst_format", choices=["qkv", "hf"], default="qkv", help="destination format")
+    p.add_argument("--arch", choices=["auto", "llama", "mistral", "qwen2", "mixtral", "gpt2"], default="auto",
+                   help="transformers architecture for --to hf")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from qkv.interop import detect_format, load
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    found = detect_format(args.src)
+    if args.src_format != "auto" and found != args.src_format:
+        raise ValueError(f"{args.src}: looks like a {found} model, not --from {args.src_format}; use --from auto")
+    model, tokenizer = load(args.src, dtype=dtype)
+    dst = Path(args.dst)
+    if args.dst_format == "qkv":
+        from qkv.checkpoint import save_model
+
+        save_model(dst, model, tokenizer)
+    else:
+        from qkv.interop.hf import export_hf
+
+        export_hf(model, dst, tokenizer, arch=None if args.arch == "auto" else args.arch, dtype=dtype)
+    from qkv.model import count_params
+
+    n = count_params(model).total
+    print(f"wrote {args.dst_format} model to {dst} ({n / 1e6:.1f}M parameters, {args.dtype}"
+          f"{', with tokenizer' if tokenizer is not None else ', no tokenizer'})")
+    return 0

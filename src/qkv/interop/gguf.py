@@ -1,0 +1,232 @@
+"""GGUF (llama.cpp's single-file format) -> qkv: config, dequantised weights, tokenizer, chat
+template.
+
+- Config comes from `{arch}.*` metadata keys (block_count, embedding_length, head counts,
+  rope.freq_base, ...). Architectures: llama (also Mistral/SmolLM2/Llama 3 files, and
+  Mixtral-style MoE stored as llama with `ffn_*_exps`) and qwen2.
+- Weights are dequantised with `gguf.quants.dequantize` (any quant type the package knows)
+  to fp32. A GGUF tensor of ne=[in, out] reads as a (out, in) array: already PyTorch's layout.
+- llama.cpp's converter permutes the rows of Q and K of llama models so its rope kernel can
+  rotate adjacent pairs (x0, x1); qkv (like transformers) rotates halves (x_i, x_{i+d/2}).
+  `unpermute` reverses it per head: rows [h, (i, pair)] -> [h, (pair, i)].
+- Tokenizer: `tokenizer.ggml.model == "gpt2"` is byte-level BPE (tokens + merges), rebuilt as a
+  `tokenizers` BPE the way transformers does it, with CONTROL tokens added as special tokens.
+  Sentencepiece-style ("llama") vocabularies are not rebuilt: the model imports without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from qkv.config import ModelConfig
+
+SUPPORTED = ("llama", "qwen2")
+
+# pre-tokenizer split patterns by `tokenizer.ggml.pre` (others use GPT-2's byte-level regex)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+           "deepseek-r1-qwen": _QWEN2_SPLIT}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def open_gguf(path: str | Path):
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct/numpy errors on bad files
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+
+def _fields(reader) -> dict:
+    return {name: f.contents() for name, f in reader.fields.items()
+            if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                            "tokenizer.ggml.scores")}
+
+
+def config_from_gguf(reader, source: Path) -> ModelConfig:
+    meta = _fields(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED:
+        raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; qkv imports {', '.join(SUPPORTED)}")
+    names = {t.name for t in reader.tensors}
+
+    def key(k, default=None):
+        v = meta.get(f"{arch}.{k}", default)
+        if v is None:
+            raise ValueError(f"{source}: GGUF metadata key {arch}.{k} is missing")
+        return v
+
+    n_head = int(key("attention.head_count"))
+    d = int(key("embedding_length"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or d // n_head)
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise ValueError(f"{source}: GGUF tensor 'token_embd.weight' is missing")
+    vocab = int(emb.shape[1])  # ne = [d_model, vocab]
+    scaling = None
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind == "linear":
+        scaling = {"type": "linear", "factor": float(key("rope.scaling.factor"))}
+    elif kind not in (None, "none"):
+        raise ValueError(f"{source}: GGUF rope scaling {kind!r} is not supported (linear only)")
+    n_expert = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    cfg = dict(
+        vocab_size=int(vocab), n_layer=int(key("block_count")), d_model=d, n_head=n_head,
+        n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv") or n_head), head_dim=head_dim,
+        d_ff=int(key("feed_forward_length")), max_seq_len=int(key("context_length")), pos="rope",
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling, norm="rmsnorm",
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")), mlp="swiglu", qkv_bias="blk.0.attn_q.bias" in names,
+        tie_embeddings="output.weight" not in names,
+    )
+    if n_expert:
+        cfg.update(n_expert=n_expert, n_expert_per_token=int(key("expert_used_count")), moe_renormalize=True)
+    return ModelConfig(**cfg)
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (adjacent-pair rope -> rotate-half rope)."""
+    out_dim = w.shape[0]
+    return w.reshape(n_head, out_dim // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _dequantize(tensor) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    arr = dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(np.array(arr, dtype=np.float32, order="C", copy=True))  # F32 tensors are read-only views
+
+
+def state_from_gguf(reader, cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
+    arch = _fields(reader).get("general.architecture")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise ValueError(f"{source}: GGUF tensor {name!r} is missing")
+        return _dequantize(tensors.pop(name))
+
+    out = {"tok_emb.weight": take("token_embd.weight"), "final_norm.weight": take("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take("output.weight")
+    permute = arch == "llama"  # llama.cpp permutes Q/K for llama only (qwen2 uses neox-style rope)
+    for i in range(cfg.n_layer):
+        p, q = f"blk.{i}.", f"blocks.{i}."
+        out[q + "attn_norm.weight"] = take(p + "attn_norm.weight")
+        out[q + "mlp_norm.weight"] = take(p + "ffn_norm.weight")
+        wq, wk = take(p + "attn_q.weight"), take(p + "attn_k.weight")
+        out[q + "attn.q_proj.weight"] = unpermute(wq, cfg.n_head) if permute else wq
+        out[q + "attn.k_proj.weight"] = unpermute(wk, cfg.n_kv_head) if permute else wk
+        out[q + "attn.v_proj.weight"] = take(p + "attn_v.weight")
+        out[q + "attn.o_proj.weight"] = take(p + "attn_output.weight")
+        if cfg.qkv_bias:
+            bq, bk = take(p + "attn_q.bias"), take(p + "attn_k.bias")
+            out[q + "attn.q_proj.bias"] = unpermute(bq, cfg.n_head) if permute else bq
+            out[q + "attn.k_proj.bias"] = unpermute(bk, cfg.n_kv_head) if permute else bk
+            out[q + "attn.v_proj.bias"] = take(p + "attn_v.bias")
+        if cfg.is_moe:  # stacked (E, out, in) -> qkv's (E, in, out)
+            out[q + "mlp.router.weight"] = take(p + "ffn_gate_inp.weight")
+            out[q + "mlp.w_gate"] = take(p + "ffn_gate_exps.weight").transpose(1, 2).contiguous()
+            out[q + "mlp.w_up"] = take(p + "ffn_up_exps.weight").transpose(1, 2).contiguous()
+            out[q + "mlp.w_down"] = take(p + "ffn_down_exps.weight").transpose(1, 2).contiguous()
+        else:
+            for n in ("gate", "up", "down"):
+                out[q + f"mlp.{n}_proj.weight"] = take(p + f"ffn_{n}.weight")
+    tensors.pop("rope_freqs.weight", None)  # llama 3.1 files store the scaled frequencies too
+    if tensors:
+        extra = sorted(tensors)
+        print(f"warning: {source}: ignoring GGUF tensors {extra[:5]}{'...' if len(extra) > 5 else ''}", file=sys.stderr)
+    return out
+
+
+def tokenizer_from_gguf(reader, source: Path):
+    """A qkv Tokenizer for byte-level BPE vocabularies, or None (with a warning) otherwise."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from qkv.tokenizer import Tokenizer
+
+    meta = _fields(reader)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        print(f"warning: {source}: GGUF tokenizer type {kind!r} is not rebuilt (only byte-level BPE 'gpt2'); "
+              "the model is imported without a tokenizer", file=sys.stderr)
+        return None
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields else []
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+
+    # a token outside the byte alphabet is respelled byte by byte, as transformers does
+    spelling = pre_tokenizers.ByteLevel.alphabet()
+    byte_map = _bytes_to_unicode()
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab[t if set(t) <= set(spelling) else "".join(byte_map[b] for b in t.encode("utf-8"))] = i
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    split = _SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    alphabet = set(spelling)
+    special = [AddedToken(t, normalized=False, special=True)
+               for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet]
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    if special:
+        backend.add_special_tokens(special)
+    if user:
+        backend.add_tokens(user)
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    return Tokenizer(backend, chat_template=meta.get("tokenizer.chat_template"), bos_token=tok("bos_token_id"),
+                     eos_token=tok("eos_token_id"), pad_token=tok("padding_token_id"),
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def import_gguf(path: str | Path):
+    """(Transformer, Tokenizer | None) from a GGUF file, dequantised to fp32 on the CPU."""
+    from qkv.checkpoint import load_state_into
+    from qkv.model import build_model
+
+    path = Path(path)
+    reader = open_gguf(path)
+    cfg = config_from_gguf(reader, path)
+    state = state_from_gguf(reader, cfg, path)
+    model = build_model(cfg)
+    load_state_into(model, state, path)
+    return model.eval(), tokenizer_from_gguf(reader, path)

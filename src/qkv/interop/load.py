@@ -1,0 +1,90 @@
+"""One entry point for every model source: `load(path)` -> (Transformer, Tokenizer | None).
+
+`path` may be a qkv checkpoint directory (config.json without `model_type`), a Hugging Face
+directory (config.json with `model_type`), or a `.gguf` file. The format is detected from
+what is on disk, so callers (engine, server, alignment, inspect) never need to know.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from qkv.config import ModelConfig
+from qkv.model import Transformer
+from qkv.tokenizer import Tokenizer
+
+Format = Literal["qkv", "hf", "gguf"]
+
+
+def detect_format(path: str | Path) -> Format:
+    """'qkv', 'hf' or 'gguf' for what is at `path`; a clear error when it is none of them."""
+    from qkv.checkpoint import is_qkv_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".gguf" or _magic(path) == b"GGUF":
+            return "gguf"
+        if path.name == "config.json":
+            return detect_format(path.parent)
+        raise ValueError(f"{path}: not a model; expected a .gguf file or a model directory")
+    if is_qkv_checkpoint(path):
+        return "qkv"
+    if (path / "config.json").exists():
+        return "hf"
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    raise FileNotFoundError(f"{path / 'config.json'}: no config.json here; not a qkv or Hugging Face model directory")
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def _gguf_file(path: Path) -> Path:
+    return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+
+
+def load(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Optional[Tokenizer]]:
+    """Load a model and its tokenizer (None when the source has none) in eval mode."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "qkv":
+        from qkv.checkpoint import load_model
+
+        model = load_model(path)
+        tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    elif fmt == "hf":
+        from qkv.interop.hf import import_hf
+
+        model, tokenizer = import_hf(path if path.is_dir() else path.parent)
+    else:
+        from qkv.interop.gguf import import_gguf
+
+        model, tokenizer = import_gguf(_gguf_file(path))
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Only the ModelConfig of a model source (no weights are read)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "qkv":
+        return ModelConfig.load((path if path.is_dir() else path.parent) / "config.json")
+    if fmt == "hf":
+        from qkv.interop.hf import config_from_hf, read_hf_config
+
+        d = path if path.is_dir() else path.parent
+        return config_from_hf(read_hf_config(d), d / "config.json")
+    from qkv.interop.gguf import config_from_gguf, open_gguf
+
+    f = _gguf_file(path)
+    return config_from_gguf(open_gguf(f), f)
