@@ -53,7 +53,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk_elems: int = 2**22
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk_elems: int = 2**25
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight.T against targets (ignore_index skipped).
 
