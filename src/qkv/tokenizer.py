@@ -167,3 +167,53 @@ def _compile_template(source: str):
         env.globals["raise_exception"] = raise_exception
         _TEMPLATE_CACHE[source] = env.from_string(source)
     return _TEMPLATE_CACHE[source]
+
+
+# --- training a byte-level BPE tokenizer (qkv-trained models) -------------------------------
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # a chat turn: <|im_start|>role\ncontent<|im_end|>\n
+SPECIAL_TOKENS = [EOS, BOS, IM_START, IM_END]
+
+# ChatML, as SmolLM2 / Qwen use it: each turn opens with <|im_start|> and its role, ends with
+# <|im_end|>; the generation prompt opens an assistant turn.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_bpe(texts, vocab_size: int = 4096, min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style: every byte is a base symbol, so any string
+    round-trips) on an iterable of strings, with the special tokens and the ChatML template.
+
+    The vocabulary is 256 bytes + the special tokens + learned merges, `vocab_size` in all."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    minimum = 256 + len(SPECIAL_TOKENS) + 1
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE; use at least {minimum}")
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend, chat_template=DEFAULT_CHAT_TEMPLATE, bos_token=BOS, eos_token=EOS, pad_token=EOS)
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts) -> float:
+    """Compression on (held-out) text: UTF-8 bytes divided by tokens."""
+    n_bytes = n_tokens = 0
+    for ids, text in zip(tokenizer.encode_batch(list(texts)), texts):
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(ids)
+    if n_tokens == 0:
+        raise ValueError("no text to measure compression on")
+    return n_bytes / n_tokens

@@ -1,0 +1,1 @@
+"""qkv.data: text corpora, token shards and the deterministic batch loader for pretraining."""

@@ -1,0 +1,160 @@
+"""TrainConfig: every knob of a training run in one typed dataclass.
+
+A run's config is the dataclass defaults, then a YAML/TOML file, then `key=value`
+overrides from the command line (in that order). Unknown keys are an error that lists
+the valid ones, so a typo never silently trains the wrong thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class TrainConfig:
+    # --- model (pretraining; later stages pass their own model) ---
+    preset: str = "tiny"  # a qkv.config preset; vocab_size comes from the tokenizer
+    model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 2}
+    init_from: Optional[str] = None  # start from a qkv checkpoint dir instead of random init
+    # --- data (pretraining) ---
+    data_dir: str = "data/shakespeare"  # output of `qkv prepare`
+    seq_len: int = 128  # tokens per training window (<= model max_seq_len)
+    # --- batch ---
+    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step
+    # --- optimizer ---
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd | constant (all after linear warmup)
+    warmup_steps: int = 20
+    decay_frac: float = 0.2  # wsd: fraction of steps spent decaying at the end
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # --- loop ---
+    max_steps: int = 300
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+    eval_every: int = 100  # 0 disables periodic eval (a final eval still runs)
+    eval_steps: int = 8  # batches per eval
+    log_every: int = 10
+    # --- checkpoints ---
+    out_dir: str = "runs/train"
+    save_every: int = 100  # 0: save only at the end
+    keep_last: int = 2  # step checkpoints kept
+    # --- system ---
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.schedule in ("cosine", "wsd", "constant"), f"schedule={self.schedule!r}: choose cosine, wsd or constant"),
+            (self.dtype in ("fp32", "bf16"), f"dtype={self.dtype!r}: choose fp32 or bf16"),
+            (self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: choose ddp or fsdp"),
+            (self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.batch_size % self.grad_accum == 0, f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}"),
+            (self.seq_len >= 1, f"seq_len={self.seq_len} must be >= 1"),
+            (self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1"),
+            (0 <= self.decay_frac <= 1, f"decay_frac={self.decay_frac} must be in [0, 1]"),
+            (self.lr > 0, f"lr={self.lr} must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"bad train config: {msg}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown train config key(s) {unknown}; valid keys: {', '.join(known)}")
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> "TrainConfig":
+        d = self.to_dict()
+        d.update(kw)
+        return TrainConfig.from_dict(d)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or TOML (.toml) file as a dict."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such config file")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+    elif path.suffix in (".yaml", ".yml", ".json"):
+        import yaml
+
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        raise ValueError(f"{path}: config files must end in .yaml, .yml, .toml or .json")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: the config must be a mapping of key: value")
+    return d
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'key=value' with value parsed as YAML (numbers, bools, lists, dicts); 'model.n_layer=2'
+    sets one model override."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=100)")
+    import yaml
+
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), raw if value is None and raw != "" else value
+
+
+def load_train_config(path: Optional[str | Path] = None, overrides: Optional[list[str] | dict] = None,
+                      base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Defaults (or `base`) <- config file <- overrides ('key=value' strings or a dict)."""
+    d = (base or TrainConfig()).to_dict()
+    layers = [read_config_file(path)] if path else []
+    if isinstance(overrides, dict):
+        layers.append(overrides)
+    elif overrides:
+        layers.append(dict(parse_override(o) for o in overrides))
+    for layer in layers:
+        for key, value in layer.items():
+            if key.startswith("model."):
+                d["model"] = {**d["model"], key[len("model."):]: value}
+            elif key == "model" and isinstance(value, dict):
+                d["model"] = {**d["model"], **value}
+            else:
+                d[key] = value
+    return TrainConfig.from_dict(d)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from qkv.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")

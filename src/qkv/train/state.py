@@ -1,0 +1,179 @@
+"""Trainer checkpoints: everything needed to continue a run bit for bit, never pickled.
+
+    out_dir/step_000100/            a complete qkv checkpoint (load_model works on it)
+        config.json  model.safetensors  tokenizer.json  tokenizer_config.json
+        trainer/optimizer.safetensors   AdamW moments and step counts, keyed by parameter name
+        trainer/state.json              step, data position, RNG states, param groups, run config
+    out_dir/latest.json             {"step": 100, "dir": "step_000100"}
+
+A checkpoint is written into a temporary directory and renamed into place, and
+latest.json is replaced only afterwards, so a kill at any moment leaves the previous
+checkpoint whole. Full (unsharded) state dicts are gathered through
+torch.distributed.checkpoint.state_dict, so the same files come out of one process, DDP
+or FSDP; every rank calls save (the gathers are collective), rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from qkv.checkpoint import CONFIG, WEIGHTS
+from qkv.io import atomic_write_bytes, atomic_write_text
+
+LATEST = "latest.json"
+TRAINER = "trainer"
+
+
+def _sd_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(unwrap(model), options=_sd_options(cpu_offload=True))
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(unwrap(model), opt, options=_sd_options(cpu_offload=True))
+    tensors = {f"{name}/{key}": t.detach().contiguous() for name, st in sd["state"].items() for key, t in st.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _rng_state(device: torch.device) -> dict[str, str]:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in states.items()}
+
+
+def _set_rng_state(states: dict[str, str], device: torch.device) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(states["torch"]))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(tensor(states["cuda"]), device)
+
+
+def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    run_config: dict, is_main: bool, tokenizer=None, extra: Optional[dict] = None,
+                    keep_last: int = 2, device: torch.device = torch.device("cpu")) -> Optional[Path]:
+    """Write out_dir/step_XXXXXX (atomic) and point latest.json at it; prune old ones."""
+    model_sd = full_model_state(model)  # collective under FSDP: every rank calls
+    opt_tensors, groups = full_optimizer_state(model, opt)
+    if not is_main:
+        return None
+    out_dir = Path(out_dir)
+    name = f"step_{step:06d}"
+    final = out_dir / name
+    tmp = out_dir / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / TRAINER).mkdir(parents=True)
+    unwrap(model).cfg.save(tmp / CONFIG)
+    atomic_write_bytes(tmp / WEIGHTS, save(model_sd, metadata={"format": "qkv", "step": str(step)}))
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    atomic_write_bytes(tmp / TRAINER / "optimizer.safetensors", save(opt_tensors))
+    state = {
+        "step": step,  # optimizer steps completed; the data loader resumes at this step
+        "param_groups": groups,
+        "rng": _rng_state(device),
+        "run_config": run_config,
+        "extra": extra or {},
+    }
+    atomic_write_text(tmp / TRAINER / "state.json", json.dumps(state, indent=1) + "\n")
+    if final.exists():  # re-saving the same step: move the old one aside first
+        old = out_dir / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(out_dir / LATEST, json.dumps({"step": step, "dir": name}) + "\n")
+    steps = sorted(p for p in out_dir.glob("step_*") if p.is_dir())
+    for p in steps[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    path = Path(out_dir) / LATEST
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        ckpt = Path(out_dir) / info["dir"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: corrupt ({e}); delete it to start over or fix it to name a step_* dir") from None
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{path} points to {ckpt}, which does not exist; delete {path} to start over")
+    return ckpt
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state, optimizer tensors, state.json) of a step dir, with one-line errors."""
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; the checkpoint {ckpt} is incomplete, cannot resume")
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt or truncated ({str(e).splitlines()[0]}); cannot resume from {ckpt}") from None
+
+    model_sd = tensors(ckpt / WEIGHTS)
+    opt = tensors(ckpt / TRAINER / "optimizer.safetensors")
+    state_path = ckpt / TRAINER / "state.json"
+    if not state_path.exists():
+        raise FileNotFoundError(f"{state_path}: missing; the checkpoint {ckpt} is incomplete, cannot resume")
+    try:
+        state = json.loads(state_path.read_text())
+        int(state["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{state_path}: corrupt ({e}); cannot resume from {ckpt}") from None
+    return model_sd, opt, state
+
+
+def load_model_state(model: torch.nn.Module, model_sd: dict[str, torch.Tensor], source: Path) -> None:
+    from qkv.checkpoint import load_state_into
+
+    load_state_into(unwrap(model), model_sd, source)
+
+
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, opt_tensors: dict, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in opt_tensors.items():
+        name, field = key.rsplit("/", 1)
+        per_param.setdefault(name, {})[field] = t
+    groups = state["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    set_optimizer_state_dict(unwrap(model), opt, {"state": per_param, "param_groups": groups}, options=_sd_options())
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    _set_rng_state(state["rng"], device)

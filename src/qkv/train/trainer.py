@@ -1,0 +1,348 @@
+"""The training loop. One optimizer step:
+
+    for each micro-batch:  loss = loss_fn(model, batch) / grad_accum;  loss.backward()
+    (gradients all-reduced across processes by DDP, or reduce-scattered by FSDP)
+    clip the global gradient norm;  set lr from the schedule;  AdamW step;  zero grads
+
+plus, around it: eval every N steps (val loss and bits per byte), metrics JSONL, a tqdm
+bar with tokens/s and MFU, atomic checkpoints every N steps, exact resume, and a stop
+with a clear message when the loss or gradient norm is not finite.
+
+Determinism: batches are a pure function of (step, micro, rank) (the caller's get_batch),
+and the RNG is re-seeded from (seed, step, rank) before every step, so a resumed run
+computes exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from qkv.io import atomic_write_text
+from qkv.train import distributed as D
+from qkv.train import state as S
+from qkv.train.config import TrainConfig, save_config
+from qkv.train.optim import lr_at, make_optimizer
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; raised before the bad update is applied."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    val_loss: Optional[float]
+    val_bpb: Optional[float]
+    tokens_per_s: float
+    run_dir: Path
+    history: list
+
+
+class _LossModule(nn.Module):
+    """Routes loss_fn through one module call so DDP sees a forward (and syncs gradients)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul on this device, measured now (the MFU denominator)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> Optional[float]:
+    """Training FLOPs per token: 6 x (active matmul params incl. the output head) plus the
+    attention scores and mixing, 12 x layers x heads x head_dim x seq_len (PaLM, appendix B)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return None
+    from qkv.model import count_params
+
+    counts = count_params(model)
+    matmul_params = counts.active_non_embedding + cfg.vocab_size * cfg.d_model
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        loss_fn: LossFn,
+        get_batch: Callable[[int, int], Any],
+        eval_batch: Optional[Callable[[int], Any]] = None,
+        bytes_per_token: Optional[float] = None,
+        tokenizer=None,
+        extra_state: Optional[dict] = None,
+        resume: bool = False,
+        dist: Optional[D.Dist] = None,
+    ):
+        self.cfg = cfg
+        self.loss_fn, self.get_batch, self.eval_batch = loss_fn, get_batch, eval_batch
+        self.bytes_per_token = bytes_per_token
+        self.tokenizer = tokenizer
+        self.extra_state = extra_state or {}
+        self.on_step: Optional[Callable[["Trainer", int, dict], None]] = None
+        self.dist = dist or D.setup(cfg.device)
+        self.device = self.dist.device
+        self.out_dir = Path(cfg.out_dir)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        per_rank = cfg.batch_size // cfg.grad_accum
+        if per_rank % self.dist.world:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} / grad_accum={cfg.grad_accum} = {per_rank} sequences per micro-step "
+                f"cannot be split evenly over {self.dist.world} processes; change batch_size"
+            )
+        self.micro_batch_size = per_rank // self.dist.world
+
+        self.model = model.to(self.device)  # the plain module (loss_fn and checkpoints see this)
+        self.step = 0
+        ckpt = S.latest_checkpoint(self.out_dir) if self.out_dir.exists() else None
+        loaded = None
+        if ckpt is not None and not resume:
+            raise ValueError(
+                f"{self.out_dir} already holds a run (checkpoint {ckpt.name}); resume it with --resume "
+                "or choose another out_dir (nothing was overwritten)"
+            )
+        if ckpt is not None:
+            loaded = S.read_checkpoint(ckpt)  # validated before anything is written
+            S.load_model_state(self.model, loaded[0], ckpt)
+            self.step = int(loaded[2]["step"])
+            self.resumed_from: Optional[Path] = ckpt
+        else:
+            self.resumed_from = None
+
+        if cfg.compile:
+            for block in getattr(self.model, "blocks", []):
+                block.compile()
+        if self.dist.enabled and cfg.parallel == "fsdp":
+            D.wrap(self.model, self.dist, "fsdp")  # shards in place
+            self.wrapped = _LossModule(self.model, loss_fn)
+        else:
+            self.wrapped = D.wrap(_LossModule(self.model, loss_fn), self.dist, "ddp")
+        self.opt = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        if loaded is not None:
+            S.load_optimizer_state(self.model, self.opt, loaded[1], loaded[2])
+            S.restore_rng(loaded[2], self.device)
+        self.history: list[dict] = []
+        if loaded is not None and self.dist.is_main and (self.out_dir / "metrics.jsonl").exists():
+            # drop lines logged after the checkpoint: the resumed run logs them again
+            for line in (self.out_dir / "metrics.jsonl").read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= self.step:
+                    self.history.append(json.loads(line))
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
+        self.peak_flops = matmul_peak(self.device, self.autocast_dtype or torch.float32) if self.flops_per_token else None
+
+    # --- properties for batch sources -----------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world(self) -> int:
+        return self.dist.world
+
+    # --- pieces ---------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None)
+
+    def _seed_step(self, step: int) -> None:
+        torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1009 + self.rank)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.dist.is_main:
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            atomic_write_text(self.out_dir / "metrics.jsonl", text)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss over cfg.eval_steps batches from eval_batch (all ranks averaged)."""
+        if self.eval_batch is None:
+            return {}
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(self.cfg.eval_steps):
+            batch = _to_device(self.eval_batch(i), self.device)
+            with self._autocast():
+                loss, _ = self.loss_fn(self.model, batch)
+            total += loss.detach().float()
+        self.model.train()
+        val = D.all_reduce_mean(total / self.cfg.eval_steps).item()
+        out = {"val_loss": val}
+        if self.bytes_per_token:
+            out["val_bpb"] = val / math.log(2) / self.bytes_per_token
+        return out
+
+    def save(self) -> Optional[Path]:
+        return S.save_checkpoint(
+            self.out_dir, self.step, self.model, self.opt, self.cfg.to_dict(), self.dist.is_main,
+            tokenizer=self.tokenizer, extra={**self.extra_state, "data_step": self.step},
+            keep_last=self.cfg.keep_last, device=self.device,
+        )
+
+    def save_final(self) -> None:
+        """The trained model at the top of out_dir: a qkv checkpoint load_model reads."""
+        from safetensors.torch import save
+
+        from qkv.checkpoint import CONFIG, WEIGHTS
+        from qkv.io import atomic_write_bytes
+
+        sd = S.full_model_state(self.model)
+        if not self.dist.is_main:
+            return
+        if hasattr(self.model, "cfg"):
+            self.model.cfg.save(self.out_dir / CONFIG)
+        atomic_write_bytes(self.out_dir / WEIGHTS, save(sd, metadata={"format": "qkv", "step": str(self.step)}))
+        if self.tokenizer is not None:
+            self.tokenizer.save(self.out_dir)
+
+    def _train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        self._seed_step(step)
+        lr = lr_at(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
+                   schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        extra: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(self.get_batch(step, micro), self.device)
+            sync = micro == cfg.grad_accum - 1
+            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else _nullcontext()
+            with ctx:
+                with self._autocast():
+                    loss, metrics = self.wrapped(batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                if k == "tokens":
+                    tokens += int(v)
+                else:
+                    extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
+        loss_val = D.all_reduce_mean(loss_sum / cfg.grad_accum).item()
+        if not math.isfinite(loss_val):
+            self._diverged(step, f"loss is {loss_val}")
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm_val = float(norm)
+        if not math.isfinite(norm_val):
+            self._diverged(step, f"gradient norm is {norm_val}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens * self.world, **extra}
+
+    def _diverged(self, step: int, what: str) -> None:
+        last = S.latest_checkpoint(self.out_dir) if self.out_dir.exists() else None
+        where = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"{what} at step {step + 1}; stopped before applying the update ({where}). "
+            "Lower lr, keep grad_clip on, or train in fp32"
+        )
+
+    # --- the loop -------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "run_config.json")
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
+                   dynamic_ncols=True, desc="train")
+        self.model.train()
+        last: dict = {}
+        val: dict = {}
+        t0, tok_window, tok_total, time_total = time.perf_counter(), 0, 0, 0.0
+        while self.step < cfg.max_steps:
+            m = self._train_step(self.step)
+            self.step += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            tok_total += m["tokens"]
+            time_total += dt
+            tps = m["tokens"] / dt if dt > 0 else 0.0
+            m["tokens_per_s"] = tps
+            if self.flops_per_token and self.peak_flops:
+                m["mfu"] = tps / self.world * self.flops_per_token / self.peak_flops
+            last = m
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m.get('mfu', 0):.0%}", refresh=False)
+            if self.on_step is not None:
+                self.on_step(self, self.step, m)
+            do_eval = self.eval_batch is not None and (
+                (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
+            )
+            if do_eval:
+                val = self.evaluate()
+                bar.write(f"step {self.step}: train loss {m['loss']:.4f}, "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in val.items())) if self.dist.is_main else None
+            if self.step % cfg.log_every == 0 or do_eval or self.step == cfg.max_steps:
+                self._log({"step": self.step, **{k: v for k, v in m.items()}, **(val if do_eval else {})})
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                self.save()
+            t0 = time.perf_counter()  # eval and checkpoint time is not training time
+        bar.close()
+        if "loss" not in last:  # resumed a finished run: report its last logged values
+            last = next((r for r in reversed(self.history) if "loss" in r), last)
+            val = next(({k: r[k] for k in ("val_loss", "val_bpb") if k in r} for r in reversed(self.history) if "val_loss" in r), {})
+        self.save_final()
+        D.barrier()
+        return TrainResult(
+            step=self.step, train_loss=last.get("loss", float("nan")), val_loss=val.get("val_loss"), val_bpb=val.get("val_bpb"),
+            tokens_per_s=tok_total / time_total if time_total else 0.0, run_dir=self.out_dir, history=self.history,
+        )
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
