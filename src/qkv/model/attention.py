@@ -35,6 +35,9 @@ class KVCacheLike(Protocol):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    # Optional: `attend(layer, q, k, v, scale) -> y (B, H, T, D)` stores k/v and computes the
+    # attention itself (masks included); used instead of `update` when a cache defines it.
+
 
 def causal_mask(t_q: int, t_k: int, device=None, window: Optional[int] = None) -> torch.Tensor:
     """(t_q, t_k) bool; query i sits at absolute position t_k - t_q + i."""
@@ -96,20 +99,28 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,  # cos, sin: (B or 1, T, 1, D)
         mask: Optional[torch.Tensor] = None,
         cache: Optional[KVCacheLike] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # norms and rotations run in the projections' contiguous (B, T, heads, D) layout
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cache is not None:
+            attend = getattr(cache, "attend", None)
+            if attend is not None and not self.keep_probs and self.cfg.attn_impl != "math":
+                # a cache that does its own attention (the paged cache: reads K/V from its
+                # blocks with the masks it built; a fused paged kernel would plug in here)
+                y = attend(self.layer_idx, q, k, v, self.scale)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
             k, v = cache.update(self.layer_idx, k, v)
 
         if self.keep_probs or self.cfg.attn_impl == "math":

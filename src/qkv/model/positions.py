@@ -49,7 +49,8 @@ def rope_table(head_dim: int, max_len: int, theta: float, scaling: Optional[dict
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D) already gathered at the token positions."""
+    """Rotate x (..., D) by the angles whose cos/sin (broadcastable to x) were gathered at
+    the token positions; the model calls it on (B, T, heads, D) with cos/sin (B, T, 1, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)

@@ -126,7 +126,7 @@ class Transformer(nn.Module):
             x = x + self.pos_table[positions].to(x.dtype)
         elif self.cfg.pos == "rope":
             pos = positions if positions.dim() == 2 else positions[None]
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+            rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
