@@ -1,0 +1,71 @@
+"""Measuring a policy: gold reward, win-rate, KL to a reference, and the alignment tax.
+
+- `sample_policy`: responses to fixed prompts through the engine, seeded (reproducible).
+- `gold_scores` / `win_rate`: the programmatic judge's mean and the fraction of prompts
+  where a policy's response beats another's (ties count half), as in Gao et al. 2022.
+- `kl_to_reference`: E_{y~pi}[sum_t log pi(y_t) - log ref(y_t)] (k1, on the policy's own
+  samples at the sampling temperature; a negative value would mean the samples were not
+  from pi).
+- `text_loss`: next-token loss and bits per byte on held-out pretraining text, the tax.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from qkv.align.data import as_messages
+from qkv.align.policy import Rollout, response_logprobs, rollout
+
+
+def sample_policy(model, tokenizer, prompts: list, max_new_tokens: int = 24, temperature: float = 0.7,
+                  seed: int = 1234, n: int = 1) -> Rollout:
+    return rollout(model, tokenizer, [as_messages(p) for p in prompts], max_new_tokens, temperature, seed, n=n,
+                   max_num_seqs=min(128, len(prompts) * n))
+
+
+def gold_scores(ro: Rollout, gold_fn: Callable[[list[dict], str], float]) -> list[float]:
+    return [gold_fn(p, t) for p, t in zip(ro.prompts, ro.texts)]
+
+
+def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b))
+    return wins / len(scores_a)
+
+
+@torch.no_grad()
+def kl_to_reference(model, ref_model, tokenizer, ro: Rollout, temperature: float = 0.7, batch_size: int = 64) -> float:
+    dev = next(model.parameters()).device
+    b = {k: v.to(dev) for k, v in ro.batch(tokenizer.pad_id, model.cfg.max_seq_len).items()}
+    total = 0.0
+    for s in range(0, len(b["ids"]), batch_size):
+        ids, kp, mask = b["ids"][s : s + batch_size], b["key_padding"][s : s + batch_size], b["mask"][s : s + batch_size, 1:]
+        lp = response_logprobs(model, ids, kp, temperature)
+        rlp = response_logprobs(ref_model, ids, kp, temperature)
+        total += ((lp - rlp) * mask).sum().item()
+    return total / len(b["ids"])
+
+
+@torch.no_grad()
+def text_loss(model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int = 64, bytes_per_token: Optional[float] = None) -> dict:
+    """Mean next-token loss over consecutive windows of `tokens` (1-D), and bits per byte."""
+    was = model.training
+    model.eval()
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    if n < 1:
+        raise ValueError(f"held-out text has {len(tokens)} tokens; need more than seq_len={seq_len}")
+    x = tokens[: n * seq_len + 1]
+    dev = next(model.parameters()).device
+    losses = []
+    for s in range(0, n, 16):
+        k = min(16, n - s)
+        chunk = torch.stack([x[(s + i) * seq_len : (s + i + 1) * seq_len + 1] for i in range(k)]).to(dev)
+        losses.append(model.loss(chunk[:, :-1], chunk[:, 1:]).item() * k)
+    model.train(was)
+    loss = sum(losses) / n
+    out = {"loss": loss}
+    if bytes_per_token:
+        out["bpb"] = loss / math.log(2) / bytes_per_token
+    return out
