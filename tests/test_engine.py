@@ -237,7 +237,6 @@ def test_smollm2_chat_answer_matches_transformers():
     import qkv.interop
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
     model, tokenizer = qkv.interop.load(str(gguf))
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))

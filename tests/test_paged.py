@@ -80,7 +80,7 @@ def test_allocator_invariants_under_random_ops(ops):
             owned.append(b)
         elif op == "cow" and owned:
             i = x % len(owned)
-            if a.refcount[owned[i]] > 1 or a.num_free:
+            if a.refcount[owned[i]] == 1 or a.num_free:  # a shared block needs a free one to copy into
                 owned[i], _ = a.writable(owned[i])
         elif op == "register" and owned:
             a.register(owned[x % len(owned)], x % 7)
@@ -97,30 +97,41 @@ def test_allocator_invariants_under_random_ops(ops):
     assert a.num_free == 6 and all(r == 0 for r in a.refcount)
 
 
-def test_paged_cache_writes_slots_and_gathers_per_sequence():
-    cfg = preset("tiny", n_layer=2, d_model=32, n_head=4, n_kv_head=2)
+@pytest.mark.parametrize("window", [None, 3])
+def test_paged_cache_stores_by_block_table_and_attends_like_contiguous(window):
+    import torch.nn.functional as F
+
+    from qkv.model.attention import causal_mask
+
+    cfg = preset("tiny", n_layer=2, d_model=32, n_head=4, n_kv_head=2, sliding_window=window)
     bs = 4
-    cache = PagedKVCache(cfg, num_blocks=8, block_size=bs)
-    # two sequences with scattered block tables, 6 and 3 tokens, padded batch T=6
-    tables = [[5, 2], [7]]
-    lens = [6, 3]
-    k = torch.randn(2, 2, 6, 8)
-    v = torch.randn(2, 2, 6, 8)
-    rows, slots = [], []
-    for b, (tab, n) in enumerate(zip(tables, lens)):
-        for t in range(n):
-            rows.append(b * 6 + t)
-            slots.append(tab[t // bs] * bs + t % bs)
-    gather = torch.zeros(2, 6, dtype=torch.long)
-    for b, (tab, n) in enumerate(zip(tables, lens)):
-        for j in range(n):
-            gather[b, j] = tab[j // bs] * bs + j % bs
-    cache.prepare(torch.tensor(slots), torch.tensor(rows), gather)
-    k_all, v_all = cache.update(1, k, v)
+    cache = PagedKVCache(cfg, num_blocks=12, block_size=bs)
+    # three sequences with scattered block tables and different lengths (so two buckets)
+    tables = [[5, 2, 9], [7], [1, 3, 4, 6, 8, 10]]
+    lens = [9, 3, 22]
+    T = max(lens)
+    k, v = torch.randn(3, 2, T, 8), torch.randn(3, 2, T, 8)
+    q = torch.randn(3, 4, T, 8)
+    tab = torch.tensor([t + [0] * (6 - len(t)) for t in tables])
+    cache.prepare(tab, torch.zeros(3, dtype=torch.long), torch.tensor(lens), T)
+    assert len(cache.buckets) >= 2
+    y = cache.attend(1, q, k, v, scale=0.3)
+    for b, (t, n) in enumerate(zip(tables, lens)):
+        for p in range(n):  # token p sits in block t[p // bs] at offset p % bs
+            torch.testing.assert_close(cache.k[1, t[p // bs], p % bs], k[b, :, p])
+            torch.testing.assert_close(cache.v[1, t[p // bs], p % bs], v[b, :, p])
+        mask = causal_mask(n, n, window=window)[None, None]
+        ref = F.scaled_dot_product_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
+                                             attn_mask=mask, scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(y[b : b + 1, :, :n], ref, atol=1e-5, rtol=1e-5)
+    assert cache.k[0].abs().sum() == 0  # other layers untouched
+
+    # the plain protocol returns every row's K/V padded, with the mask that goes with it
+    k_all, v_all = cache.update(0, k, v)
+    assert k_all.shape == (3, 2, 6 * bs, 8)
     for b, n in enumerate(lens):
         torch.testing.assert_close(k_all[b, :, :n], k[b, :, :n])
-        torch.testing.assert_close(v_all[b, :, :n], v[b, :, :n])
-    assert cache.k[0].abs().sum() == 0  # other layers untouched
-    torch.testing.assert_close(cache.k[1, 7 * bs + 2], k[1, :, 2])
+    assert cache.full_mask().shape == (3, 1, T, 6 * bs)
+
     cache.copy_block(5, 0)
-    torch.testing.assert_close(cache.k[1, 0:bs], cache.k[1, 5 * bs : 6 * bs])
+    torch.testing.assert_close(cache.k[:, 0], cache.k[:, 5])

@@ -208,14 +208,19 @@ class Engine:
         sched = self.scheduler.schedule()
         for src, dst in sched.copies:
             self.cache.copy_block(src, dst)
-        # decode rows (one token) and prompt chunks run as two padded batches, so a long
-        # chunk never pads every decoding row to its length
+        # decode rows (one token) and prompt chunks run as separate padded batches, so a
+        # long chunk never pads every decoding row to its length
         to_sample: list[tuple[Sequence, torch.Tensor]] = []
         decode = [(s, n) for s, n in sched.scheduled if n == 1]
-        chunks = [(s, n) for s, n in sched.scheduled if n > 1]
-        for group in (decode, chunks):
-            if group:
-                to_sample += self._forward(group)
+        chunks = sorted(((s, n) for s, n in sched.scheduled if n > 1), key=lambda x: -x[1])
+        groups = [decode] if decode else []
+        for s, n in chunks:  # prompt chunks of similar length together: little padding
+            if groups and groups[-1][0][1] > 1 and (4 * n > 3 * groups[-1][0][1] or len(groups) >= 4):
+                groups[-1].append((s, n))
+            else:
+                groups.append([(s, n)])
+        for group in groups:
+            to_sample += self._forward(group)
         for seq, n in sched.scheduled:
             seq.num_computed += n
             self.scheduler.register_computed(seq)
@@ -225,7 +230,7 @@ class Engine:
     def _forward(self, group: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """One forward over a padded batch; returns last-position logits of the rows
         whose pending tokens are now all computed (they sample next)."""
-        dev, bs = self.device, self.block_size
+        dev = self.device
         B = len(group)
         T = max(n for _, n in group)
         start = torch.tensor([s.num_computed for s, _ in group], device=dev)
@@ -237,28 +242,11 @@ class Engine:
             tok[b, :n] = torch.tensor(s.token_ids[s.num_computed : s.num_computed + n])
         tok = tok.to(dev)
 
-        t = torch.arange(T, device=dev)
-        pos = start[:, None] + t[None, :]  # (B, T) absolute positions
-        valid = t[None, :] < lens[:, None]
-        total = start + lens  # keys each row sees after this step
-        S = int(total.max())
-
-        def slots(p):
-            blk = tables.gather(1, (p // bs).clamp(max=nblk - 1))
-            return blk * bs + p % bs
-
-        write_pos = slots(pos)
-        write_rows = None if bool(valid.all()) else valid.reshape(-1).nonzero().squeeze(1)
-        write_slots = write_pos.reshape(-1) if write_rows is None else write_pos.reshape(-1)[write_rows]
-        j = torch.arange(S, device=dev)
-        gather = slots(j[None, :].expand(B, S))
-        key_ok = j[None, :] < total[:, None]  # (B, S)
-        mask = (j[None, None, :] <= pos[:, :, None]) & key_ok[:, None, :]
-        if self.cfg.sliding_window is not None:
-            mask &= j[None, None, :] > pos[:, :, None] - self.cfg.sliding_window
-        self.cache.prepare(write_slots, write_rows, gather)
-        positions = pos.clamp(max=self.cfg.max_seq_len - 1)
-        h = self.model.hidden(tok, positions=positions, mask=mask[:, None], cache=self.cache)
+        self.cache.prepare(tables, start, lens, T)
+        # the paged cache attends itself; the plain path (inspection, math attention) needs the mask
+        plain = self.cfg.attn_impl == "math" or any(blk.attn.keep_probs for blk in self.model.blocks)
+        positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
+        h = self.model.hidden(tok, positions=positions, mask=self.cache.full_mask() if plain else None, cache=self.cache)
 
         rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == len(s.token_ids)]
         if not rows:

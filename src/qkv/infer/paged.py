@@ -24,6 +24,7 @@ from collections import OrderedDict, deque
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from qkv.config import ModelConfig
 
@@ -145,15 +146,19 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """K/V pool of shape (n_layer, num_blocks * block_size, n_kv_head, head_dim).
+    """K/V pool of shape (n_layer, num_blocks, block_size, n_kv_head, head_dim).
 
-    Before each forward the engine calls `prepare` with, for the batch (B, T):
-    - `write_slots`: the pool slot of every real (non-padding) new token, and
-      `write_rows`: where those tokens sit in the flattened (B*T) batch (None = all);
-    - `gather`: (B, S) slots each sequence reads (padding points at any slot; the
-      attention mask hides it).
-    `update` then stores the layer's new K/V and returns the gathered K/V.
+    Before each forward the engine calls `prepare` with the batch's block tables, how
+    many tokens each row already has cached (`start`) and how many it feeds now (`lens`,
+    padded to T). The cache then knows where every new token goes and what every query
+    may see. `attend` (used by the model's attention when present) stores the layer's new
+    K/V, gathers each row's blocks (a whole block per index, which is far cheaper than a
+    token at a time) and runs fused attention. Rows are grouped into a few buckets of
+    similar context length, so a short sequence is not padded to the longest one.
+    `update` is the plain protocol: store, then return all rows' K/V padded to one length.
     """
+
+    max_buckets = 4
 
     def __init__(
         self,
@@ -165,34 +170,90 @@ class PagedKVCache:
     ):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (cfg.n_layer, num_blocks * block_size, cfg.n_kv_head, cfg.head_dim)
+        self.window = cfg.sliding_window
+        shape = (cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.write_slots: Optional[torch.Tensor] = None
-        self.write_rows: Optional[torch.Tensor] = None
-        self.gather: Optional[torch.Tensor] = None
 
-    def prepare(self, write_slots: torch.Tensor, write_rows: Optional[torch.Tensor], gather: torch.Tensor) -> None:
-        self.write_slots, self.write_rows, self.gather = write_slots, write_rows, gather
+    # --- per step ----------------------------------------------------------------------
+    def prepare(self, tables: torch.Tensor, start: torch.Tensor, lens: torch.Tensor, T: int) -> None:
+        """tables: (B, nblk) physical blocks (padded with any id); start/lens: (B,)."""
+        bs, dev = self.block_size, tables.device
+        B, nblk = tables.shape
+        t = torch.arange(T, device=dev)
+        self.pos = start[:, None] + t[None, :]  # (B, T) absolute positions of the queries
+        valid = t[None, :] < lens[:, None]
+        blk = tables.gather(1, (self.pos // bs).clamp(max=nblk - 1))
+        slots = (blk * bs + self.pos % bs).reshape(-1)
+        if bool(valid.all()):
+            self.write_rows, self.write_slots = None, slots
+        else:
+            self.write_rows = valid.reshape(-1).nonzero().squeeze(1)
+            self.write_slots = slots[self.write_rows]
+        self.tables, self.total = tables, start + lens  # keys each row sees after this step
+        # buckets of rows with similar block counts (sorted longest first)
+        need = (-(-self.total // bs)).tolist()
+        order = sorted(range(B), key=lambda b: -need[b])
+        groups: list[list[int]] = []
+        for b in order:
+            if groups and (need[b] * 2 > need[groups[-1][0]] or len(groups) == self.max_buckets):
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        self.buckets = []
+        for g in groups:
+            rows = None if len(groups) == 1 else torch.tensor(g, device=dev)
+            nb = need[g[0]]
+            sel = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
+            self.buckets.append((rows, sel(tables)[:, :nb].reshape(-1), self._mask(sel(self.pos), sel(self.total), nb * bs)))
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, pos: torch.Tensor, total: torch.Tensor, S: int) -> torch.Tensor:
+        j = torch.arange(S, device=pos.device)
+        mask = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < total[:, None, None])
+        if self.window is not None:
+            mask &= j[None, None, :] > pos[:, :, None] - self.window
+        return mask[:, None]  # (B, 1, T, S)
+
+    def full_mask(self) -> torch.Tensor:
+        """The (B, 1, T, S) mask that goes with `update`'s padded K/V."""
+        return self._mask(self.pos, self.total, self.tables.shape[1] * self.block_size)
+
+    # --- per layer ---------------------------------------------------------------------
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         B, H, T, D = k.shape
         k_new = k.transpose(1, 2).reshape(B * T, H, D)
         v_new = v.transpose(1, 2).reshape(B * T, H, D)
         if self.write_rows is not None:
             k_new, v_new = k_new.index_select(0, self.write_rows), v_new.index_select(0, self.write_rows)
-        self.k[layer].index_copy_(0, self.write_slots, k_new.to(self.k.dtype))
-        self.v[layer].index_copy_(0, self.write_slots, v_new.to(self.v.dtype))
-        S = self.gather.shape[1]
-        idx = self.gather.reshape(-1)
-        k_all = self.k[layer].index_select(0, idx).view(B, S, H, D).transpose(1, 2)
-        v_all = self.v[layer].index_select(0, idx).view(B, S, H, D).transpose(1, 2)
-        return k_all.to(k.dtype), v_all.to(v.dtype)
+        self.k[layer].view(-1, H, D).index_copy_(0, self.write_slots, k_new.to(self.k.dtype))
+        self.v[layer].view(-1, H, D).index_copy_(0, self.write_slots, v_new.to(self.v.dtype))
+
+    def _gather(self, layer: int, blocks: torch.Tensor, B: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, bs, H, D = self.k.shape
+        k = self.k[layer].index_select(0, blocks).view(B, -1, H, D).transpose(1, 2)
+        v = self.v[layer].index_select(0, blocks).view(B, -1, H, D).transpose(1, 2)
+        return k.to(dtype), v.to(dtype)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._write(layer, k, v)
+        return self._gather(layer, self.tables.reshape(-1), k.shape[0], k.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        self._write(layer, k, v)
+        gqa = q.shape[1] != k.shape[1]
+        out = None if len(self.buckets) == 1 else torch.empty_like(q)
+        for rows, blocks, mask in self.buckets:
+            qb = q if rows is None else q.index_select(0, rows)
+            kb, vb = self._gather(layer, blocks, qb.shape[0], q.dtype)
+            y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            if rows is None:
+                return y
+            out.index_copy_(0, rows, y)
+        return out
 
     def copy_block(self, src: int, dst: int) -> None:
-        bs = self.block_size
-        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
-        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
     @property
     def nbytes(self) -> int:
