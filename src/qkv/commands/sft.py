@@ -1,0 +1,29 @@
+"""Supervised fine-tuning on chat JSONL ({"messages": [...]}); loss on assistant tokens only.
+
+Example: qkv sft --model runs/base --data sft.jsonl --out-dir runs/sft --max-steps 500 --lr 3e-4 --packing
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from qkv.commands._align_args import add_stage_arguments
+
+    add_stage_arguments(p, 'JSONL of {"messages": [{"role", "content"}, ...]}')
+    p.add_argument("--packing", action="store_true", help="pack several conversations per row (block-diagonal attention)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qkv.align.data import load_sft
+    from qkv.align.sft import run_sft
+    from qkv.commands._align_args import load_policy, report, stage_config
+
+    cfg = stage_config(args, "sft")
+    model, tok = load_policy(args.model)
+    data = load_sft(args.data)
+    heldout = load_sft(args.heldout) if args.heldout else None
+    result = run_sft(model, tok, data, cfg, eval_conversations=heldout, packing=args.packing, resume=args.resume)
+    report(result, "sft done")
+    return 0
