@@ -198,6 +198,8 @@ def test_bad_input_is_rejected_before_any_work(model, tok):
         eng.add_request([1, 10**6], greedy(4))
     with pytest.raises(ValueError, match="empty"):
         eng.add_request([], greedy(4))
+    with pytest.raises(ValueError, match="too long"):  # one bad prompt: nothing is queued
+        eng.generate([[1, 2], list(range(model.cfg.max_seq_len))], greedy(4))
     assert not eng.has_unfinished() and eng.stats()["num_waiting"] == 0
     rid = eng.add_request([1], greedy(2), request_id="x")
     with pytest.raises(ValueError, match="already in use"):

@@ -119,9 +119,8 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
 
     # --- requests --------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
-        """Validate everything, then queue. Raises ValueError (SamplingError for a bad
-        parameter) before any work is done."""
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """Check a request without queueing it; returns the prompt as a list of ints."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate()
@@ -138,6 +137,12 @@ class Engine:
             )
         if any(t >= V for t in params.stop_token_ids):
             raise SamplingError("stop_token_ids", f"invalid stop_token_ids: ids must be < vocab size {V}")
+        return prompt_ids
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
+        """Validate everything, then queue. Raises ValueError (SamplingError for a bad
+        parameter) before any work is done."""
+        prompt_ids = self.validate(prompt_ids, params)
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use; pick another")
@@ -374,8 +379,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams; give one or one each")
-        for p in plist:
-            p.validate()
+        prompts = [self.validate(prompt, p) for prompt, p in zip(prompts, plist)]  # all, before any work
         ids = []
         for prompt, p in zip(prompts, plist):
             ids.append(self.add_request(prompt, p))
