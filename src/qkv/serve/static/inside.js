@@ -84,8 +84,6 @@
       });
       const body = await r.json();
       if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
-      el("inside-layer").max = body.n_layer - 1;
-      el("inside-head").max = body.n_head - 1;
       el("inside-status").textContent =
         `${body.tokens.length} tokens · mean entropy ${body.mean_entropy.toFixed(2)} nats · ${body.n_layer} layers × ${body.n_head} heads`;
       draw(body);
