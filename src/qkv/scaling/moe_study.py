@@ -171,6 +171,7 @@ def probe_model(model, trainer, cfg: MoEStudyConfig) -> dict:
         "probe_load_share": share.tolist(),  # (layer, expert): share of routed slots
         "router_lse2": [float(torch.logsumexp(x, -1).pow(2).mean()) for x in lg],
         "router_abs_logit": [float(x.abs().mean()) for x in lg],
+        "router_mean_logit": [float(x.mean()) for x in lg],
         "router_max_logit": [float(x.abs().max()) for x in lg],
         "router_logit_sample": torch.cat(lg).reshape(-1)[:: max(1, torch.cat(lg).numel() // 20000)].tolist(),
     }
@@ -325,9 +326,25 @@ def render(cfg: MoEStudyConfig, named: dict, results: dict, figs: dict, index: d
         L += ["## The router z-loss and the router logits", "",
               "The z-loss adds z_coef · mean(logsumexp(router logits)²); it exists to keep router logits small "
               "so the softmax stays in a range where bf16 round-off does not flip routing (ST-MoE).", "",
-              "| run | mean logsumexp² per layer | mean abs logit | max abs logit |", "|---|---|---|---|"]
+              "Note what the penalty's minimum is: logsumexp(logits) = 0, i.e. the logits sit near "
+              f"−log {cfg.n_expert} = {-math.log(cfg.n_expert):.2f} (a uniform softmax), not at 0. So early on the z-loss mostly "
+              "shifts all logits down together (the softmax does not change); it restrains their growth over long "
+              "runs. The table shows which of the two this run exhibits.", "",
+              "| run | mean logsumexp² per layer | mean logit | mean abs logit | max abs logit |", "|---|---|---|---|---|"]
         for name, r in (("moe", za), ("moe-no-z", zb)):
             L.append(f"| {name} (z {r['model']['router_z_coef']}) | {', '.join(f'{x:.2f}' for x in r['router_lse2'])} | "
+                     f"{np.mean(r.get('router_mean_logit', [float('nan')])):.3f} | "
                      f"{np.mean(r['router_abs_logit']):.3f} | {max(r['router_max_logit']):.2f} |")
         L += ["", img("router"), ""]
+    d = MoEStudyConfig()
+    flags = " ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(MoEStudyConfig)
+                     if getattr(cfg, f.name) != getattr(d, f.name) and f.name not in ("doc", "figures", "out_dir"))
+    total_s = sum(r["seconds"] for r in results.values())
+    L += ["## Reproduce", "",
+          f"This page: `qkv scale moe-study {flags}` ({total_s / 60:.1f} min of training for the four runs on a "
+          "shared 2-core CPU). Finished runs are kept in the study directory and not rerun.", "",
+          f"Full size (defaults: {d.n_layer} layers × d_model {d.d_model}, {d.steps} steps × {d.batch_size} × "
+          f"{d.seq_len} tokens): `qkv scale moe-study`, roughly 4-8× the time of the run above. "
+          "MoE against dense across compute budgets (loss vs active compute): "
+          "`qkv scale sweep --moe` (see docs/scaling.md).", ""]
     return "\n".join(L) + "\n"

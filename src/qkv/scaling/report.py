@@ -20,8 +20,9 @@ COUNTS = {"N": "with embeddings", "N_nonembed": "without embeddings"}
 
 def fit_table(source, out_dir, *, n_columns: Optional[list[str]] = None, where: Optional[dict] = None,
               n_boot: int = 100, n_starts: Optional[int] = 32, prefix: str = "scaling_",
-              budgets: tuple[float, ...] = (), log=print) -> dict:
-    """Fit every requested parameter count; returns a JSON-able summary (also in fit.json)."""
+              budgets: tuple[float, ...] = (), json_path=None, log=print) -> dict:
+    """Fit every requested parameter count; returns a JSON-able summary, also written to
+    json_path (default out_dir/fit.json; `qkv scale optimal --fit` reads it). Figures go in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = list(read_rows(source)[0].keys())
@@ -71,7 +72,7 @@ def fit_table(source, out_dir, *, n_columns: Optional[list[str]] = None, where: 
         log(f"{label}: E={fit.law.E:.4g} A={fit.law.A:.4g} B={fit.law.B:.4g} alpha={fit.law.alpha:.4g} "
             f"beta={fit.law.beta:.4g} (a={fit.law.a_exponent:.3f}, b={fit.law.b_exponent:.3f}); "
             f"{fit.n_points} runs, {t_fit:.1f}s incl. {n_boot} bootstrap refits")
-    atomic_write_text(out_dir / "fit.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(Path(json_path) if json_path else out_dir / "fit.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -222,7 +222,7 @@ def report(cfg: SweepConfig, out_path: Optional[Path] = None, figure_dir: Option
     for kind in kinds:
         try:
             s = fit_table(clean, figure_dir, where={"kind": kind}, n_boot=n_boot, n_starts=n_starts, prefix=f"scaling_{kind}_",
-                          budgets=tuple(cfg.budgets), log=log)
+                          budgets=tuple(cfg.budgets), json_path=out / f"fit_{kind}.json", log=log)
         except ValueError as e:
             parts.append(f"## {kind}\n\nNo fit: {e}\n")
             continue
