@@ -47,7 +47,7 @@ class GRPORun:
             raise ValueError(f"prompts_per_iter x group_size = {self.n} must be a multiple of batch_size={train_cfg.batch_size}")
         if grpo.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare samples of the same prompt")
-        self.policy, self.ref, self.tok = policy, ref_model.eval().requires_grad_(False), tokenizer
+        self.policy, self.ref, self.tok = policy, ref_model.eval(), tokenizer  # ref: used under no_grad only
         self.prompts = [as_messages(p) for p in prompts]
         self.reward_fn, self.g, self.cfg = reward_fn, grpo, train_cfg
         self.n_mb = self.n // train_cfg.batch_size
@@ -60,7 +60,7 @@ class GRPORun:
         P = g.prompts_per_iter
         prompts = [self.prompts[(it * P + i) % len(self.prompts)] for i in range(P)]
         ro = rollout(self.policy, self.tok, prompts, g.max_new_tokens, g.temperature,
-                     seed=self.cfg.seed * 1_000_003 + it * P, n=g.group_size, max_num_seqs=self.n)
+                     seed=self.cfg.seed * 1_000_003 + it, n=g.group_size, max_num_seqs=self.n)
         rewards = torch.tensor([self.reward_fn(p, t) for p, t in zip(ro.prompts, ro.texts)], dtype=torch.float32)
         rewards = L.apply_eos_penalty(rewards, torch.tensor(ro.finished), g.missing_eos_penalty)
         adv = L.group_advantages(rewards, g.group_size, g.scale_rewards)

@@ -131,7 +131,8 @@ class Rollout:
 def rollout(model: Transformer, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float,
             seed: int, n: int = 1, max_num_seqs: int = 64) -> Rollout:
     """Sample n responses per prompt with the qkv Engine (batched, continuous batching).
-    Request i gets seed + i, so a rollout is reproducible whatever else is batched."""
+    Request i gets its own seed derived from (seed, i), so a rollout is reproducible
+    whatever else is batched; n <= 1024."""
     from qkv.infer.engine import Engine
     from qkv.infer.sampling import SamplingParams
 
@@ -139,8 +140,10 @@ def rollout(model: Transformer, tokenizer, prompts: list[list[dict]], max_new_to
     engine = Engine(model, tokenizer, max_num_seqs=max_num_seqs, max_batch_tokens=max(512, 8 * max_num_seqs),
                     prefix_caching=False)
     pids = [encode_prompt(tokenizer, p) for p in prompts]
+    # the engine seeds sample j of a request with seed + j: space the requests' seeds so no
+    # two samples of one rollout share a random stream
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
-                             seed=seed + i, n=n) for i in range(len(prompts))]
+                             seed=(seed * 7919 + i) * 1024, n=n) for i in range(len(prompts))]
     results = engine.generate(pids, params)
     model.train(was_training)
     eos = tokenizer.eos_id

@@ -90,8 +90,6 @@ class PPORun:
         if ppo.ptx_coef and ptx_tokens is None:
             raise ValueError("ptx_coef > 0 needs pretraining text (ptx_tokens / --ptx-data)")
         self.policy, self.ref, self.rm, self.tok = policy, ref_model.eval(), reward_model.eval(), tokenizer
-        for m in (self.ref, self.rm):
-            m.requires_grad_(False)
         self.prompts = [as_messages(p) for p in prompts]
         self.ppo, self.cfg, self.gold_fn, self.ptx = ppo, train_cfg, gold_fn, ptx_tokens
         self.n_mb = ppo.rollout_batch // train_cfg.batch_size
@@ -117,7 +115,7 @@ class PPORun:
     def make_rollout(self, it: int) -> None:
         ppo, dev = self.ppo, next(self.policy.parameters()).device
         ro = rollout(self.policy, self.tok, self._prompts_for(it), ppo.max_new_tokens, ppo.temperature,
-                     seed=self.cfg.seed * 1_000_003 + it * ppo.rollout_batch, max_num_seqs=ppo.rollout_batch)
+                     seed=self.cfg.seed * 1_000_003 + it, max_num_seqs=ppo.rollout_batch)
         b = {k: v.to(dev) for k, v in ro.batch(self.tok.pad_id, self.policy.cfg.max_seq_len).items()}
         was = self.policy.training
         self.policy.eval()

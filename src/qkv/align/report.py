@@ -1,0 +1,396 @@
+"""The alignment-tax study: base -> SFT -> reward model -> PPO (with and without PPO-ptx),
+and SFT -> DPO, on the bundled tiny setup, measured by the gold judge.
+
+For each model it measures, on held-out prompts (lines from plays never trained on):
+  gold     mean gold-judge reward of sampled responses (T = 0.7, fixed seeds)
+  win      win-rate against the SFT model's responses to the same prompts (ties = 1/2)
+  KL       E_{y~pi} sum_t log pi(y_t) - log pi_SFT(y_t), on the policy's own samples
+  proxy    the reward model's mean score of the same responses
+  tax      next-token loss and bits per byte on held-out Shakespeare text
+and the reward model's held-out pairwise accuracy. PPO's per-iteration gold and proxy
+reward against sqrt(KL) are plotted (Gao et al. 2022). Everything is written to
+docs/alignment.md and docs/img/*.png; the numbers are whatever the run measures.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ReportConfig:
+    seed: int = 0
+    vocab_size: int = 1024
+    n_layer: int = 2
+    d_model: int = 64
+    n_head: int = 4
+    n_kv_head: int = 2
+    max_seq_len: int = 128
+    pretrain_steps: int = 300
+    sft_steps: int = 800
+    rm_steps: int = 150
+    dpo_steps: int = 150
+    ppo_iterations: int = 20
+    ppo_rollout: int = 64
+    ppo_epochs: int = 4
+    ptx_coef: float = 1.0
+    batch_size: int = 16
+    threads: int = 1
+    n_eval: int = 128
+    samples_per_prompt: int = 2
+    temperature: float = 0.7
+    max_new_tokens: int = 16
+
+
+def _train_cfg(out: Path, name: str, rc: ReportConfig, **kw):
+    import shutil
+
+    from qkv.train import TrainConfig
+
+    d = out / name
+    shutil.rmtree(d, ignore_errors=True)
+    base = dict(out_dir=str(d), batch_size=rc.batch_size, seq_len=rc.max_seq_len, warmup_steps=10, eval_every=0,
+                save_every=0, progress=False, log_every=10, threads=rc.threads, seed=rc.seed)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def pretrain(model, tokens: torch.Tensor, cfg) -> object:
+    """Next-token pretraining on random windows of a token stream, via the shared Trainer."""
+    from qkv.align.ppo import ptx_windows
+    from qkv.train import Trainer
+
+    def get_batch(step, micro):
+        w = ptx_windows(tokens, cfg.batch_size // cfg.grad_accum, cfg.seq_len, seed=step * 131 + micro)
+        return {"x": w[:, :-1], "y": w[:, 1:]}
+
+    def loss_fn(m, b):
+        return m.loss(b["x"], b["y"]), {"tokens": b["y"].numel()}
+
+    return Trainer(model, cfg, loss_fn, get_batch, extra_state={"stage": "pretrain"}).fit()
+
+
+def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path = "docs", rc: Optional[ReportConfig] = None,
+               log=print) -> dict:
+    from qkv.align import dpo as DPO
+    from qkv.align import evaluate as E
+    from qkv.align import ppo as PPO
+    from qkv.align import reward as RW
+    from qkv.align import sft as SFT
+    from qkv.align.data import Preference
+    from qkv.align.policy import RewardModel, from_transformer
+    from qkv.align.task import build_tokenizer, gold_reward, make_task, prompt_text, shakespeare_text
+    from qkv.config import preset
+    from qkv.model import build_model
+
+    rc = rc or ReportConfig()
+    out, docs = Path(out_dir), Path(docs_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(rc.threads)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    speeds: dict[str, float] = {}
+
+    def lap(name, t0):
+        timings[name] = time.perf_counter() - t0
+        log(f"[{time.perf_counter() - t_start:6.0f}s] {name} done in {timings[name]:.0f}s")
+
+    # --- data ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    task = make_task(seed=rc.seed, n_eval=rc.n_eval // 2 * 2)
+    tok = build_tokenizer(rc.vocab_size)
+    train_text, val_text = shakespeare_text("train"), shakespeare_text("val")
+    train_tokens = torch.tensor(tok.encode(train_text), dtype=torch.long)
+    val_tokens = torch.tensor(tok.encode(val_text[:400_000]), dtype=torch.long)
+    bytes_per_token = len(val_text[:400_000].encode()) / len(val_tokens)
+    prefs = [Preference(p["prompt"], p["chosen"], p["rejected"]) for p in task.prefs]
+    heldout = [Preference(p["prompt"], p["chosen"], p["rejected"]) for p in task.prefs_heldout]
+    convs = [r["messages"] for r in task.sft]
+    sft_eval = convs[-100:]
+    gold = lambda p, t: gold_reward(prompt_text(p), t)  # noqa: E731
+    lap("data", t0)
+
+    # --- base ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    mcfg = preset("tiny", vocab_size=tok.vocab_size, n_layer=rc.n_layer, d_model=rc.d_model, n_head=rc.n_head,
+                  n_kv_head=rc.n_kv_head, max_seq_len=rc.max_seq_len)
+    torch.manual_seed(rc.seed)
+    base = build_model(mcfg)
+    r = pretrain(base, train_tokens, _train_cfg(out, "base", rc, max_steps=rc.pretrain_steps, lr=3e-3))
+    speeds["pretrain"] = r.tokens_per_s
+    lap("pretrain", t0)
+
+    # --- SFT ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    sft = copy.deepcopy(base)
+    sft_loss_before = SFT.assistant_loss(sft, tok, sft_eval)
+    r = SFT.run_sft(sft, tok, convs[:-100], _train_cfg(out, "sft", rc, max_steps=rc.sft_steps, lr=3e-3), packing=True)
+    speeds["sft"] = r.tokens_per_s
+    sft_loss_after = SFT.assistant_loss(sft, tok, sft_eval)
+    lap("sft", t0)
+
+    # --- reward model --------------------------------------------------------------------
+    t0 = time.perf_counter()
+    rm = from_transformer(RewardModel, sft)
+    r, rm_metrics = RW.run_reward(rm, tok, prefs, _train_cfg(out, "rm", rc, max_steps=rc.rm_steps, lr=1e-3), heldout=heldout)
+    speeds["reward"] = r.tokens_per_s
+    rm.eval()
+    lap("reward", t0)
+
+    # --- DPO --------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    dpo = copy.deepcopy(sft)
+    r = DPO.run_dpo(dpo, tok, prefs, _train_cfg(out, "dpo", rc, max_steps=rc.dpo_steps, lr=1e-3), beta=0.1)
+    speeds["dpo"] = r.tokens_per_s
+    lap("dpo", t0)
+
+    # --- PPO, without and with PPO-ptx ------------------------------------------------------
+    ppo_stats, models = {}, {"base": base, "SFT": sft, "DPO": dpo}
+    for name, ptx in (("PPO", 0.0), ("PPO-ptx", rc.ptx_coef)):
+        t0 = time.perf_counter()
+        pol = copy.deepcopy(sft)
+        pcfg = PPO.PPOConfig(rollout_batch=rc.ppo_rollout, ppo_epochs=rc.ppo_epochs, max_new_tokens=rc.max_new_tokens,
+                             temperature=rc.temperature, ptx_coef=ptx, ptx_seq_len=rc.max_seq_len // 2)
+        r, stats = PPO.run_ppo(pol, sft, rm, tok, task.rl_prompts,
+                               _train_cfg(out, name.lower(), rc, max_steps=1, lr=1e-3), pcfg, gold_fn=gold,
+                               ptx_tokens=train_tokens if ptx else None, n_iterations=rc.ppo_iterations)
+        ppo_stats[name], models[name] = stats, pol
+        speeds[name] = r.tokens_per_s
+        lap(name, t0)
+
+    # --- measure ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    rows = {}
+    sft_ro = E.sample_policy(sft, tok, task.eval_prompts, rc.max_new_tokens, rc.temperature, seed=rc.seed + 99,
+                             n=rc.samples_per_prompt)
+    sft_gold = E.gold_scores(sft_ro, gold)
+    for name, m in models.items():
+        ro = sft_ro if m is sft else E.sample_policy(m, tok, task.eval_prompts, rc.max_new_tokens, rc.temperature,
+                                                     seed=rc.seed + 99, n=rc.samples_per_prompt)
+        g = E.gold_scores(ro, gold)
+        tax = E.text_loss(m, val_tokens, seq_len=rc.max_seq_len, max_windows=64, bytes_per_token=bytes_per_token)
+        rows[name] = {
+            "gold": sum(g) / len(g),
+            "win_vs_sft": E.win_rate(g, sft_gold),
+            "kl_to_sft": E.kl_to_reference(m, sft, tok, ro, rc.temperature),
+            "proxy": RW.score(rm, tok, ro.prompts, ro.texts).mean().item(),
+            "val_loss": tax["loss"], "val_bpb": tax["bpb"],
+            "length": sum(map(len, ro.response_ids)) / len(ro.response_ids),
+            "eos_rate": sum(ro.finished) / len(ro.finished),
+            "exact": sum(x == 1.0 for x in g) / len(g),
+            "examples": [(prompt_text(p), t) for p, t in list(zip(ro.prompts, ro.texts))[:4]],
+        }
+    lap("evaluation", t0)
+
+    # rollout throughput: the engine vs a naive token loop, same model, same prompts
+    t0 = time.perf_counter()
+    speeds.update(rollout_throughput(sft, tok, task.rl_prompts[:32], rc.max_new_tokens))
+    lap("rollout throughput", t0)
+
+    result = {
+        "config": asdict(rc), "rows": rows, "rm": rm_metrics, "ppo_stats": ppo_stats, "speeds": speeds,
+        "timings": timings, "sft_loss": [sft_loss_before, sft_loss_after], "n": {
+            "sft": len(convs) - 100, "prefs": len(prefs), "prefs_heldout": len(heldout), "rl_prompts": len(task.rl_prompts),
+            "eval_prompts": len(task.eval_prompts), "params": sum(p.numel() for p in sft.parameters())},
+        "bytes_per_token": bytes_per_token,
+    }
+    from qkv.io import atomic_write_text
+
+    atomic_write_text(out / "report.json", json.dumps(result, indent=1, default=str) + "\n")
+    write_plots(result, docs / "img")
+    atomic_write_text(docs / "alignment.md", render_markdown(result))
+    log(f"wrote {docs / 'alignment.md'} and {out / 'report.json'}")
+    return result
+
+
+@torch.no_grad()
+def rollout_throughput(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
+    """Generated tokens/s for a batch of prompts: qkv Engine (batched, KV cache) vs a naive
+    loop (one prompt at a time, full recompute each token). Measured side by side."""
+    from qkv.align.data import as_messages, encode_prompt
+    from qkv.align.evaluate import sample_policy
+
+    t = time.perf_counter()
+    ro = sample_policy(model, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=5)
+    engine_s = time.perf_counter() - t
+    engine_tokens = sum(map(len, ro.response_ids))
+    model.eval()
+    g = torch.Generator().manual_seed(5)
+    t, naive_tokens = time.perf_counter(), 0
+    for p in prompts:
+        ids = encode_prompt(tokenizer, as_messages(p))
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids]), last_only=True)[0, -1]
+            nxt = int(torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=g))
+            ids.append(nxt)
+            naive_tokens += 1
+            if nxt == tokenizer.eos_id:
+                break
+    naive_s = time.perf_counter() - t
+    return {"rollout_engine_tok_s": engine_tokens / engine_s, "rollout_naive_tok_s": naive_tokens / naive_s}
+
+
+def write_plots(result: dict, img_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, stats in result["ppo_stats"].items():
+        x = [math.sqrt(max(s["kl"], 0.0)) for s in stats]
+        style = "-" if name == "PPO" else "--"
+        axes[0].plot(x, [s["score_proxy"] for s in stats], style, marker="o", ms=3, label=name)
+        axes[1].plot(x, [s["gold"] for s in stats], style, marker="o", ms=3, label=name)
+    axes[0].set(title="proxy reward (reward model)", xlabel="sqrt(KL to SFT) of the rollout", ylabel="mean RM score")
+    axes[1].set(title="gold reward (programmatic judge)", xlabel="sqrt(KL to SFT) of the rollout", ylabel="mean gold reward")
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle("PPO on the bundled task: reward vs KL over training iterations")
+    fig.tight_layout()
+    _save_png(fig, img_dir / "alignment_reward_vs_kl.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, stats in result["ppo_stats"].items():
+        ax.plot([s["iteration"] for s in stats], [s["gold"] for s in stats], marker="o", ms=3, label=f"{name} gold")
+    ax.axhline(result["rows"]["SFT"]["gold"], color="gray", ls=":", label="SFT (eval)")
+    ax.axhline(result["rows"]["DPO"]["gold"], color="green", ls=":", label="DPO (eval)")
+    ax.set(xlabel="PPO iteration", ylabel="mean gold reward", title="gold reward during PPO")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_png(fig, img_dir / "alignment_gold_by_iteration.png")
+    plt.close(fig)
+
+
+def _save_png(fig, path: Path) -> None:
+    import io
+
+    from qkv.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def render_markdown(r: dict) -> str:
+    rc, rows, rm = r["config"], r["rows"], r["rm"]
+    order = [k for k in ("base", "SFT", "PPO", "PPO-ptx", "DPO") if k in rows]
+    lines = [
+        "# Alignment on the bundled task: SFT, reward model, PPO (± PPO-ptx), DPO, and the tax",
+        "",
+        "Written by `qkv align report` (src/qkv/align/report.py); every number below is what that run",
+        "measured on a 2-core CPU shared with other jobs. Rerun the command to reproduce it (seeded).",
+        "",
+        "## Setup",
+        "",
+        f"- Model: qkv `tiny` preset cut to {rc['n_layer']} layers, d_model {rc['d_model']}, {rc['n_head']} heads "
+        f"({rc['n_kv_head']} KV heads), context {rc['max_seq_len']}, {r['n']['params'] / 1e6:.2f}M parameters; "
+        f"byte-level BPE with {rc['vocab_size']} tokens and ChatML, trained on the Shakespeare corpus.",
+        f"- Base: {rc['pretrain_steps']} steps of next-token pretraining on Shakespeare (all plays but the last two).",
+        f"- SFT: {rc['sft_steps']} steps (packed) on {r['n']['sft']} conversations: chatterbot-corpus dialogues plus "
+        "task demonstrations that are deliberately imperfect (concise, chatty and wrong answers).",
+        f"- Task: `First word: \"<line>\"` / `Last word: \"<line>\"` over Shakespeare verse lines; the gold judge "
+        "(src/qkv/align/task.py) gives +1 for exactly the target word, 0..0.5 for the target among other words, "
+        "-0.25 for one wrong word, -0.5..-0.9 for several wrong words, -1 for nothing.",
+        f"- Preferences: {r['n']['prefs']} pairs labelled by Bradley-Terry draws from the gold scores "
+        f"(rater temperature 0.1, like noisy human raters); {r['n']['prefs_heldout']} held-out pairs from unseen plays.",
+        f"- Reward model: SFT trunk + scalar head, {rc['rm_steps']} steps. DPO: sigmoid loss, beta 0.1, "
+        f"{rc['dpo_steps']} steps, reference log-probs precomputed once.",
+        f"- PPO: {rc['ppo_iterations']} iterations x {rc['ppo_rollout']} engine rollouts (T = {rc['temperature']}, "
+        f"max {rc['max_new_tokens']} new tokens), {rc['ppo_epochs']} epochs of minibatches of {rc['batch_size']}, "
+        "k1 KL penalty beta 0.05, GAE gamma 1 lambda 0.95, whitened advantages, clip 0.2, value clip 0.2, "
+        f"vf_coef 0.1, missing-EOS penalty 1. PPO-ptx adds {rc['ptx_coef']} x the next-token loss on pretraining text.",
+        f"- Evaluation: {r['n']['eval_prompts']} held-out prompts (lines from plays never trained on) x "
+        f"{rc['samples_per_prompt']} samples at T = {rc['temperature']}, fixed seeds. The tax: next-token loss "
+        f"and bits per byte on held-out Shakespeare text ({r['bytes_per_token']:.2f} bytes/token).",
+        "",
+        "## Results",
+        "",
+        "| model | gold reward | exact answers | win-rate vs SFT | KL to SFT (nats) | RM score (proxy) | response tokens | EOS rate | held-out loss | bits/byte |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in order:
+        x = rows[k]
+        lines.append(
+            f"| {k} | {x['gold']:+.3f} | {x['exact']:.1%} | {x['win_vs_sft']:.1%} | {x['kl_to_sft']:.2f} | "
+            f"{x['proxy']:+.2f} | {x['length']:.1f} | {x['eos_rate']:.0%} | {x['val_loss']:.4f} | {x['val_bpb']:.4f} |"
+        )
+    sft_b, sft_a = r["sft_loss"]
+    lines += [
+        "",
+        f"- Reward model held-out pairwise accuracy: **{rm['accuracy']:.1%}** on {rm['pairs']} pairs "
+        f"(mean margin {rm['margin']:.2f}); the labels themselves are noisy draws, so 100% is not reachable.",
+        f"- SFT assistant-token loss on held-out conversations: {sft_b:.3f} (base) -> {sft_a:.3f} (SFT).",
+        "- The tax: held-out loss/bpb of each stage vs SFT in the last two columns "
+        f"(PPO {rows['PPO']['val_bpb'] - rows['SFT']['val_bpb']:+.4f} bpb, "
+        f"PPO-ptx {rows['PPO-ptx']['val_bpb'] - rows['SFT']['val_bpb']:+.4f} bpb, "
+        f"DPO {rows['DPO']['val_bpb'] - rows['SFT']['val_bpb']:+.4f} bpb relative to SFT; "
+        f"SFT itself {rows['SFT']['val_bpb'] - rows['base']['val_bpb']:+.4f} bpb relative to base).",
+        "",
+        "## Reward over-optimisation during PPO",
+        "",
+        "![gold and proxy reward vs sqrt(KL)](img/alignment_reward_vs_kl.png)",
+        "",
+        "![gold reward by PPO iteration](img/alignment_gold_by_iteration.png)",
+        "",
+        "Per-iteration rollout statistics (training-time samples, T = 0.7):",
+        "",
+        "| run | iteration | proxy | gold | KL (k1, summed) | beta | length | distinct | EOS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, stats in r["ppo_stats"].items():
+        pick = sorted({0, len(stats) // 4, len(stats) // 2, 3 * len(stats) // 4, len(stats) - 1})
+        for i in pick:
+            s = stats[i]
+            lines.append(f"| {name} | {s['iteration']} | {s['score_proxy']:+.2f} | {s['gold']:+.3f} | {s['kl']:.2f} | "
+                         f"{s['kl_coef']:.3f} | {s['response_length']:.1f} | {s['distinct']:.0%} | {s['eos_rate']:.0%} |")
+    for name, stats in r["ppo_stats"].items():
+        golds = [s["gold"] for s in stats]
+        best = max(range(len(golds)), key=golds.__getitem__)
+        proxies = [s["score_proxy"] for s in stats]
+        lines.append("")
+        lines.append(
+            f"- {name}: gold peaked at iteration {best} ({golds[best]:+.3f}) and ended at {golds[-1]:+.3f}; the proxy "
+            f"went {proxies[0]:+.2f} -> {proxies[-1]:+.2f} while KL rose to {stats[-1]['kl']:.2f} nats."
+            + (" The gold fell after its peak while the proxy kept rising: over-optimisation of the proxy."
+               if golds[-1] < golds[best] - 0.05 and proxies[-1] >= max(proxies[: best + 1]) - 1e-9 else "")
+        )
+    lines += ["", "## Sample responses (held-out prompts)", ""]
+    for k in order:
+        lines.append(f"- **{k}**: " + "; ".join(f"`{p}` -> `{t!s}`".replace("|", "\\|") for p, t in rows[k]["examples"][:3]))
+    sp = r["speeds"]
+    lines += [
+        "",
+        "## Throughput in this run",
+        "",
+        "| stage | tokens/s |",
+        "|---|---|",
+    ] + [f"| {k} | {v:,.0f} |" for k, v in sp.items() if not k.startswith("rollout")] + [
+        "",
+        f"Rollout generation, same model and 32 prompts, measured side by side: qkv Engine (batched, paged KV cache) "
+        f"{sp['rollout_engine_tok_s']:,.0f} tokens/s vs a naive one-prompt-at-a-time loop without a cache "
+        f"{sp['rollout_naive_tok_s']:,.0f} tokens/s ({sp['rollout_engine_tok_s'] / sp['rollout_naive_tok_s']:.1f}x).",
+        "",
+        "Stage wall-clock: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings"].items()) + ".",
+        "",
+        "## Reproduce",
+        "",
+        "    qkv align report --out-dir runs/align_report --docs docs",
+        "",
+        "The stages are also separate commands on your own JSONL: `qkv sft`, `qkv reward`, `qkv dpo`, `qkv ppo`,",
+        "`qkv grpo` (see `--help`); `qkv align data` writes the bundled task's JSONL files.",
+        "",
+    ]
+    return "\n".join(lines)
