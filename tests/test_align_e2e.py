@@ -227,3 +227,21 @@ def test_cli_errors_are_one_line(tmp_path, setup, capsys):
     assert main(["sft", "--model", str(ck), "--data", str(data), "--out-dir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "no chat template" in err and str(ck) in err
+
+
+def test_ppo_resume_is_exact(setup, reward_model):
+    """Two PPO iterations in one go == one iteration, stop, resume for the second."""
+    rm, _ = reward_model
+    cfg = PPO.PPOConfig(rollout_batch=16, ppo_epochs=1, max_new_tokens=8, adaptive_kl=True, kl_coef=0.1)
+    tc = lambda name: _cfg(setup["tmp"], name, max_steps=1, lr=1e-3, save_every=1)  # noqa: E731
+    a = copy.deepcopy(setup["sft"])
+    PPO.run_ppo(a, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts, tc("ppo_a"), cfg, n_iterations=2)
+    b = copy.deepcopy(setup["sft"])
+    PPO.run_ppo(b, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts, tc("ppo_b"), cfg, n_iterations=1)
+    b = copy.deepcopy(setup["sft"])  # a fresh process would start from the same SFT weights
+    _, stats = PPO.run_ppo(b, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts, tc("ppo_b"), cfg,
+                           n_iterations=2, resume=True)
+    assert [s["iteration"] for s in stats] == [1]  # only the second rollout was made after resuming
+    assert stats[0]["kl_coef"] != 0.1  # the adaptive KL coefficient came back from the checkpoint
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n

@@ -332,4 +332,4 @@ def grpo_loss(
     if ref_logp is not None and beta:
         kl = masked_mean(kl_k3(logp, ref_logp), mask)
         loss = loss + beta * kl
-    return loss, {"clip_frac": pol.clip_frac.item(), "approx_kl": pol.approx_kl.item(), "kl": float(kl)}
+    return loss, {"clip_frac": pol.clip_frac.item(), "approx_kl": pol.approx_kl.item(), "kl": float(kl.detach())}

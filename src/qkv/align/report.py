@@ -186,7 +186,7 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
             "length": sum(map(len, ro.response_ids)) / len(ro.response_ids),
             "eos_rate": sum(ro.finished) / len(ro.finished),
             "exact": sum(x == 1.0 for x in g) / len(g),
-            "examples": [(prompt_text(p), t) for p, t in list(zip(ro.prompts, ro.texts))[:4]],
+            "examples": [(prompt_text(p), t) for p, t in list(zip(ro.prompts, ro.texts))[:: rc.samples_per_prompt][:4]],
         }
     lap("evaluation", t0)
 
@@ -249,14 +249,15 @@ def write_plots(result: dict, img_dir: Path) -> None:
     for name, stats in result["ppo_stats"].items():
         x = [math.sqrt(max(s["kl"], 0.0)) for s in stats]
         style = "-" if name == "PPO" else "--"
-        axes[0].plot(x, [s["score_proxy"] for s in stats], style, marker="o", ms=3, label=name)
-        axes[1].plot(x, [s["gold"] for s in stats], style, marker="o", ms=3, label=name)
+        for ax, key in ((axes[0], "score_proxy"), (axes[1], "gold")):
+            line, = ax.plot(x, [s[key] for s in stats], style, alpha=0.35)
+            ax.scatter(x, [s[key] for s in stats], s=14, color=line.get_color(), label=name)
     axes[0].set(title="proxy reward (reward model)", xlabel="sqrt(KL to SFT) of the rollout", ylabel="mean RM score")
     axes[1].set(title="gold reward (programmatic judge)", xlabel="sqrt(KL to SFT) of the rollout", ylabel="mean gold reward")
     for a in axes:
         a.grid(alpha=0.3)
         a.legend()
-    fig.suptitle("PPO on the bundled task: reward vs KL over training iterations")
+    fig.suptitle("PPO on the bundled task: each point is one iteration's rollouts (lines join iterations in order)")
     fig.tight_layout()
     _save_png(fig, img_dir / "alignment_reward_vs_kl.png")
     plt.close(fig)
@@ -282,6 +283,10 @@ def _save_png(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _oneline(text: str) -> str:
+    return text.replace("\n", "\u23ce").replace("`", "'").replace("|", "/")
 
 
 def render_markdown(r: dict) -> str:
@@ -365,11 +370,14 @@ def render_markdown(r: dict) -> str:
             f"- {name}: gold peaked at iteration {best} ({golds[best]:+.3f}) and ended at {golds[-1]:+.3f}; the proxy "
             f"went {proxies[0]:+.2f} -> {proxies[-1]:+.2f} while KL rose to {stats[-1]['kl']:.2f} nats."
             + (" The gold fell after its peak while the proxy kept rising: over-optimisation of the proxy."
-               if golds[-1] < golds[best] - 0.05 and proxies[-1] >= max(proxies[: best + 1]) - 1e-9 else "")
+               if golds[-1] < golds[best] - 0.01 and proxies[-1] >= max(proxies[: best + 1]) - 1e-9 else "")
+            + (f" Distinct responses fell from {stats[0]['distinct']:.0%} to {stats[-1]['distinct']:.0%}: the policy "
+               "collapsed onto a few answers the reward model likes (reward hacking; the KL penalty slows it)."
+               if stats[-1]["distinct"] < 0.5 * stats[0]["distinct"] else "")
         )
     lines += ["", "## Sample responses (held-out prompts)", ""]
     for k in order:
-        lines.append(f"- **{k}**: " + "; ".join(f"`{p}` -> `{t!s}`".replace("|", "\\|") for p, t in rows[k]["examples"][:3]))
+        lines.append(f"- **{k}**: " + "; ".join(f"`{p}` -> `{_oneline(t)}`" for p, t in rows[k]["examples"][:3]))
     sp = r["speeds"]
     lines += [
         "",
@@ -378,6 +386,9 @@ def render_markdown(r: dict) -> str:
         "| stage | tokens/s |",
         "|---|---|",
     ] + [f"| {k} | {v:,.0f} |" for k, v in sp.items() if not k.startswith("rollout")] + [
+        "",
+        "Pretrain/SFT/reward/DPO count every token of the batch; PPO counts the response tokens it trains on",
+        "per second of whole iterations (engine rollout, scoring by three models, then the PPO epochs).",
         "",
         f"Rollout generation, same model and 32 prompts, measured side by side: qkv Engine (batched, paged KV cache) "
         f"{sp['rollout_engine_tok_s']:,.0f} tokens/s vs a naive one-prompt-at-a-time loop without a cache "
