@@ -64,14 +64,17 @@ def plot_routing(report: dict, labels: Sequence[str], path, layer: int = 0, titl
         onehot[ch[layer, t], t] = 1
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(4 + min(10, 0.3 * T), 3.5), gridspec_kw={"width_ratios": [1, 2]})
     im = a1.imshow(load.numpy(), cmap="viridis", aspect="auto", vmin=0)
+    a1.set_xticks(range(E))
+    a1.set_yticks(range(load.shape[0]))
     a1.set_xlabel("expert")
-    a1.set_ylabel("layer")
+    a1.set_ylabel("MoE layer")
     a1.set_title("expert load (share of slots)", fontsize=9)
     fig.colorbar(im, ax=a1, fraction=0.046)
-    a2.imshow(onehot.numpy(), cmap="Greys", aspect="auto", interpolation="nearest")
+    a2.imshow(onehot.numpy(), cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     if T <= 40:
         a2.set_xticks(range(T), [repr(s)[1:-1][:8] for s in labels], rotation=90, fontsize=7)
-    a2.set_ylabel("expert")
+    a2.set_yticks(range(E))
+    a2.set_ylabel("expert (black = chosen)")
     a2.set_title(f"layer {layer}: experts chosen per token", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
