@@ -370,11 +370,38 @@ def render_markdown(r: dict) -> str:
             f"- {name}: gold peaked at iteration {best} ({golds[best]:+.3f}) and ended at {golds[-1]:+.3f}; the proxy "
             f"went {proxies[0]:+.2f} -> {proxies[-1]:+.2f} while KL rose to {stats[-1]['kl']:.2f} nats."
             + (" The gold fell after its peak while the proxy kept rising: over-optimisation of the proxy."
-               if golds[-1] < golds[best] - 0.01 and proxies[-1] >= max(proxies[: best + 1]) - 1e-9 else "")
+               if golds[-1] < golds[best] - 0.05 and proxies[-1] >= max(proxies[: best + 1]) - 1e-9 else
+               " The gold plateaued while the proxy kept rising (changes under ~0.05 are within the sampling noise "
+               "of one iteration's rollouts)." if proxies[-1] > proxies[best] else "")
             + (f" Distinct responses fell from {stats[0]['distinct']:.0%} to {stats[-1]['distinct']:.0%}: the policy "
                "collapsed onto a few answers the reward model likes (reward hacking; the KL penalty slows it)."
                if stats[-1]["distinct"] < 0.5 * stats[0]["distinct"] else "")
         )
+    sft_r = rows["SFT"]
+    best_rl = max((k for k in ("PPO", "PPO-ptx", "DPO") if k in rows), key=lambda k: rows[k]["gold"])
+    lines += [
+        "",
+        "## Reading the results",
+        "",
+        f"- Preference learning beats SFT on the gold judge: PPO {rows['PPO']['gold'] - sft_r['gold']:+.3f}, "
+        f"PPO-ptx {rows['PPO-ptx']['gold'] - sft_r['gold']:+.3f}, DPO {rows['DPO']['gold'] - sft_r['gold']:+.3f} "
+        f"mean gold reward over SFT (win-rates {rows['PPO']['win_vs_sft']:.0%}, {rows['PPO-ptx']['win_vs_sft']:.0%}, "
+        f"{rows['DPO']['win_vs_sft']:.0%}); the best is {best_rl}.",
+        f"- What was learned is concision, not skill: exact answers stay at {sft_r['exact']:.1%} (SFT) vs "
+        f"{rows[best_rl]['exact']:.1%} ({best_rl}), and responses shrink from {sft_r['length']:.1f} to "
+        f"{rows[best_rl]['length']:.1f} tokens. The gold levels near -0.25 are the judge's 'one wrong word'; a "
+        f"{r['n']['params'] / 1e6:.2f}M-parameter model trained for minutes on a CPU did not learn to copy the "
+        "target word, and the preference signal rewards the shortest wrong answer over a chatty one.",
+        f"- The tax is dominated by SFT (+{rows['SFT']['val_bpb'] - rows['base']['val_bpb']:.2f} bits/byte on held-out "
+        "Shakespeare: the tiny model's capacity goes to the chat format). PPO and DPO add to it "
+        f"({rows['PPO']['val_bpb'] - sft_r['val_bpb']:+.2f} and {rows['DPO']['val_bpb'] - sft_r['val_bpb']:+.2f}); "
+        f"PPO-ptx {'removes it entirely' if rows['PPO-ptx']['val_bpb'] <= rows['base']['val_bpb'] else 'reduces it'} "
+        f"({rows['PPO-ptx']['val_bpb']:.2f} vs the base model's "
+        f"{rows['base']['val_bpb']:.2f} bits/byte) at a similar gold reward and a lower KL "
+        f"({rows['PPO-ptx']['kl_to_sft']:.1f} vs {rows['PPO']['kl_to_sft']:.1f} nats KL to SFT).",
+    ]
+    if rows[best_rl]["exact"] >= 0.1:  # the concision caveat above holds only for a model that cannot copy
+        lines[-2] = f"- Exact answers: SFT {sft_r['exact']:.1%}, {best_rl} {rows[best_rl]['exact']:.1%}."
     lines += ["", "## Sample responses (held-out prompts)", ""]
     for k in order:
         lines.append(f"- **{k}**: " + "; ".join(f"`{p}` -> `{_oneline(t)}`" for p, t in rows[k]["examples"][:3]))

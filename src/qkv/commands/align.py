@@ -1,7 +1,7 @@
 """Alignment study and data: `qkv align report` (base -> SFT -> RM -> PPO / DPO, the tax) or `qkv align data`.
 
 report: runs the whole study on the bundled tiny setup and writes docs/alignment.md,
-        docs/img/alignment_*.png and <out-dir>/report.json (about 10 minutes on 2 CPU cores).
+        docs/img/alignment_*.png and <out-dir>/report.json (10-15 minutes on 2 busy CPU cores).
 data:   writes the bundled task as JSONL (sft.jsonl, prefs.jsonl, prefs_heldout.jsonl,
         prompts.jsonl, eval_prompts.jsonl) for the stage commands.
 """
