@@ -79,8 +79,20 @@ def test_bad_sweep_configs(tmp_path):
         SweepConfig(sizes=["big"]).validate()
     with pytest.raises(ValueError, match="multiple of head_dim"):
         SweepConfig(sizes=["2x48"], head_dim=32).validate()
+    SweepConfig(sizes=["1x16"], head_dim=32).validate()  # one 16-wide head
     with pytest.raises(ValueError, match="positive FLOP"):
         SweepConfig(budgets=[0]).validate()
     cfg = SweepConfig(budgets=[1e3], sizes=["1x32"], min_steps=5)
     planned, skipped = plan(cfg, 300)
     assert not planned and "min_steps" in skipped[0]
+
+
+def test_moe_variants_are_planned_at_equal_active_parameters():
+    cfg = SweepConfig(budgets=[1e11], sizes=["2x64"], moe=True, n_expert=8, top_k=2, min_steps=1)
+    planned, _ = plan(cfg, 1024)
+    dense, moe = planned
+    assert (dense.kind, moe.kind) == ("dense", "moe") and moe.model["n_expert"] == 8
+    router = 2 * 64 * 8
+    assert moe.counts["N"] == dense.counts["N"] + router  # same active parameters (plus the routers)
+    assert moe.counts["N_total"] > 3 * dense.counts["N_nonembed"]
+    assert moe.steps == dense.steps  # so the same active compute

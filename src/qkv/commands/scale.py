@@ -1,9 +1,10 @@
 """Scaling laws and MoE: fit L(N, D), run IsoFLOP sweeps, the MoE study, compute-optimal allocation.
 
-  qkv scale fit RUNS.csv|DIR      Chinchilla Approach 3 (+ bootstrap CIs) and Approach 2, plots
-  qkv scale sweep                 train an IsoFLOP grid of small models, resumable, then fit
-  qkv scale moe-study             dense vs MoE, expert load with/without balancing, router z-loss
-  qkv scale optimal --budget C    N*, D* and tokens per parameter for a FLOP budget
+Subcommands: `fit RUNS.csv|DIR` (Chinchilla Approach 3 with bootstrap intervals, Approach 2,
+plots); `sweep` (train an IsoFLOP grid of small models, resumable, then fit); `moe-study`
+(parameters of real MoE configs, dense vs MoE, expert load with and without balancing, the
+router z-loss); `optimal --budget C` (N*, D* and tokens per parameter for a FLOP budget).
+Each has its own --help.
 """
 
 from __future__ import annotations

@@ -228,6 +228,8 @@ def make_figures(results: dict, cfg: MoEStudyConfig) -> dict[str, str]:
     for ax, name in zip(axes, pair):
         share = np.array(results[name]["probe_load_share"])
         im = ax.imshow(share, cmap="magma", vmin=0, vmax=max(0.5, share.max()), aspect="auto")
+        ax.set_xticks(range(share.shape[1]))
+        ax.set_yticks(range(share.shape[0]))
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
         ax.set_title(f"{name}: share of routed slots")
@@ -257,6 +259,7 @@ def make_figures(results: dict, cfg: MoEStudyConfig) -> dict[str, str]:
     for name in pair:
         axes[0].hist(results[name]["router_logit_sample"], bins=80, histtype="step", density=True, label=name)
         axes[1].plot(range(len(results[name]["router_lse2"])), results[name]["router_lse2"], "o-", label=name)
+    axes[1].set_xticks(range(cfg.n_layer))
     axes[0].set_xlabel("router logit")
     axes[0].set_ylabel("density")
     axes[0].set_title("Router logits on held-out text")
@@ -308,7 +311,9 @@ def render(cfg: MoEStudyConfig, named: dict, results: dict, figs: dict, index: d
                  f"{mo.get('router_aux_coef', '-') if mo.get('n_expert') else '-'} | "
                  f"{mo.get('router_z_coef', '-') if mo.get('n_expert') else '-'} | {r['val_loss']:.4f} | "
                  f"{r['val_loss'] - dense_loss:+.4f} | {r['tokens_per_s']:.0f} |")
-    L += ["", img("loss"), ""]
+    L += ["", "One seed per run and the seed-to-seed spread is not measured here, so treat loss differences of a "
+          "few hundredths as noise; tok/s was measured on a shared, busy machine and is not a speed comparison "
+          "(the model benchmark compares MoE dispatch speed properly).", "", img("loss"), ""]
     if "moe" in results and "moe-no-aux" in results:
         a, b = (np.array(results[n]["probe_load_share"]) for n in ("moe", "moe-no-aux"))
         ia, ib = _imbalance(a), _imbalance(b)
@@ -344,7 +349,7 @@ def render(cfg: MoEStudyConfig, named: dict, results: dict, figs: dict, index: d
           f"This page: `qkv scale moe-study {flags}` ({total_s / 60:.1f} min of training for the four runs on a "
           "shared 2-core CPU). Finished runs are kept in the study directory and not rerun.", "",
           f"Full size (defaults: {d.n_layer} layers × d_model {d.d_model}, {d.steps} steps × {d.batch_size} × "
-          f"{d.seq_len} tokens): `qkv scale moe-study`, roughly 4-8× the time of the run above. "
+          f"{d.seq_len} tokens): `qkv scale moe-study`, about 10× the compute of the run above. "
           "MoE against dense across compute budgets (loss vs active compute): "
           "`qkv scale sweep --moe` (see docs/scaling.md).", ""]
     return "\n".join(L) + "\n"

@@ -53,7 +53,7 @@ def fit_table(source, out_dir, *, n_columns: Optional[list[str]] = None, where: 
             a2 = None
             entry["approach2"] = {"error": str(e)}
         allocs = {}
-        for c in sorted(set(budgets) | {float(np.exp(np.log(runs.C).mean()))}):
+        for c in sorted(set(budgets) or {float(np.exp(np.log(runs.C).mean()))}):
             try:
                 al = optimal_allocation(fit.law, c)
                 allocs[f"{c:.3g}"] = {"N": al.n_params, "D": al.n_tokens, "tokens_per_param": al.tokens_per_param,
@@ -107,6 +107,8 @@ def markdown(summary: dict, figure_dir: str = "") -> str:
             if "N" in e["allocation"].get(c, {}) else "n/a")
     for c in cols:
         a2 = fits[c]["approach2"]
+        if "error" in a2:
+            lines += ["", f"Approach 2 ({c}): {a2['error']}."]
         if "minima" in a2:
             lines.append("")
             lines.append(f"IsoFLOP minima ({c}): " + "; ".join(

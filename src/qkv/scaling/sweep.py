@@ -70,8 +70,9 @@ def parse_size(s: str, head_dim: int) -> tuple[int, int]:
         layers, width = (int(x) for x in s.lower().split("x"))
     except ValueError:
         raise ValueError(f"model size {s!r} must look like LAYERSxWIDTH, e.g. 4x128") from None
-    if layers < 1 or width < head_dim or width % head_dim:
-        raise ValueError(f"model size {s!r}: width must be a positive multiple of head_dim={head_dim}")
+    if layers < 1 or width < 2 or width % 2 or (width > head_dim and width % head_dim):
+        raise ValueError(f"model size {s!r}: width must be a multiple of head_dim={head_dim} "
+                         "(or an even width below it: one head that wide)")
     return layers, width
 
 
@@ -93,7 +94,7 @@ class PlannedRun:
 
 
 def model_overrides(n_layer: int, d_model: int, cfg: SweepConfig, vocab: int, kind: str) -> dict:
-    n_head = d_model // cfg.head_dim
+    n_head = max(1, d_model // cfg.head_dim)  # narrower than head_dim: one head of width d_model
     m = dict(vocab_size=vocab, n_layer=n_layer, d_model=d_model, n_head=n_head, n_kv_head=n_head,
              max_seq_len=cfg.seq_len, d_ff=None, tie_embeddings=True)
     if kind == "moe":
@@ -181,7 +182,13 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print,
     runs, skipped = plan(cfg, int(index["vocab_size"]))
     if not runs:
         raise ValueError("the sweep plan is empty: " + "; ".join(skipped) + ". Raise the budgets or add smaller sizes")
-    atomic_write_text(out / "sweep_config.json", json.dumps(asdict(cfg), indent=1) + "\n")
+    record = asdict(cfg)
+    saved = out / "sweep_config.json"
+    if saved.exists():  # a later call may add budgets or sizes: record the union of what the table holds
+        old = json.loads(saved.read_text())
+        record["budgets"] = sorted(set(old.get("budgets", [])) | set(cfg.budgets))
+        record["sizes"] = list(dict.fromkeys(old.get("sizes", []) + list(cfg.sizes)))
+    atomic_write_text(saved, json.dumps(record, indent=1) + "\n")
     table = out / RUNS_CSV
     rows = read_rows(table) if table.exists() else []
     done = {r["run"] for r in rows}
@@ -216,8 +223,17 @@ def report(cfg: SweepConfig, out_path: Optional[Path] = None, figure_dir: Option
     write_rows(clean, rows, COLUMNS)
     figure_dir = Path(figure_dir or out)
     kinds = sorted({r["kind"] for r in rows})
+    saved = out / "sweep_config.json"
+    ran = SweepConfig(**json.loads(saved.read_text())) if saved.exists() else cfg  # what the runs used
     parts = [f"# IsoFLOP sweep: {len(rows)} runs\n",
-             f"Data: `{cfg.data_dir}`; seq_len {cfg.seq_len}, batch {cfg.batch_size}, lr {cfg.lr}, cosine schedule.\n"]
+             f"Data: `{ran.data_dir}`; seq_len {ran.seq_len}, batch {ran.batch_size}, lr {ran.lr}, cosine schedule "
+             f"over each run; budgets {', '.join(f'{b:g}' for b in ran.budgets)}; sizes {', '.join(ran.sizes)}.\n",
+             "| run | N | N_nonembed | D | tokens/param | C | val loss | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        N, D = float(r["N"]), float(r["D"])
+        parts.append(f"| {r['run']} | {int(N):,} | {int(float(r['N_nonembed'])):,} | {int(D):,} | {D / N:.1f} | "
+                     f"{float(r['C']):.3g} | {float(r['val_loss']):.4f} | {float(r['seconds']):.0f} |")
+    parts.append("")
     summaries = {}
     for kind in kinds:
         try:
