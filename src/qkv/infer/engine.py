@@ -1,4 +1,14 @@
-"""Serving engine: paged KV cache + continuous-batching scheduler + per-request sampling."""
+"""Serving engine: paged KV cache + continuous-batching scheduler + per-request sampling.
+
+Each `step()` asks the scheduler which sequences run and with how many tokens, builds
+one padded batch for the decoding rows (one token each) and a few for prompt chunks
+(grouped by length), lets the paged cache attend over each row's blocks, samples every
+row whose pending tokens are all in (each with its own torch.Generator, so a seeded
+request is reproducible whatever else is batched), and turns new tokens into
+`RequestOutput` increments: detokenised text that holds back partial UTF-8 and any
+tail that could still become a stop string. A request with n > 1 is prefilled once and
+then forked into n sequences that share its blocks (copy-on-write).
+"""
 
 from __future__ import annotations
 

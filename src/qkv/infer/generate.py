@@ -25,13 +25,14 @@ def window_mask(cfg, start: int, T: int, device) -> Optional[torch.Tensor]:
 
 
 @torch.inference_mode()
-def forward_step(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed tokens (1, T) at cache.pos; returns logits (1, T, V) and advances the cache."""
+def forward_step(model, cache: KVCache, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """Feed tokens (B, T) at cache.pos; returns logits (B, T, V), or (B, 1, V) for the
+    last position only, and advances the cache."""
     T = tokens.shape[1]
     positions = torch.arange(cache.pos, cache.pos + T, device=tokens.device)
     h = model.hidden(tokens, positions=positions, mask=window_mask(model.cfg, cache.pos, T, tokens.device), cache=cache)
     cache.advance(T)
-    return model.head(h)
+    return model.head(h[:, -1:] if last_only else h)
 
 
 @torch.inference_mode()
@@ -58,7 +59,7 @@ def generate_stream(
     gen = make_generator(params.seed if params.seed is not None else int(torch.randint(2**62, (1,))), device)
     stops = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
     out: list[int] = []
-    logits = forward_step(model, cache, torch.tensor([prompt_ids], device=device))[0, -1]
+    logits = forward_step(model, cache, torch.tensor([prompt_ids], device=device), last_only=True)[0, -1]
     while True:
         tok = sample_token(logits, params, gen, prompt_ids, out)
         out.append(tok)

@@ -90,7 +90,7 @@ def speculative_generate(
         kk = min(k, max_len - len(ids) - 1)  # room for kk drafts + 1 target token
         drafts, qs = [], []
         if kk > 0:
-            logits = forward_step(draft, dc, torch.tensor([ids[dc.pos :]], device=dev))[0, -1]
+            logits = forward_step(draft, dc, torch.tensor([ids[dc.pos :]], device=dev), last_only=True)[0, -1]
             for i in range(kk):
                 q = probs(logits, ids[n0:] + drafts)
                 d = int(torch.multinomial(q, 1, generator=gen)) if not params.greedy else int(q.argmax())
