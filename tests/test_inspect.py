@@ -167,6 +167,25 @@ def test_smollm2_neighbours_and_analogy(smol):
         analogy(model, tok, "", " man", " woman")
 
 
+def test_smollm2_has_induction_heads_and_the_score_needs_the_repeat(smol):
+    """A real trained model has induction heads (score >= 0.4 where chance is ~0.02), above
+    layer 0 (an induction head needs a previous-token head below it). Control: the same
+    heads on random tokens *without* the repeat stay near chance, so the score measures
+    copying from the previous occurrence, not a positional habit."""
+    model, tok = smol
+    rep = A.classify_heads(model, seg_len=24, batch=2, low=tok.bos_id + 1, prefix=[tok.bos_id])
+    hits = rep.heads("induction")
+    assert len(hits) >= 2 and all(layer >= 1 for layer, _, _ in hits), hits
+    assert hits[0][2] > 20 * rep.induction_chance
+    g = torch.Generator().manual_seed(1)
+    plain = torch.cat([torch.full((2, 1), tok.bos_id), torch.randint(tok.bos_id + 1, model.cfg.vocab_size, (2, 48), generator=g)], 1)
+    layers = sorted({layer for layer, _, _ in hits})
+    probs = A.capture_attention(model, plain, layers=layers)
+    control = A.induction_score(probs, 24, offset=1)
+    for layer, head, score in hits:
+        assert control[layer, head] < 0.1 < score, (layer, head, float(control[layer, head]), score)
+
+
 def test_position_similarity_shapes():
     from qkv.inspect.embeddings import position_similarity
 
