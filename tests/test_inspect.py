@@ -212,12 +212,23 @@ def test_routing_report_counts():
         routing_report(tiny(), [1, 2, 3])
 
 
-def test_compute_optimal_calculator():
+def test_compute_optimal_calculator(tmp_path, capsys):
+    from qkv.cli import main
     from qkv.inspect.routing import compute_optimal
+    from qkv.scaling.fit import ScalingLaw, optimal_allocation
 
     r = compute_optimal(1e21)
     assert r["n_params"] * r["n_tokens"] * 6 == pytest.approx(1e21, rel=1e-9)
     assert 5 < r["tokens_per_param"] < 100
+    law = dict(E=2.0, A=300.0, B=500.0, alpha=0.3, beta=0.35)
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"fits": {"N": {"law": law}}}))
+    assert main(["inspect", "tiny", "calc", "--out", str(tmp_path), "--compute", "1e19", "--law", str(fit)]) == 0
+    got = json.loads((tmp_path / "calc.json").read_text())
+    assert got["n_params"] == pytest.approx(optimal_allocation(ScalingLaw(**law), 1e19).n_params)
+    fit.write_text(json.dumps({"E": 1.0}))
+    assert main(["inspect", "tiny", "calc", "--out", str(tmp_path), "--law", str(fit)]) == 1
+    assert "the law lacks" in capsys.readouterr().err
 
 
 # --- the command ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "fp8"], help="KV: element type")
     p.add_argument("--compare", nargs="*", default=["llama3-8b", "mixtral-8x7b", "smollm2-135m"], help="KV: presets to compare with")
     p.add_argument("--compute", type=float, default=1e21, help="calc: FLOP budget")
-    p.add_argument("--law", default=None, help="calc: JSON file with a fit {E, A, B, alpha, beta} (default: Chinchilla's)")
+    p.add_argument("--law", default=None, help="calc: a `qkv scale` fit.json or a JSON {E, A, B, alpha, beta} (default: Chinchilla's fit)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -222,9 +222,19 @@ def view_calc(args, out) -> dict:
     from qkv.inspect.routing import compute_optimal
 
     law = None
-    if args.law:
-        d = json.loads(Path(args.law).read_text())
+    if args.law:  # `qkv scale` fit.json ({"fits": {"N": {"law": ...}}}), or a bare {E, A, B, alpha, beta}
+        path = Path(args.law)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such fit file (make one with `qkv scale`)")
+        d = json.loads(path.read_text())
+        if "fits" in d:
+            if not d["fits"]:
+                raise ValueError(f"{path}: the fit file holds no fits")
+            d = d["fits"].get("N") or next(iter(d["fits"].values()))
         law = d.get("law", d)
+        missing = {"E", "A", "B", "alpha", "beta"} - set(law)
+        if missing:
+            raise ValueError(f"{path}: the law lacks {sorted(missing)}; give a `qkv scale` fit.json or {{E, A, B, alpha, beta}}")
     res = compute_optimal(args.compute, law)
     print(f"C = {res['compute_flops']:.3g} FLOPs -> N = {res['n_params']:.3g} params, D = {res['n_tokens']:.3g} tokens "
           f"({res['tokens_per_param']:.1f} tokens/param), predicted loss {res['predicted_loss']:.3f} [{res['law_source']}]")
