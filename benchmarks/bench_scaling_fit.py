@@ -36,9 +36,12 @@ def main() -> None:
         t = time.perf_counter()
         r = fit_approach3(N, D, L, n_starts=k)
         rows.append((k or 4500, time.perf_counter() - t, r))
+    from qkv.scaling.fit import _bootstrap, _theta_from_law
+
+    theta = _theta_from_law(rows[1][2].law)
     t = time.perf_counter()
-    fit_approach3(N, D, L, n_starts=32, n_boot=args.boot)
-    boot = (time.perf_counter() - t - rows[1][1]) / args.boot
+    _bootstrap(theta, np.log(N), np.log(D), np.log(L), 1e-3, args.boot, 4, 0, 0.95)
+    boot = (time.perf_counter() - t) / args.boot
     from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
 
