@@ -249,3 +249,18 @@ def test_ppo_resume_is_exact(setup, reward_model):
     assert stats[0]["kl_coef"] != 0.1  # the adaptive KL coefficient came back from the checkpoint
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6), n
+
+
+def test_gold_judge_levels():
+    from qkv.align.task import Question
+
+    q = Question("Last word", "Tell me how thy lady does.'")  # a trailing quote is not a word
+    assert q.target == "does" and q.target_surface() == "does"
+    p = q.prompt
+    assert gold_reward(p, "does") == 1.0 and gold_reward(p, "Does.") == 1.0
+    assert gold_reward(p, "The last word is does.") == pytest.approx(0.1)
+    assert gold_reward(p, "lady") == -0.25
+    assert gold_reward(p, "it is lady") == pytest.approx(-0.6)
+    assert gold_reward(p, "  ") == -1.0
+    with pytest.raises(ValueError, match="not a task prompt"):
+        gold_reward("hello", "x")

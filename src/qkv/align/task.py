@@ -115,8 +115,8 @@ class Question:
 
     def target_surface(self) -> str:
         """The target as written in the line (capitalisation kept)."""
-        ws = _WORD_RE.findall(self.line)
-        return (ws[0] if self.kind == "First word" else ws[-1]).strip("'")
+        ws = [w.strip("'") for w in _WORD_RE.findall(self.line) if w.strip("'")]
+        return ws[0] if self.kind == "First word" else ws[-1]
 
 
 def parse_prompt(prompt: str) -> Question:
@@ -160,7 +160,7 @@ def sample_response(q: Question, rng: random.Random, style: Optional[str] = None
     """One response in a style: concise | chatty | wrong | wrong_chatty | empty-ish rambling."""
     style = style or rng.choices(["concise", "chatty", "wrong", "wrong_chatty"], [0.4, 0.3, 0.2, 0.1])[0]
     surface = q.target_surface()
-    others = [w.strip("'") for w in _WORD_RE.findall(q.line) if _norm(w) != q.target] or ["nothing"]
+    others = [w.strip("'") for w in _WORD_RE.findall(q.line) if _norm(w) and _norm(w) != q.target] or ["nothing"]
     wrong = rng.choice(others)
     random.seed(rng.random())  # _chatty's phrasing, reproducible from rng
     if style == "concise":
