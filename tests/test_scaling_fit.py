@@ -1,7 +1,6 @@
 """Scaling-law fits: recovery of a known law, the allocation numbers from the literature,
 Approach 2 on synthetic IsoFLOP data, parameter counts from configs, and bad input."""
 
-import math
 
 import numpy as np
 import pytest

@@ -72,7 +72,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=_floats, default=d.budgets, help="FLOP budgets, comma-separated")
     p.add_argument("--sizes", type=_strs, default=d.sizes, help="model sizes LAYERSxWIDTH, comma-separated")
     p.add_argument("--head-dim", type=int, default=d.head_dim)
-    p.add_argument("--moe", action="store_true", help=f"also train MoE variants at equal active parameters")
+    p.add_argument("--moe", action="store_true", help="also train MoE variants at equal active parameters")
     p.add_argument("--no-dense", action="store_true", help="only the MoE variants")
     p.add_argument("--n-expert", type=int, default=d.n_expert)
     p.add_argument("--top-k", type=int, default=d.top_k)
@@ -152,7 +152,7 @@ def _moe(args) -> int:
 def _fmt_count(x: float) -> str:
     for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if x >= k:
-            return f"{x / k:.1f}{unit}"
+            return f"{x / k:.3g}{unit}"
     return f"{x:.0f}"
 
 
