@@ -383,10 +383,11 @@ def render_markdown(r: dict) -> str:
         "",
         "## Reading the results",
         "",
-        f"- Preference learning beats SFT on the gold judge: PPO {rows['PPO']['gold'] - sft_r['gold']:+.3f}, "
+        f"- Change in mean gold reward over SFT: PPO {rows['PPO']['gold'] - sft_r['gold']:+.3f}, "
         f"PPO-ptx {rows['PPO-ptx']['gold'] - sft_r['gold']:+.3f}, DPO {rows['DPO']['gold'] - sft_r['gold']:+.3f} "
         f"mean gold reward over SFT (win-rates {rows['PPO']['win_vs_sft']:.0%}, {rows['PPO-ptx']['win_vs_sft']:.0%}, "
-        f"{rows['DPO']['win_vs_sft']:.0%}); the best is {best_rl}.",
+        f"{rows['DPO']['win_vs_sft']:.0%}); the best is {best_rl}. With {r['n']['eval_prompts']} x "
+        f"{rc['samples_per_prompt']} samples, differences under about 0.05 are within sampling noise.",
         f"- What was learned is concision, not skill: exact answers stay at {sft_r['exact']:.1%} (SFT) vs "
         f"{rows[best_rl]['exact']:.1%} ({best_rl}), and responses shrink from {sft_r['length']:.1f} to "
         f"{rows[best_rl]['length']:.1f} tokens. The gold levels near -0.25 are the judge's 'one wrong word'; a "
@@ -397,8 +398,9 @@ def render_markdown(r: dict) -> str:
         f"({rows['PPO']['val_bpb'] - sft_r['val_bpb']:+.2f} and {rows['DPO']['val_bpb'] - sft_r['val_bpb']:+.2f}); "
         f"PPO-ptx {'removes it entirely' if rows['PPO-ptx']['val_bpb'] <= rows['base']['val_bpb'] else 'reduces it'} "
         f"({rows['PPO-ptx']['val_bpb']:.2f} vs the base model's "
-        f"{rows['base']['val_bpb']:.2f} bits/byte) at a similar gold reward and a lower KL "
-        f"({rows['PPO-ptx']['kl_to_sft']:.1f} vs {rows['PPO']['kl_to_sft']:.1f} nats KL to SFT).",
+        f"{rows['base']['val_bpb']:.2f} bits/byte); its gold reward is {rows['PPO-ptx']['gold']:+.3f} vs PPO's "
+        f"{rows['PPO']['gold']:+.3f} and its KL to SFT {rows['PPO-ptx']['kl_to_sft']:.1f} vs "
+        f"{rows['PPO']['kl_to_sft']:.1f} nats.",
     ]
     if rows[best_rl]["exact"] >= 0.1:  # the concision caveat above holds only for a model that cannot copy
         lines[-2] = f"- Exact answers: SFT {sft_r['exact']:.1%}, {best_rl} {rows[best_rl]['exact']:.1%}."
