@@ -385,7 +385,7 @@ def render_markdown(r: dict) -> str:
         "",
         f"- Change in mean gold reward over SFT: PPO {rows['PPO']['gold'] - sft_r['gold']:+.3f}, "
         f"PPO-ptx {rows['PPO-ptx']['gold'] - sft_r['gold']:+.3f}, DPO {rows['DPO']['gold'] - sft_r['gold']:+.3f} "
-        f"mean gold reward over SFT (win-rates {rows['PPO']['win_vs_sft']:.0%}, {rows['PPO-ptx']['win_vs_sft']:.0%}, "
+        f"(win-rates {rows['PPO']['win_vs_sft']:.0%}, {rows['PPO-ptx']['win_vs_sft']:.0%}, "
         f"{rows['DPO']['win_vs_sft']:.0%}); the best is {best_rl}. With {r['n']['eval_prompts']} x "
         f"{rc['samples_per_prompt']} samples, differences under about 0.05 are within sampling noise.",
         f"- What was learned is concision, not skill: exact answers stay at {sft_r['exact']:.1%} (SFT) vs "
