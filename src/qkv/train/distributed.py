@@ -71,11 +71,13 @@ def wrap(model: nn.Module, d: Dist, parallel: str = "ddp") -> nn.Module:
     if not d.enabled:
         return model
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for block in getattr(model, "blocks", []):
             fully_shard(block)
         fully_shard(model)
+        if hasattr(model, "loss"):  # gather the root's parameters for model.loss(...) too, not just forward
+            register_fsdp_forward_method(model, "loss")
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -55,6 +55,8 @@ def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> 
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     sd = get_optimizer_state_dict(unwrap(model), opt, options=_sd_options(cpu_offload=True))
+    if "state" not in sd:  # ranks other than 0 get nothing with cpu_offload: they do not write
+        return {}, []
     tensors = {f"{name}/{key}": t.detach().contiguous() for name, st in sd["state"].items() for key, t in st.items()}
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, groups
