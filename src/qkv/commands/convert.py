@@ -1,14 +1,12 @@
 """Convert a model between formats: Hugging Face directory or GGUF file -> qkv checkpoint or HF directory.
 
-Examples:
-  qkv convert --from gguf SmolLM2-135M-Instruct.Q4_1.gguf --to qkv runs/smollm2
-  qkv convert --from hf ./Llama-3.2-1B --to qkv runs/llama1b --dtype bf16
-  qkv convert runs/my-model --to hf exported/ --arch llama
-
-The source format is detected when --from is auto. Export to hf picks the transformers
-architecture from the config (MoE -> mixtral, learned positions + layernorm + gelu -> gpt2,
-q/k/v bias without o bias -> qwen2, sliding window -> mistral, else llama) unless --arch says;
-a config feature the target cannot express is an error naming it.
+SRC is a qkv checkpoint directory, a Hugging Face directory (llama, mistral, qwen2, mixtral,
+gpt2; safetensors, sharded or not) or a .gguf file; its format is detected unless --from
+says. For example: `qkv convert --from gguf model.gguf --to qkv runs/smollm2`. Export to hf
+picks the transformers architecture from the config (MoE: mixtral; learned positions with
+layernorm and gelu: gpt2; q/k/v bias without o bias: qwen2; sliding window: mistral;
+otherwise llama) unless --arch says; a config feature the target cannot express is an
+error naming it. Pickled weights (.bin) are refused.
 """
 
 from __future__ import annotations

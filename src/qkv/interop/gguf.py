@@ -164,6 +164,8 @@ def tokenizer_from_gguf(reader, source: Path):
 
     meta = _fields(reader)
     kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None  # the file carries no vocabulary
     if kind != "gpt2":
         print(f"warning: {source}: GGUF tokenizer type {kind!r} is not rebuilt (only byte-level BPE 'gpt2'); "
               "the model is imported without a tokenizer", file=sys.stderr)
@@ -220,13 +222,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def import_gguf(path: str | Path):
     """(Transformer, Tokenizer | None) from a GGUF file, dequantised to fp32 on the CPU."""
-    from qkv.checkpoint import load_state_into
-    from qkv.model import build_model
+    from qkv.interop.hf import build_with_state
 
     path = Path(path)
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
     state = state_from_gguf(reader, cfg, path)
-    model = build_model(cfg)
-    load_state_into(model, state, path)
-    return model.eval(), tokenizer_from_gguf(reader, path)
+    return build_with_state(cfg, state, path), tokenizer_from_gguf(reader, path)

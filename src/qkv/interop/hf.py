@@ -371,10 +371,24 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(directory: str | Path):
-    """(Transformer, Tokenizer | None) from a Hugging Face directory, in fp32 on the CPU."""
+def build_with_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path):
+    """A Transformer holding `state`, without paying for a random init of weights that are
+    overwritten anyway: build on the meta device, allocate, load (names and shapes checked),
+    then compute the non-persistent buffers (RoPE / sinusoidal tables) from a one-layer twin."""
     from qkv.checkpoint import load_state_into
     from qkv.model import build_model
+
+    model = build_model(cfg, device="meta").to_empty(device="cpu")
+    load_state_into(model, state, source)
+    twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())
+    for name, buf in model.named_buffers():
+        if name not in state:
+            buf.copy_(twin[name])
+    return model.eval()
+
+
+def import_hf(directory: str | Path):
+    """(Transformer, Tokenizer | None) from a Hugging Face directory, in fp32 on the CPU."""
     from qkv.tokenizer import Tokenizer
 
     directory = Path(directory)
@@ -384,8 +398,7 @@ def import_hf(directory: str | Path):
     cfg = config_from_hf(hf, directory / "config.json")
     files = weight_files(directory)
     state = state_from_hf(read_hf_weights(directory), hf["model_type"], cfg, files[0] if len(files) == 1 else directory)
-    model = build_model(cfg)
-    load_state_into(model, state, files[0] if len(files) == 1 else directory)
+    model = build_with_state(cfg, state, files[0] if len(files) == 1 else directory)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
     return model.eval(), tokenizer
 

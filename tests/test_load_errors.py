@@ -1,0 +1,141 @@
+"""Bad model input gives one clear error line naming the file and the problem, from
+`qkv.interop.load` and from `qkv convert` (exit status 1, one line on stderr)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkv.checkpoint import save_model
+from qkv.cli import main as qkv_main
+from qkv.config import ModelConfig
+from qkv.interop import load
+from qkv.interop.hf import export_hf
+from qkv.model import build_model
+
+CFG = ModelConfig(vocab_size=64, n_layer=1, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)
+
+
+@pytest.fixture
+def hf_dir(tmp_path) -> Path:
+    return export_hf(build_model(CFG), tmp_path / "hf")
+
+
+def convert_fails(capsys, src, *extra) -> str:
+    """Run `qkv convert SRC OUT`; it must exit 1 with exactly one line on stderr."""
+    code = qkv_main(["convert", str(src), str(Path(src).parent / "converted"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_file(tmp_path, capsys):
+    missing = tmp_path / "nope.gguf"
+    with pytest.raises(FileNotFoundError, match="nope.gguf: no such file"):
+        load(missing)
+    assert "nope.gguf" in convert_fails(capsys, missing)
+
+
+def test_missing_weights(hf_dir, capsys):
+    (hf_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors: weights file not found"):
+        load(hf_dir)
+    assert "model.safetensors" in convert_fails(capsys, hf_dir)
+
+
+def test_missing_shard(hf_dir):
+    (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors: shard listed"):
+        load(hf_dir)
+
+
+def test_unknown_architecture(hf_dir, capsys):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"config\.json: unsupported architecture model_type='bert'.*llama, mistral, qwen2, mixtral, gpt2"):
+        load(hf_dir)
+    assert "bert" in convert_fails(capsys, hf_dir)
+
+
+def test_shape_mismatch(hf_dir, capsys):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    with pytest.raises(ValueError, match=r"model\.safetensors: shape mismatch for blocks\.0\.mlp\.\w+_proj\.weight"):
+        load(hf_dir)
+    assert "shape mismatch" in convert_fails(capsys, hf_dir)
+
+
+def test_shape_mismatch_qkv_checkpoint(tmp_path, capsys):
+    save_model(tmp_path / "ck", build_model(CFG))
+    ModelConfig.from_dict({**CFG.to_dict(), "d_ff": CFG.d_ff + 8}).save(tmp_path / "ck" / "config.json")
+    with pytest.raises(ValueError, match=r"model\.safetensors: shape mismatch"):
+        load(tmp_path / "ck")
+    assert "shape mismatch" in convert_fails(capsys, tmp_path / "ck", "--to", "hf")
+
+
+@pytest.mark.parametrize("make", ["hf", "qkv"])
+def test_truncated_safetensors(tmp_path, capsys, make):
+    d = export_hf(build_model(CFG), tmp_path / "m") if make == "hf" else save_model(tmp_path / "m", build_model(CFG))
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file \(truncated or corrupt"):
+        load(d)
+    assert "truncated" in convert_fails(capsys, d)
+
+
+def test_truncated_gguf(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", torch.randn(64, 32).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="bad.gguf: not a readable GGUF file"):
+        load(path)
+    assert "bad.gguf" in convert_fails(capsys, path)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "phi.gguf"
+    w = gguf.GGUFWriter(str(path), "phi2")
+    w.add_tensor("token_embd.weight", torch.randn(64, 32).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"phi\.gguf: unsupported GGUF architecture 'phi2'; qkv imports llama, qwen2"):
+        load(path)
+
+
+def test_pickled_weights_are_refused(hf_dir, capsys):
+    (hf_dir / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, hf_dir / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: pickled weights are refused"):
+        load(hf_dir)
+    assert "pickled" in convert_fails(capsys, hf_dir)
+
+
+def test_not_a_model_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json here"):
+        load(tmp_path / "empty")
+    assert "config.json" in convert_fails(capsys, tmp_path / "empty")
+
+
+def test_export_error_via_cli(tmp_path, capsys):
+    save_model(tmp_path / "ck", build_model(CFG.replace(pos="sinusoidal")))
+    err = convert_fails(capsys, tmp_path / "ck", "--to", "hf")
+    assert "cannot export to llama: pos='sinusoidal'" in err
+    assert not (tmp_path / "converted" / "model.safetensors").exists()
