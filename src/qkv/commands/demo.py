@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="shakespeare", help="corpus (see `qkv prepare --help`)")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
     p.add_argument("--preset", default="tiny", help="model preset")
-    p.add_argument("--steps", type=int, default=300, help="pretraining optimizer steps")
+    p.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")

@@ -336,7 +336,8 @@ class Trainer:
         D.barrier()
         return TrainResult(
             step=self.step, train_loss=last.get("loss", float("nan")), val_loss=val.get("val_loss"), val_bpb=val.get("val_bpb"),
-            tokens_per_s=tok_total / time_total if time_total else 0.0, run_dir=self.out_dir, history=self.history,
+            tokens_per_s=tok_total / time_total if time_total else
+            (sum(r.get("tokens_per_s", 0) for r in self.history) / max(1, len(self.history))), run_dir=self.out_dir, history=self.history,
         )
 
 
