@@ -179,11 +179,24 @@ def test_kv_bytes_per_token_shrinks_by_group_size():
         (dict(pos="alibi"), "unknown pos"),
         (dict(d_model=50, n_head=6), "not divisible"),
         (dict(n_expert=4, n_expert_per_token=5), "n_expert_per_token"),
+        (dict(mlp="none", n_expert=4), "attention-only"),
     ],
 )
 def test_bad_configs_name_the_problem(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(**kw)
+
+
+def test_attention_only_blocks_have_no_mlp():
+    cfg = tiny(mlp="none")
+    model = build_model(cfg)
+    assert all(b.mlp is None and b.mlp_norm is None for b in model.blocks)
+    dense = count_params(build_model(tiny())).total
+    per_block_mlp = 3 * cfg.d_model * cfg.d_ff + cfg.d_model  # SwiGLU + its norm
+    assert count_params(model).total == dense - cfg.n_layer * per_block_mlp
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    model.loss(x, x).backward()  # trains end to end
+    assert model.blocks[0].attn_norm.weight.grad is not None
 
 
 def test_unknown_config_key_is_rejected():

@@ -168,3 +168,18 @@ def test_cli_fit_and_optimal(tmp_path, capsys):
     bad = _write(tmp_path / "bad.csv", list(zip(N, D, L))[:3])
     assert main(["scale", "fit", str(bad), "--out", str(tmp_path / "o2")]) == 1
     assert "need at least 6" in capsys.readouterr().err
+
+
+def test_an_optimum_beyond_float_range_is_not_a_law():
+    """A bootstrap resample can drive a = log A past exp's range; such a refit is dropped,
+    not an OverflowError that kills the report."""
+    from types import SimpleNamespace
+
+    from qkv.scaling.fit import _minimise_from
+
+    results = iter([SimpleNamespace(x=np.array([800.0, 5.0, 0.5, 9.0, 0.3]), fun=0.1),
+                    SimpleNamespace(x=np.array([6.0, 5.0, 0.5, 0.3, 0.3]), fun=0.2)])
+    best = _minimise_from(lambda *a, **k: next(results), np.zeros((2, 5)), None, None, None, 1e-3)
+    assert best.x[0] == 6.0  # the representable one, although its objective is higher
+    assert _minimise_from(lambda *a, **k: SimpleNamespace(x=np.full(5, 710.0), fun=0.0),
+                          np.zeros((1, 5)), None, None, None, 1e-3) is None

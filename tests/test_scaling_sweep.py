@@ -6,7 +6,8 @@ import math
 import pytest
 
 from qkv.scaling.runs import load_runs, read_rows
-from qkv.scaling.sweep import COLUMNS, SweepConfig, plan, report, run_sweep, train_one
+from qkv.scaling.sweep import (COLUMNS, MOE_FIGURE, SweepConfig, pair_moe_dense, plan, report, run_sweep,
+                               train_one)
 
 
 class Killed(Exception):
@@ -96,3 +97,30 @@ def test_moe_variants_are_planned_at_equal_active_parameters():
     assert moe.counts["N"] == dense.counts["N"] + router  # same active parameters (plus the routers)
     assert moe.counts["N_total"] > 3 * dense.counts["N_nonembed"]
     assert moe.steps == dense.steps  # so the same active compute
+
+
+def test_moe_sweep_reports_dense_and_moe_side_by_side(tmp_path, data_dir):
+    cfg = SweepConfig(out_dir=str(tmp_path / "moe"), data_dir=str(data_dir), budgets=[6e8], sizes=["1x32", "2x32"],
+                      head_dim=32, seq_len=32, batch_size=8, min_steps=3, eval_steps=2, threads=1,
+                      moe=True, n_expert=4, top_k=2)
+    rows = run_sweep(cfg, log=lambda *a: None)
+    assert sorted(r["kind"] for r in rows) == ["dense", "dense", "moe", "moe"]
+    # report from the flags' defaults (8 experts): the section must describe what the runs used (4)
+    text = report(SweepConfig(out_dir=cfg.out_dir, data_dir=cfg.data_dir, budgets=cfg.budgets),
+                  n_boot=0, n_starts=2, log=lambda *a: None)
+    assert "## Dense vs MoE (4 experts, top-2)" in text
+    table = read_rows(tmp_path / "moe" / "runs.csv")
+    pairs = pair_moe_dense(table)
+    assert len(pairs) == 2
+    for d, m in pairs:
+        assert (d["budget"], d["n_layer"], d["d_model"]) == (m["budget"], m["n_layer"], m["d_model"])
+        assert float(m["N_total"]) > float(d["N_total"]) == float(d["N"])  # MoE holds more weights ...
+        assert float(m["C"]) == pytest.approx(float(d["C"]), rel=0.03)  # ... at the same active compute
+        delta = float(m["val_loss"]) - float(d["val_loss"])
+        size = f"{m['n_layer']}x{m['d_model']}"
+        assert f"| {size} | moe | {int(float(m['N'])):,} | {int(float(m['N_total'])):,} |" in text
+        assert f"{float(m['val_loss']):.4f} | {delta:+.4f} |" in text
+    png = tmp_path / "moe" / MOE_FIGURE
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+    assert f"![{MOE_FIGURE}]({MOE_FIGURE})" in text
+    assert pair_moe_dense([r for r in table if r["kind"] == "moe"]) == []  # no dense partner: no pair

@@ -2,7 +2,7 @@
 
 A config fully determines the module tree and the math. Architectural ablations are a
 single field: `pos` (rope/learned/sinusoidal/none), `n_kv_head` (MHA/GQA/MQA),
-`mlp` (swiglu/gelu), `norm` (rmsnorm/layernorm), `n_expert` (dense/MoE).
+`mlp` (swiglu/gelu/none = attention-only), `norm` (rmsnorm/layernorm), `n_expert` (dense/MoE).
 Named presets live at the bottom; `ModelConfig.from_dict` rejects unknown keys.
 """
 
@@ -39,7 +39,7 @@ class ModelConfig:
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm only
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    mlp: Literal["swiglu", "gelu", "none"] = "swiglu"  # none: attention-only blocks (interpretability toys)
     gelu_approx: Literal["none", "tanh"] = "tanh"
     qkv_bias: bool = False
     o_bias: bool = False
@@ -92,8 +92,10 @@ class ModelConfig:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"unknown norm={self.norm!r}; choose rmsnorm or layernorm")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"unknown mlp={self.mlp!r}; choose swiglu or gelu")
+        if self.mlp not in ("swiglu", "gelu", "none"):
+            raise ValueError(f"unknown mlp={self.mlp!r}; choose swiglu, gelu or none")
+        if self.mlp == "none" and self.n_expert:
+            raise ValueError("mlp='none' (attention-only) cannot be combined with n_expert > 0; drop one of them")
         if self.attn_impl not in ("sdpa", "math"):
             raise ValueError(f"unknown attn_impl={self.attn_impl!r}; choose sdpa or math")
         if self.n_expert and not (1 <= self.n_expert_per_token <= self.n_expert):

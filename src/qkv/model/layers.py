@@ -54,7 +54,10 @@ class GeluMLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
-def make_mlp(cfg: ModelConfig) -> nn.Module:
+def make_mlp(cfg: ModelConfig) -> nn.Module | None:
+    """The block's MLP, or None for an attention-only model (cfg.mlp == "none")."""
+    if cfg.mlp == "none":
+        return None
     if cfg.mlp == "swiglu":
         return SwiGLU(cfg.d_model, cfg.d_ff, cfg.mlp_bias)
     return GeluMLP(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.gelu_approx)

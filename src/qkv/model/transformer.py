@@ -1,6 +1,8 @@
 """The decoder-only transformer: embeddings -> N x (attention + MLP/MoE) -> norm -> logits.
 
 Each block is pre-norm:   h = x + Attn(Norm(x));   out = h + MLP(Norm(h))
+(mlp="none" drops the MLP and its norm: out = h, the attention-only model of
+interpretability work, e.g. the induction-head toy in tests/test_inspect_induction.py.)
 
 Initialisation (GPT-2 style, in one place, `init_weights`): every Linear and Embedding
 ~ N(0, init_std), biases zero, norm weights one; the projections that write into the
@@ -30,12 +32,14 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
-        self.mlp_norm = make_norm(cfg)
+        self.mlp_norm = None if cfg.mlp == "none" else make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.is_moe else make_mlp(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, mask=None, cache=None):
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        if self.mlp is None:  # attention-only
+            return x
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 

@@ -204,6 +204,9 @@ class FitResult:
         return np.log(self.law.loss(N, D)) - np.log(np.asarray(L, dtype=float))
 
 
+MAX_LOG_PARAM = 700.0  # math.exp overflows float64 just above 709
+
+
 def _minimise(starts: np.ndarray, logN, logD, logL, delta: float):
     from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
@@ -219,7 +222,10 @@ def _minimise_from(minimize, starts, logN, logD, logL, delta):
             _objective, x0, args=(logN, logD, logL, delta), jac=True, method="L-BFGS-B",
             options=dict(maxiter=1000, ftol=1e-15, gtol=1e-12, maxcor=20),
         )
-        if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
+        # a, b, e are logs of A, B, E: an optimum beyond exp's range (a degenerate term with
+        # A -> inf, alpha -> inf, seen on bootstrap resamples of small sweeps) is not a law
+        representable = np.all(np.isfinite(res.x)) and np.all(res.x[:3] < MAX_LOG_PARAM)
+        if representable and (best is None or res.fun < best.fun):
             best = res
     return best
 

@@ -228,10 +228,12 @@ def report(cfg: SweepConfig, out_path: Optional[Path] = None, figure_dir: Option
     parts = [f"# IsoFLOP sweep: {len(rows)} runs\n",
              f"Data: `{ran.data_dir}`; seq_len {ran.seq_len}, batch {ran.batch_size}, lr {ran.lr}, cosine schedule "
              f"over each run; budgets {', '.join(f'{b:g}' for b in ran.budgets)}; sizes {', '.join(ran.sizes)}.\n",
-             "| run | N | N_nonembed | D | tokens/param | C | val loss | seconds |", "|---|---|---|---|---|---|---|---|"]
+             "| run | N | N_nonembed | N_total | D | tokens/param | C | val loss | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         N, D = float(r["N"]), float(r["D"])
-        parts.append(f"| {r['run']} | {int(N):,} | {int(float(r['N_nonembed'])):,} | {int(D):,} | {D / N:.1f} | "
+        parts.append(f"| {r['run']} | {int(N):,} | {int(float(r['N_nonembed'])):,} | {int(float(r['N_total'])):,} | "
+                     f"{int(D):,} | {D / N:.1f} | "
                      f"{float(r['C']):.3g} | {float(r['val_loss']):.4f} | {float(r['seconds']):.0f} |")
     parts.append("")
     summaries = {}
@@ -246,33 +248,76 @@ def report(cfg: SweepConfig, out_path: Optional[Path] = None, figure_dir: Option
         rel = "" if out_path is None else str(Path(_relpath(figure_dir, Path(out_path).parent))) + "/"
         parts.append(f"## {kind}\n\n" + markdown(s, rel if rel != "./" else ""))
     if {"dense", "moe"} <= set(kinds):
-        from qkv.scaling.plots import save
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for kind, marker in (("dense", "o"), ("moe", "s")):
-            sel = [r for r in rows if r["kind"] == kind]
-            by_budget: dict = {}
-            for r in sel:
-                by_budget.setdefault(float(r["budget"]), []).append(float(r["val_loss"]))
-            cs = sorted(by_budget)
-            ax.plot(cs, [min(by_budget[c]) for c in cs], marker + "-", label=f"{kind}: best run per budget")
-        ax.set_xscale("log")
-        ax.set_xlabel("active compute C = 6·N_active·D (FLOPs)")
-        ax.set_ylabel("final validation loss")
-        ax.set_title(f"Dense vs MoE ({cfg.n_expert} experts, top-{cfg.top_k}) at equal active compute")
-        ax.legend()
-        name = "moe_vs_dense_isoflop.png"
-        save(fig, figure_dir / name)
         rel = "" if out_path is None else str(_relpath(figure_dir, Path(out_path).parent)) + "/"
-        parts.append(f"## Dense vs MoE at equal active compute\n\n![{name}]({rel if rel != './' else ''}{name})\n")
+        parts.append(moe_vs_dense(rows, ran, figure_dir / MOE_FIGURE, rel if rel != "./" else ""))
     text = "\n".join(parts)
     atomic_write_text(Path(out_path) if out_path else out / "report.md", text)
     atomic_write_text(out / "fits.json", json.dumps(summaries, indent=1) + "\n")
     return text
+
+
+MOE_FIGURE = "scaling_moe_vs_dense.png"
+
+
+def pair_moe_dense(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(dense, moe) rows trained at the same budget and size, so at equal active compute."""
+    key = lambda r: (float(r["budget"]), int(r["n_layer"]), int(r["d_model"]))  # noqa: E731
+    dense = {key(r): r for r in rows if r["kind"] == "dense"}
+    return [(dense[key(r)], r) for r in rows if r["kind"] == "moe" and key(r) in dense]
+
+
+def moe_vs_dense(rows: list[dict], ran: SweepConfig, figure: Path, figure_rel: str = "") -> str:
+    """The dense-vs-MoE section: one table row per run (active and total parameters, D, C,
+    loss, MoE minus dense at the same budget and size) and a two-panel figure."""
+    pairs = pair_moe_dense(rows)
+    if not pairs:
+        return "## Dense vs MoE at equal active compute\n\nNo budget and size has both a dense and an MoE run.\n"
+    lines = [f"## Dense vs MoE ({ran.n_expert} experts, top-{ran.top_k}) at equal active compute\n",
+             "| budget | size | kind | N_active | N_total | D | C = 6·N_active·D | val loss | MoE − dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d, m in sorted(pairs, key=lambda p: (float(p[0]["budget"]), int(p[0]["n_layer"]), int(p[0]["d_model"]))):
+        delta = float(m["val_loss"]) - float(d["val_loss"])
+        for r, diff in ((d, ""), (m, f"{delta:+.4f}")):
+            lines.append(f"| {float(r['budget']):g} | {r['n_layer']}x{r['d_model']} | {r['kind']} | "
+                         f"{int(float(r['N'])):,} | {int(float(r['N_total'])):,} | {int(float(r['D'])):,} | "
+                         f"{float(r['C']):.3g} | {float(r['val_loss']):.4f} | {diff} |")
+    deltas = [float(m["val_loss"]) - float(d["val_loss"]) for d, m in pairs]
+    wins = sum(x < 0 for x in deltas)
+    lines += ["", f"MoE lower loss in {wins} of {len(pairs)} pairs; mean MoE − dense {sum(deltas) / len(deltas):+.4f} "
+              f"(range {min(deltas):+.4f} to {max(deltas):+.4f}).", "",
+              f"![{figure.name}]({figure_rel}{figure.name})", ""]
+    _plot_moe_vs_dense(pairs, ran, figure)
+    return "\n".join(lines)
+
+
+def _plot_moe_vs_dense(pairs: list[tuple[dict, dict]], ran: SweepConfig, path: Path) -> Path:
+    """Left: loss against active compute, one colour per size (dense solid, MoE dashed).
+    Right: loss against active parameters, one colour per budget."""
+    from qkv.scaling.plots import _plt, save
+
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    cmap = plt.get_cmap("viridis")
+    for ax, group, x, label in ((left, lambda r: (int(r["n_layer"]), int(r["d_model"])), "C", "size {0[0]}x{0[1]}"),
+                                (right, lambda r: float(r["budget"]), "N", "C={0:.0e}")):
+        groups = sorted({group(d) for d, _ in pairs})
+        for i, g in enumerate(groups):
+            sel = sorted((p for p in pairs if group(p[0]) == g), key=lambda p: float(p[0][x]))
+            color = cmap(i / max(1, len(groups) - 1) * 0.9)
+            for j, (kind, style) in enumerate((("dense", "o-"), ("moe", "s--"))):
+                xs = [float(p[j][x]) for p in sel]
+                ys = [float(p[j]["val_loss"]) for p in sel]
+                ax.plot(xs, ys, style, color=color, label=f"{kind}, " + label.format(g))
+        ax.set_xscale("log")
+        ax.set_ylabel("final validation loss")
+        ax.legend(fontsize=7)
+    left.set_xlabel("active compute C = 6·N_active·D (FLOPs)")
+    left.set_title("loss vs active compute, per model size")
+    right.set_xlabel("active parameters N_active (with embeddings)")
+    right.set_title("loss vs active parameters, per budget")
+    fig.suptitle(f"Dense vs MoE ({ran.n_expert} experts, top-{ran.top_k}, expert width d_ff/{ran.top_k}) "
+                 "at equal active parameters and compute")
+    return save(fig, path)
 
 
 def _relpath(target: Path, start: Path) -> Path:
