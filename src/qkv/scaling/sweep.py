@@ -309,6 +309,7 @@ def _plot_moe_vs_dense(pairs: list[tuple[dict, dict]], ran: SweepConfig, path: P
                 ys = [float(p[j]["val_loss"]) for p in sel]
                 ax.plot(xs, ys, style, color=color, label=f"{kind}, " + label.format(g))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a decade or less: minor labels overlap
         ax.set_ylabel("final validation loss")
         ax.legend(fontsize=7)
     left.set_xlabel("active compute C = 6·N_active·D (FLOPs)")
