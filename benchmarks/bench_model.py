@@ -2,7 +2,7 @@
 the MoE block (qkv grouped matmuls vs transformers' Mixtral block vs a dense SwiGLU MLP
 with the same active parameters). CPU fp32, same config, same inputs, one run.
 
-    python benchmarks/bench_model.py [--batch 4 --seq 256 --reps 3]
+    python benchmarks/bench_model.py [--batch 4 --seq 256 --reps 3] [--compile]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from qkv.model.layers import SwiGLU  # noqa: E402
 from qkv.model.moe import MoE  # noqa: E402
 
 
-def bench_llama(batch: int, seq: int, reps: int, ceiling: float) -> list[list]:
+def bench_llama(batch: int, seq: int, reps: int, ceiling: float, compile: bool = False) -> list[list]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = preset("llama-100m", max_seq_len=seq)
@@ -51,7 +51,23 @@ def bench_llama(batch: int, seq: int, reps: int, ceiling: float) -> list[list]:
         F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).backward()
         hf_model.zero_grad(set_to_none=True)
 
-    t = time_interleaved({"qkv": step_qkv, "qkv-logits": step_qkv_logits, "hf": step_hf}, reps=reps)
+    contenders = {"qkv": step_qkv, "qkv-logits": step_qkv_logits, "hf": step_hf}
+    if compile:  # both sides compiled by inductor (elementwise fusion; the matmuls stay BLAS)
+        qkv_loss, hf_fwd = torch.compile(qkv_model.loss), torch.compile(hf_model)
+
+        def step_qkv_compiled():
+            qkv_loss(x, y).backward()
+            qkv_model.zero_grad(set_to_none=True)
+
+        def step_hf_compiled():
+            logits = hf_fwd(input_ids=x).logits
+            F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).backward()
+            hf_model.zero_grad(set_to_none=True)
+
+        for warm in (step_qkv_compiled, step_hf_compiled):  # compile outside the timing
+            warm()
+        contenders |= {"qkv-compiled": step_qkv_compiled, "hf-compiled": step_hf_compiled}
+    t = time_interleaved(contenders, reps=reps)
     n = count_params(qkv_model).total
     attn_flops = 12 * cfg.n_layer * seq * cfg.d_model  # per token, fwd+bwd (PaLM appendix B)
     flops = (6 * n + attn_flops) * batch * seq
@@ -60,7 +76,11 @@ def bench_llama(batch: int, seq: int, reps: int, ceiling: float) -> list[list]:
         ("qkv", "qkv Transformer.loss (fused linear+CE)"),
         ("qkv-logits", "qkv Transformer -> logits -> F.cross_entropy"),
         ("hf", "transformers LlamaForCausalLM -> logits -> F.cross_entropy"),
+        ("qkv-compiled", "qkv Transformer.loss, torch.compile"),
+        ("hf-compiled", "transformers LlamaForCausalLM, torch.compile"),
     ):
+        if name not in t:
+            continue
         rows.append([
             f"llama-100m fwd+bwd ({n / 1e6:.0f}M, {batch}x{seq})", label, f"{t[name] * 1e3:.0f} ms",
             f"{batch * seq / t[name]:.0f}", f"{flops / t[name] / ceiling:.0%}", f"{t['hf'] / t[name]:.2f}x",
@@ -110,13 +130,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile rows for both models (~2 min)")
     args = ap.parse_args()
     torch.manual_seed(0)
     ceiling = matmul_ceiling(torch.float32)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s")
     rows = []
     if not args.skip_llama:
-        rows += bench_llama(args.batch, args.seq, args.reps, ceiling)
+        rows += bench_llama(args.batch, args.seq, args.reps, ceiling, args.compile)
     rows += bench_moe(4096, 512, 1024, max(args.reps, 5), ceiling)
     print(table(rows, ["workload", "implementation", "time", "tokens/s", "MFU", "speed vs peer"]))
     print("speed vs peer: transformers' time / this time for the Llama rows; "
