@@ -1,8 +1,14 @@
-"""The whole pipeline on the bundled Shakespeare in minutes on a CPU: prepare -> pretrain tiny -> sample -> report.
+"""The whole pipeline on the bundled Shakespeare in minutes on a CPU:
+prepare -> pretrain tiny -> SFT -> DPO -> sample -> report.
 
 Everything lands under --out (default runs/demo): data/ (tokenizer + shards), pretrain/
-(the run: checkpoints, metrics.jsonl, loss.png). Re-running reuses prepared data and
-resumes or reuses the pretraining run.
+(the run: checkpoints, metrics.jsonl, loss.png), sft/ and dpo/ (the chat models).
+Re-running reuses prepared data and resumes or reuses the pretraining run.
+
+The alignment stages use the bundled task of qkv.align.task (docs/alignment.md): word
+questions over Shakespeare lines plus real chatterbot conversations for SFT, preference
+pairs labelled by a programmatic judge for DPO, and the judge's score on held-out prompts
+as the measure of what each stage changed.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ import time
 from pathlib import Path
 
 PROMPTS = ["ROMEO:\n", "To be, or not to be", "KING HENRY.\n"]
+CHAT_PROMPTS = [  # for the chat model after SFT: one task question (held-out play), one conversation
+    [{"role": "user", "content": 'First word: "Now is the winter of our discontent"'}],
+    [{"role": "user", "content": "Hello, how are you?"}],
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps (0 skips SFT and DPO)")
+    p.add_argument("--dpo-steps", type=int, default=100, help="DPO steps after SFT (0 skips DPO)")
     p.add_argument("--samples", type=int, default=3, help="samples to generate")
     p.add_argument("--max-tokens", type=int, default=60, help="tokens per sample")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -31,41 +43,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -> Path:
-    """HOOK for the alignment stages (SFT -> DPO): take the pretrained checkpoint dir, run
-    the stages, append (label, value) lines to `report`, and return the checkpoint dir that
-    samples should come from. Until they land, the pretrained model is the final model."""
-    return pretrained
+    """SFT then DPO from the pretrained checkpoint on the bundled task; appends report lines
+    (the judge's mean score on held-out prompts after each stage) and returns the final
+    chat model's directory."""
+    if args.sft_steps <= 0:
+        return pretrained
+    import copy
 
-
-def sample(model_dir: Path, prompts: list[str], max_tokens: int, seed: int = 0) -> list[str]:
-    import torch
-
+    from qkv.align.data import Preference
+    from qkv.align.dpo import run_dpo
+    from qkv.align.evaluate import gold_scores, sample_policy, win_rate
+    from qkv.align.sft import run_sft
+    from qkv.align.task import gold_reward, make_task, prompt_text
     from qkv.checkpoint import load_model
+    from qkv.tokenizer import IM_END, Tokenizer
+    from qkv.train import TrainConfig
+
+    model, tok = load_model(pretrained), Tokenizer.load(pretrained)
+    tok.eos_token = IM_END  # a chat model ends its turn with <|im_end|>, as SmolLM2 does
+    task = make_task(seed=0, n_eval=64)
+    out = Path(args.out)
+
+    def stage_cfg(name: str, steps: int, lr: float) -> TrainConfig:
+        return TrainConfig(out_dir=str(out / name), batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
+                           max_steps=steps, warmup_steps=max(1, steps // 10), eval_every=0, save_every=0,
+                           log_every=10, threads=args.threads, progress=not args.no_progress, device="cpu")
+
+    def judged(m) -> list[float]:  # the judge's score of one sampled answer per held-out prompt
+        ro = sample_policy(m, tok, task.eval_prompts, max_new_tokens=16, temperature=0.7, seed=7)
+        return gold_scores(ro, lambda p, t: gold_reward(prompt_text(p), t))
+
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"[3/5] SFT for {args.sft_steps} steps on {len(task.sft)} conversations -> {out / 'sft'}")
+    t = time.perf_counter()
+    r = run_sft(model, tok, [c["messages"] for c in task.sft], stage_cfg("sft", args.sft_steps, 1e-3), packing=True)
+    sft_scores = judged(model)
+    report.append(("SFT", f"train loss {r.train_loss:.3f} on assistant tokens; judge score {mean(sft_scores):+.3f} "
+                          f"on {len(sft_scores)} held-out questions (range -1..1)  [{time.perf_counter() - t:.0f}s]"))
+    if args.dpo_steps <= 0:
+        return out / "sft"
+    print(f"[4/5] DPO for {args.dpo_steps} steps on {len(task.prefs)} judged preference pairs -> {out / 'dpo'}")
+    t = time.perf_counter()
+    prefs = [Preference(p["prompt"], p["chosen"], p["rejected"]) for p in task.prefs]
+    ref = copy.deepcopy(model)
+    run_dpo(model, tok, prefs, stage_cfg("dpo", args.dpo_steps, 1e-4), ref_model=ref, beta=0.1)
+    dpo_scores = judged(model)
+    report.append(("DPO", f"judge score {mean(dpo_scores):+.3f} (SFT {mean(sft_scores):+.3f}); "
+                          f"wins {win_rate(dpo_scores, sft_scores):.0%} of prompts against SFT  [{time.perf_counter() - t:.0f}s]"))
+    return out / "dpo"
+
+
+def sample(model_dir: Path, prompts: list, max_tokens: int, seed: int = 0) -> list[str]:
+    """One sampled continuation per prompt: a string is continued as text, a list of chat
+    messages gets the model's assistant reply (rendered with its chat template)."""
+    from qkv.checkpoint import load_model
+    from qkv.infer.generate import generate
+    from qkv.infer.sampling import SamplingParams
     from qkv.tokenizer import Tokenizer
 
     model = load_model(model_dir)
     tok = Tokenizer.load(model_dir)
     outs = []
-    try:
-        from qkv.infer.generate import generate
-        from qkv.infer.sampling import SamplingParams
-
-        for i, p in enumerate(prompts):
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=50, seed=seed + i)
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=50, seed=seed + i)
+        if isinstance(p, str):
             ids = generate(model, tok.encode(p), params, eos_id=tok.eos_id)
             outs.append(p + tok.decode(ids, skip_special=True))
-    except ImportError:  # minimal fallback when the inference engine is absent
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in prompts:
-                ids = tok.encode(p)
-                for _ in range(max_tokens):
-                    logits = model(torch.tensor([ids[-model.cfg.max_seq_len:]]), last_only=True)[0, -1] / 0.8
-                    v, ix = logits.topk(50)
-                    ids.append(int(ix[torch.multinomial(v.softmax(-1), 1, generator=g)]))
-                    if ids[-1] == tok.eos_id:
-                        break
-                outs.append(tok.decode(ids, skip_special=True))
+        else:
+            ids = generate(model, tok.encode_chat(p, add_generation_prompt=True)[0], params, eos_id=tok.eos_id)
+            outs.append(f"user: {p[-1]['content']}\nassistant: {tok.decode(ids, skip_special=True)}")
     return outs
 
 
@@ -87,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir, run_dir = out / "data", out / "pretrain"
     report: list[tuple[str, str]] = []
 
-    print(f"[1/3] prepare {args.source} -> {data_dir}")
+    print(f"[1/5] prepare {args.source} -> {data_dir}")
     t = time.perf_counter()
     if (data_dir / INDEX).exists():
         index = read_index(data_dir)
@@ -98,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     report.append(("corpus", f"{index['splits']['train']['tokens']:,} train / {index['splits']['val']['tokens']:,} val tokens "
                              f"(unigram entropy {index['unigram_entropy']:.3f} nats/token)  [{time.perf_counter() - t:.0f}s]"))
 
-    print(f"[2/3] pretrain {args.preset} for {args.steps} steps -> {run_dir}")
+    print(f"[2/5] pretrain {args.preset} for {args.steps} steps -> {run_dir}")
     cfg = TrainConfig(
         preset=args.preset, data_dir=str(data_dir), out_dir=str(run_dir), seq_len=args.seq_len,
         batch_size=args.batch_size, lr=args.lr, max_steps=args.steps, warmup_steps=max(1, args.steps // 15),
@@ -121,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
 
     final_dir = alignment_stages(args, run_dir, report)
 
-    print(f"[3/3] sample from {final_dir}")
-    samples = sample(final_dir, (PROMPTS * args.samples)[: args.samples], args.max_tokens)
+    print(f"[5/5] sample from {run_dir}" + (f" and {final_dir}" if final_dir != run_dir else ""))
+    samples = sample(run_dir, (PROMPTS * args.samples)[: args.samples], args.max_tokens)  # the base model continues text
+    if final_dir != run_dir:  # the chat model answers
+        samples += sample(final_dir, CHAT_PROMPTS, args.max_tokens)
 
     print("\n=== qkv demo report ===")
     w = max(len(k) for k, _ in report)
