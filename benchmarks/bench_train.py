@@ -6,7 +6,7 @@ forward + backward + AdamW (foreach, same hyperparameters) on the same batches; 
 interleaved so machine noise hits both alike. MFU = achieved training FLOP/s (6N + attention,
 PaLM appendix B) over the matmul ceiling measured in this same run, per dtype.
 
-    python benchmarks/bench_train.py [--reps 3] [--threads N] [--dtypes fp32,bf16] [--force-bf16]
+    python benchmarks/bench_train.py [--reps 3] [--threads N] [--dtypes fp32,bf16] [--force-bf16] [--compile]
 
 bf16 runs under autocast. On a CPU without native bf16 matmul (no AVX512-BF16/AMX) the bf16
 ceiling is far below fp32's and a bf16 step would take minutes; it is then reported and
@@ -46,9 +46,12 @@ def hf_model() -> torch.nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def make_step(model, kind: str, batches, dtype):
+def make_step(model, kind: str, batches, dtype, compile: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     state = {"i": 0}
+    if compile:  # each transformer block through inductor, as `qkv train --compile` does
+        for block in (model.blocks if kind == "qkv" else model.transformer.h):
+            block.compile()
 
     def step():
         w = batches[state["i"] % len(batches)]
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--force-bf16", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile (fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +99,19 @@ def main() -> None:
             tps[(name, dtype)] = tok_s
             rows.append([name, dtype, f"{t * 1000:.0f}", f"{tok_s:,.0f}", f"{tok_s * fpt / ceilings[dtype]:.0%}"])
         rows.append(["qkv / transformers", dtype, "", f"{tps[('qkv', dtype)] / tps[('transformers', dtype)]:.2f}x", ""])
+    if args.compile:
+        torch.manual_seed(0)
+        fns = {"qkv compiled": make_step(qkv_model(), "qkv", batches, "fp32", compile=True),
+               "transformers compiled": make_step(hf_model(), "hf", batches, "fp32", compile=True)}
+        for fn in fns.values():  # compile outside the timing
+            fn()
+        times = time_interleaved(fns, reps=args.reps, warmup=1)
+        for name, t in times.items():
+            tok_s = B * T / t
+            tps[(name, "fp32")] = tok_s
+            rows.append([name, "fp32", f"{t * 1000:.0f}", f"{tok_s:,.0f}", f"{tok_s * fpt / ceilings['fp32']:.0%}"])
+        for a, b in (("qkv compiled", "transformers compiled"), ("qkv compiled", "transformers")):
+            rows.append([f"{a} / {b}", "fp32", "", f"{tps[(a, 'fp32')] / tps[(b, 'fp32')]:.2f}x", ""])
     if ("qkv", "bf16") in tps:
         rows.append(["qkv bf16 / fp32", "", "", f"{tps[('qkv', 'bf16')] / tps[('qkv', 'fp32')]:.2f}x", ""])
     print(table(rows, ["model", "dtype", "ms/step", "tokens/s", "MFU"]))

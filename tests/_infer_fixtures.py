@@ -46,31 +46,8 @@ def tiny_model(vocab_size: int = 320, seed: int = 0, **overrides):
 
 
 def to_hf_llama(model):
-    """Copy a qkv Llama-style model into transformers' LlamaForCausalLM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The same weights in transformers' LlamaForCausalLM (through qkv's exporter, which
+    tests/test_interop_hf.py checks against transformers' own loading)."""
+    from qkv.interop.hf import to_transformers
 
-    c = model.cfg
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=c.qkv_bias,
-        mlp_bias=c.mlp_bias, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    hf = LlamaForCausalLM(hf_cfg).eval()
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.final_norm.weight}
-    if model.lm_head is not None:
-        sd["lm_head.weight"] = model.lm_head.weight
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = b.attn_norm.weight
-        sd[p + "post_attention_layernorm.weight"] = b.mlp_norm.weight
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{n}.weight"] = getattr(b.attn, n).weight
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            sd[p + f"mlp.{n}.weight"] = getattr(b.mlp, n).weight
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
-    if c.tie_embeddings:
-        hf.tie_weights()
-    return hf
+    return to_transformers(model, "llama")

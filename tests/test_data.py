@@ -1,6 +1,5 @@
 """Corpus loading, deterministic split, shards (dtype, index, memmap) and the deterministic loader."""
 
-import json
 
 import numpy as np
 import pytest

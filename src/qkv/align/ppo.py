@@ -23,7 +23,6 @@ out_dir/rollouts.jsonl; the over-optimisation plot reads it.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass

@@ -306,7 +306,7 @@ def render_markdown(r: dict) -> str:
         f"- Base: {rc['pretrain_steps']} steps of next-token pretraining on Shakespeare (all plays but the last two).",
         f"- SFT: {rc['sft_steps']} steps (packed) on {r['n']['sft']} conversations: chatterbot-corpus dialogues plus "
         "task demonstrations that are deliberately imperfect (concise, chatty and wrong answers).",
-        f"- Task: `First word: \"<line>\"` / `Last word: \"<line>\"` over Shakespeare verse lines; the gold judge "
+        "- Task: `First word: \"<line>\"` / `Last word: \"<line>\"` over Shakespeare verse lines; the gold judge "
         "(src/qkv/align/task.py) gives +1 for exactly the target word, 0..0.5 for the target among other words, "
         "-0.25 for one wrong word, -0.5..-0.9 for several wrong words, -1 for nothing.",
         f"- Preferences: {r['n']['prefs']} pairs labelled by Bradley-Terry draws from the gold scores "

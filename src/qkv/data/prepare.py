@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from qkv.data.corpus import load_documents, split_documents
 from qkv.data.shards import INDEX, shard_dtype, unigram_entropy, write_split

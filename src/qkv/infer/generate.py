@@ -8,7 +8,7 @@ weight once per token, so it is bound by memory bandwidth, not FLOPs.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 

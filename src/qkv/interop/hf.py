@@ -408,15 +408,9 @@ def export_hf(model, directory: str | Path, tokenizer=None, arch: Optional[str] 
     """Write `model` (and tokenizer) as a transformers directory; returns the directory."""
     from safetensors.torch import save
 
-    from qkv.checkpoint import state_dict_for_save
     from qkv.io import atomic_write_bytes, atomic_write_text
 
-    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
-    cfg: ModelConfig = inner.cfg
-    state = state_dict_for_save(inner)
-    dtype = dtype or next(iter(state.values())).dtype
-    hf_cfg = config_to_hf(cfg, arch, dtype)
-    hf_state = {k: v.to(dtype) for k, v in state_to_hf(state, cfg, hf_cfg["model_type"]).items()}
+    hf_cfg, hf_state = _hf_config_and_state(model, arch, dtype)
     if tokenizer is not None:
         hf_cfg.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     directory = Path(directory)
@@ -426,3 +420,33 @@ def export_hf(model, directory: str | Path, tokenizer=None, arch: Optional[str] 
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
+
+
+def _hf_config_and_state(model, arch: Optional[str], dtype: Optional[torch.dtype]) -> tuple[dict, dict]:
+    """(config.json dict, transformers state dict) for a qkv model (DDP/compiled wrappers unwrapped)."""
+    from qkv.checkpoint import state_dict_for_save
+
+    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    cfg: ModelConfig = inner.cfg
+    state = state_dict_for_save(inner)
+    dtype = dtype or next(iter(state.values())).dtype
+    hf_cfg = config_to_hf(cfg, arch, dtype)
+    return hf_cfg, {k: v.to(dtype) for k, v in state_to_hf(state, cfg, hf_cfg["model_type"]).items()}
+
+
+def to_transformers(model, arch: Optional[str] = None):
+    """The same weights as a transformers model, in memory (no files), for side-by-side
+    comparisons. Special-token ids stay unset, so transformers' `generate` never stops early."""
+    import transformers
+
+    hf_cfg, hf_state = _hf_config_and_state(model, arch, None)
+    hf_cfg.pop("architectures")
+    config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg,
+                                               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+    if unexpected or any("lm_head" not in m for m in missing):
+        raise RuntimeError(f"weights do not map onto transformers' model: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.eval()

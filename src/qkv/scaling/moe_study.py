@@ -295,8 +295,6 @@ def render(cfg: MoEStudyConfig, named: dict, results: dict, figs: dict, index: d
         p = preset(n)
         ex = f"{p.n_expert} ({p.n_expert_per_token})" if p.n_expert else "dense"
         L.append(f"| {n} | {ex} | {_b(c.total)} | {_b(c.active)} | {c.active / c.total:.2f} | {_b(c.embedding)} |")
-    d = results["dense"]["params"]
-    m = results.get("moe", {}).get("params", d)
     L += ["", "## Dense vs MoE on the bundled corpus at equal active compute", "",
           f"Shakespeare, vocab {index['vocab_size']}, {cfg.steps} steps × {cfg.batch_size} × {cfg.seq_len} tokens "
           f"for every run, lr {cfg.lr} cosine. Dense: {cfg.n_layer} layers × d_model {cfg.d_model}. MoE: the same with "

@@ -6,7 +6,6 @@ The model's vocab_size comes from the data dir's tokenizer; the context is at le
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 

@@ -297,7 +297,7 @@ class Trainer:
         self.model.train()
         last: dict = {}
         val: dict = {}
-        t0, tok_window, tok_total, time_total = time.perf_counter(), 0, 0, 0.0
+        t0, tok_total, time_total = time.perf_counter(), 0, 0.0
         while self.step < cfg.max_steps:
             m = self._train_step(self.step)
             self.step += 1
