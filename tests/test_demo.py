@@ -4,6 +4,7 @@ writes a loadable model, and the report names what each stage measured."""
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 
@@ -27,3 +28,8 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert re.search(r"SFT\s+train loss [\d.]+ on assistant tokens; judge score [-+][\d.]+ on 64 held-out", text)
     assert re.search(r"DPO\s+judge score [-+][\d.]+ \(SFT [-+][\d.]+\); wins \d+% of prompts", text)
     assert "assistant: " in text and (out / "pretrain" / "loss.png").exists()
+    # the commands the report suggests next are valid as printed
+    hints = [shlex.split(c) for c in text.rsplit("next: ", 1)[1].strip().split("   |   ")]
+    assert [h[:2] for h in hints] == [["qkv", "chat"], ["qkv", "generate"], ["qkv", "plot"]]
+    assert main(hints[1][1:] + ["--max-tokens", "4"]) == 0
+    assert main(hints[2][1:]) == 0

@@ -181,5 +181,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'total time':<{w}}  {time.perf_counter() - t_start:.0f}s")
     for i, s in enumerate(samples, 1):
         print(f"\n--- sample {i} ---\n{s.strip()}")
-    print(f"\nnext: qkv generate {final_dir} --prompt 'ROMEO:'   |   qkv plot {run_dir}")
+    chat = f"qkv chat --model {final_dir}   |   " if final_dir != run_dir else ""
+    print(f"\nnext: {chat}qkv generate --model {run_dir} --prompt 'ROMEO:'   |   qkv plot {run_dir}")
     return 0
