@@ -12,13 +12,15 @@ Each view writes PNG plots and a JSON file to --out and prints a short summary:
   kv         KV-cache bytes for context x batch, MHA vs GQA vs MQA, beside real configs
   routing    per-layer expert load and each token's experts (MoE models)
   calc       compute-optimal parameters/tokens for a FLOP budget from a scaling-law fit
+  induction  MODEL `toy`: train a 2-layer attention-only model on repeated random segments
+             (~20 s) and watch an induction head form: loss and head scores vs step
 """
 
 from __future__ import annotations
 
 import argparse
 
-VIEWS = ("attention", "lens", "embed", "kv", "routing", "calc")
+VIEWS = ("attention", "lens", "embed", "kv", "routing", "calc", "induction")
 DEFAULT_PROMPT = "The cat sat on the mat. The cat sat on the"
 
 
@@ -40,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", nargs="*", default=["llama3-8b", "mixtral-8x7b", "smollm2-135m"], help="KV: presets to compare with")
     p.add_argument("--compute", type=float, default=1e21, help="calc: FLOP budget")
     p.add_argument("--law", default=None, help="calc: a `qkv scale` fit.json or a JSON {E, A, B, alpha, beta} (default: Chinchilla's fit)")
+    p.add_argument("--steps", type=int, default=1200, help="induction: training steps of the toy")
+    p.add_argument("--seed", type=int, default=0, help="induction: seed of the toy's weights and data")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -230,6 +234,32 @@ def view_calc(args, out) -> dict:
     return res
 
 
+def view_induction(args, out) -> dict:
+    from dataclasses import asdict
+
+    from qkv.inspect.attention import capture_attention, plot_attention_grid, repeated_random_tokens
+    from qkv.inspect.induction import ToyInductionConfig, plot_phase_change, train_toy_induction
+
+    if args.model != "toy":
+        raise ValueError(f"the induction view trains its own toy model; run `qkv inspect toy induction` "
+                         f"(to score the heads of {args.model}, use the attention view)")
+    cfg = ToyInductionConfig(steps=args.steps, seed=args.seed)
+    print(f"training a {cfg.n_layer}-layer attention-only toy ({cfg.pos}, vocab {cfg.vocab_size}) for {cfg.steps} steps")
+    res = train_toy_induction(cfg, log=lambda r: print(
+        f"  step {r['step']:5d}  copy loss {'  -  ' if r['loss'] is None else format(r['loss'], '.3f')}  best induction {r['best_induction']:.2f} (layer {r['layer']})"
+        f"  best previous-token {r['best_previous_token']:.2f}"))
+    plot_phase_change(res, out / "induction_phase_change.png", cfg)
+    probe = repeated_random_tokens(cfg.vocab_size, 16, batch=1, seed=3)[0]
+    plot_attention_grid(capture_attention(res.model, probe), [str(t) for t in probe.tolist()],
+                        out / "induction_attention.png",
+                        title="toy after training: a random 16-token segment, repeated (rows: queries, columns: keys)")
+    s = res.summary()
+    print(f"best induction head: layer {s['layer']} head {s['head']}, score {s['best_induction']:.2f} "
+          f"(threshold 0.4; untrained ~0.05); copy loss {s['final_loss']:.3f} nats")
+    return {"config": asdict(cfg), "summary": s, "scores": [[round(float(v), 4) for v in row] for row in res.scores],
+            "previous_token": [[round(float(v), 4) for v in row] for row in res.previous_token], "history": res.history}
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import time
@@ -242,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.view == "calc":
         result = view_calc(args, out)
+    elif args.view == "induction":
+        result = view_induction(args, out)
     elif args.view == "kv":
         _, _, cfg, _ = load_any(args.model, need_weights=False)
         result = view_kv(args, cfg, out)
