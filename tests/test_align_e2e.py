@@ -264,3 +264,24 @@ def test_gold_judge_levels():
     assert gold_reward(p, "  ") == -1.0
     with pytest.raises(ValueError, match="not a task prompt"):
         gold_reward("hello", "x")
+
+
+def test_stages_take_an_imported_model_directly(tmp_path, setup, capsys):
+    """`qkv dpo --model HF_DIR` fine-tunes a Hugging Face directory as it is (no convert step),
+    and the result is a qkv checkpoint with the same tokenizer; weights without a tokenizer
+    are a clear one-line error."""
+    from qkv.checkpoint import load_model
+    from qkv.cli import main
+    from qkv.interop.hf import export_hf
+
+    hf_dir = export_hf(setup["sft"], tmp_path / "hf", setup["tok"])
+    write_jsonl(tmp_path / "prefs.jsonl", setup["task"].prefs[:16])
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--model", str(hf_dir), "--data", str(tmp_path / "prefs.jsonl"), "--out-dir", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
+    tuned = load_model(out)
+    assert tuned.cfg.vocab_size == setup["sft"].cfg.vocab_size
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), setup["sft"].state_dict().values()))
+    bare = export_hf(setup["sft"], tmp_path / "bare")  # weights only
+    assert main(["dpo", "--model", str(bare), "--data", str(tmp_path / "prefs.jsonl"), "--out-dir", str(tmp_path / "x")]) == 1
+    assert "no tokenizer found" in capsys.readouterr().err

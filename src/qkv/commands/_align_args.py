@@ -12,7 +12,7 @@ import argparse
 
 def add_stage_arguments(p: argparse.ArgumentParser, data_help: str, heldout: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides, applied last (e.g. max_steps=100)")
-    p.add_argument("--model", required=True, help="starting qkv checkpoint directory (weights + chat tokenizer)")
+    p.add_argument("--model", required=True, help="starting model: qkv checkpoint dir, Hugging Face dir or .gguf file (with a chat tokenizer)")
     p.add_argument("--data", required=True, help=data_help)
     if heldout:
         p.add_argument("--heldout", default=None, help="held-out JSONL in the same format (evaluated during and after training)")
@@ -64,19 +64,23 @@ def stage_config(args: argparse.Namespace, stage: str, **defaults):
     return load_train_config(None, args.overrides, base=cfg)
 
 
-def load_policy(directory: str):
-    """(model in train mode, tokenizer) from a checkpoint; a clear error without a chat template."""
+def load_policy(source: str):
+    """(model in train mode, tokenizer) from a qkv checkpoint, a Hugging Face directory or a
+    GGUF file (an imported model is fine-tuned as it is, no conversion step); a clear error
+    without a tokenizer or a chat template."""
     from pathlib import Path
 
     from qkv.align.data import require_chat_template
-    from qkv.checkpoint import load_model
-    from qkv.tokenizer import Tokenizer
+    from qkv.interop import load
 
-    if not Path(directory).is_dir():
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
-    tok = Tokenizer.load(directory)
-    require_chat_template(tok, directory)
-    return load_model(directory).train(), tok
+    if not Path(source).exists():
+        raise FileNotFoundError(f"{source}: no such checkpoint directory, Hugging Face directory or GGUF file")
+    model, tok = load(source)
+    if tok is None:
+        raise ValueError(f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "
+                         "tokenizer with a chat template (tokenizer.json + tokenizer_config.json)")
+    require_chat_template(tok, source)
+    return model.train(), tok
 
 
 def report(result, what: str) -> None:
