@@ -10,6 +10,7 @@ a CPU); the reward-model, DPO and PPO tests start from it. Margins checked:
 
 import copy
 import json
+import re
 import statistics
 
 import pytest
@@ -282,6 +283,10 @@ def test_stages_take_an_imported_model_directly(tmp_path, setup, capsys):
     tuned = load_model(out)
     assert tuned.cfg.vocab_size == setup["sft"].cfg.vocab_size
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), setup["sft"].state_dict().values()))
+    capsys.readouterr()
+    assert main(["align", "eval", "--model", str(out), "--n-eval", "8", "--samples-per-prompt", "1"]) == 0
+    judged = capsys.readouterr().out
+    assert re.search(r"judge score [-+]\d\.\d{3} \(range -1\.\.1\) over 8 answers to 8 held-out questions", judged), judged
     bare = export_hf(setup["sft"], tmp_path / "bare")  # weights only
     assert main(["dpo", "--model", str(bare), "--data", str(tmp_path / "prefs.jsonl"), "--out-dir", str(tmp_path / "x")]) == 1
     assert "no tokenizer found" in capsys.readouterr().err

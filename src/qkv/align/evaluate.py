@@ -7,6 +7,7 @@
   samples at the sampling temperature; a negative value would mean the samples were not
   from pi).
 - `text_loss`: next-token loss and bits per byte on held-out pretraining text, the tax.
+- `judge_policy`: sample and score in one call: gold mean, exact answers, length, EOS rate.
 """
 
 from __future__ import annotations
@@ -69,3 +70,21 @@ def text_loss(model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int 
     if bytes_per_token:
         out["bpb"] = loss / math.log(2) / bytes_per_token
     return out
+
+
+def judge_policy(model, tokenizer, prompts: list, gold_fn: Callable[[list[dict], str], float], max_new_tokens: int = 16,
+                 temperature: float = 0.7, seed: int = 99, n: int = 1) -> tuple[Rollout, dict]:
+    """(rollout, summary) of `n` sampled responses per prompt scored by `gold_fn`: the gold
+    mean, the fraction of perfect answers (score 1), mean response length in tokens, the
+    fraction that ended with EOS, the raw scores and a few (prompt, response) examples."""
+    ro = sample_policy(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed, n=n)
+    g = gold_scores(ro, gold_fn)
+    return ro, {
+        "gold": sum(g) / len(g),
+        "exact": sum(x == 1.0 for x in g) / len(g),
+        "length": sum(map(len, ro.response_ids)) / len(ro.response_ids),
+        "eos_rate": sum(ro.finished) / len(ro.finished),
+        "scores": g,
+        "examples": [(p, t) for p, t in list(zip(ro.prompts, ro.texts))[::n][:4]],
+    }
+

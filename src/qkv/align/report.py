@@ -169,24 +169,20 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
     # --- measure ------------------------------------------------------------------------
     t0 = time.perf_counter()
     rows = {}
-    sft_ro = E.sample_policy(sft, tok, task.eval_prompts, rc.max_new_tokens, rc.temperature, seed=rc.seed + 99,
-                             n=rc.samples_per_prompt)
-    sft_gold = E.gold_scores(sft_ro, gold)
+    judged = {name: E.judge_policy(m, tok, task.eval_prompts, gold, rc.max_new_tokens, rc.temperature,
+                                   seed=rc.seed + 99, n=rc.samples_per_prompt) for name, m in models.items()}
+    sft_gold = judged["SFT"][1]["scores"]
     for name, m in models.items():
-        ro = sft_ro if m is sft else E.sample_policy(m, tok, task.eval_prompts, rc.max_new_tokens, rc.temperature,
-                                                     seed=rc.seed + 99, n=rc.samples_per_prompt)
-        g = E.gold_scores(ro, gold)
+        ro, j = judged[name]
         tax = E.text_loss(m, val_tokens, seq_len=rc.max_seq_len, max_windows=64, bytes_per_token=bytes_per_token)
         rows[name] = {
-            "gold": sum(g) / len(g),
-            "win_vs_sft": E.win_rate(g, sft_gold),
+            "gold": j["gold"],
+            "win_vs_sft": E.win_rate(j["scores"], sft_gold),
             "kl_to_sft": E.kl_to_reference(m, sft, tok, ro, rc.temperature),
             "proxy": RW.score(rm, tok, ro.prompts, ro.texts).mean().item(),
             "val_loss": tax["loss"], "val_bpb": tax["bpb"],
-            "length": sum(map(len, ro.response_ids)) / len(ro.response_ids),
-            "eos_rate": sum(ro.finished) / len(ro.finished),
-            "exact": sum(x == 1.0 for x in g) / len(g),
-            "examples": [(prompt_text(p), t) for p, t in list(zip(ro.prompts, ro.texts))[:: rc.samples_per_prompt][:4]],
+            "length": j["length"], "eos_rate": j["eos_rate"], "exact": j["exact"],
+            "examples": [(prompt_text(p), t) for p, t in j["examples"]],
         }
     lap("evaluation", t0)
 

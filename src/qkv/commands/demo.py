@@ -52,7 +52,7 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
 
     from qkv.align.data import Preference
     from qkv.align.dpo import run_dpo
-    from qkv.align.evaluate import gold_scores, sample_policy, win_rate
+    from qkv.align.evaluate import judge_policy, win_rate
     from qkv.align.sft import run_sft
     from qkv.align.task import gold_reward, make_task, prompt_text
     from qkv.checkpoint import load_model
@@ -70,8 +70,7 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
                            log_every=10, threads=args.threads, progress=not args.no_progress, device="cpu")
 
     def judged(m) -> list[float]:  # the judge's score of one sampled answer per held-out prompt
-        ro = sample_policy(m, tok, task.eval_prompts, max_new_tokens=16, temperature=0.7, seed=7)
-        return gold_scores(ro, lambda p, t: gold_reward(prompt_text(p), t))
+        return judge_policy(m, tok, task.eval_prompts, lambda p, t: gold_reward(prompt_text(p), t), seed=7)[1]["scores"]
 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"[3/5] SFT for {args.sft_steps} steps on {len(task.sft)} conversations -> {out / 'sft'}")
