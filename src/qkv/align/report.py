@@ -223,7 +223,7 @@ def rollout_throughput(model, tokenizer, prompts: list[str], max_new_tokens: int
     t, naive_tokens = time.perf_counter(), 0
     for p in prompts:
         ids = encode_prompt(tokenizer, as_messages(p))
-        for _ in range(max_new_tokens):
+        for _ in range(min(max_new_tokens, model.cfg.max_seq_len - len(ids))):  # the engine stops at the context too
             logits = model(torch.tensor([ids]), last_only=True)[0, -1]
             nxt = int(torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=g))
             ids.append(nxt)
