@@ -19,13 +19,17 @@ from qkv.align.reward import encode_pairs, pair_batch
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model, pairs: list[tuple], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """(N, 2): reference sequence log-probs of (chosen, rejected) for every pair."""
+def reference_logprobs(ref_model, pairs: list[tuple], pad_id: int, batch_size: int = 32,
+                       progress: bool = False) -> torch.Tensor:
+    """(N, 2): reference sequence log-probs of (chosen, rejected) for every pair (a progress
+    bar when asked: for an imported 100M+ model this pass takes minutes on a CPU)."""
+    from tqdm import tqdm
+
     was = ref_model.training
     ref_model.eval()
     dev = next(ref_model.parameters()).device
     out = []
-    for s in range(0, len(pairs), batch_size):
+    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch", disable=not progress):
         b = {k: v.to(dev) for k, v in pair_batch(pairs[s : s + batch_size], pad_id).items()}
         c, r = sequence_logprobs(ref_model, b).chunk(2)
         out.append(torch.stack([c, r], 1).cpu())
@@ -67,7 +71,7 @@ def run_dpo(model, tokenizer, prefs: list[Preference], cfg, ref_model=None, beta
     max_len = min(cfg.seq_len, model.cfg.max_seq_len)
     pairs = encode_pairs(tokenizer, prefs, max_len)
     pad_id = tokenizer.pad_id
-    ref = reference_logprobs(ref_model, pairs, pad_id)  # once, up front
+    ref = reference_logprobs(ref_model, pairs, pad_id, progress=cfg.progress)  # once, up front
     del ref_model
     micro = cfg.batch_size // cfg.grad_accum
     sampler = IndexSampler(len(pairs), micro, cfg.grad_accum, cfg.seed)
