@@ -16,9 +16,9 @@ from qkv.tokenizer import IM_END, Tokenizer
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--vocab-size", "512", "--steps", "20", "--batch-size", "8",
-               "--sft-steps", "8", "--dpo-steps", "4", "--samples", "1", "--max-tokens", "8", "--no-progress"])
-    assert rc == 0
+    argv = ["demo", "--out", str(out), "--vocab-size", "512", "--steps", "20", "--batch-size", "8",
+            "--sft-steps", "8", "--dpo-steps", "4", "--samples", "1", "--max-tokens", "8", "--no-progress"]
+    assert main(argv) == 0
     text = capsys.readouterr().out
     for stage in ("pretrain", "sft", "dpo"):
         assert load_model(out / stage).cfg.vocab_size == 512
@@ -33,3 +33,13 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert [h[:2] for h in hints] == [["qkv", "chat"], ["qkv", "generate"], ["qkv", "plot"]]
     assert main(hints[1][1:] + ["--max-tokens", "4"]) == 0
     assert main(hints[2][1:]) == 0
+
+    # running it again reuses every stage: same models, same judged scores, nothing overwritten
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+
+    def stages(t):
+        return [re.sub(r"\s+\[\d+s\]$", "", ln) for ln in t.splitlines() if ln.startswith(("SFT ", "DPO ", "val loss"))]
+
+    assert stages(again)[1:] == stages(text)[1:] and len(stages(text)) == 3
+

@@ -3,7 +3,7 @@ prepare -> pretrain tiny -> SFT -> DPO -> sample -> report.
 
 Everything lands under --out (default runs/demo): data/ (tokenizer + shards), pretrain/
 (the run: checkpoints, metrics.jsonl, loss.png), sft/ and dpo/ (the chat models).
-Re-running reuses prepared data and resumes or reuses the pretraining run.
+Re-running reuses prepared data and resumes or reuses each training stage.
 
 The alignment stages use the bundled task of qkv.align.task (docs/alignment.md): word
 questions over Shakespeare lines plus real chatterbot conversations for SFT, preference
@@ -58,6 +58,7 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
     from qkv.checkpoint import load_model
     from qkv.tokenizer import IM_END, Tokenizer
     from qkv.train import TrainConfig
+    from qkv.train.state import latest_checkpoint
 
     model, tok = load_model(pretrained), Tokenizer.load(pretrained)
     tok.eos_token = IM_END  # a chat model ends its turn with <|im_end|>, as SmolLM2 does
@@ -69,13 +70,17 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
                            max_steps=steps, warmup_steps=max(1, steps // 10), eval_every=0, save_every=0,
                            log_every=10, threads=args.threads, progress=not args.no_progress, device="cpu")
 
+    def done_before(name: str) -> bool:  # a re-run resumes (or reuses) each stage, as pretraining does
+        return (out / name).exists() and latest_checkpoint(out / name) is not None
+
     def judged(m) -> list[float]:  # the judge's score of one sampled answer per held-out prompt
         return judge_policy(m, tok, task.eval_prompts, lambda p, t: gold_reward(prompt_text(p), t), seed=7)[1]["scores"]
 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"[3/5] SFT for {args.sft_steps} steps on {len(task.sft)} conversations -> {out / 'sft'}")
     t = time.perf_counter()
-    r = run_sft(model, tok, [c["messages"] for c in task.sft], stage_cfg("sft", args.sft_steps, 1e-3), packing=True)
+    r = run_sft(model, tok, [c["messages"] for c in task.sft], stage_cfg("sft", args.sft_steps, 1e-3), packing=True,
+                resume=done_before("sft"))
     sft_scores = judged(model)
     report.append(("SFT", f"train loss {r.train_loss:.3f} on assistant tokens; judge score {mean(sft_scores):+.3f} "
                           f"on {len(sft_scores)} held-out questions (range -1..1)  [{time.perf_counter() - t:.0f}s]"))
@@ -85,7 +90,7 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
     t = time.perf_counter()
     prefs = [Preference(p["prompt"], p["chosen"], p["rejected"]) for p in task.prefs]
     ref = copy.deepcopy(model)
-    run_dpo(model, tok, prefs, stage_cfg("dpo", args.dpo_steps, 1e-4), ref_model=ref, beta=0.1)
+    run_dpo(model, tok, prefs, stage_cfg("dpo", args.dpo_steps, 1e-4), ref_model=ref, beta=0.1, resume=done_before("dpo"))
     dpo_scores = judged(model)
     report.append(("DPO", f"judge score {mean(dpo_scores):+.3f} (SFT {mean(sft_scores):+.3f}); "
                           f"wins {win_rate(dpo_scores, sft_scores):.0%} of prompts against SFT  [{time.perf_counter() - t:.0f}s]"))
