@@ -182,6 +182,18 @@ class IndexSampler:
         return [self._perm(j // self.n)[j % self.n] for j in range(start, start + self.mb)]
 
 
+def rollout_minibatch(step: int, micro: int, steps_per_iter: int, n_rows: int, cfg) -> tuple[int, torch.Tensor]:
+    """(iteration, row indices) for micro-batch `micro` of optimizer step `step` in the RL
+    stages (PPO, GRPO): each iteration's `n_rows` rollout rows are reshuffled every epoch
+    with a seed derived from (cfg.seed, iteration, epoch), so a resumed run is exact."""
+    it, k = divmod(step, steps_per_iter)
+    epoch, j = divmod(k, n_rows // cfg.batch_size)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 104729 + it * 1000 + epoch))
+    mb = cfg.batch_size // cfg.grad_accum
+    start = j * cfg.batch_size + micro * mb
+    return it, perm[start : start + mb]
+
+
 def pad(seqs: Sequence[Sequence[int]], value: int, length: Optional[int] = None) -> torch.Tensor:
     length = length or max(len(s) for s in seqs)
     out = torch.full((len(seqs), length), value, dtype=torch.long)

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from qkv.align import losses as L
-from qkv.align.data import as_messages, check_same_vocab, require_chat_template
+from qkv.align.data import as_messages, check_same_vocab, require_chat_template, rollout_minibatch
 from qkv.align.policy import response_logprobs, rollout
 
 RewardFn = Callable[[list[dict], str], float]
@@ -79,14 +79,10 @@ class GRPORun:
         self.iteration = it
 
     def get_batch(self, step: int, micro: int) -> dict:
-        it, k = divmod(step, self.steps_per_iter)
+        it, idx = rollout_minibatch(step, micro, self.steps_per_iter, self.n, self.cfg)
         if it != self.iteration:
             self.make_rollout(it)
-        epoch, j = divmod(k, self.n_mb)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.cfg.seed * 104729 + it * 1000 + epoch))
-        mb = self.cfg.batch_size // self.cfg.grad_accum
-        s = j * self.cfg.batch_size + micro * mb
-        idx = perm[s : s + mb].to(self.buf["ids"].device)
+        idx = idx.to(self.buf["ids"].device)
         return {k: v[idx] for k, v in self.buf.items()}
 
     def loss_fn(self, model, batch):

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from qkv.align import losses as L
-from qkv.align.data import as_messages, check_same_vocab, require_chat_template
+from qkv.align.data import as_messages, check_same_vocab, require_chat_template, rollout_minibatch
 from qkv.align.policy import PolicyWithValue, Rollout, plain_state, response_logprobs, rollout
 from qkv.io import atomic_write_text
 
@@ -154,14 +154,9 @@ class PPORun:
         self.iteration = it
 
     def get_batch(self, step: int, micro: int) -> dict:
-        it, k = divmod(step, self.steps_per_iter)
+        it, idx = rollout_minibatch(step, micro, self.steps_per_iter, self.ppo.rollout_batch, self.cfg)
         if it != self.iteration:
             self.make_rollout(it)
-        epoch, j = divmod(k, self.n_mb)
-        g = torch.Generator().manual_seed(self.cfg.seed * 104729 + it * 1000 + epoch)
-        perm = torch.randperm(self.ppo.rollout_batch, generator=g)
-        mb = self.cfg.batch_size // self.cfg.grad_accum
-        idx = perm[j * self.cfg.batch_size + micro * mb : j * self.cfg.batch_size + (micro + 1) * mb]
         idx = idx.to(self.buf["ids"].device)
         batch = {k: v[idx] for k, v in self.buf.items()}
         T = int(batch["key_padding"].sum(1).max())  # drop all-padding columns
