@@ -45,10 +45,6 @@ def _packed_positions_and_mask(doc: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return t - start, (same & causal)[:, None]
 
 
-def lm_weight(model) -> torch.Tensor:
-    return model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-
-
 def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Mean cross-entropy over the masked (assistant) tokens of a batch."""
     ids = batch["ids"]
@@ -58,7 +54,7 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
         h = model.hidden(x, positions=positions, mask=mask)
     else:
         h = model.hidden(x, key_padding=batch["key_padding"][:, :-1])
-    loss = fused_linear_cross_entropy(h, lm_weight(model), y)
+    loss = fused_linear_cross_entropy(h, model.output_weight, y)
     aux = model.aux_loss() if model.training and hasattr(model, "aux_loss") else None
     if aux is not None:
         loss = loss + aux

@@ -141,10 +141,14 @@ class Transformer(nn.Module):
     def _window_applies(self, T: int) -> bool:
         return self.cfg.sliding_window is not None and self.cfg.sliding_window < T
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(vocab, d) unembedding: the token embedding when tied, else lm_head's weight."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from hidden states (tied: the token embedding matrix)."""
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return h @ w.t().to(h.dtype)
+        return h @ self.output_weight.t().to(h.dtype)
 
     def forward(
         self,
@@ -173,8 +177,7 @@ class Transformer(nn.Module):
         Uses the fused linear + cross-entropy (loss.py): the (B, T, vocab) logits are never
         stored whole."""
         h = self.hidden(idx, positions, key_padding=key_padding)
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        loss = fused_linear_cross_entropy(h, w, targets, ignore_index)
+        loss = fused_linear_cross_entropy(h, self.output_weight, targets, ignore_index)
         aux = self.aux_loss() if self.training else None
         return loss if aux is None else loss + aux
 
