@@ -11,45 +11,20 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from qkv.commands.serve import load_for_serving
-from qkv.infer.engine import Engine
-from qkv.serve.app import create_app
-from qkv.serve.testing import BackgroundServer, make_tiny_checkpoint
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[test]')")
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"{CHROMIUM} missing: apt-get install chromium (make install does it as root)")
+from _browser import browser_page, serve_tiny, sync_api
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("serve_browser") / "ckpt")
-    model, tok = load_for_serving(str(ckpt))
-    app = create_app(Engine(model, tok, num_blocks=64, max_num_seqs=4), "tiny-chat")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a busy machine
-    try:
-        with BackgroundServer(app) as srv:
-            yield srv.url
-    finally:
-        torch.set_num_threads(threads)
+    with serve_tiny(tmp_path_factory.mktemp("serve_browser"), "tiny-chat") as u:
+        yield u
 
 
 @pytest.fixture(scope="module")
 def page():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 720})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.errors = errors
-        yield page
-        browser.close()
+    with browser_page() as p:
+        yield p
 
 
 def test_page_streams_a_reply(url, page, tmp_path):
