@@ -13,9 +13,10 @@ counts, copy-on-write and prefix caching (the vLLM design, written out small).
   them instead of recomputing. Freed blocks that carry a hash stay cached (LRU) until
   the allocator needs the memory.
 
-Attention reads the cache by gathering each sequence's slots into a padded
-(B, n_kv_head, S, head_dim) batch; a fused paged-attention kernel could read the
-blocks in place instead (the `slots`/`gather` index tensors are what it would take).
+Decode steps on CPU attend with a native kernel that reads each sequence's blocks in
+place (kernels/decode_attention_f32.c); prompt chunks, and any step the kernel does not
+take, gather each sequence's blocks into a padded (B, n_kv_head, S, head_dim) batch
+for SDPA.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv.config import ModelConfig
+from qkv.kernels import decode_attention
 
 
 class NoFreeBlocks(RuntimeError):
@@ -191,7 +193,15 @@ class PagedKVCache:
             self.write_rows = valid.reshape(-1).nonzero().squeeze(1)
             self.write_slots = slots[self.write_rows]
         self.tables, self.total = tables, start + lens  # keys each row sees after this step
-        # buckets of rows with similar block counts (sorted longest first)
+        self.buckets = None  # built on first use: decode steps on CPU read blocks in place
+        self.decode_index = (tables.to(torch.int32), self.total.to(torch.int32)) if T == 1 else None
+
+    def _buckets(self) -> list:
+        """Rows in a few buckets of similar block counts (longest first), each with the
+        flat block ids to gather and its mask."""
+        if self.buckets is not None:
+            return self.buckets
+        bs, dev, B = self.block_size, self.tables.device, self.tables.shape[0]
         need = (-(-self.total // bs)).tolist()
         order = sorted(range(B), key=lambda b: -need[b])
         groups: list[list[int]] = []
@@ -205,7 +215,8 @@ class PagedKVCache:
             rows = None if len(groups) == 1 else torch.tensor(g, device=dev)
             nb = need[g[0]]
             sel = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
-            self.buckets.append((rows, sel(tables)[:, :nb].reshape(-1), self._mask(sel(self.pos), sel(self.total), nb * bs)))
+            self.buckets.append((rows, sel(self.tables)[:, :nb].reshape(-1), self._mask(sel(self.pos), sel(self.total), nb * bs)))
+        return self.buckets
 
     def _mask(self, pos: torch.Tensor, total: torch.Tensor, S: int) -> torch.Tensor:
         j = torch.arange(S, device=pos.device)
@@ -240,9 +251,12 @@ class PagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         self._write(layer, k, v)
+        if self.decode_index is not None and decode_attention.applies(q, self.k[layer], self.v[layer]):
+            return decode_attention.paged_decode(q, self.k[layer], self.v[layer], *self.decode_index, scale, self.window)
         gqa = q.shape[1] != k.shape[1]
-        out = None if len(self.buckets) == 1 else torch.empty_like(q)
-        for rows, blocks, mask in self.buckets:
+        buckets = self._buckets()
+        out = None if len(buckets) == 1 else torch.empty_like(q)
+        for rows, blocks, mask in buckets:
             qb = q if rows is None else q.index_select(0, rows)
             kb, vb = self._gather(layer, blocks, qb.shape[0], q.dtype)
             y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)

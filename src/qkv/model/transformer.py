@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from qkv.config import ModelConfig
 from qkv.model.attention import Attention, KVCacheLike, causal_mask
-from qkv.model.layers import RMSNorm, make_mlp, make_norm
+from qkv.kernels import linear
+from qkv.model.layers import Linear, RMSNorm, make_mlp, make_norm
 from qkv.model.loss import fused_linear_cross_entropy
 from qkv.model.moe import MoE
 from qkv.model.positions import rope_table, sinusoidal_table
@@ -34,7 +35,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = None if cfg.mlp == "none" else make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.is_moe else make_mlp(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x, rope=None, mask=None, cache=None):
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
@@ -56,10 +57,10 @@ class Transformer(nn.Module):
             cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
     # --- initialisation ------------------------------------------------------------
@@ -148,7 +149,7 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from hidden states (tied: the token embedding matrix)."""
-        return h @ self.output_weight.t().to(h.dtype)
+        return linear(h, self.output_weight.to(h.dtype))
 
     def forward(
         self,
