@@ -1,9 +1,10 @@
 """Inference engine speed, CPU fp32, one run, same weights and prompts for every contender.
 
 1. KV cache vs recomputing the whole sequence each step (128 / 512 / 1024 new tokens).
-2. Batch-1 decode, qkv (contiguous cache) vs transformers `generate`, for a Llama-style
-   ~100M model and SmolLM2-135M, beside the roofline: memory bandwidth measured in this
-   run / bytes read per token (every weight once + the K/V of the context).
+2. Batch-1 decode, qkv (contiguous cache; with its native CPU kernels and with PyTorch ops
+   only) vs transformers `generate`, for a Llama-style ~100M model and SmolLM2-135M,
+   beside the roofline: memory bandwidth (a 512 MiB read timed in turn with the runs) /
+   bytes read per token (every weight once + the K/V of the context).
 3. 64 requests of mixed prompt/output lengths: qkv's continuous batching (paged cache)
    vs transformers batched `generate` with padding vs one request at a time.
 4. MHA vs GQA vs MQA variants of the ~100M model: cache bytes and batched decode tok/s.
@@ -29,15 +30,8 @@ from qkv.infer.engine import Engine  # noqa: E402
 from qkv.infer.generate import forward_step, generate, generate_no_cache  # noqa: E402
 from qkv.infer.kv_cache import KVCache, kv_bytes_per_token  # noqa: E402
 from qkv.infer.sampling import SamplingParams  # noqa: E402
+from qkv.kernels import native  # noqa: E402
 from qkv.model import build_model  # noqa: E402
-
-
-def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
-    """Bytes/s of reading a large tensor (a sum): decode mostly reads."""
-    x = torch.ones(mb * 2**20 // 4)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(reps))
-    return x.nbytes / best
 
 
 def _timed(fn) -> float:
@@ -89,12 +83,19 @@ def bench_cache_vs_recompute(lengths: list[int]) -> list[list]:
 
 
 # --- 2. batch-1 decode -------------------------------------------------------------------
-def bench_decode(name: str, m, hf, bw: float, prompt_len: int, new: int, reps: int) -> list:
+def bench_decode(name: str, m, hf, prompt_len: int, new: int, reps: int) -> list:
+    """tok/s of qkv (native kernels, and PyTorch ops only) and transformers, each run
+    `reps` times in turn with a 512 MiB read (the bandwidth for the roofline) between."""
     prompt = list(range(100, 100 + prompt_len))
     ids = torch.tensor([prompt])
+    big = torch.ones(512 * 2**20 // 4)
 
     def ours():
         return generate(m, prompt, SamplingParams(max_tokens=new, **GREEDY))
+
+    def ours_pytorch_ops():
+        with native.disabled():
+            return ours()
 
     def theirs():
         with torch.inference_mode():
@@ -103,13 +104,14 @@ def bench_decode(name: str, m, hf, bw: float, prompt_len: int, new: int, reps: i
 
     a, b = ours(), theirs()[0, prompt_len:].tolist()
     agree = sum(x == y for x, y in zip(a, b))
-    t = best_of({"qkv": ours, "hf": theirs}, reps)
+    t = best_of({"qkv": ours, "ops": ours_pytorch_ops, "hf": theirs, "read": big.sum}, reps)
+    bw = big.nbytes / t["read"]
     kv_read = kv_bytes_per_token(m.cfg) * (prompt_len + new / 2)
     per_tok = weight_bytes_per_token(m) + kv_read
     roof = bw / per_tok
-    q, h = new / t["qkv"], new / t["hf"]
-    return [name, f"{per_tok / 1e6:.0f} MB", f"{q:.1f}", f"{h:.1f}", f"{q / h:.2f}x", f"{roof:.1f}",
-            f"{q / roof:.0%}", f"{h / roof:.0%}", f"{agree}/{new}"]
+    q, o, h = new / t["qkv"], new / t["ops"], new / t["hf"]
+    return [name, f"{per_tok / 1e6:.0f} MB", f"{q:.1f}", f"{o:.1f}", f"{h:.1f}", f"{q / h:.2f}x",
+            f"{bw / 1e9:.1f} GB/s", f"{roof:.1f}", f"{q / roof:.0%}", f"{h / roof:.0%}", f"{agree}/{new}"]
 
 
 def load_smollm2():
@@ -149,7 +151,11 @@ def bench_batching(n_req: int, seed: int, with_sequential: bool) -> list[list]:
     def sequential():
         return [generate(m, p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in reqs]
 
-    fns = {"qkv": ours, "hf": theirs}
+    def ours_pytorch_ops():
+        with native.disabled():
+            return ours()
+
+    fns = {"qkv": ours, "ops": ours_pytorch_ops, "hf": theirs}
     if with_sequential:
         fns["seq"] = sequential
     res = ours()
@@ -158,6 +164,7 @@ def bench_batching(n_req: int, seed: int, with_sequential: bool) -> list[list]:
     solo = [generate(m, p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in reqs[:4]]
     assert [r[0].token_ids for r in res[:4]] == solo, "batched output differs from solo output"
     rows = [["qkv continuous batching (paged)", f"{useful / t['qkv']:.0f}", f"{t['hf'] / t['qkv']:.2f}x"],
+            ["qkv continuous batching, PyTorch ops only", f"{useful / t['ops']:.0f}", f"{t['hf'] / t['ops']:.2f}x"],
             ["transformers batched generate (padded)", f"{useful / t['hf']:.0f}", "1.00x"]]
     if with_sequential:
         rows.append(["qkv one request at a time (contiguous)", f"{useful / t['seq']:.0f}", f"{t['hf'] / t['seq']:.2f}x"])
@@ -202,8 +209,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bw = read_bandwidth()
-    print(f"threads={args.threads}  read bandwidth (sum over 512 MiB) = {bw / 1e9:.1f} GB/s\n")
+    print(f"threads={args.threads}  native kernels: {'on' if native.enabled() else 'off'}\n")
 
     if "1" in args.parts:
         lengths = [32, 64] if args.quick else [128, 512, 1024]
@@ -211,18 +217,19 @@ def main() -> None:
         print(table(bench_cache_vs_recompute(lengths), ["model", "new tokens", "cache tok/s", "recompute tok/s", "speedup"]))
         print()
     if "2" in args.parts:
-        new = 16 if args.quick else 32
-        print(f"## 2. batch-1 decode (32-token prompt, {new} new tokens, best of 2) vs roofline = bandwidth / bytes per token")
+        new = 16 if args.quick else 128
+        print(f"## 2. batch-1 decode (32-token prompt, {new} new tokens, best of 3) vs roofline = "
+              "bandwidth (read in turn with the runs) / bytes per token")
         rows = []
         m = build_model(preset("llama-100m")).eval()
-        rows.append(bench_decode("llama-100m (GQA 12/4)", m, to_hf(m), bw, 32, new, 2))
+        rows.append(bench_decode("llama-100m (GQA 12/4)", m, to_hf(m), 32, new, 3))
         del m
         sm = load_smollm2()
         if sm is not None:
-            rows.append(bench_decode("SmolLM2-135M (GQA 9/3)", sm[0], sm[1], bw, 32, new, 2))
+            rows.append(bench_decode("SmolLM2-135M (GQA 9/3)", sm[0], sm[1], 32, new, 3))
             del sm
-        print(table(rows, ["model", "bytes/token", "qkv tok/s", "HF tok/s", "qkv/HF", "roofline tok/s",
-                           "qkv % roof", "HF % roof", "same tokens"]))
+        print(table(rows, ["model", "bytes/token", "qkv tok/s", "qkv PyTorch ops", "HF tok/s", "qkv/HF", "bandwidth",
+                           "roofline tok/s", "qkv % roof", "HF % roof", "same tokens"]))
         print()
     if "3" in args.parts:
         n_req = 16 if args.quick else 64

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from qkv.kernels import cpu_linear, decode_attention, decode_ops, linear, linears, native
 
-needs_native = pytest.mark.skipif(cpu_linear._kernel() is False, reason="no AVX2 CPU or C compiler here")
+needs_native = pytest.mark.skipif(cpu_linear._linear.get() is None, reason="no AVX2 CPU or C compiler here")
 
 
 @needs_native
@@ -100,7 +100,7 @@ def _reference_decode(q, k_pool, v_pool, tables, total, scale, window):
     return out
 
 
-@pytest.mark.skipif(decode_attention._kernel() is False, reason="no AVX2 CPU or C compiler here")
+@pytest.mark.skipif(decode_attention._attention.get() is None, reason="no AVX2 CPU or C compiler here")
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 5), kv=st.sampled_from([(4, 4), (4, 2), (6, 1)]), D=st.sampled_from([8, 16, 64]),
        bs=st.sampled_from([1, 4, 16]), window=st.sampled_from([None, 3]), seed=st.integers(0, 10**6))
@@ -119,7 +119,7 @@ def test_paged_decode_matches_gathered_attention(B, kv, D, bs, window, seed):
     torch.testing.assert_close(got, _reference_decode(q, k_pool, v_pool, tables, total, 0.3, window), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(decode_ops._kernels() is False, reason="no AVX2 CPU or C compiler here")
+@pytest.mark.skipif(decode_ops._rms_norm.get() is None, reason="no AVX2 CPU or C compiler here")
 @pytest.mark.parametrize("B,T,per_row_angles", [(1, 1, False), (3, 1, True), (2, 5, False), (4, 3, True)])
 def test_decode_ops_match_the_model_pytorch_code(B, T, per_row_angles):
     from qkv.model.layers import RMSNorm
@@ -139,7 +139,7 @@ def test_decode_ops_match_the_model_pytorch_code(B, T, per_row_angles):
     torch.testing.assert_close(native_norm, reference_norm, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(decode_attention._kernel() is False, reason="no AVX2 CPU or C compiler here")
+@pytest.mark.skipif(decode_attention._attention.get() is None, reason="no AVX2 CPU or C compiler here")
 @pytest.mark.parametrize("B,H,Hkv", [(1, 4, 4), (3, 6, 2), (2, 4, 1)])
 def test_dense_decode_matches_sdpa_on_a_cache_prefix(B, H, Hkv):
     cache_k, cache_v = torch.randn(2, 3, B, Hkv, 50, 16)  # (layers, B, Hkv, max_len, D) like KVCache
@@ -150,3 +150,13 @@ def test_dense_decode_matches_sdpa_on_a_cache_prefix(B, H, Hkv):
         got = decode_attention.dense_decode(q, k, v, 0.25)
     ref = F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=H != Hkv)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_runs_pytorch_ops_only():
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with torch.inference_mode():
+        with native.disabled():
+            assert not cpu_linear.native_applies(x, [w])
+            assert not decode_ops.applies(x, rows=2)
+            torch.testing.assert_close(linear(x, w), F.linear(x, w))
+        assert cpu_linear.native_applies(x, [w]) == native.enabled()

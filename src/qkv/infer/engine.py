@@ -55,6 +55,7 @@ from typing import Iterator, Optional  # noqa: E402
 
 import torch  # noqa: E402
 
+from qkv.infer import fused_decode  # noqa: E402
 from qkv.infer.paged import BlockAllocator, PagedKVCache  # noqa: E402
 from qkv.infer.sampling import SamplingError, SamplingParams, apply_penalties, make_generator, warp  # noqa: E402
 from qkv.infer.scheduler import Scheduler, Sequence  # noqa: E402
@@ -261,7 +262,9 @@ class Engine:
         # the paged cache attends itself; the plain path (inspection, math attention) needs the mask
         plain = self.cfg.attn_impl == "math" or any(blk.attn.keep_probs for blk in self.model.blocks)
         positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
-        h = self.model.hidden(tok, positions=positions, mask=self.cache.full_mask() if plain else None, cache=self.cache)
+        h = None if plain else fused_decode.hidden(self.model, tok, positions, self.cache)  # decode steps, natively
+        if h is None:
+            h = self.model.hidden(tok, positions=positions, mask=self.cache.full_mask() if plain else None, cache=self.cache)
 
         rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == len(s.token_ids)]
         if not rows:

@@ -24,53 +24,59 @@ from qkv.kernels import native
 MAX_ROWS = 64  # above this MKL's blocked GEMM wins (bench_kernels.py)
 MAX_MATS = 8  # the C side's limit per call
 
-_fn = None
-
-
-def _kernel():
-    """The C function, or False when it cannot be built here."""
-    global _fn
-    if _fn is None:
-        lib = native.load("linear_f32")
-        if lib is None:
-            _fn = False
-        else:
-            _fn = lib.qkv_linear_f32
-            _fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
-            _fn.restype = None
-    return _fn
+_linear = native.Kernel("linear_f32", "qkv_linear_f32",
+                       [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
 
 
 def native_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]] = ()) -> bool:
     """Whether the native path takes x times these (out, in) weights (and biases)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _linear.get() is None:
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0 or len(weights) > MAX_MATS:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0 or len(weights) > MAX_MATS:
+        return False
+    n_in = x.shape[-1]
+    if x.numel() > MAX_ROWS * n_in:
         return False
     for w in weights:
-        if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != x.shape[-1] or not w.is_contiguous() or w.device.type != "cpu":
+        if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != n_in or not w.is_contiguous() or w.device.type != "cpu":
             return False
     for b in biases:
         if b is not None and (b.dtype != torch.float32 or not b.is_contiguous() or b.device.type != "cpu"):
             return False
-    return x.numel() // x.shape[-1] <= MAX_ROWS and bool(_kernel())
+    return True
 
 
-def _pointers(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+# pointer arrays for the C call, per group of weights (a model has a few dozen groups);
+# keyed by address and shape, which is all the arrays hold
+_plans: dict[tuple, tuple] = {}
+
+
+def _plan(weights, biases) -> tuple:
+    key = tuple((w.data_ptr(), w.shape[0], w.shape[1], 0 if b is None else b.data_ptr()) for w, b in zip(weights, biases))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 4096:
+            _plans.clear()
+        n = len(weights)
+        plan = _plans[key] = ((ctypes.c_void_p * n)(*[w.data_ptr() for w in weights]),
+                              (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in biases]),
+                              (ctypes.c_int64 * n)(*[w.shape[0] for w in weights]))
+    return plan
 
 
 def linears(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
     """[F.linear(x, w, b) for each w, b], in one native call where it applies."""
-    biases = list(biases) if biases is not None else [None] * len(weights)
+    if biases is None:
+        biases = [None] * len(weights)
     if not native_applies(x, weights, biases):
         return [F.linear(x, w, b) for w, b in zip(weights, biases)]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    ys = [torch.empty(x2.shape[0], w.shape[0]) for w in weights]
-    n_out = (ctypes.c_int64 * len(weights))(*[w.shape[0] for w in weights])
-    _fn(x2.data_ptr(), x2.shape[0], x2.shape[1], len(weights), _pointers(weights), _pointers(biases), _pointers(ys),
-        n_out, torch.get_num_threads())
-    return [y.view(*x.shape[:-1], y.shape[1]) for y in ys]
+    x = x.contiguous()
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    w_ptrs, b_ptrs, n_out = _plan(weights, biases)
+    ys = [torch.empty(*lead, w.shape[0]) for w in weights]
+    y_ptrs = (ctypes.c_void_p * len(ys))(*[y.data_ptr() for y in ys])
+    _linear.get()(x.data_ptr(), x.numel() // n_in, n_in, len(ys), w_ptrs, b_ptrs, y_ptrs, n_out, torch.get_num_threads())
+    return ys
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

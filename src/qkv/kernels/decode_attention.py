@@ -18,21 +18,9 @@ import torch
 
 from qkv.kernels import native
 
-_fn = None
-
-
-def _kernel():
-    global _fn
-    if _fn is None:
-        lib = native.load("decode_attention_f32")
-        if lib is None:
-            _fn = False
-        else:
-            _fn = lib.qkv_decode_attention_f32
-            _fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 8
-                            + [ctypes.c_float, ctypes.c_int64, ctypes.c_int])
-            _fn.restype = ctypes.c_int
-    return _fn
+_attention = native.Kernel("decode_attention_f32", "qkv_decode_attention_f32",
+                          [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 8
+                          + [ctypes.c_float, ctypes.c_int64, ctypes.c_int], ctypes.c_int)
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -40,7 +28,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (q.dim() == 4 and q.shape[2] == 1 and q.shape[-1] % 8 == 0 and q.is_contiguous()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
             and k.stride() == v.stride() and k.stride(-1) == 1 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and bool(_kernel()))
+            and not torch.compiler.is_compiling() and _attention.get() is not None)
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
@@ -66,7 +54,7 @@ def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 def _call(q, k, v, tables, total, Hkv, block_size, strides, scale, window) -> torch.Tensor:
     B, H, _, D = q.shape
     out = torch.empty_like(q)
-    rc = _fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], total.data_ptr(),
+    rc = _attention.get()(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], total.data_ptr(),
              out.data_ptr(), B, H, Hkv, D, block_size, *strides, scale, window or 0, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("decode attention could not allocate its score buffer")

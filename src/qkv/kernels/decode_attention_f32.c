@@ -15,12 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
+#include "simd.h"
 
 /* The 8 horizontal sums of a[0..7], as one vector. */
 static inline __m256 hsum8(const __m256* a) {

@@ -14,20 +14,8 @@ from qkv.kernels import native
 
 MAX_ROWS = 64  # tokens; beyond a decode batch PyTorch's vectorised ops are as good
 
-_lib = None
-
-
-def _kernels():
-    global _lib
-    if _lib is None:
-        lib = native.load("decode_ops_f32")
-        if lib is None:
-            _lib = False
-        else:
-            lib.qkv_rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-            lib.qkv_rope_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-            _lib = lib
-    return _lib
+_rms_norm = native.Kernel("decode_ops_f32", "qkv_rms_norm_f32", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float])
+_rope = native.Kernel("decode_ops_f32", "qkv_rope_f32", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4)
 
 
 def applies(*tensors: torch.Tensor, rows: int) -> bool:
@@ -37,14 +25,14 @@ def applies(*tensors: torch.Tensor, rows: int) -> bool:
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
             return False
-    return bool(_kernels())
+    return _rms_norm.get() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2, -1) + eps) * weight."""
     y = torch.empty_like(x)
     dim = x.shape[-1]
-    _lib.qkv_rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    _rms_norm.get()(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
     return y
 
 
@@ -52,5 +40,5 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, heads, D); cos/sin: (B or 1, T, 1, D) angles gathered at the positions."""
     B, T, H, D = x.shape
     y = torch.empty_like(x)
-    _lib.qkv_rope_f32(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B * T, H, D, cos.shape[0] * cos.shape[1])
+    _rope.get()(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B * T, H, D, cos.shape[0] * cos.shape[1])
     return y

@@ -13,17 +13,12 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "simd.h"
+
 #define ROWS 4 /* x rows per tile */
 #define COLS 3 /* outputs (weight rows) per 4-row tile: 12 accumulators */
 #define WIDE 8 /* outputs per tile when there are fewer than 4 rows: 8 weight streams
                   in flight reach the memory bandwidth (3 reach ~80% of it) */
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
 
 /* nr x nc dot products; nr, nc are constants at each call site so the loops unroll
  * and the accumulators live in registers. */

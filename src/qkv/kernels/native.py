@@ -11,6 +11,7 @@ None and callers use PyTorch's own ops: the kernels make things faster, never po
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -28,6 +29,47 @@ _HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}
+
+
+_switched_off = 0  # > 0 inside `disabled()`
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run PyTorch's ops only inside this block (benchmarks compare the two paths)."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
+def active() -> bool:
+    """False inside `disabled()`; the kernels' callers check it on every call."""
+    return _switched_off == 0
+
+
+class Kernel:
+    """One C function of kernels/<lib>.c, built and loaded on first use. `get()` returns
+    the ctypes function, or None where it is unavailable or switched off."""
+
+    def __init__(self, lib: str, name: str, argtypes: list, restype=None):
+        self.lib, self.name, self.argtypes, self.restype = lib, name, argtypes, restype
+        self._fn = None  # None: not tried yet; False: cannot be built here
+
+    def get(self):
+        if _switched_off:
+            return None
+        if self._fn is None:
+            lib = load(self.lib)
+            if lib is None:
+                self._fn = False
+            else:
+                fn = getattr(lib, self.name)
+                fn.argtypes, fn.restype = self.argtypes, self.restype
+                self._fn = fn
+        return self._fn or None
 
 
 def enabled() -> bool:
@@ -52,13 +94,15 @@ def load(name: str) -> Optional[ctypes.CDLL]:
 
 
 def _build_and_load(name: str) -> Optional[ctypes.CDLL]:
-    source = (_HERE / f"{name}.c").read_bytes()
+    source = _HERE / f"{name}.c"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         warnings.warn(f"qkv: no C compiler found, so the native '{name}' kernel is off (slower decode); "
                       "install gcc to enable it", stacklevel=3)
         return None
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    # a kernel may #include its neighbours: the hash covers them all
+    texts = b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.[ch]")))
+    digest = hashlib.sha256(texts + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{digest}.so"
     try:
         if not target.exists():
@@ -72,12 +116,10 @@ def _build_and_load(name: str) -> Optional[ctypes.CDLL]:
         return None
 
 
-def _compile(cc: str, source: bytes, target: Path) -> None:
+def _compile(cc: str, source: Path, target: Path) -> None:
     """Compile into a temporary file beside the target, then rename: another process never
     sees (or loads) a half-written library."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "kernel.c"
-        src.write_bytes(source)
         out = Path(tmp) / target.name
-        subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *_FLAGS, f"-I{_HERE}", str(source), "-o", str(out)], check=True, capture_output=True, text=True)
         os.replace(out, target)

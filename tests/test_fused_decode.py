@@ -1,0 +1,92 @@
+"""The fused native decode block (qkv.infer.fused_decode) against the model's own forward."""
+
+import pytest
+import torch
+
+from qkv.config import preset
+from qkv.infer import fused_decode
+from qkv.infer.generate import forward_step, window_mask
+from qkv.infer.kv_cache import KVCache
+from qkv.model import build_model
+
+pytestmark = pytest.mark.skipif(fused_decode._decode_block.get() is None, reason="no AVX2 CPU or C compiler here")
+
+VARIANTS = {
+    "llama (GQA, RoPE)": dict(),
+    "biases (Qwen2-style)": dict(qkv_bias=True, o_bias=True, mlp_bias=True),
+    "MQA": dict(n_kv_head=1),
+    "MHA": dict(n_kv_head=4),
+    "learned positions": dict(pos="learned"),
+    "sinusoidal positions": dict(pos="sinusoidal"),
+    "no positions": dict(pos="none"),
+    "sliding window": dict(sliding_window=5),
+}
+
+
+def _model(**kw):
+    cfg = preset("tiny", vocab_size=300, n_layer=2, d_model=64, n_head=4, **{"n_kv_head": 2, **kw})
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)  # away from init so every weight and bias matters
+    return m
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_matches_the_model_and_fills_the_cache_alike(variant, batch):
+    m = _model(**VARIANTS[variant])
+    cfg = m.cfg
+    fused, ref = KVCache(cfg, 40, batch=batch), KVCache(cfg, 40, batch=batch)
+    prompt = torch.randint(3, 300, (batch, 9))
+    with torch.inference_mode():
+        forward_step(m, fused, prompt)  # prefill: T > 1 takes the model's path
+        forward_step(m, ref, prompt)
+        for step in range(8):  # past the window, for the sliding-window variant
+            tok = torch.randint(3, 300, (batch, 1))
+            pos = torch.arange(fused.pos, fused.pos + 1)
+            h = fused_decode.hidden(m, tok, pos, fused)
+            assert h is not None
+            fused.advance(1)
+            h_ref = m.hidden(tok, positions=pos, mask=window_mask(cfg, ref.pos, 1, tok.device), cache=ref)
+            ref.advance(1)
+            torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.k, ref.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.v, ref.v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(norm="layernorm"), dict(mlp="gelu"), dict(qk_norm=True), dict(n_expert=4),
+                                dict(attn_impl="math")])
+def test_models_outside_the_fused_block_take_their_own_path(kw):
+    m = _model(**kw)
+    cache = KVCache(m.cfg, 20)
+    with torch.inference_mode():
+        forward_step(m, cache, torch.tensor([[5, 6, 7]]))
+        assert fused_decode.hidden(m, torch.tensor([[8]]), torch.tensor([3]), cache) is None
+
+
+def test_no_fused_path_for_bf16_training_mode_or_inspection():
+    m = _model()
+    cache = KVCache(m.cfg, 20)
+    tok, pos = torch.tensor([[8]]), torch.tensor([0])
+    with torch.inference_mode():
+        assert fused_decode.hidden(m, tok, pos, cache) is not None
+        m.train()
+        assert fused_decode.hidden(m, tok, pos, cache) is None
+        m.eval()
+        m.blocks[0].attn.keep_probs = True
+        assert fused_decode.hidden(m, tok, pos, cache) is None
+        m.blocks[0].attn.keep_probs = False
+        m.to(torch.bfloat16)
+        assert fused_decode.hidden(m, tok, pos, KVCache(m.cfg, 20, dtype=torch.bfloat16)) is None
+
+
+def test_a_full_cache_leaves_the_error_to_the_model():
+    m = _model()
+    cache = KVCache(m.cfg, 4)
+    with torch.inference_mode():
+        forward_step(m, cache, torch.tensor([[5, 6, 7, 8]]))
+        assert fused_decode.hidden(m, torch.tensor([[9]]), torch.tensor([4]), cache) is None
+        with pytest.raises(ValueError, match="KV cache full"):
+            forward_step(m, cache, torch.tensor([[9]]))
