@@ -39,18 +39,22 @@ def read_ceiling() -> tuple[float, callable]:
 
 
 def bench_linear(rows_list: list[int], reps: int) -> list[list]:
+    """Each sample runs the product over `copies` distinct matrices of one shape (like the
+    layers of a model: 72+ MB, so every weight comes from memory, as in decode)."""
     nbytes, read = read_ceiling()
     out = []
-    for n_out, n_in, what in ((2048, 768, "MLP up (2048x768)"), (768, 2048, "MLP down (768x2048)"),
-                              (32000, 768, "LM head (32000x768)")):
-        w = torch.randn(n_out, n_in)
+    for n_out, n_in, copies, what in ((2048, 768, 12, "MLP up (2048x768) x 12"), (768, 2048, 12, "MLP down (768x2048) x 12"),
+                                      (32000, 768, 2, "LM head (32000x768) x 2")):
+        ws = [torch.randn(n_out, n_in) for _ in range(copies)]
+        w_bytes = sum(w.nbytes for w in ws)
         for rows in rows_list:
             x = torch.randn(rows, n_in)
             with torch.inference_mode():
-                t = time_interleaved({"native": lambda: linear(x, w), "mkl": lambda: F.linear(x, w), "read": read}, reps)
+                t = time_interleaved({"native": lambda: [linear(x, w) for w in ws],
+                                      "mkl": lambda: [F.linear(x, w) for w in ws], "read": read}, reps)
             bw = nbytes / t["read"]
-            flop = 2 * rows * w.numel()
-            out.append([what, rows, f"{w.nbytes / t['native'] / 1e9:.1f}", f"{w.nbytes / t['mkl'] / 1e9:.1f}",
+            flop = 2 * rows * n_out * n_in * copies
+            out.append([what, rows, f"{w_bytes / t['native'] / 1e9:.1f}", f"{w_bytes / t['mkl'] / 1e9:.1f}",
                         f"{bw / 1e9:.1f}", f"{flop / t['native'] / 1e9:.0f}", f"{flop / t['mkl'] / 1e9:.0f}",
                         f"{t['mkl'] / t['native']:.2f}x"])
     return out
@@ -120,20 +124,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="123", help="which parts to run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not native.enabled():
         sys.exit("native kernels are off here (QKV_NATIVE=0, or no AVX2/FMA CPU)")
     reps = 3 if args.quick else 7
     print(f"threads={args.threads}  fp32 matmul ceiling (2048^3) = {matmul_ceiling() / 1e9:.0f} GFLOP/s\n")
-    print("## 1. linear, native vs PyTorch (MKL), median of", reps)
-    print(table(bench_linear([1, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64], reps),
-                ["matrix", "rows", "native GB/s", "MKL GB/s", "read GB/s", "native GFLOP/s", "MKL GFLOP/s", "speedup"]))
-    print("\n## 2. decode attention over the paged cache (llama-100m heads 12/4, head_dim 64, blocks of 16)")
-    print(table(bench_attention([128] if args.quick else [128, 512], reps),
-                ["sequences x keys", "K/V read", "native ms", "gather+SDPA ms", "native GB/s", "speedup"]))
-    print("\n## 3. one decode step of llama-100m at context 64 (weights read per second vs the read bandwidth)")
-    print(table(bench_step(reps), ["path", "ms/step", "GB/s", "of bandwidth", "vs PyTorch ops"]))
+    if "1" in args.parts:
+        print("## 1. linear, native vs PyTorch (MKL), median of", reps)
+        print(table(bench_linear([1, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64], reps),
+                    ["matrices", "rows", "native GB/s", "MKL GB/s", "read GB/s", "native GFLOP/s", "MKL GFLOP/s",
+                     "speedup"]))
+    if "2" in args.parts:
+        print("\n## 2. decode attention over the paged cache (llama-100m heads 12/4, head_dim 64, blocks of 16)")
+        print(table(bench_attention([128] if args.quick else [128, 512], reps),
+                    ["sequences x keys", "K/V read", "native ms", "gather+SDPA ms", "native GB/s", "speedup"]))
+    if "3" in args.parts:
+        print("\n## 3. one decode step of llama-100m at context 64 (weights read per second vs the read bandwidth)")
+        print(table(bench_step(reps), ["path", "ms/step", "GB/s", "of bandwidth", "vs PyTorch ops"]))
 
 
 if __name__ == "__main__":

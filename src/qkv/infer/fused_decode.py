@@ -13,6 +13,7 @@ positions, fp32 on CPU, no qk-norm, no MoE, no inspection hooks, one token per s
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import Optional
 
 import torch
@@ -52,14 +53,15 @@ def supports(model) -> bool:
             and model.output_weight.dtype == torch.float32 and model.output_weight.device.type == "cpu")
 
 
-_structs: dict[int, tuple[tuple, list[_Block], list]] = {}
+# per model: (its parameters' addresses, the C view of its blocks); gone with the model
+_structs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _blocks(model) -> list[_Block]:
     """The C view of each block's weights, rebuilt when any parameter moved."""
     params = list(model.parameters())
     key = tuple(p.data_ptr() for p in params)
-    hit = _structs.get(id(model))
+    hit = _structs.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
     cfg = model.cfg
@@ -77,7 +79,7 @@ def _blocks(model) -> list[_Block]:
                           ptr(a.q_proj.bias), ptr(a.k_proj.bias), ptr(a.v_proj.bias), ptr(a.o_proj.weight), ptr(a.o_proj.bias),
                           ptr(blk.mlp_norm.weight), ptr(m.gate_proj.weight), ptr(m.up_proj.weight), ptr(m.down_proj.weight),
                           ptr(m.gate_proj.bias), ptr(m.up_proj.bias), ptr(m.down_proj.bias)))
-    _structs[id(model)] = (key, out, params)  # params kept alive: the pointers stay valid
+    _structs[model] = (key, out)  # the model holds the parameters the pointers point to
     return out
 
 
