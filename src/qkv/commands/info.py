@@ -58,6 +58,7 @@ def human_bytes(n: float) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from qkv.infer import fused_decode
     from qkv.model import build_model, count_params
 
     cfg = resolve_config(args.model)
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_context": context,
         "kv_batch": args.batch,
         "kv_bytes_total": per_token * context * args.batch,
+        "cpu_decode": fused_decode.describe(cfg),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             f"{human_bytes(per_token)}  = 2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x {cfg.head_dim} x {DTYPE_BYTES[args.dtype]} B",
         ),
         (f"KV cache, {context} tokens x batch {args.batch}", human_bytes(info["kv_bytes_total"])),
+        ("CPU fp32 decode step", info["cpu_decode"]),
     ]
     width = max(len(r[0]) for r in rows)
     for k, v in rows:

@@ -43,12 +43,25 @@ _decode_block = native.Kernel("decode_layer_f32", "qkv_decode_block_f32",
                              ctypes.c_int)
 
 
-def supports(model) -> bool:
-    """Whether the model's architecture and state fit the fused block (any step)."""
-    cfg = model.cfg
+def architecture_fits(cfg) -> bool:
+    """Whether a config's blocks are what the C block implements."""
     return (cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.is_moe and not cfg.qk_norm
             and cfg.pos in ("rope", "learned", "sinusoidal", "none") and cfg.attn_impl != "math"
-            and cfg.head_dim % 8 == 0 and not model.training
+            and cfg.head_dim % 8 == 0)
+
+
+def describe(cfg) -> str:
+    """How an fp32 CPU decode step of this architecture runs here (for `qkv info`)."""
+    if not native.enabled():
+        return "PyTorch ops (native kernels off: QKV_NATIVE=0 or no AVX2/FMA CPU)"
+    if architecture_fits(cfg):
+        return "one native call per block (kernels/decode_layer_f32.c)"
+    return "op by op, native linear/attention kernels (the fused block needs RMSNorm + SwiGLU, no MoE/qk-norm)"
+
+
+def supports(model) -> bool:
+    """Whether the model's architecture and state fit the fused block (any step)."""
+    return (architecture_fits(model.cfg) and not model.training
             and not any(b.attn.keep_probs for b in model.blocks)
             and model.output_weight.dtype == torch.float32 and model.output_weight.device.type == "cpu")
 
