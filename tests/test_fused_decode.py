@@ -20,6 +20,9 @@ VARIANTS = {
     "sinusoidal positions": dict(pos="sinusoidal"),
     "no positions": dict(pos="none"),
     "sliding window": dict(sliding_window=5),
+    "GPT-2 (LayerNorm, GELU tanh, biases)": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True,
+                                                 o_bias=True, mlp_bias=True),
+    "LayerNorm without bias, exact GELU": dict(norm="layernorm", norm_bias=False, mlp="gelu", gelu_approx="none"),
 }
 
 
@@ -56,8 +59,7 @@ def test_fused_step_matches_the_model_and_fills_the_cache_alike(variant, batch):
     torch.testing.assert_close(fused.v, ref.v, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(norm="layernorm"), dict(mlp="gelu"), dict(qk_norm=True), dict(n_expert=4),
-                                dict(attn_impl="math")])
+@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(n_expert=4), dict(attn_impl="math"), dict(mlp="none")])
 def test_models_outside_the_fused_block_take_their_own_path(kw):
     m = _model(**kw)
     cache = KVCache(m.cfg, 20)

@@ -6,8 +6,9 @@ the same computation, block by block, in C, reading and writing the same caches
 (contiguous or paged), and returns what `model.hidden` would: the final-norm hidden
 states. It returns None whenever the model, the step or the cache is outside what the
 C block implements (then the caller runs the model's own forward, the reference the
-tests hold this path to): RMSNorm + SwiGLU blocks with RoPE, learned, sinusoidal or no
-positions, fp32 on CPU, no qk-norm, no MoE, no inspection hooks, one token per sequence.
+tests hold this path to): RMSNorm or LayerNorm, SwiGLU or GELU MLP (Llama, Qwen2, Mistral,
+GPT-2), RoPE, learned, sinusoidal or no positions, fp32 on CPU, no qk-norm, no MoE, no
+inspection hooks, one token per sequence.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ _P = ctypes.c_void_p
 
 class _Block(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("d_model", "n_head", "n_kv_head", "head_dim", "d_ff")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("window", ctypes.c_int64)] + [
-        (n, _P) for n in ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo",
-                          "mlp_norm", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float)] + [
+        (n, ctypes.c_int64) for n in ("window", "norm", "mlp")] + [
+        (n, _P) for n in ("attn_norm", "attn_norm_b", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo",
+                          "mlp_norm", "mlp_norm_b", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")]
+
+
+_NORM = {"rmsnorm": 0, "layernorm": 1}
+_MLP = {"swiglu": 0, ("gelu", "tanh"): 1, ("gelu", "none"): 2}  # the C enums
 
 
 class _KV(ctypes.Structure):
@@ -45,7 +51,7 @@ _decode_block = native.Kernel("decode_layer_f32", "qkv_decode_block_f32",
 
 def architecture_fits(cfg) -> bool:
     """Whether a config's blocks are what the C block implements."""
-    return (cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.is_moe and not cfg.qk_norm
+    return (cfg.norm in _NORM and cfg.mlp in ("swiglu", "gelu") and not cfg.is_moe and not cfg.qk_norm
             and cfg.pos in ("rope", "learned", "sinusoidal", "none") and cfg.attn_impl != "math"
             and cfg.head_dim % 8 == 0)
 
@@ -56,7 +62,7 @@ def describe(cfg) -> str:
         return "PyTorch ops (native kernels off: QKV_NATIVE=0 or no AVX2/FMA CPU)"
     if architecture_fits(cfg):
         return "one native call per block (kernels/decode_layer_f32.c)"
-    return "op by op, native linear/attention kernels (the fused block needs RMSNorm + SwiGLU, no MoE/qk-norm)"
+    return "op by op, native linear/attention kernels (the fused block has no MoE, qk-norm or attention-only blocks)"
 
 
 def supports(model) -> bool:
@@ -81,17 +87,21 @@ def _blocks(model) -> list[_Block]:
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     out = []
     for blk in model.blocks:
-        a, m = blk.attn, blk.mlp
-        ws = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-              m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, blk.attn_norm.weight, blk.mlp_norm.weight]
+        a, m, n1, n2 = blk.attn, blk.mlp, blk.attn_norm, blk.mlp_norm
+        gate = getattr(m, "gate_proj", None)  # SwiGLU; the GELU MLP has none
+        ws = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.up_proj.weight,
+              m.down_proj.weight, n1.weight, n2.weight] + ([] if gate is None else [gate.weight])
         if not all(w.is_contiguous() and w.dtype == torch.float32 for w in ws):
             return []
-        out.append(_Block(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, blk.attn_norm.eps, a.scale,
-                          cfg.sliding_window or 0, ptr(blk.attn_norm.weight),
+        mlp = _MLP["swiglu"] if gate is not None else _MLP[("gelu", m.approximate)]
+        out.append(_Block(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, n1.eps, a.scale,
+                          cfg.sliding_window or 0, _NORM[cfg.norm], mlp,
+                          ptr(n1.weight), ptr(getattr(n1, "bias", None)),
                           ptr(a.q_proj.weight), ptr(a.k_proj.weight), ptr(a.v_proj.weight),
                           ptr(a.q_proj.bias), ptr(a.k_proj.bias), ptr(a.v_proj.bias), ptr(a.o_proj.weight), ptr(a.o_proj.bias),
-                          ptr(blk.mlp_norm.weight), ptr(m.gate_proj.weight), ptr(m.up_proj.weight), ptr(m.down_proj.weight),
-                          ptr(m.gate_proj.bias), ptr(m.up_proj.bias), ptr(m.down_proj.bias)))
+                          ptr(n2.weight), ptr(getattr(n2, "bias", None)),
+                          ptr(None if gate is None else gate.weight), ptr(m.up_proj.weight), ptr(m.down_proj.weight),
+                          ptr(None if gate is None else gate.bias), ptr(m.up_proj.bias), ptr(m.down_proj.bias)))
     _structs[model] = (key, out)  # the model holds the parameters the pointers point to
     return out
 

@@ -1,15 +1,17 @@
 /* One whole transformer block of a decode step in one call (fp32, AVX2 + FMA):
  *
- *   x += o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = rmsnorm(x)
- *   x += down_proj(silu(gate_proj(n)) * up_proj(n))                       n = rmsnorm(x)
+ *   x += o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = norm(x)
+ *   x += down_proj(silu(gate_proj(n)) * up_proj(n))                       n = norm(x)
+ *     or down_proj(gelu(up_proj(n)))                                      (GPT-2)
  *
+ * with norm = RMSNorm or LayerNorm. *
  * Why: at one token per sequence the arithmetic of a block is a stream over its weights,
  * but run op by op from Python a Llama block of ~20 small ops costs ~0.4 ms of dispatch
  * and allocation on this CPU, a third of a 100M model's step. Here the same ops run
  * back to back on scratch buffers: the linear, attention and norm/RoPE kernels of this
  * directory, unchanged (they are #included), so the numbers match the op-by-op path.
  * The Python model stays the reference (qkv/model); qkv/infer/fused_decode.py decides
- * when a model and cache fit this path (RMSNorm, SwiGLU, RoPE or additive positions).
+ * when a model and cache fit this path.
  */
 #include <string.h>
 
@@ -17,12 +19,16 @@
 #include "decode_attention_f32.c"
 #include "decode_ops_f32.c"
 
+enum { RMS_NORM = 0, LAYER_NORM = 1 };
+enum { SWIGLU = 0, GELU_TANH = 1, GELU_ERF = 2 };
+
 typedef struct {
   int64_t d_model, n_head, n_kv_head, head_dim, d_ff;
   float eps, scale;
   int64_t window; /* sliding window (0 = none) */
-  const float *attn_norm, *wq, *wk, *wv, *bq, *bk, *bv, *wo, *bo;
-  const float *mlp_norm, *w_gate, *w_up, *w_down, *b_gate, *b_up, *b_down;
+  int64_t norm, mlp; /* the enums above */
+  const float *attn_norm, *attn_norm_b, *wq, *wk, *wv, *bq, *bk, *bv, *wo, *bo;
+  const float *mlp_norm, *mlp_norm_b, *w_gate, *w_up, *w_down, *b_gate, *b_up, *b_down;
 } qkv_block;
 
 typedef struct { /* one layer's K/V, addressed like qkv_decode_attention_f32's */
@@ -47,6 +53,31 @@ static void silu_mul(float* g, const float* u, int64_t n) {
   for (; i < n; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* GELU in place: x * Phi(x), with Phi exact (erf) or the tanh approximation GPT-2 uses;
+ * tanh(y) = (1 - e^-2|y|) / (1 + e^-2|y|) with the sign of y, so exp never overflows. */
+static void gelu(float* x, int64_t n, int exact) {
+  if (exact) {
+    for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+    return;
+  }
+  int64_t i = 0;
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
+    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, y)));
+    const __m256 t = _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)), _mm256_and_ps(sign, y));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+  }
+  for (; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + tanhf(0.7978845608028654f * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+}
+
+static void norm(const qkv_block* L, const float* x, const float* w, const float* b, float* y, int64_t B) {
+  if (L->norm == LAYER_NORM) qkv_layer_norm_f32(x, w, b, y, B, L->d_model, L->eps);
+  else qkv_rms_norm_f32(x, w, y, B, L->d_model, L->eps);
+}
+
 static void linear1(const float* x, int64_t rows, int64_t n_in, const float* w, const float* b, float* y,
                     int64_t n_out, int n_threads) {
   qkv_linear_f32(x, rows, n_in, 1, &w, &b, &y, &n_out, n_threads);
@@ -64,7 +95,7 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
   float *n = buf, *q = n + B * d, *k = q + B * q_n, *v = k + B * kv_n, *qr = v + B * kv_n, *att = qr + B * q_n;
   float *gate = att + B * q_n, *up = gate + B * F;
 
-  qkv_rms_norm_f32(x, L->attn_norm, n, B, d, L->eps);
+  norm(L, x, L->attn_norm, L->attn_norm_b, n, B);
   {
     const float* w[3] = {L->wq, L->wk, L->wv};
     const float* b[3] = {L->bq, L->bk, L->bv};
@@ -98,15 +129,18 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
   linear1(att, B, q_n, L->wo, L->bo, n, d, n_threads); /* n <- attention output projected */
   for (int64_t i = 0; i < B * d; ++i) x[i] += n[i];
 
-  qkv_rms_norm_f32(x, L->mlp_norm, n, B, d, L->eps);
-  {
+  norm(L, x, L->mlp_norm, L->mlp_norm_b, n, B);
+  if (L->mlp == SWIGLU) {
     const float* w[2] = {L->w_gate, L->w_up};
     const float* b[2] = {L->b_gate, L->b_up};
     float* y[2] = {gate, up};
     const int64_t n_out[2] = {F, F};
     qkv_linear_f32(n, B, d, 2, w, b, y, n_out, n_threads);
+    silu_mul(gate, up, B * F);
+  } else {
+    linear1(n, B, d, L->w_up, L->b_up, gate, F, n_threads);
+    gelu(gate, B * F, L->mlp == GELU_ERF);
   }
-  silu_mul(gate, up, B * F);
   linear1(gate, B, F, L->w_down, L->b_down, n, d, n_threads);
   for (int64_t i = 0; i < B * d; ++i) x[i] += n[i];
   free(buf);

@@ -1,4 +1,4 @@
-/* The small per-token ops of a decode step, fp32, AVX2 + FMA: RMSNorm and RoPE.
+/* The small per-token ops of a decode step, fp32: RMSNorm, LayerNorm and RoPE.
  *
  * Why: in decode each is a few thousand flops, so PyTorch's dispatch and its several
  * intermediate tensors (x^2, mean, rsqrt, rotate-half, cat) cost ~20-30 us a call, about
@@ -18,6 +18,21 @@ void qkv_rms_norm_f32(const float* x, const float* w, float* y, int64_t n_rows, 
     for (int64_t i = 0; i < dim; ++i) ss += (double)xr[i] * xr[i];
     const float inv = 1.0f / sqrtf((float)(ss / dim) + eps);
     for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * inv * w[i];
+  }
+}
+
+/* y[r] = (x[r] - mean) / sqrt(var + eps) * w + b (b may be NULL), n_rows rows of dim. */
+void qkv_layer_norm_f32(const float* x, const float* w, const float* b, float* y, int64_t n_rows, int64_t dim,
+                        float eps) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    double sum = 0.0, ss = 0.0;
+    for (int64_t i = 0; i < dim; ++i) sum += xr[i];
+    const double mean = sum / dim;
+    for (int64_t i = 0; i < dim; ++i) ss += (xr[i] - mean) * (xr[i] - mean);
+    const float inv = 1.0f / sqrtf((float)(ss / dim) + eps), m = (float)mean;
+    for (int64_t i = 0; i < dim; ++i) yr[i] = (xr[i] - m) * inv * w[i] + (b ? b[i] : 0.0f);
   }
 }
 
