@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import table  # noqa: E402
+from common import table, time_interleaved  # noqa: E402
 
 from qkv.config import preset  # noqa: E402
 from qkv.infer.engine import Engine  # noqa: E402
@@ -34,19 +34,9 @@ from qkv.kernels import native  # noqa: E402
 from qkv.model import build_model  # noqa: E402
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def best_of(fns: dict, reps: int) -> dict[str, float]:
     """Best time of each contender, alternating them so machine noise hits all alike."""
-    out = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            out[k] = min(out[k], _timed(fn))
-    return out
+    return time_interleaved(fns, reps, warmup=0, stat=min)
 
 
 def to_hf(model):

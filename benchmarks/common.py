@@ -33,9 +33,10 @@ def memory_bandwidth(mb: int = 512, reps: int = 5) -> float:
     return 2 * src.numel() * 4 / min(times)
 
 
-def time_interleaved(fns: dict, reps: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call for each fn, alternating between them each repetition so
-    that the shared machine's noise hits every contender alike."""
+def time_interleaved(fns: dict, reps: int = 5, warmup: int = 1, stat=statistics.median) -> dict[str, float]:
+    """Seconds per call for each fn (the median of `reps`, or `stat` of them), alternating
+    between them each repetition so that the shared machine's noise hits every contender
+    alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -45,7 +46,7 @@ def time_interleaved(fns: dict, reps: int = 5, warmup: int = 1) -> dict[str, flo
             t = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: stat(v) for k, v in samples.items()}
 
 
 def table(rows: list[list], header: list[str]) -> str:

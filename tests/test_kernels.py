@@ -79,6 +79,16 @@ def test_build_failure_is_a_warning_and_a_fallback(tmp_path, monkeypatch):
         assert native.load("linear_f32") is None
 
 
+def test_an_unwritable_cache_builds_in_a_private_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("QKV_CACHE", str(blocker))  # <file>/kernels cannot be created
+    monkeypatch.setattr(native, "_loaded", {})
+    if not native.enabled():
+        pytest.skip("native kernels are off on this CPU")
+    assert native.load("decode_ops_f32") is not None
+
+
 def test_qkv_native_0_turns_kernels_off(monkeypatch):
     monkeypatch.setenv("QKV_NATIVE", "0")
     assert not native.enabled()

@@ -106,7 +106,10 @@ def _build_and_load(name: str) -> Optional[ctypes.CDLL]:
     target = cache_dir() / f"{name}-{digest}.so"
     try:
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:  # no writable cache (read-only home): a private directory for this process
+                target = Path(tempfile.mkdtemp(prefix="qkv-kernels-")) / target.name
             _compile(cc, source, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
