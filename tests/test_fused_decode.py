@@ -92,3 +92,22 @@ def test_a_full_cache_leaves_the_error_to_the_model():
         assert fused_decode.hidden(m, torch.tensor([[9]]), torch.tensor([4]), cache) is None
         with pytest.raises(ValueError, match="KV cache full"):
             forward_step(m, cache, torch.tensor([[9]]))
+
+
+@pytest.mark.parametrize("batch", [3, 6])  # under 4 rows and 4 or more: the kernels' two tilings
+def test_a_decode_step_is_bitwise_the_same_alone_or_batched(batch):
+    m = _model()
+    cfg = m.cfg
+    prompts = torch.randint(3, 300, (batch, 9))
+    alone = [KVCache(cfg, 20) for _ in range(batch)]
+    batched = KVCache(cfg, 20, batch=batch)
+    tok = torch.randint(3, 300, (batch, 1))
+    with torch.inference_mode():
+        for b, cache in enumerate(alone):
+            forward_step(m, cache, prompts[b : b + 1])
+            batched.k[:, b], batched.v[:, b] = cache.k[:, 0], cache.v[:, 0]  # the same cache contents
+        batched.pos = alone[0].pos
+        pos = torch.tensor([batched.pos])
+        together = fused_decode.hidden(m, tok, pos, batched)
+        for b, cache in enumerate(alone):
+            assert torch.equal(fused_decode.hidden(m, tok[b : b + 1], pos, cache)[0], together[b])
