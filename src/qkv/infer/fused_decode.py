@@ -21,7 +21,7 @@ import torch
 
 from qkv.infer.kv_cache import KVCache
 from qkv.infer.paged import PagedKVCache
-from qkv.kernels import native
+from qkv.kernels import decode_attention, native
 
 _P = ctypes.c_void_p
 
@@ -111,10 +111,7 @@ def _kv_layout(cache, B: int):
     if isinstance(cache, KVCache):
         if cache.pos + 1 > cache.max_len or cache.k.shape[1] != B:
             return None  # the model's path raises the clear "cache full" error
-        _, _, n_kv, max_len, D = cache.k.shape
-        tables = torch.arange(B, dtype=torch.int32)[:, None]  # row b is one "block" of max_len tokens
-        total = torch.full((B,), cache.pos + 1, dtype=torch.int32)
-        return tables, total, max_len, (n_kv * max_len * D, D, max_len * D)
+        return decode_attention.dense_layout(cache.k[0, :, :, : cache.pos + 1])  # the prefix this step sees
     if isinstance(cache, PagedKVCache) and cache.decode_index is not None:
         tables, total = cache.decode_index
         return tables, total, cache.block_size, cache.k.stride()[1:4]

@@ -45,10 +45,17 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
 def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: (B, H, 1, D); k/v: (B, Hkv, S, D) views (a contiguous cache's prefix): every
     row sees all S keys. Returns (B, H, 1, D)."""
-    B, Hkv, S, _ = k.shape
-    tables = torch.arange(B, dtype=torch.int32)[:, None]  # row b is "block" b, of size S
+    tables, total, block_size, strides = dense_layout(k)
+    return _call(q, k, v, tables, total, k.shape[1], block_size, strides, scale, None)
+
+
+def dense_layout(k: torch.Tensor) -> tuple:
+    """(tables, total, block_size, (block, token, head) strides) that address a contiguous
+    cache's (B, Hkv, S, D) view for the kernel: row b is one "block" of S tokens."""
+    B, _, S, _ = k.shape
+    tables = torch.arange(B, dtype=torch.int32)[:, None]
     total = torch.full((B,), S, dtype=torch.int32)
-    return _call(q, k, v, tables, total, Hkv, S, (k.stride(0), k.stride(2), k.stride(1)), scale, None)
+    return tables, total, S, (k.stride(0), k.stride(2), k.stride(1))
 
 
 def _call(q, k, v, tables, total, Hkv, block_size, strides, scale, window) -> torch.Tensor:

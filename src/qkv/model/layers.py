@@ -12,7 +12,7 @@ from qkv.kernels import decode_ops, linear, linears
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict names) whose few-row inference products,
-    the bulk of a decode step, go to qkv's native kernel (kernels/linear.py)."""
+    the bulk of a decode step, go to qkv's native kernel (kernels/cpu_linear.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
