@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import table, time_interleaved  # noqa: E402
-
 from qkv.config import preset  # noqa: E402
 from qkv.infer.engine import Engine  # noqa: E402
 from qkv.infer.generate import forward_step, generate, generate_no_cache  # noqa: E402
@@ -63,12 +62,22 @@ def bench_cache_vs_recompute(lengths: list[int]) -> list[list]:
     prompt = list(range(1, 17))
     rows = []
     for n in lengths:
-        t = best_of({
-            "cache": lambda: generate(m, prompt, SamplingParams(max_tokens=n, **GREEDY)),
-            "recompute": lambda: generate_no_cache(m, prompt, n),
-        }, reps=1)
-        rows.append([f"tiny ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M)", n, f"{n / t['cache']:.0f}",
-                     f"{n / t['recompute']:.0f}", f"{t['recompute'] / t['cache']:.1f}x"])
+        t = best_of(
+            {
+                "cache": lambda: generate(m, prompt, SamplingParams(max_tokens=n, **GREEDY)),
+                "recompute": lambda: generate_no_cache(m, prompt, n),
+            },
+            reps=1,
+        )
+        rows.append(
+            [
+                f"tiny ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M)",
+                n,
+                f"{n / t['cache']:.0f}",
+                f"{n / t['recompute']:.0f}",
+                f"{t['recompute'] / t['cache']:.1f}x",
+            ]
+        )
     return rows
 
 
@@ -89,8 +98,9 @@ def bench_decode(name: str, m, hf, prompt_len: int, new: int, reps: int) -> list
 
     def theirs():
         with torch.inference_mode():
-            return hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
+            return hf.generate(
+                ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
 
     a, b = ours(), theirs()[0, prompt_len:].tolist()
     agree = sum(x == y for x, y in zip(a, b))
@@ -100,8 +110,19 @@ def bench_decode(name: str, m, hf, prompt_len: int, new: int, reps: int) -> list
     per_tok = weight_bytes_per_token(m) + kv_read
     roof = bw / per_tok
     q, o, h = new / t["qkv"], new / t["ops"], new / t["hf"]
-    return [name, f"{per_tok / 1e6:.0f} MB", f"{q:.1f}", f"{o:.1f}", f"{h:.1f}", f"{q / h:.2f}x",
-            f"{bw / 1e9:.1f} GB/s", f"{roof:.1f}", f"{q / roof:.0%}", f"{h / roof:.0%}", f"{agree}/{new}"]
+    return [
+        name,
+        f"{per_tok / 1e6:.0f} MB",
+        f"{q:.1f}",
+        f"{o:.1f}",
+        f"{h:.1f}",
+        f"{q / h:.2f}x",
+        f"{bw / 1e9:.1f} GB/s",
+        f"{roof:.1f}",
+        f"{q / roof:.0%}",
+        f"{h / roof:.0%}",
+        f"{agree}/{new}",
+    ]
 
 
 def load_smollm2():
@@ -135,8 +156,14 @@ def bench_batching(n_req: int, seed: int, with_sequential: bool) -> list[list]:
         ids = torch.tensor([[0] * (L - len(p)) + p for p, _ in reqs])
         att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p, _ in reqs])
         with torch.inference_mode():
-            return hf.generate(ids, attention_mask=att, max_new_tokens=max(n for _, n in reqs), do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
+            return hf.generate(
+                ids,
+                attention_mask=att,
+                max_new_tokens=max(n for _, n in reqs),
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
 
     def sequential():
         return [generate(m, p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in reqs]
@@ -153,11 +180,15 @@ def bench_batching(n_req: int, seed: int, with_sequential: bool) -> list[list]:
     # correctness next to speed: continuous batching gives each request its solo output
     solo = [generate(m, p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in reqs[:4]]
     assert [r[0].token_ids for r in res[:4]] == solo, "batched output differs from solo output"
-    rows = [["qkv continuous batching (paged)", f"{useful / t['qkv']:.0f}", f"{t['hf'] / t['qkv']:.2f}x"],
-            ["qkv continuous batching, PyTorch ops only", f"{useful / t['ops']:.0f}", f"{t['hf'] / t['ops']:.2f}x"],
-            ["transformers batched generate (padded)", f"{useful / t['hf']:.0f}", "1.00x"]]
+    rows = [
+        ["qkv continuous batching (paged)", f"{useful / t['qkv']:.0f}", f"{t['hf'] / t['qkv']:.2f}x"],
+        ["qkv continuous batching, PyTorch ops only", f"{useful / t['ops']:.0f}", f"{t['hf'] / t['ops']:.2f}x"],
+        ["transformers batched generate (padded)", f"{useful / t['hf']:.0f}", "1.00x"],
+    ]
     if with_sequential:
-        rows.append(["qkv one request at a time (contiguous)", f"{useful / t['seq']:.0f}", f"{t['hf'] / t['seq']:.2f}x"])
+        rows.append(
+            ["qkv one request at a time (contiguous)", f"{useful / t['seq']:.0f}", f"{t['hf'] / t['seq']:.2f}x"]
+        )
     stats = eng.stats()
     return rows, dict(useful=useful, params=sum(p.numel() for p in m.parameters()), preempt=stats["preemptions_total"])
 
@@ -184,9 +215,17 @@ def bench_kv_heads(batch: int, context: int, steps: int, reps: int) -> list[list
     base = kv_bytes_per_token(models["MHA"][1])
     for label, (m, cfg) in models.items():
         kvb = kv_bytes_per_token(cfg)
-        rows.append([label, f"{cfg.n_head}/{cfg.n_kv_head}", f"{kvb / 1024:.0f} KiB", f"{base / kvb:.0f}x",
-                     f"{kvb * context * batch / 2**20:.0f} MiB", f"{batch * steps / t[label]:.1f}",
-                     f"{t['MHA'] / t[label]:.2f}x"])
+        rows.append(
+            [
+                label,
+                f"{cfg.n_head}/{cfg.n_kv_head}",
+                f"{kvb / 1024:.0f} KiB",
+                f"{base / kvb:.0f}x",
+                f"{kvb * context * batch / 2**20:.0f} MiB",
+                f"{batch * steps / t[label]:.1f}",
+                f"{t['MHA'] / t[label]:.2f}x",
+            ]
+        )
     return rows
 
 
@@ -204,12 +243,18 @@ def main() -> None:
     if "1" in args.parts:
         lengths = [32, 64] if args.quick else [128, 512, 1024]
         print("## 1. KV cache vs recompute (greedy, 16-token prompt)")
-        print(table(bench_cache_vs_recompute(lengths), ["model", "new tokens", "cache tok/s", "recompute tok/s", "speedup"]))
+        print(
+            table(
+                bench_cache_vs_recompute(lengths), ["model", "new tokens", "cache tok/s", "recompute tok/s", "speedup"]
+            )
+        )
         print()
     if "2" in args.parts:
         new = 16 if args.quick else 128
-        print(f"## 2. batch-1 decode (32-token prompt, {new} new tokens, best of 3) vs roofline = "
-              "bandwidth (read in turn with the runs) / bytes per token")
+        print(
+            f"## 2. batch-1 decode (32-token prompt, {new} new tokens, best of 3) vs roofline = "
+            "bandwidth (read in turn with the runs) / bytes per token"
+        )
         rows = []
         m = build_model(preset("llama-100m")).eval()
         rows.append(bench_decode("llama-100m (GQA 12/4)", m, to_hf(m), 32, new, 3))
@@ -218,21 +263,51 @@ def main() -> None:
         if sm is not None:
             rows.append(bench_decode("SmolLM2-135M (GQA 9/3)", sm[0], sm[1], 32, new, 3))
             del sm
-        print(table(rows, ["model", "bytes/token", "qkv tok/s", "qkv PyTorch ops", "HF tok/s", "qkv/HF", "bandwidth",
-                           "roofline tok/s", "qkv % roof", "HF % roof", "same tokens"]))
+        print(
+            table(
+                rows,
+                [
+                    "model",
+                    "bytes/token",
+                    "qkv tok/s",
+                    "qkv PyTorch ops",
+                    "HF tok/s",
+                    "qkv/HF",
+                    "bandwidth",
+                    "roofline tok/s",
+                    "qkv % roof",
+                    "HF % roof",
+                    "same tokens",
+                ],
+            )
+        )
         print()
     if "3" in args.parts:
         n_req = 16 if args.quick else 64
         rows, info = bench_batching(n_req, 0, with_sequential=True)
-        print(f"## 3. {n_req} requests, prompts 8-96 and outputs 8-96 tokens (greedy), 'small' preset "
-              f"({info['params'] / 1e6:.0f}M): {info['useful']} useful output tokens")
+        print(
+            f"## 3. {n_req} requests, prompts 8-96 and outputs 8-96 tokens (greedy), 'small' preset "
+            f"({info['params'] / 1e6:.0f}M): {info['useful']} useful output tokens"
+        )
         print(table(rows, ["method", "output tok/s", "vs HF batched"]))
         print()
     if "4" in args.parts:
         batch, ctx = (4, 128) if args.quick else (8, 512)
         print(f"## 4. MHA vs GQA vs MQA (llama-100m shape, batch {batch} decoding at context {ctx}, fp32 cache)")
-        print(table(bench_kv_heads(batch, ctx, 4, 2), ["variant", "heads q/kv", "KV/token", "smaller",
-                                                      f"KV for {batch}x{ctx}", "decode tok/s", "speed vs MHA"]))
+        print(
+            table(
+                bench_kv_heads(batch, ctx, 4, 2),
+                [
+                    "variant",
+                    "heads q/kv",
+                    "KV/token",
+                    "smaller",
+                    f"KV for {batch}x{ctx}",
+                    "decode tok/s",
+                    "speed vs MHA",
+                ],
+            )
+        )
         print()
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -51,8 +51,12 @@ def main() -> None:
     print(f"{note}, {args.tokens} tokens, {args.threads} thread(s), best of {args.reps}")
     print(f"machine ceiling: {2 * n**3 / t_mm / 1e9:.1f} GFLOP/s (fp32 {n}x{n} matmul)")
     print(f"{'what':<40} {'ms':>9} {'x plain':>8}")
-    for name, t in (("plain forward (fused attention)", t_plain), ("capture_attention (all layers, probs)", t_att),
-                    ("logit lens (all layers)", t_lens), ("classify_heads (probe, batch 1)", t_cls)):
+    for name, t in (
+        ("plain forward (fused attention)", t_plain),
+        ("capture_attention (all layers, probs)", t_att),
+        ("logit lens (all layers)", t_lens),
+        ("classify_heads (probe, batch 1)", t_cls),
+    ):
         print(f"{name:<40} {t * 1e3:9.1f} {t / t_plain:8.2f}")
 
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import matmul_ceiling, table, time_interleaved  # noqa: E402
-
 from qkv.config import preset  # noqa: E402
 from qkv.infer import fused_decode  # noqa: E402
 from qkv.infer.generate import forward_step  # noqa: E402
@@ -43,20 +42,38 @@ def bench_linear(rows_list: list[int], reps: int) -> list[list]:
     layers of a model: 72+ MB, so every weight comes from memory, as in decode)."""
     nbytes, read = read_ceiling()
     out = []
-    for n_out, n_in, copies, what in ((2048, 768, 12, "MLP up (2048x768) x 12"), (768, 2048, 12, "MLP down (768x2048) x 12"),
-                                      (32000, 768, 2, "LM head (32000x768) x 2")):
+    for n_out, n_in, copies, what in (
+        (2048, 768, 12, "MLP up (2048x768) x 12"),
+        (768, 2048, 12, "MLP down (768x2048) x 12"),
+        (32000, 768, 2, "LM head (32000x768) x 2"),
+    ):
         ws = [torch.randn(n_out, n_in) for _ in range(copies)]
         w_bytes = sum(w.nbytes for w in ws)
         for rows in rows_list:
             x = torch.randn(rows, n_in)
             with torch.inference_mode():
-                t = time_interleaved({"native": lambda: [linear(x, w) for w in ws],
-                                      "mkl": lambda: [F.linear(x, w) for w in ws], "read": read}, reps)
+                t = time_interleaved(
+                    {
+                        "native": lambda: [linear(x, w) for w in ws],
+                        "mkl": lambda: [F.linear(x, w) for w in ws],
+                        "read": read,
+                    },
+                    reps,
+                )
             bw = nbytes / t["read"]
             flop = 2 * rows * n_out * n_in * copies
-            out.append([what, rows, f"{w_bytes / t['native'] / 1e9:.1f}", f"{w_bytes / t['mkl'] / 1e9:.1f}",
-                        f"{bw / 1e9:.1f}", f"{flop / t['native'] / 1e9:.0f}", f"{flop / t['mkl'] / 1e9:.0f}",
-                        f"{t['mkl'] / t['native']:.2f}x"])
+            out.append(
+                [
+                    what,
+                    rows,
+                    f"{w_bytes / t['native'] / 1e9:.1f}",
+                    f"{w_bytes / t['mkl'] / 1e9:.1f}",
+                    f"{bw / 1e9:.1f}",
+                    f"{flop / t['native'] / 1e9:.0f}",
+                    f"{flop / t['mkl'] / 1e9:.0f}",
+                    f"{t['mkl'] / t['native']:.2f}x",
+                ]
+            )
     return out
 
 
@@ -84,8 +101,16 @@ def bench_attention(contexts: list[int], reps: int) -> list[list]:
             t = time_interleaved({"native": lambda: cache.attend(0, q, k, v, 0.125), "gather": gather_sdpa}, reps)
             torch.testing.assert_close(cache.attend(0, q, k, v, 0.125), gather_sdpa(), atol=1e-4, rtol=1e-4)
         kv_bytes = 2 * B * (ctx + 1) * cfg.n_kv_head * cfg.head_dim * 4
-        out.append([f"{B} x {ctx + 1}", f"{kv_bytes / 2**20:.0f} MiB", f"{t['native'] * 1e3:.2f}", f"{t['gather'] * 1e3:.2f}",
-                    f"{kv_bytes / t['native'] / 1e9:.1f}", f"{t['gather'] / t['native']:.2f}x"])
+        out.append(
+            [
+                f"{B} x {ctx + 1}",
+                f"{kv_bytes / 2**20:.0f} MiB",
+                f"{t['native'] * 1e3:.2f}",
+                f"{t['gather'] * 1e3:.2f}",
+                f"{kv_bytes / t['native'] / 1e9:.1f}",
+                f"{t['gather'] / t['native']:.2f}x",
+            ]
+        )
     return out
 
 
@@ -114,10 +139,20 @@ def bench_step(reps: int) -> list[list]:
     assert fused_decode.supports(m)
     t = time_interleaved({"fused": step, "ops": op_by_op, "torch": pytorch_ops, "read": read}, reps)
     bw = nbytes / t["read"]
-    return [[label, f"{t[k] * 1e3:.1f}", f"{weights / t[k] / 1e9:.1f}", f"{weights / t[k] / bw:.0%}", f"{t['torch'] / t[k]:.2f}x"]
-            for label, k in (("fused block (one native call per block)", "fused"),
-                             ("op by op, native linear/attention/norm/RoPE", "ops"),
-                             ("op by op, PyTorch ops only", "torch"))] + [["(read bandwidth)", "", f"{bw / 1e9:.1f}", "100%", ""]]
+    return [
+        [
+            label,
+            f"{t[k] * 1e3:.1f}",
+            f"{weights / t[k] / 1e9:.1f}",
+            f"{weights / t[k] / bw:.0%}",
+            f"{t['torch'] / t[k]:.2f}x",
+        ]
+        for label, k in (
+            ("fused block (one native call per block)", "fused"),
+            ("op by op, native linear/attention/norm/RoPE", "ops"),
+            ("op by op, PyTorch ops only", "torch"),
+        )
+    ] + [["(read bandwidth)", "", f"{bw / 1e9:.1f}", "100%", ""]]
 
 
 def main() -> None:
@@ -133,13 +168,29 @@ def main() -> None:
     print(f"threads={args.threads}  fp32 matmul ceiling (2048^3) = {matmul_ceiling() / 1e9:.0f} GFLOP/s\n")
     if "1" in args.parts:
         print("## 1. linear, native vs PyTorch (MKL), median of", reps)
-        print(table(bench_linear([1, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64], reps),
-                    ["matrices", "rows", "native GB/s", "MKL GB/s", "read GB/s", "native GFLOP/s", "MKL GFLOP/s",
-                     "speedup"]))
+        print(
+            table(
+                bench_linear([1, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64], reps),
+                [
+                    "matrices",
+                    "rows",
+                    "native GB/s",
+                    "MKL GB/s",
+                    "read GB/s",
+                    "native GFLOP/s",
+                    "MKL GFLOP/s",
+                    "speedup",
+                ],
+            )
+        )
     if "2" in args.parts:
         print("\n## 2. decode attention over the paged cache (llama-100m heads 12/4, head_dim 64, blocks of 16)")
-        print(table(bench_attention([128] if args.quick else [128, 512], reps),
-                    ["sequences x keys", "K/V read", "native ms", "gather+SDPA ms", "native GB/s", "speedup"]))
+        print(
+            table(
+                bench_attention([128] if args.quick else [128, 512], reps),
+                ["sequences x keys", "K/V read", "native ms", "gather+SDPA ms", "native GB/s", "speedup"],
+            )
+        )
     if "3" in args.parts:
         print("\n## 3. one decode step of llama-100m at context 64 (weights read per second vs the read bandwidth)")
         print(table(bench_step(reps), ["path", "ms/step", "GB/s", "of bandwidth", "vs PyTorch ops"]))

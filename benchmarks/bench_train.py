@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import matmul_ceiling, table, time_interleaved  # noqa: E402
-
 from qkv.config import ModelConfig  # noqa: E402
 from qkv.model import build_model  # noqa: E402
 from qkv.train.trainer import flops_per_token  # noqa: E402
@@ -32,17 +31,40 @@ L, H, D, T, B, V = 6, 6, 384, 256, 12, 8192
 
 
 def qkv_model() -> torch.nn.Module:
-    cfg = ModelConfig(vocab_size=V, n_layer=L, d_model=D, n_head=H, max_seq_len=T, pos="learned", norm="layernorm",
-                      mlp="gelu", qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True)
+    cfg = ModelConfig(
+        vocab_size=V,
+        n_layer=L,
+        d_model=D,
+        n_head=H,
+        max_seq_len=T,
+        pos="learned",
+        norm="layernorm",
+        mlp="gelu",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+    )
     return build_model(cfg)
 
 
 def hf_model() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=D, n_layer=L, n_head=H, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-                     attn_implementation="sdpa")
+    cfg = GPT2Config(
+        vocab_size=V,
+        n_positions=T,
+        n_embd=D,
+        n_layer=L,
+        n_head=H,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -50,7 +72,7 @@ def make_step(model, kind: str, batches, dtype, compile: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     state = {"i": 0}
     if compile:  # each transformer block through inductor, as `qkv train --compile` does
-        for block in (model.blocks if kind == "qkv" else model.transformer.h):
+        for block in model.blocks if kind == "qkv" else model.transformer.h:
             block.compile()
 
     def step():
@@ -83,16 +105,23 @@ def main() -> None:
     ceilings = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16, n=512, reps=2)}
     q = qkv_model()
     fpt = flops_per_token(q, T)
-    print(f"threads {torch.get_num_threads()}; config {L}L/{H}H/d{D}/T{T}/B{B}, vocab {V}; {fpt / 1e6:.1f} MFLOP/token (6N + attention)")
+    print(
+        f"threads {torch.get_num_threads()}; config {L}L/{H}H/d{D}/T{T}/B{B}, vocab {V}; {fpt / 1e6:.1f} MFLOP/token (6N + attention)"
+    )
     print(f"matmul ceilings: fp32 {ceilings['fp32'] / 1e9:.1f} GFLOP/s, bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s")
     rows, tps = [], {}
     for dtype in args.dtypes.split(","):
         if dtype == "bf16" and ceilings["bf16"] < 0.5 * ceilings["fp32"] and not args.force_bf16:
-            print(f"bf16: skipped, this CPU has no fast bf16 matmul (ceiling {ceilings['bf16'] / 1e9:.2f} vs fp32 "
-                  f"{ceilings['fp32'] / 1e9:.1f} GFLOP/s); --force-bf16 to time it anyway")
+            print(
+                f"bf16: skipped, this CPU has no fast bf16 matmul (ceiling {ceilings['bf16'] / 1e9:.2f} vs fp32 "
+                f"{ceilings['fp32'] / 1e9:.1f} GFLOP/s); --force-bf16 to time it anyway"
+            )
             continue
         torch.manual_seed(0)
-        fns = {"qkv": make_step(qkv_model(), "qkv", batches, dtype), "transformers": make_step(hf_model(), "hf", batches, dtype)}
+        fns = {
+            "qkv": make_step(qkv_model(), "qkv", batches, dtype),
+            "transformers": make_step(hf_model(), "hf", batches, dtype),
+        }
         times = time_interleaved(fns, reps=args.reps, warmup=1)
         for name, t in times.items():
             tok_s = B * T / t
@@ -101,8 +130,10 @@ def main() -> None:
         rows.append(["qkv / transformers", dtype, "", f"{tps[('qkv', dtype)] / tps[('transformers', dtype)]:.2f}x", ""])
     if args.compile:
         torch.manual_seed(0)
-        fns = {"qkv compiled": make_step(qkv_model(), "qkv", batches, "fp32", compile=True),
-               "transformers compiled": make_step(hf_model(), "hf", batches, "fp32", compile=True)}
+        fns = {
+            "qkv compiled": make_step(qkv_model(), "qkv", batches, "fp32", compile=True),
+            "transformers compiled": make_step(hf_model(), "hf", batches, "fp32", compile=True),
+        }
         for fn in fns.values():  # compile outside the timing
             fn()
         times = time_interleaved(fns, reps=args.reps, warmup=1)

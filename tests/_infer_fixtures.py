@@ -16,7 +16,8 @@ TEXT = [
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from qkv.tokenizer import Tokenizer
 

@@ -23,7 +23,7 @@ from qkv.align import ppo as PPO
 from qkv.align import reward as RW
 from qkv.align import sft as SFT
 from qkv.align.data import Preference, load_preferences, load_prompts, load_sft
-from qkv.align.policy import RewardModel, from_transformer, rollout, response_logprobs
+from qkv.align.policy import RewardModel, from_transformer, response_logprobs, rollout
 from qkv.align.task import build_tokenizer, gold_reward, make_task, prompt_text, write_jsonl
 from qkv.config import preset
 from qkv.model import build_model
@@ -43,8 +43,18 @@ def one_thread():
 
 
 def _cfg(tmp, name, **kw):
-    d = dict(out_dir=str(tmp / name), lr=3e-3, batch_size=16, seq_len=64, warmup_steps=5, eval_every=0,
-             save_every=0, progress=False, log_every=50, threads=1)
+    d = dict(
+        out_dir=str(tmp / name),
+        lr=3e-3,
+        batch_size=16,
+        seq_len=64,
+        warmup_steps=5,
+        eval_every=0,
+        save_every=0,
+        progress=False,
+        log_every=50,
+        threads=1,
+    )
     d.update(kw)
     return TrainConfig(**d)
 
@@ -66,15 +76,24 @@ def setup(tmp_path_factory, one_thread):
     prefs = [Preference(p["prompt"], p["chosen"], p["rejected"]) for p in task.prefs]
     heldout = [Preference(p["prompt"], p["chosen"], p["rejected"]) for p in task.prefs_heldout]
     ro = E.sample_policy(model, tok, task.eval_prompts, 12, 0.7, seed=7, n=2)
-    return dict(tmp=tmp, task=task, tok=tok, sft=model, losses=(before, after), prefs=prefs, heldout=heldout,
-                sft_gold=statistics.mean(E.gold_scores(ro, gold)))
+    return dict(
+        tmp=tmp,
+        task=task,
+        tok=tok,
+        sft=model,
+        losses=(before, after),
+        prefs=prefs,
+        heldout=heldout,
+        sft_gold=statistics.mean(E.gold_scores(ro, gold)),
+    )
 
 
 @pytest.fixture(scope="module")
 def reward_model(setup):
     rm = from_transformer(RewardModel, setup["sft"])
-    _, metrics = RW.run_reward(rm, setup["tok"], setup["prefs"], _cfg(setup["tmp"], "rm", max_steps=60, lr=1e-3),
-                               heldout=setup["heldout"])
+    _, metrics = RW.run_reward(
+        rm, setup["tok"], setup["prefs"], _cfg(setup["tmp"], "rm", max_steps=60, lr=1e-3), heldout=setup["heldout"]
+    )
     return rm.eval(), metrics
 
 
@@ -110,8 +129,17 @@ def test_ppo_raises_gold_reward(setup, reward_model):
     rm, _ = reward_model
     pol = copy.deepcopy(setup["sft"])
     cfg = PPO.PPOConfig(rollout_batch=32, ppo_epochs=2, max_new_tokens=12, temperature=0.7)
-    res, stats = PPO.run_ppo(pol, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts,
-                             _cfg(setup["tmp"], "ppo", max_steps=1, lr=1e-3), cfg, gold_fn=gold, n_iterations=5)
+    res, stats = PPO.run_ppo(
+        pol,
+        setup["sft"],
+        rm,
+        setup["tok"],
+        setup["task"].rl_prompts,
+        _cfg(setup["tmp"], "ppo", max_steps=1, lr=1e-3),
+        cfg,
+        gold_fn=gold,
+        n_iterations=5,
+    )
     assert stats[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # first rollout: policy == reference
     assert all(s["kl"] > -0.05 for s in stats)  # samples come from pi: k1 mean is not negative
     assert stats[-1]["score_proxy"] > stats[0]["score_proxy"]
@@ -130,8 +158,16 @@ def test_ppo_raises_gold_reward(setup, reward_model):
 def test_grpo_runs_and_moves_away_from_reference(setup):
     pol = copy.deepcopy(setup["sft"])
     cfg = GRPO.GRPOConfig(prompts_per_iter=8, group_size=4, ppo_epochs=1, max_new_tokens=10)
-    _, stats = GRPO.run_grpo(pol, setup["sft"], setup["tok"], setup["task"].rl_prompts, gold,
-                             _cfg(setup["tmp"], "grpo", max_steps=1, lr=1e-3), cfg, n_iterations=2)
+    _, stats = GRPO.run_grpo(
+        pol,
+        setup["sft"],
+        setup["tok"],
+        setup["task"].rl_prompts,
+        gold,
+        _cfg(setup["tmp"], "grpo", max_steps=1, lr=1e-3),
+        cfg,
+        n_iterations=2,
+    )
     assert stats[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert not torch.equal(pol.tok_emb.weight, setup["sft"].tok_emb.weight)
 
@@ -146,7 +182,10 @@ def test_rollouts_sample_the_distribution_whose_logprobs_are_used(setup):
     ro = rollout(pi, tok, [prompt] * 10, max_new_tokens=1, temperature=0.7, seed=11, n=60, max_num_seqs=64)
     b = ro.batch(tok.pad_id, 64)
     with torch.no_grad():
-        lp, lq = response_logprobs(pi, b["ids"], b["key_padding"], 0.7), response_logprobs(q, b["ids"], b["key_padding"], 0.7)
+        lp, lq = (
+            response_logprobs(pi, b["ids"], b["key_padding"], 0.7),
+            response_logprobs(q, b["ids"], b["key_padding"], 0.7),
+        )
         m = b["mask"][:, 1:].float()
         samples = ((lp - lq) * m).sum(1)
         ids = torch.tensor([ro.prompt_ids[0]])
@@ -182,7 +221,9 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"prefs.jsonl:1: empty chosen response"):
         load_preferences(p)
     s = tmp_path / "sft.jsonl"
-    s.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{"text": 1}\n')
+    s.write_text(
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{"text": 1}\n'
+    )
     with pytest.raises(ValueError, match=r"sft.jsonl:2: missing key 'messages'"):
         load_sft(s)
     s.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}\n')
@@ -208,15 +249,24 @@ def test_tokenizer_without_chat_template_is_a_clear_error(setup):
     tok = copy.copy(setup["tok"])
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
-        SFT.run_sft(copy.deepcopy(setup["sft"]), tok, [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]],
-                    _cfg(setup["tmp"], "nochat", max_steps=1))
+        SFT.run_sft(
+            copy.deepcopy(setup["sft"]),
+            tok,
+            [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]],
+            _cfg(setup["tmp"], "nochat", max_steps=1),
+        )
 
 
 def test_reference_with_other_vocab_is_a_clear_error(setup):
     other = build_model(preset("tiny", vocab_size=300, n_layer=1, d_model=64, n_head=4, n_kv_head=2, max_seq_len=64))
     with pytest.raises(ValueError, match="reference model has a vocabulary of 300"):
-        DPO.run_dpo(copy.deepcopy(setup["sft"]), setup["tok"], setup["prefs"][:4], _cfg(setup["tmp"], "badref", max_steps=1),
-                    ref_model=other)
+        DPO.run_dpo(
+            copy.deepcopy(setup["sft"]),
+            setup["tok"],
+            setup["prefs"][:4],
+            _cfg(setup["tmp"], "badref", max_steps=1),
+            ref_model=other,
+        )
 
 
 def test_cli_errors_are_one_line(tmp_path, setup, capsys):
@@ -244,8 +294,9 @@ def test_ppo_resume_is_exact(setup, reward_model):
     b = copy.deepcopy(setup["sft"])
     PPO.run_ppo(b, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts, tc("ppo_b"), cfg, n_iterations=1)
     b = copy.deepcopy(setup["sft"])  # a fresh process would start from the same SFT weights
-    _, stats = PPO.run_ppo(b, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts, tc("ppo_b"), cfg,
-                           n_iterations=2, resume=True)
+    _, stats = PPO.run_ppo(
+        b, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts, tc("ppo_b"), cfg, n_iterations=2, resume=True
+    )
     assert [s["iteration"] for s in stats] == [1]  # only the second rollout was made after resuming
     assert stats[0]["kl_coef"] != 0.1  # the adaptive KL coefficient came back from the checkpoint
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -278,15 +329,37 @@ def test_stages_take_an_imported_model_directly(tmp_path, setup, capsys):
     hf_dir = export_hf(setup["sft"], tmp_path / "hf", setup["tok"])
     write_jsonl(tmp_path / "prefs.jsonl", setup["task"].prefs[:16])
     out = tmp_path / "dpo"
-    assert main(["dpo", "--model", str(hf_dir), "--data", str(tmp_path / "prefs.jsonl"), "--out-dir", str(out),
-                 "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                "--model",
+                str(hf_dir),
+                "--data",
+                str(tmp_path / "prefs.jsonl"),
+                "--out-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     tuned = load_model(out)
     assert tuned.cfg.vocab_size == setup["sft"].cfg.vocab_size
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), setup["sft"].state_dict().values()))
     capsys.readouterr()
     assert main(["align", "eval", "--model", str(out), "--n-eval", "8", "--samples-per-prompt", "1"]) == 0
     judged = capsys.readouterr().out
-    assert re.search(r"judge score [-+]\d\.\d{3} \(range -1\.\.1\) over 8 answers to 8 held-out questions", judged), judged
+    assert re.search(r"judge score [-+]\d\.\d{3} \(range -1\.\.1\) over 8 answers to 8 held-out questions", judged), (
+        judged
+    )
     bare = export_hf(setup["sft"], tmp_path / "bare")  # weights only
-    assert main(["dpo", "--model", str(bare), "--data", str(tmp_path / "prefs.jsonl"), "--out-dir", str(tmp_path / "x")]) == 1
+    assert (
+        main(["dpo", "--model", str(bare), "--data", str(tmp_path / "prefs.jsonl"), "--out-dir", str(tmp_path / "x")])
+        == 1
+    )
     assert "no tokenizer found" in capsys.readouterr().err

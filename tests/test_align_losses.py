@@ -68,9 +68,16 @@ def _trl_dpo(loss_type, beta, tok_logps, ref_tok_logps, mask, label_smoothing=0.
         "ref_rejected_logps": ref_logps[twoB // 2 :],
     }
     self = _trl_self(
-        model=model, aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=None,
-        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta,
-        label_smoothing=label_smoothing, use_weighting=False,
+        model=model,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
     )
     return trl_dpo.DPOTrainer._compute_loss(self, model, inputs, return_outputs=False)
 
@@ -83,8 +90,17 @@ def test_dpo_matches_trl(loss_type, beta):
     expected = _trl_dpo(loss_type, beta, tok, ref_tok, mask, label_smoothing=ls)
     seq, ref_seq, n = L.masked_sum(tok, mask, 1), L.masked_sum(ref_tok, mask, 1), mask.sum(1)
     B = len(seq) // 2
-    out = L.dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], beta=beta, loss_type=loss_type,
-                     label_smoothing=ls, chosen_len=n[:B], rejected_len=n[B:])
+    out = L.dpo_loss(
+        seq[:B],
+        seq[B:],
+        ref_seq[:B],
+        ref_seq[B:],
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=ls,
+        chosen_len=n[:B],
+        rejected_len=n[B:],
+    )
     assert abs(out.loss.item() - float(expected)) < 1e-6
 
 
@@ -197,7 +213,12 @@ def test_ppo_clip_oracles():
 
 
 def test_value_loss():
-    v, old, ret, m = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.ones(1, 2)
+    v, old, ret, m = (
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([[0.0, 0.0]]),
+        torch.tensor([[0.0, 1.0]]),
+        torch.ones(1, 2),
+    )
     loss, cf = L.ppo_value_loss(v, old, ret, m, clip=0.2)
     # token 0: unclipped (1-0)^2=1, clipped (0.2-0)^2 -> max 1; token 1: both 1 -> 0.5*mean(1,1)
     assert loss.item() == pytest.approx(0.5) and cf.item() == 0.0
@@ -260,7 +281,10 @@ def test_token_mean_with_grad_accumulation_equals_full_batch():
     full = L.ppo_policy_loss(lp, old, adv, mask).loss
     (gfull,) = torch.autograd.grad(full, lp)
     n = mask.sum().item()
-    acc = sum(L.ppo_policy_loss(lp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], denom=n).loss for i in range(0, 8, 2))
+    acc = sum(
+        L.ppo_policy_loss(lp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], denom=n).loss
+        for i in range(0, 8, 2)
+    )
     (gacc,) = torch.autograd.grad(acc, lp)
     assert abs(full.item() - acc.item()) < 1e-12 and torch.allclose(gfull, gacc)
 

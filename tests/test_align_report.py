@@ -12,9 +12,24 @@ from qkv.align.report import ReportConfig, run_report
 
 @pytest.mark.slow
 def test_report_runs_every_stage_and_writes_the_table(tmp_path):
-    rc = ReportConfig(vocab_size=320, n_layer=1, d_model=32, n_head=2, n_kv_head=1, max_seq_len=64, pretrain_steps=4,
-                      sft_steps=4, rm_steps=3, dpo_steps=3, ppo_iterations=1, ppo_rollout=8, ppo_epochs=1,
-                      batch_size=8, n_eval=8, max_new_tokens=6)
+    rc = ReportConfig(
+        vocab_size=320,
+        n_layer=1,
+        d_model=32,
+        n_head=2,
+        n_kv_head=1,
+        max_seq_len=64,
+        pretrain_steps=4,
+        sft_steps=4,
+        rm_steps=3,
+        dpo_steps=3,
+        ppo_iterations=1,
+        ppo_rollout=8,
+        ppo_epochs=1,
+        batch_size=8,
+        n_eval=8,
+        max_new_tokens=6,
+    )
     result = run_report(tmp_path / "run", tmp_path / "docs", rc, log=lambda *a: None)
     assert set(result["rows"]) == {"base", "SFT", "DPO", "PPO", "PPO-ptx"}
     for row in result["rows"].values():

@@ -1,6 +1,5 @@
 """Corpus loading, deterministic split, shards (dtype, index, memmap) and the deterministic loader."""
 
-
 import numpy as np
 import pytest
 
@@ -10,7 +9,9 @@ from qkv.data.prepare import prepare
 from qkv.data.shards import TokenShards, read_index, shard_dtype, unigram_entropy
 from qkv.tokenizer import Tokenizer
 
-LINES = [f"Line {i}: the quick brown fox {'jumps' if i % 3 else 'sleeps'} over dog number {i % 17}.\n" for i in range(400)]
+LINES = [
+    f"Line {i}: the quick brown fox {'jumps' if i % 3 else 'sleeps'} over dog number {i % 17}.\n" for i in range(400)
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,11 @@ def test_prepare_writes_shards_and_index(prepared):
     arr = np.concatenate(train.arrays)
     assert len(arr) == index["splits"]["train"]["tokens"] and arr.max() < index["vocab_size"]
     # the shard is the tokenized text followed by end-of-text
-    assert arr[-1] == tok.eos_id and tok.decode(arr[:-1].tolist()) == "".join(LINES[: len(LINES) * 8 // 10 + 1])[: len(tok.decode(arr[:-1].tolist()))]
+    assert (
+        arr[-1] == tok.eos_id
+        and tok.decode(arr[:-1].tolist())
+        == "".join(LINES[: len(LINES) * 8 // 10 + 1])[: len(tok.decode(arr[:-1].tolist()))]
+    )
     assert index["bytes_per_token"] > 1.5
     counts = np.bincount(arr, minlength=index["vocab_size"])
     assert index["unigram_entropy"] == pytest.approx(unigram_entropy(counts))

@@ -16,8 +16,26 @@ from qkv.tokenizer import IM_END, Tokenizer
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--vocab-size", "512", "--steps", "20", "--batch-size", "8",
-            "--sft-steps", "8", "--dpo-steps", "4", "--samples", "1", "--max-tokens", "8", "--no-progress"]
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--vocab-size",
+        "512",
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--sft-steps",
+        "8",
+        "--dpo-steps",
+        "4",
+        "--samples",
+        "1",
+        "--max-tokens",
+        "8",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     for stage in ("pretrain", "sft", "dpo"):
@@ -42,4 +60,3 @@ def test_demo_runs_every_stage(tmp_path, capsys):
         return [re.sub(r"\s+\[\d+s\]$", "", ln) for ln in t.splitlines() if ln.startswith(("SFT ", "DPO ", "val loss"))]
 
     assert stages(again)[1:] == stages(text)[1:] and len(stages(text)) == 3
-

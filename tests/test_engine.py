@@ -2,7 +2,6 @@
 a request's output, paged equals contiguous, n samples share blocks, streaming, stops,
 log-probs, bad input."""
 
-
 import pytest
 import torch
 
@@ -44,17 +43,25 @@ def test_greedy_equals_recompute_and_transformers(model, tok):
         ref = generate_no_cache(model, prompt, 20)
         assert r[0].token_ids == ref
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert out[0, len(prompt):].tolist() == ref
+            out = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert out[0, len(prompt) :].tolist() == ref
         assert r[0].finish_reason == "length" and r[0].text == tok.decode(ref, skip_special=True)
 
 
 def test_same_output_alone_and_in_a_mixed_batch(model, tok):
-    params = [greedy(12), SamplingParams(max_tokens=15, seed=3, top_p=0.9, ignore_eos=True), greedy(4),
-              SamplingParams(max_tokens=9, seed=11, temperature=0.7, top_k=20, repetition_penalty=1.3, ignore_eos=True),
-              greedy(18)]
-    alone = [Engine(model, tok, block_size=4, num_blocks=64).generate([p], [sp])[0][0].token_ids
-             for p, sp in zip(PROMPTS, params)]
+    params = [
+        greedy(12),
+        SamplingParams(max_tokens=15, seed=3, top_p=0.9, ignore_eos=True),
+        greedy(4),
+        SamplingParams(max_tokens=9, seed=11, temperature=0.7, top_k=20, repetition_penalty=1.3, ignore_eos=True),
+        greedy(18),
+    ]
+    alone = [
+        Engine(model, tok, block_size=4, num_blocks=64).generate([p], [sp])[0][0].token_ids
+        for p, sp in zip(PROMPTS, params)
+    ]
     # a small token budget forces chunked prefill next to decoding rows
     eng = Engine(model, tok, block_size=4, num_blocks=64, max_batch_tokens=16)
     batched = [r[0].token_ids for r in eng.generate(PROMPTS, params)]
@@ -91,8 +98,13 @@ def test_n_samples_share_prompt_blocks_with_copy_on_write(model, tok):
     eng.allocator.check()
 
     # the n samples equal n separate requests seeded seed, seed+1, ...
-    together = [r.token_ids for r in eng.generate([prompt], SamplingParams(max_tokens=8, seed=42, n=4, ignore_eos=True))[0]]
-    separate = [eng.generate([prompt], SamplingParams(max_tokens=8, seed=42 + i, ignore_eos=True))[0][0].token_ids for i in range(4)]
+    together = [
+        r.token_ids for r in eng.generate([prompt], SamplingParams(max_tokens=8, seed=42, n=4, ignore_eos=True))[0]
+    ]
+    separate = [
+        eng.generate([prompt], SamplingParams(max_tokens=8, seed=42 + i, ignore_eos=True))[0][0].token_ids
+        for i in range(4)
+    ]
     assert together == separate and len({tuple(t) for t in together}) > 1
 
 
@@ -214,6 +226,7 @@ def test_context_limit_finishes_with_length(tok):
 
 # --- real model --------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_smollm2_chat_answer_matches_transformers():
     import qkv.interop
@@ -231,8 +244,13 @@ def test_smollm2_chat_answer_matches_transformers():
     ours = eng.generate([prompt], SamplingParams(max_tokens=20, temperature=0))[0][0]
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)
-    theirs = out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.eos_id,
+        )
+    theirs = out[0, len(prompt) :].tolist()
     assert ours.token_ids == theirs[: len(ours.token_ids)]
     assert ours.text.strip()

@@ -20,8 +20,9 @@ VARIANTS = {
     "sinusoidal positions": dict(pos="sinusoidal"),
     "no positions": dict(pos="none"),
     "sliding window": dict(sliding_window=5),
-    "GPT-2 (LayerNorm, GELU tanh, biases)": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True,
-                                                 o_bias=True, mlp_bias=True),
+    "GPT-2 (LayerNorm, GELU tanh, biases)": dict(
+        norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, o_bias=True, mlp_bias=True
+    ),
     "LayerNorm without bias, exact GELU": dict(norm="layernorm", norm_bias=False, mlp="gelu", gelu_approx="none"),
 }
 

@@ -23,7 +23,9 @@ def tiny(**kw):
 # --- logit lens ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [{}, {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}, {"n_expert": 4, "n_expert_per_token": 2}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}, {"n_expert": 4, "n_expert_per_token": 2}]
+)
 def test_logit_lens_last_layer_is_model_output(kw):
     model = tiny(**kw)
     ids = torch.randint(0, 300, (17,))
@@ -165,7 +167,9 @@ def test_smollm2_has_induction_heads_and_the_score_needs_the_repeat(smol):
     assert len(hits) >= 2 and all(layer >= 1 for layer, _, _ in hits), hits
     assert hits[0][2] > 20 * rep.induction_chance
     g = torch.Generator().manual_seed(1)
-    plain = torch.cat([torch.full((2, 1), tok.bos_id), torch.randint(tok.bos_id + 1, model.cfg.vocab_size, (2, 48), generator=g)], 1)
+    plain = torch.cat(
+        [torch.full((2, 1), tok.bos_id), torch.randint(tok.bos_id + 1, model.cfg.vocab_size, (2, 48), generator=g)], 1
+    )
     layers = sorted({layer for layer, _, _ in hits})
     probs = A.capture_attention(model, plain, layers=layers)
     control = A.induction_score(probs, 24, offset=1)
@@ -229,7 +233,11 @@ def test_cli_views_write_png_and_json(tmp_path, capsys):
     save_model(ckpt, tiny(vocab_size=300, max_seq_len=80, n_expert=4, n_expert_per_token=2))
     out = tmp_path / "out"
     for view, extra, files in (
-        ("attention", ["--layer", "1", "--head", "2", "--seg-len", "8"], ["attention_grid.png", "head_scores.png", "attention_head.png"]),
+        (
+            "attention",
+            ["--layer", "1", "--head", "2", "--seg-len", "8"],
+            ["attention_grid.png", "head_scores.png", "attention_head.png"],
+        ),
         ("lens", [], ["lens.png"]),
         ("routing", [], ["routing.png"]),
         ("embed", [], ["positions.png"]),
@@ -255,9 +263,11 @@ def test_cli_views_write_png_and_json(tmp_path, capsys):
 
 
 def test_inside_report_and_errors():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
     from qkv.serve.inside import inside_report
     from qkv.tokenizer import Tokenizer
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
     vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
     backend = HFTokenizer(models.WordLevel(vocab, unk_token="?"))

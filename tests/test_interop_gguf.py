@@ -50,8 +50,12 @@ def write_tiny_llama_gguf(hf, path: Path) -> None:
         p = f"model.layers.{i}."
         w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        w.add_tensor(
+            f"blk.{i}.attn_q.weight", llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads)
+        )
+        w.add_tensor(
+            f"blk.{i}.attn_k.weight", llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        )
         w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
         w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
         for n in ("gate", "up", "down"):
@@ -65,9 +69,16 @@ def write_tiny_llama_gguf(hf, path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rope_theta=1e5)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=1e5,
+    )
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -151,7 +162,7 @@ def test_smollm2_logits_and_greedy_answer_match_transformers(smol_qkv, smol_hf):
             out = torch.cat([out, nxt], dim=1)
             if nxt.item() == tok.eos_id:
                 break
-    answer = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special=True)
+    answer = tok.decode(out[0, ids.shape[1] :].tolist(), skip_special=True)
     assert answer == "The capital of France is Paris."
 
     # one transformers forward over prompt + answer: the logits agree everywhere, and its
@@ -161,4 +172,4 @@ def test_smollm2_logits_and_greedy_answer_match_transformers(smol_qkv, smol_hf):
         ours, theirs = model(out), hf(out).logits
     assert (ours - theirs).abs().max().item() <= 1e-3
     their_choice = theirs[0, ids.shape[1] - 1 : -1].argmax(-1)
-    assert their_choice.tolist() == out[0, ids.shape[1]:].tolist()
+    assert their_choice.tolist() == out[0, ids.shape[1] :].tolist()

@@ -18,24 +18,64 @@ from qkv.interop.hf import config_to_hf, export_hf, pick_arch  # noqa: E402
 from qkv.model import build_model, count_params  # noqa: E402
 
 VOCAB, PROMPT, NEW = 128, 8, 32
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=96)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=96,
+)
 
 CASES = {
     "llama-gqa": ("LlamaConfig", dict(COMMON, num_key_value_heads=2)),
     "llama-mqa": ("LlamaConfig", dict(COMMON, num_key_value_heads=1, attention_bias=True)),
-    "llama-rope-llama3": ("LlamaConfig", dict(COMMON, num_key_value_heads=2, rope_theta=5e5, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16})),
-    "llama-rope-linear": ("LlamaConfig", dict(COMMON, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-rope-llama3": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            num_key_value_heads=2,
+            rope_theta=5e5,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "llama-rope-linear": (
+        "LlamaConfig",
+        dict(COMMON, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    ),
     "mistral": ("MistralConfig", dict(COMMON, num_key_value_heads=2, sliding_window=12)),
     "qwen2": ("Qwen2Config", dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
     "mixtral": ("MixtralConfig", dict(COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
-    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                               attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)),
+    "gpt2": (
+        "GPT2Config",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            attn_pdrop=0.0,
+            embd_pdrop=0.0,
+            resid_pdrop=0.0,
+        ),
+    ),
 }
-EXPECTED_ARCH = {"llama-gqa": "llama", "llama-mqa": "llama", "llama-rope-llama3": "llama",
-                 "llama-rope-linear": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mixtral", "gpt2": "gpt2"}
+EXPECTED_ARCH = {
+    "llama-gqa": "llama",
+    "llama-mqa": "llama",
+    "llama-rope-llama3": "llama",
+    "llama-rope-linear": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "mixtral": "mixtral",
+    "gpt2": "gpt2",
+}
 
 
 def make_hf(case: str):
@@ -107,8 +147,9 @@ def test_sharded_checkpoint_and_tokenizer(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(["the cat sat on the mat"] * 20, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
     fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -147,8 +188,11 @@ def test_bf16_load_and_export(tmp_path):
         (dict(pos="learned", norm="layernorm", mlp="swiglu"), None, "pos='learned'"),
         (dict(pos="none"), "llama", "pos='none'"),
         (dict(n_expert=4, moe_renormalize=False), None, "moe_renormalize"),
-        (dict(n_kv_head=2, pos="learned", norm="layernorm", mlp="gelu", qkv_bias=True, o_bias=True, mlp_bias=True),
-         None, "grouped-query"),
+        (
+            dict(n_kv_head=2, pos="learned", norm="layernorm", mlp="gelu", qkv_bias=True, o_bias=True, mlp_bias=True),
+            None,
+            "grouped-query",
+        ),
         (dict(qkv_bias=True, o_bias=True), "qwen2", "qwen2 has q/k/v biases"),
     ],
 )

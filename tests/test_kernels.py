@@ -112,8 +112,14 @@ def _reference_decode(q, k_pool, v_pool, tables, total, scale, window):
 
 @pytest.mark.skipif(decode_attention._attention.get() is None, reason="no AVX2 CPU or C compiler here")
 @settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 5), kv=st.sampled_from([(4, 4), (4, 2), (6, 1)]), D=st.sampled_from([8, 16, 64]),
-       bs=st.sampled_from([1, 4, 16]), window=st.sampled_from([None, 3]), seed=st.integers(0, 10**6))
+@given(
+    B=st.integers(1, 5),
+    kv=st.sampled_from([(4, 4), (4, 2), (6, 1)]),
+    D=st.sampled_from([8, 16, 64]),
+    bs=st.sampled_from([1, 4, 16]),
+    window=st.sampled_from([None, 3]),
+    seed=st.integers(0, 10**6),
+)
 def test_paged_decode_matches_gathered_attention(B, kv, D, bs, window, seed):
     H, Hkv = kv
     g = torch.Generator().manual_seed(seed)
@@ -126,7 +132,9 @@ def test_paged_decode_matches_gathered_attention(B, kv, D, bs, window, seed):
     with torch.inference_mode():
         assert decode_attention.applies(q, k_pool, v_pool)
         got = decode_attention.paged_decode(q, k_pool, v_pool, tables, total, 0.3, window)
-    torch.testing.assert_close(got, _reference_decode(q, k_pool, v_pool, tables, total, 0.3, window), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got, _reference_decode(q, k_pool, v_pool, tables, total, 0.3, window), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.skipif(decode_ops._rms_norm.get() is None, reason="no AVX2 CPU or C compiler here")

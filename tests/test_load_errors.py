@@ -58,7 +58,10 @@ def test_missing_shard(hf_dir):
 def test_unknown_architecture(hf_dir, capsys):
     cfg = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"config\.json: unsupported architecture model_type='bert'.*llama, mistral, qwen2, mixtral, gpt2"):
+    with pytest.raises(
+        ValueError,
+        match=r"config\.json: unsupported architecture model_type='bert'.*llama, mistral, qwen2, mixtral, gpt2",
+    ):
         load(hf_dir)
     assert "bert" in convert_fails(capsys, hf_dir)
 

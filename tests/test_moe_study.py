@@ -35,9 +35,22 @@ def test_variants_have_equal_active_parameters():
 
 
 def test_moe_study_writes_report(tmp_path, data_dir):
-    cfg = MoEStudyConfig(out_dir=str(tmp_path / "study"), data_dir=str(data_dir), n_layer=2, d_model=32,
-                         steps=6, batch_size=4, seq_len=16, eval_every=3, eval_steps=1, load_every=2,
-                         probe_batches=2, doc=str(tmp_path / "moe.md"), figures=str(tmp_path / "img"), threads=1)
+    cfg = MoEStudyConfig(
+        out_dir=str(tmp_path / "study"),
+        data_dir=str(data_dir),
+        n_layer=2,
+        d_model=32,
+        steps=6,
+        batch_size=4,
+        seq_len=16,
+        eval_every=3,
+        eval_steps=1,
+        load_every=2,
+        probe_batches=2,
+        doc=str(tmp_path / "moe.md"),
+        figures=str(tmp_path / "img"),
+        threads=1,
+    )
     text = run_study(cfg, log=lambda *a: None)
     assert "| mixtral-8x7b | 8 (2) | 46.70B | 12.88B |" in text
     assert "| olmoe-1b-7b | 64 (8) | 6.92B | 1.28B |" in text

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qkv.config import preset
 from qkv.infer.paged import BlockAllocator, NoFreeBlocks, PagedKVCache, block_hash
@@ -62,7 +63,12 @@ def test_prefix_cache_reuse_and_lru_eviction():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "fork", "cow", "register", "lookup"]), st.integers(0, 50)), max_size=80))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["alloc", "free", "fork", "cow", "register", "lookup"]), st.integers(0, 50)),
+        max_size=80,
+    )
+)
 def test_allocator_invariants_under_random_ops(ops):
     a = BlockAllocator(6, 2)
     owned: list[int] = []  # one entry per reference we hold
@@ -121,8 +127,9 @@ def test_paged_cache_stores_by_block_table_and_attends_like_contiguous(window):
             torch.testing.assert_close(cache.k[1, t[p // bs], p % bs], k[b, :, p])
             torch.testing.assert_close(cache.v[1, t[p // bs], p % bs], v[b, :, p])
         mask = causal_mask(n, n, window=window)[None, None]
-        ref = F.scaled_dot_product_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
-                                             attn_mask=mask, scale=0.3, enable_gqa=True)
+        ref = F.scaled_dot_product_attention(
+            q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], attn_mask=mask, scale=0.3, enable_gqa=True
+        )
         torch.testing.assert_close(y[b : b + 1, :, :n], ref, atol=1e-5, rtol=1e-5)
     assert cache.k[0].abs().sum() == 0  # other layers untouched
 

@@ -9,11 +9,28 @@ from qkv.infer.sampling import SamplingError, SamplingParams, apply_penalties, m
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", 2.5), ("temperature", -0.1),
-        ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("top_k", -1), ("min_p", 1.2),
-        ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
-        ("stop", 5), ("stop", [1, 2]), ("stop", [""]), ("stop", {"a": 1}), ("stop_token_ids", [-1]),
-        ("stop_token_ids", ["x"]), ("seed", "abc"), ("logprobs", -1), ("logprobs", 21), ("n", 0),
+        ("max_tokens", 0),
+        ("max_tokens", -3),
+        ("max_tokens", 2.5),
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", float("nan")),
+        ("top_k", -1),
+        ("min_p", 1.2),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -2.5),
+        ("stop", 5),
+        ("stop", [1, 2]),
+        ("stop", [""]),
+        ("stop", {"a": 1}),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", ["x"]),
+        ("seed", "abc"),
+        ("logprobs", -1),
+        ("logprobs", 21),
+        ("n", 0),
     ],
 )
 def test_bad_params_name_the_field(field, value):
@@ -46,7 +63,10 @@ def test_warpers_match_transformers():
         (dict(top_k=13), [g.TopKLogitsWarper(13)]),
         (dict(top_p=0.8), [g.TopPLogitsWarper(0.8)]),
         (dict(min_p=0.05), [g.MinPLogitsWarper(0.05)]),
-        (dict(temperature=1.3, top_k=40, top_p=0.9), [g.TemperatureLogitsWarper(1.3), g.TopKLogitsWarper(40), g.TopPLogitsWarper(0.9)]),
+        (
+            dict(temperature=1.3, top_k=40, top_p=0.9),
+            [g.TemperatureLogitsWarper(1.3), g.TopKLogitsWarper(40), g.TopPLogitsWarper(0.9)],
+        ),
     ]:
         ours = warp(logits[0], SamplingParams(**kw))
         theirs = logits.clone()

@@ -1,7 +1,6 @@
 """Scaling-law fits: recovery of a known law, the allocation numbers from the literature,
 Approach 2 on synthetic IsoFLOP data, parameter counts from configs, and bad input."""
 
-
 import numpy as np
 import pytest
 
@@ -46,7 +45,9 @@ def test_objective_is_the_summed_huber_of_log_sum_exp_and_its_gradient_is_exact(
     r = np.abs(pred - args[2])
     assert f == pytest.approx(np.where(r <= 1e-3, 0.5 * r**2, 1e-3 * (r - 5e-4)).sum(), rel=1e-10)
     eps = 1e-6
-    num = [(_objective(theta + eps * e, *args)[0] - _objective(theta - eps * e, *args)[0]) / (2 * eps) for e in np.eye(5)]
+    num = [
+        (_objective(theta + eps * e, *args)[0] - _objective(theta - eps * e, *args)[0]) / (2 * eps) for e in np.eye(5)
+    ]
     np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-9)
     # the vectorised grid evaluation agrees with the scalar objective
     starts = grid_starts()
@@ -158,11 +159,36 @@ def test_cli_fit_and_optimal(tmp_path, capsys):
     assert main(["scale", "fit", str(csv), "--out", str(tmp_path / "out"), "--boot", "4"]) == 0
     out = capsys.readouterr().out
     assert "alpha=0.34" in out
-    for name in ("fit.json", "report.md", "scaling_loss_vs_n.png", "scaling_isoflop.png",
-                 "scaling_frontier.png", "scaling_residuals.png"):
+    for name in (
+        "fit.json",
+        "report.md",
+        "scaling_loss_vs_n.png",
+        "scaling_isoflop.png",
+        "scaling_frontier.png",
+        "scaling_residuals.png",
+    ):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
-    assert main(["scale", "optimal", "--budget", "5.76e23", "--E", "1.8172", "--A", "482.01", "--B", "2085.43",
-                 "--alpha", "0.3478", "--beta", "0.3658"]) == 0
+    assert (
+        main(
+            [
+                "scale",
+                "optimal",
+                "--budget",
+                "5.76e23",
+                "--E",
+                "1.8172",
+                "--A",
+                "482.01",
+                "--B",
+                "2085.43",
+                "--alpha",
+                "0.3478",
+                "--beta",
+                "0.3658",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "72.2B" in out and "18.4" in out
     bad = _write(tmp_path / "bad.csv", list(zip(N, D, L))[:3])
@@ -177,9 +203,17 @@ def test_an_optimum_beyond_float_range_is_not_a_law():
 
     from qkv.scaling.fit import _minimise_from
 
-    results = iter([SimpleNamespace(x=np.array([800.0, 5.0, 0.5, 9.0, 0.3]), fun=0.1),
-                    SimpleNamespace(x=np.array([6.0, 5.0, 0.5, 0.3, 0.3]), fun=0.2)])
+    results = iter(
+        [
+            SimpleNamespace(x=np.array([800.0, 5.0, 0.5, 9.0, 0.3]), fun=0.1),
+            SimpleNamespace(x=np.array([6.0, 5.0, 0.5, 0.3, 0.3]), fun=0.2),
+        ]
+    )
     best = _minimise_from(lambda *a, **k: next(results), np.zeros((2, 5)), None, None, None, 1e-3)
     assert best.x[0] == 6.0  # the representable one, although its objective is higher
-    assert _minimise_from(lambda *a, **k: SimpleNamespace(x=np.full(5, 710.0), fun=0.0),
-                          np.zeros((1, 5)), None, None, None, 1e-3) is None
+    assert (
+        _minimise_from(
+            lambda *a, **k: SimpleNamespace(x=np.full(5, 710.0), fun=0.0), np.zeros((1, 5)), None, None, None, 1e-3
+        )
+        is None
+    )

@@ -6,8 +6,7 @@ import math
 import pytest
 
 from qkv.scaling.runs import load_runs, read_rows
-from qkv.scaling.sweep import (COLUMNS, MOE_FIGURE, SweepConfig, pair_moe_dense, plan, report, run_sweep,
-                               train_one)
+from qkv.scaling.sweep import COLUMNS, MOE_FIGURE, SweepConfig, pair_moe_dense, plan, report, run_sweep, train_one
 
 
 class Killed(Exception):
@@ -27,9 +26,18 @@ def data_dir(tmp_path_factory):
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, data_dir):
-    cfg = SweepConfig(out_dir=str(tmp_path / "sweep"), data_dir=str(data_dir), budgets=[4e8, 1.2e9],
-                      sizes=["1x32", "2x32", "1x64"], head_dim=32, seq_len=32, batch_size=8, min_steps=3,
-                      eval_steps=2, threads=1)
+    cfg = SweepConfig(
+        out_dir=str(tmp_path / "sweep"),
+        data_dir=str(data_dir),
+        budgets=[4e8, 1.2e9],
+        sizes=["1x32", "2x32", "1x64"],
+        head_dim=32,
+        seq_len=32,
+        batch_size=8,
+        min_steps=3,
+        eval_steps=2,
+        threads=1,
+    )
     planned, _ = plan(cfg, 300)
     assert len(planned) >= 5
     names = [r.name for r in planned]
@@ -100,14 +108,30 @@ def test_moe_variants_are_planned_at_equal_active_parameters():
 
 
 def test_moe_sweep_reports_dense_and_moe_side_by_side(tmp_path, data_dir):
-    cfg = SweepConfig(out_dir=str(tmp_path / "moe"), data_dir=str(data_dir), budgets=[6e8], sizes=["1x32", "2x32"],
-                      head_dim=32, seq_len=32, batch_size=8, min_steps=3, eval_steps=2, threads=1,
-                      moe=True, n_expert=4, top_k=2)
+    cfg = SweepConfig(
+        out_dir=str(tmp_path / "moe"),
+        data_dir=str(data_dir),
+        budgets=[6e8],
+        sizes=["1x32", "2x32"],
+        head_dim=32,
+        seq_len=32,
+        batch_size=8,
+        min_steps=3,
+        eval_steps=2,
+        threads=1,
+        moe=True,
+        n_expert=4,
+        top_k=2,
+    )
     rows = run_sweep(cfg, log=lambda *a: None)
     assert sorted(r["kind"] for r in rows) == ["dense", "dense", "moe", "moe"]
     # report from the flags' defaults (8 experts): the section must describe what the runs used (4)
-    text = report(SweepConfig(out_dir=cfg.out_dir, data_dir=cfg.data_dir, budgets=cfg.budgets),
-                  n_boot=0, n_starts=2, log=lambda *a: None)
+    text = report(
+        SweepConfig(out_dir=cfg.out_dir, data_dir=cfg.data_dir, budgets=cfg.budgets),
+        n_boot=0,
+        n_starts=2,
+        log=lambda *a: None,
+    )
     assert "## Dense vs MoE (4 experts, top-2)" in text
     table = read_rows(tmp_path / "moe" / "runs.csv")
     pairs = pair_moe_dense(table)

@@ -3,7 +3,8 @@ every request (preempted or not) produces exactly what it produces alone."""
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from _infer_fixtures import make_tokenizer, tiny_model
 from qkv.infer.engine import Engine
@@ -51,8 +52,13 @@ request = st.fixed_dictionaries(
 def run_workload(eng: Engine, reqs: list[dict]) -> dict:
     params = {}
     for i, r in enumerate(reqs):
-        p = SamplingParams(max_tokens=r["max_tokens"], temperature=1.0 if r["sampled"] else 0.0,
-                           seed=r["seed"], n=r["n"], ignore_eos=True)
+        p = SamplingParams(
+            max_tokens=r["max_tokens"],
+            temperature=1.0 if r["sampled"] else 0.0,
+            seed=r["seed"],
+            n=r["n"],
+            ignore_eos=True,
+        )
         params[eng.add_request(r["prompt"], p, request_id=str(i))] = p
     got = {rid: [[] for _ in range(p.n)] for rid, p in params.items()}
     reasons: dict = {}
@@ -79,9 +85,18 @@ def run_workload(eng: Engine, reqs: list[dict]) -> dict:
     max_num_seqs=st.integers(1, 8),
     prefix_caching=st.booleans(),
 )
-def test_random_workloads_finish_exactly_and_leak_nothing(reqs, num_blocks, max_batch_tokens, max_num_seqs, prefix_caching):
-    eng = Engine(MODEL, TOK, block_size=4, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                 max_num_seqs=max_num_seqs, prefix_caching=prefix_caching)
+def test_random_workloads_finish_exactly_and_leak_nothing(
+    reqs, num_blocks, max_batch_tokens, max_num_seqs, prefix_caching
+):
+    eng = Engine(
+        MODEL,
+        TOK,
+        block_size=4,
+        num_blocks=num_blocks,
+        max_batch_tokens=max_batch_tokens,
+        max_num_seqs=max_num_seqs,
+        prefix_caching=prefix_caching,
+    )
     res = run_workload(eng, reqs)
     for rid, p in res["params"].items():
         for i in range(p.n):
@@ -97,8 +112,10 @@ def test_random_workloads_finish_exactly_and_leak_nothing(reqs, num_blocks, max_
 
 
 def test_preempted_requests_finish_with_the_same_output():
-    reqs = [dict(prompt=list(range(7 * i, 7 * i + 12)), max_tokens=30, sampled=i % 2 == 1, seed=i, n=1, abort_at=None)
-            for i in range(6)]
+    reqs = [
+        dict(prompt=list(range(7 * i, 7 * i + 12)), max_tokens=30, sampled=i % 2 == 1, seed=i, n=1, abort_at=None)
+        for i in range(6)
+    ]
     eng = Engine(MODEL, TOK, block_size=4, num_blocks=14, max_batch_tokens=64)
     res = run_workload(eng, reqs)
     assert eng.stats()["preemptions_total"] > 0

@@ -92,8 +92,16 @@ def test_chat_greedy_matches_reference_and_usage(served):
 def test_chat_stream_matches_non_stream(served):
     _, client, _, _ = served
     full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
@@ -138,10 +146,14 @@ def test_n2_two_distinct_samples(served):
     assert sorted(c.index for c in r.choices) == [0, 1]
     assert r.choices[0].message.content != r.choices[1].message.content  # random model, 8 sampled tokens
     assert r.usage.completion_tokens == 16
-    s = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, temperature=1.0,
-                                            seed=7, stream=True))
-    texts = {i: "".join(c.choices[0].delta.content or "" for c in s if c.choices and c.choices[0].index == i)
-             for i in (0, 1)}
+    s = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8, n=2, temperature=1.0, seed=7, stream=True
+        )
+    )
+    texts = {
+        i: "".join(c.choices[0].delta.content or "" for c in s if c.choices and c.choices[0].index == i) for i in (0, 1)
+    }
     assert texts == {c.index: c.message.content for c in r.choices}  # same seed, streamed or not
 
 
@@ -149,12 +161,14 @@ def test_stop_string_cuts_the_text(served):
     _, client, _, _ = served
     base = client.completions.create(model=MODEL, prompt="Hello! How", max_tokens=24, temperature=0)
     text = base.choices[0].text
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip() and len(text) > 6, text
     r = client.completions.create(model=MODEL, prompt="Hello! How", max_tokens=24, temperature=0, stop=[stop, "\x00"])
     assert r.choices[0].text == text[: text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
-    s = client.completions.create(model=MODEL, prompt="Hello! How", max_tokens=24, temperature=0, stop=stop, stream=True)
+    s = client.completions.create(
+        model=MODEL, prompt="Hello! How", max_tokens=24, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in s) == r.choices[0].text
 
 
@@ -179,8 +193,9 @@ def test_seed_reproducible_under_concurrent_load(served):
 
 def test_chat_logprobs_match_reference(served):
     _, client, model, tok = served
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     ref, ref_lps = reference_greedy(model, chat_prompt(tok, MESSAGES), 6, tok.eos_id)
     content = r.choices[0].logprobs.content
     assert len(content) >= len(ref)
@@ -209,13 +224,20 @@ def test_completion_logprobs(served):
 def test_sampling_extras_accepted(served):
     _, client, model, tok = served
     # top_k=1 makes sampling greedy whatever the temperature: a real check that top_k reaches the sampler
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.5,
-                                       extra_body={"top_k": 1})
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.5, extra_body={"top_k": 1}
+    )
     ref, _ = reference_greedy(model, chat_prompt(tok, MESSAGES), 8, tok.eos_id)
     assert r.choices[0].message.content == tok.decode(ref)
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0.8,
-                                       presence_penalty=0.5, frequency_penalty=0.5,
-                                       extra_body={"min_p": 0.05, "repetition_penalty": 1.2, "top_k": 50})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0.8,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"min_p": 0.05, "repetition_penalty": 1.2, "top_k": 50},
+    )
     assert r.choices[0].finish_reason in ("stop", "length")
 
 

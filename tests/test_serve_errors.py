@@ -8,11 +8,14 @@ drops a stream (or a plain request) halfway must have its KV blocks freed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -47,6 +50,7 @@ def srv(ckpt):
     torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a busy machine
     try:
         with BackgroundServer(app) as s:
+            s.engine = engine
             yield s
     finally:
         torch.set_num_threads(threads)
@@ -69,36 +73,169 @@ LONG = "word " * 1000  # far more than CTX tokens
 
 # (name, method, path, kwargs for httpx, expected status, expected param or None)
 BARRAGE = [
-    ("malformed json", "POST", "/v1/chat/completions", dict(content=b'{"model": "tiny-chat", "messages": [', headers=AUTH), 400, None),
+    (
+        "malformed json",
+        "POST",
+        "/v1/chat/completions",
+        dict(content=b'{"model": "tiny-chat", "messages": [', headers=AUTH),
+        400,
+        None,
+    ),
     ("body not an object", "POST", "/v1/chat/completions", dict(json=[1, 2], headers=AUTH), 400, None),
-    ("messages wrong type", "POST", "/v1/chat/completions", dict(json=chat(messages="hi"), headers=AUTH), 400, "messages"),
-    ("max_tokens wrong type", "POST", "/v1/chat/completions", dict(json=chat(max_tokens="ten"), headers=AUTH), 400, "max_tokens"),
-    ("temperature wrong type", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": "x", "temperature": "hot"}, headers=AUTH), 400, "temperature"),
+    (
+        "messages wrong type",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(messages="hi"), headers=AUTH),
+        400,
+        "messages",
+    ),
+    (
+        "max_tokens wrong type",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(max_tokens="ten"), headers=AUTH),
+        400,
+        "max_tokens",
+    ),
+    (
+        "temperature wrong type",
+        "POST",
+        "/v1/completions",
+        dict(json={"model": MODEL, "prompt": "x", "temperature": "hot"}, headers=AUTH),
+        400,
+        "temperature",
+    ),
     ("stop wrong type", "POST", "/v1/chat/completions", dict(json=chat(stop=[1, 2]), headers=AUTH), 400, "stop"),
     ("missing messages", "POST", "/v1/chat/completions", dict(json={"model": MODEL}, headers=AUTH), 400, "messages"),
     ("empty messages", "POST", "/v1/chat/completions", dict(json=chat(messages=[]), headers=AUTH), 400, "messages"),
-    ("bad role", "POST", "/v1/chat/completions", dict(json=chat(messages=[{"role": "wizard", "content": "x"}]), headers=AUTH), 400, None),
-    ("negative max_tokens", "POST", "/v1/chat/completions", dict(json=chat(max_tokens=-5), headers=AUTH), 400, "max_tokens"),
-    ("zero max_tokens", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": "x", "max_tokens": 0}, headers=AUTH), 400, "max_tokens"),
-    ("temperature < 0", "POST", "/v1/chat/completions", dict(json=chat(temperature=-0.5), headers=AUTH), 400, "temperature"),
+    (
+        "bad role",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(messages=[{"role": "wizard", "content": "x"}]), headers=AUTH),
+        400,
+        None,
+    ),
+    (
+        "negative max_tokens",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(max_tokens=-5), headers=AUTH),
+        400,
+        "max_tokens",
+    ),
+    (
+        "zero max_tokens",
+        "POST",
+        "/v1/completions",
+        dict(json={"model": MODEL, "prompt": "x", "max_tokens": 0}, headers=AUTH),
+        400,
+        "max_tokens",
+    ),
+    (
+        "temperature < 0",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(temperature=-0.5), headers=AUTH),
+        400,
+        "temperature",
+    ),
     ("top_p = 0", "POST", "/v1/chat/completions", dict(json=chat(top_p=0), headers=AUTH), 400, "top_p"),
-    ("presence_penalty > 2", "POST", "/v1/chat/completions", dict(json=chat(presence_penalty=3), headers=AUTH), 400, "presence_penalty"),
+    (
+        "presence_penalty > 2",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(presence_penalty=3), headers=AUTH),
+        400,
+        "presence_penalty",
+    ),
     ("n above limit", "POST", "/v1/chat/completions", dict(json=chat(n=1000), headers=AUTH), 400, "n"),
     ("n = 0", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": "x", "n": 0}, headers=AUTH), 400, "n"),
-    ("top_logprobs without logprobs", "POST", "/v1/chat/completions", dict(json=chat(top_logprobs=2), headers=AUTH), 400, "top_logprobs"),
-    ("top_logprobs too big", "POST", "/v1/chat/completions", dict(json=chat(logprobs=True, top_logprobs=50), headers=AUTH), 400, "top_logprobs"),
-    ("completion logprobs too big", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": "x", "logprobs": 99}, headers=AUTH), 400, "logprobs"),
-    ("token id out of vocab", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": [1, 10**9]}, headers=AUTH), 400, "prompt"),
+    (
+        "top_logprobs without logprobs",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(top_logprobs=2), headers=AUTH),
+        400,
+        "top_logprobs",
+    ),
+    (
+        "top_logprobs too big",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(logprobs=True, top_logprobs=50), headers=AUTH),
+        400,
+        "top_logprobs",
+    ),
+    (
+        "completion logprobs too big",
+        "POST",
+        "/v1/completions",
+        dict(json={"model": MODEL, "prompt": "x", "logprobs": 99}, headers=AUTH),
+        400,
+        "logprobs",
+    ),
+    (
+        "token id out of vocab",
+        "POST",
+        "/v1/completions",
+        dict(json={"model": MODEL, "prompt": [1, 10**9]}, headers=AUTH),
+        400,
+        "prompt",
+    ),
     ("empty prompt", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": ""}, headers=AUTH), 400, "prompt"),
     ("unknown model", "POST", "/v1/chat/completions", dict(json=chat(model="gpt-4o"), headers=AUTH), 404, "model"),
     ("unknown model (get)", "GET", "/v1/models/nope", dict(headers=AUTH), 404, "model"),
-    ("context overflow (prompt)", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": LONG}, headers=AUTH), 400, "prompt"),
-    ("context overflow (chat)", "POST", "/v1/chat/completions", dict(json=chat(messages=[{"role": "user", "content": LONG}]), headers=AUTH), 400, "messages"),
-    ("context overflow (max_tokens)", "POST", "/v1/chat/completions", dict(json=chat(max_tokens=CTX), headers=AUTH), 400, "max_tokens"),
-    ("oversized body", "POST", "/v1/chat/completions", dict(json=chat(messages=[{"role": "user", "content": "x" * (2 * MAX_BODY)}]), headers=AUTH), 413, None),
-    ("oversized chunked body", "POST", "/v1/completions", dict(content=iter([b"{" + b" " * 8192] * 20), headers={**AUTH, "content-type": "application/json"}), 413, None),
+    (
+        "context overflow (prompt)",
+        "POST",
+        "/v1/completions",
+        dict(json={"model": MODEL, "prompt": LONG}, headers=AUTH),
+        400,
+        "prompt",
+    ),
+    (
+        "context overflow (chat)",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(messages=[{"role": "user", "content": LONG}]), headers=AUTH),
+        400,
+        "messages",
+    ),
+    (
+        "context overflow (max_tokens)",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(max_tokens=CTX), headers=AUTH),
+        400,
+        "max_tokens",
+    ),
+    (
+        "oversized body",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(messages=[{"role": "user", "content": "x" * (2 * MAX_BODY)}]), headers=AUTH),
+        413,
+        None,
+    ),
+    (
+        "oversized chunked body",
+        "POST",
+        "/v1/completions",
+        dict(content=iter([b"{" + b" " * 8192] * 20), headers={**AUTH, "content-type": "application/json"}),
+        413,
+        None,
+    ),
     ("missing key", "POST", "/v1/chat/completions", dict(json=chat()), 401, None),
-    ("wrong key", "POST", "/v1/chat/completions", dict(json=chat(), headers={"Authorization": "Bearer sk-wrong"}), 401, None),
+    (
+        "wrong key",
+        "POST",
+        "/v1/chat/completions",
+        dict(json=chat(), headers={"Authorization": "Bearer sk-wrong"}),
+        401,
+        None,
+    ),
     ("wrong key scheme", "GET", "/v1/models", dict(headers={"Authorization": KEY}), 401, None),
     ("unknown route", "GET", "/v1/nothing-here", dict(headers=AUTH), 404, None),
     ("wrong method", "GET", "/v1/chat/completions", dict(headers=AUTH), 405, None),
@@ -116,15 +253,21 @@ def test_bad_input_barrage_then_still_serving(srv):
         assert isinstance(body["error"]["message"], str) and body["error"]["message"], name
         if param is not None:
             assert body["error"]["param"] == param, (name, body)
-    codes = {name: httpx.request(m, srv.url + p, timeout=30, **kw).json()["error"]["code"]
-             for name, m, p, kw, _, _ in BARRAGE if name in ("context overflow (prompt)", "wrong key", "malformed json")}
-    assert codes == {"context overflow (prompt)": "context_length_exceeded", "wrong key": "invalid_api_key",
-                     "malformed json": "invalid_json"}
+    codes = {
+        name: httpx.request(m, srv.url + p, timeout=30, **kw).json()["error"]["code"]
+        for name, m, p, kw, _, _ in BARRAGE
+        if name in ("context overflow (prompt)", "wrong key", "malformed json")
+    }
+    assert codes == {
+        "context overflow (prompt)": "context_length_exceeded",
+        "wrong key": "invalid_api_key",
+        "malformed json": "invalid_json",
+    }
     after = httpx.post(srv.url + "/v1/chat/completions", json=chat(), headers=AUTH)
     assert after.status_code == 200
     assert after.json()["choices"][0]["message"] == before.json()["choices"][0]["message"]  # greedy: same answer
     assert httpx.get(srv.url + "/health").status_code == 200
-    assert "status=\"500\"" not in httpx.get(srv.url + "/metrics").text
+    assert 'status="500"' not in httpx.get(srv.url + "/metrics").text
 
 
 def test_queue_full_is_429_and_recovers(srv):
@@ -136,8 +279,15 @@ def test_queue_full_is_429_and_recovers(srv):
         aclient = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as h:
             raw = [h.post(srv.url + "/v1/chat/completions", json=body) for _ in range(6)]
-            sdk = [aclient.chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=body["max_tokens"],
-                                                   extra_body={"ignore_eos": True}) for _ in range(6)]
+            sdk = [
+                aclient.chat.completions.create(
+                    model=MODEL,
+                    messages=body["messages"],
+                    max_tokens=body["max_tokens"],
+                    extra_body={"ignore_eos": True},
+                )
+                for _ in range(6)
+            ]
             return await asyncio.gather(*raw, *sdk, return_exceptions=True)
 
     results = asyncio.run(burst())
@@ -184,19 +334,61 @@ def test_disconnect_mid_stream_frees_kv_blocks(srv):
 
 
 def test_disconnect_non_streaming_frees_kv_blocks(srv):
+    """The client gives up while its reply is being generated. The engine is held after its
+    first step (an event this test controls), so the reply cannot finish before the client
+    leaves however fast the machine is; then it is released and must free the blocks."""
     idle = metric(srv.url, "qkv_kv_blocks_used")
-    body = chat(max_tokens=CTX - 20, ignore_eos=True, temperature=1.0)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.3)
+    engine, step = srv.engine, srv.engine.step
+    started, release = threading.Event(), threading.Event()
+
+    def held_step():
+        out = step()
+        started.set()
+        release.wait(timeout=30)
+        return out
+
+    engine.step = held_step
+    try:
+        body = json.dumps(chat(max_tokens=CTX - 20, ignore_eos=True, temperature=1.0)).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection((srv.host, srv.port), timeout=30) as conn:
+            conn.sendall(head.encode() + body)
+            assert started.wait(timeout=30), "the request never reached the engine"
+        # the connection is closed while the reply is still being generated
+    finally:
+        del engine.step  # the class's own step again
+        release.set()
     _wait_idle(srv.url, idle)
 
 
 def test_cli_serve_binds_loopback_with_env_key(ckpt):
     port = free_port()
     env = {**os.environ, "QKV_API_KEY": "sk-env"}
-    proc = subprocess.Popen([sys.executable, "-m", "qkv.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--served-model-name", "m", "--log-level", "warning", "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qkv.cli",
+            "serve",
+            "--model",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "m",
+            "--log-level",
+            "warning",
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -206,7 +398,9 @@ def test_cli_serve_binds_loopback_with_env_key(ckpt):
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.poll() is not None else "timeout"
+            )
             time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-env", max_retries=0)

@@ -1,7 +1,6 @@
 """Speculative decoding: greedy output identical to the target alone; sampled output
 distributed exactly as the target's (analytically for the rule, statistically end to end)."""
 
-
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -89,7 +88,9 @@ def test_stops_and_bad_arguments():
     draft = tiny_model(seed=1, n_layer=1)
     ref = generate(target, [5, 6, 7], SamplingParams(max_tokens=30, temperature=0))
     stop = ref[7]
-    out, _ = speculative_generate(target, draft, [5, 6, 7], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop]), k=4)
+    out, _ = speculative_generate(
+        target, draft, [5, 6, 7], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop]), k=4
+    )
     assert out == ref[: ref.index(stop) + 1]
     with pytest.raises(ValueError, match="vocab"):
         speculative_generate(target, tiny_model(vocab_size=100), [1], SamplingParams(), k=2)

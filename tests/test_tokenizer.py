@@ -37,7 +37,7 @@ def test_vocab_and_special_tokens(tok):
     assert None not in ids.values() and len(set(ids.values())) == 4
     assert tok.bos_token == BOS and tok.eos_token == EOS and tok.pad_id == tok.eos_id
     # special tokens are single ids, never split into bytes
-    assert tok.encode(f"{IM_START}user") [0] == ids[IM_START]
+    assert tok.encode(f"{IM_START}user")[0] == ids[IM_START]
     # merges were learned: frequent words are one token
     assert len(tok.encode("Citizen")) < len("Citizen")
 
@@ -51,10 +51,16 @@ def test_compression_on_held_out(tok):
 
 
 def test_chat_template_and_assistant_mask(tok, tmp_path):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak."},
-            {"role": "assistant", "content": "Speak, speak."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Speak."},
+        {"role": "assistant", "content": "Speak, speak."},
+    ]
     text = tok.render_chat(msgs)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSpeak.<|im_end|>\n<|im_start|>assistant\nSpeak, speak.<|im_end|>\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSpeak.<|im_end|>\n<|im_start|>assistant\nSpeak, speak.<|im_end|>\n"
+    )
     assert tok.render_chat(msgs[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     ids, mask = tok.encode_chat(msgs)
     trained = tok.decode([i for i, m in zip(ids, mask) if m])

@@ -18,7 +18,9 @@ from qkv.train.pretrain import make_trainer
 from qkv.train.trainer import TrainingDiverged
 
 MICRO = {"n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1}
-TEXT = "".join(f"Line {i}: the quick brown fox {'jumps' if i % 3 else 'sleeps'} over dog {i % 17}.\n" for i in range(400))
+TEXT = "".join(
+    f"Line {i}: the quick brown fox {'jumps' if i % 3 else 'sleeps'} over dog {i % 17}.\n" for i in range(400)
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,22 @@ def threads():
 
 
 def cfg_for(data, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), out_dir=str(out), model=MICRO, seq_len=16, batch_size=4, max_steps=12,
-                warmup_steps=2, eval_every=6, eval_steps=2, log_every=1, save_every=4, progress=False, threads=1, seed=7)
+    base = dict(
+        data_dir=str(data),
+        out_dir=str(out),
+        model=MICRO,
+        seq_len=16,
+        batch_size=4,
+        max_steps=12,
+        warmup_steps=2,
+        eval_every=6,
+        eval_steps=2,
+        log_every=1,
+        save_every=4,
+        progress=False,
+        threads=1,
+        seed=7,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -123,7 +139,9 @@ KILLER = textwrap.dedent("""
 
 def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path, threads):
     killed = cfg_for(data, tmp_path / "killed")
-    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(killed.to_dict())], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, json.dumps(killed.to_dict())], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL at step 10, after the step-8 checkpoint
     assert json.loads((tmp_path / "killed" / "latest.json").read_text())["step"] == 8
     assert not (tmp_path / "killed" / "model.safetensors").exists()  # it never finished
@@ -167,7 +185,7 @@ def test_corrupt_checkpoint_on_resume_is_clear_and_untouched(data, tmp_path, thr
     cfg = cfg_for(data, tmp_path / "r", max_steps=4, eval_every=0)
     make_trainer(cfg).fit()
     weights = tmp_path / "r" / "step_000004" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: 1000])  # truncated
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     snapshot = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="corrupt or truncated"):
         make_trainer(cfg.replace(max_steps=8), resume=True)
@@ -204,8 +222,18 @@ def test_generic_trainer_api_grad_accum_and_moe(tmp_path, threads):
             assert (model.aux_loss() is not None) == moe  # MoE router losses are added by Transformer.loss
             return loss, {"tokens": batch[:, 1:].numel()}
 
-        cfg = TrainConfig(out_dir=str(tmp_path / out), max_steps=3, batch_size=4, grad_accum=accum, seq_len=8,
-                          warmup_steps=1, save_every=0, log_every=1, progress=False, threads=1)
+        cfg = TrainConfig(
+            out_dir=str(tmp_path / out),
+            max_steps=3,
+            batch_size=4,
+            grad_accum=accum,
+            seq_len=8,
+            warmup_steps=1,
+            save_every=0,
+            log_every=1,
+            progress=False,
+            threads=1,
+        )
         return Trainer(m, cfg, loss_fn, get_batch).fit()
 
     r1, r2 = make(1, "a"), make(2, "b")
@@ -227,9 +255,21 @@ def test_tiny_learns_shakespeare(tmp_path, threads):
     require 0.5 nats below that entropy, which no model ignoring context can reach."""
     index = prepare("shakespeare", tmp_path / "data", vocab_size=1024, log=lambda s: None)
     h = index["unigram_entropy"]
-    cfg = TrainConfig(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"), preset="tiny", seq_len=64,
-                      batch_size=16, max_steps=150, lr=4e-3, warmup_steps=10, eval_every=0, eval_steps=8,
-                      save_every=0, progress=False, threads=2)
+    cfg = TrainConfig(
+        data_dir=str(tmp_path / "data"),
+        out_dir=str(tmp_path / "run"),
+        preset="tiny",
+        seq_len=64,
+        batch_size=16,
+        max_steps=150,
+        lr=4e-3,
+        warmup_steps=10,
+        eval_every=0,
+        eval_steps=8,
+        save_every=0,
+        progress=False,
+        threads=2,
+    )
     t = make_trainer(cfg)
     before = t.evaluate()["val_loss"]
     r = t.fit()

@@ -20,10 +20,25 @@ STEPS = 4
 def run_config(data, out, parallel):
     from qkv.train import TrainConfig
 
-    return TrainConfig(data_dir=str(data), out_dir=str(out), model={"n_layer": 2, "d_model": 32, "n_head": 2, "n_kv_head": 1},
-                       seq_len=16, batch_size=8, grad_accum=2, max_steps=STEPS, warmup_steps=1, eval_every=2,
-                       eval_steps=2, log_every=1, save_every=2, progress=False, threads=1, seed=3, parallel=parallel,
-                       device="cpu")
+    return TrainConfig(
+        data_dir=str(data),
+        out_dir=str(out),
+        model={"n_layer": 2, "d_model": 32, "n_head": 2, "n_kv_head": 1},
+        seq_len=16,
+        batch_size=8,
+        grad_accum=2,
+        max_steps=STEPS,
+        warmup_steps=1,
+        eval_every=2,
+        eval_steps=2,
+        log_every=1,
+        save_every=2,
+        progress=False,
+        threads=1,
+        seed=3,
+        parallel=parallel,
+        device="cpu",
+    )
 
 
 def worker(data: str, out: str) -> None:
@@ -37,18 +52,26 @@ def worker(data: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    from qkv.data.prepare import prepare
-    from qkv.train.pretrain import make_trainer
     from safetensors.torch import load_file
 
+    from qkv.data.prepare import prepare
+    from qkv.train.pretrain import make_trainer
+
     src = tmp_path / "t.txt"
-    src.write_text("".join(f"Line {i}: the quick brown fox {'jumps' if i % 3 else 'sleeps'} over dog {i % 17}.\n" for i in range(300)))
+    src.write_text(
+        "".join(
+            f"Line {i}: the quick brown fox {'jumps' if i % 3 else 'sleeps'} over dog {i % 17}.\n" for i in range(300)
+        )
+    )
     prepare(str(src), tmp_path / "data", vocab_size=300, log=lambda s: None)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node=2", __file__, str(tmp_path / "data"), str(tmp_path / "dist")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

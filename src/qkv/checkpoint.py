@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -30,7 +29,7 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def save_model(directory: str | Path, model: Transformer, tokenizer=None, metadata: Optional[dict] = None) -> Path:
+def save_model(directory: str | Path, model: Transformer, tokenizer=None, metadata: dict | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 PosKind = Literal["rope", "learned", "sinusoidal", "none"]
 
@@ -23,9 +23,9 @@ class ModelConfig:
     n_layer: int = 12
     d_model: int = 768
     n_head: int = 12
-    n_kv_head: Optional[int] = None  # None -> n_head (MHA); 1 -> MQA; otherwise GQA
-    head_dim: Optional[int] = None  # None -> d_model // n_head
-    d_ff: Optional[int] = None  # None -> 4*d (gelu) or the Llama 8/3*d rule rounded to 64 (swiglu)
+    n_kv_head: int | None = None  # None -> n_head (MHA); 1 -> MQA; otherwise GQA
+    head_dim: int | None = None  # None -> d_model // n_head
+    d_ff: int | None = None  # None -> 4*d (gelu) or the Llama 8/3*d rule rounded to 64 (swiglu)
     max_seq_len: int = 1024
 
     # positions
@@ -33,7 +33,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # None, {"type": "linear", "factor": f} or
     # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
 
     # blocks
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
@@ -47,14 +47,14 @@ class ModelConfig:
     qk_norm: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0
-    sliding_window: Optional[int] = None
+    sliding_window: int | None = None
     attn_impl: Literal["sdpa", "math"] = "sdpa"
 
     # mixture of experts (n_expert == 0 means a dense MLP)
     n_expert: int = 0
     n_expert_per_token: int = 2
     moe_renormalize: bool = True  # Mixtral renormalises the top-k weights, OLMoE does not
-    moe_d_ff: Optional[int] = None
+    moe_d_ff: int | None = None
     moe_dispatch: Literal["grouped_mm", "loop"] = "grouped_mm"
     router_aux_coef: float = 0.01
     router_z_coef: float = 0.001
@@ -99,13 +99,9 @@ class ModelConfig:
         if self.attn_impl not in ("sdpa", "math"):
             raise ValueError(f"unknown attn_impl={self.attn_impl!r}; choose sdpa or math")
         if self.n_expert and not (1 <= self.n_expert_per_token <= self.n_expert):
-            raise ValueError(
-                f"n_expert_per_token={self.n_expert_per_token} must be in [1, n_expert={self.n_expert}]"
-            )
+            raise ValueError(f"n_expert_per_token={self.n_expert_per_token} must be in [1, n_expert={self.n_expert}]")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "llama3"):
-            raise ValueError(
-                f"unknown rope_scaling type {self.rope_scaling.get('type')!r}; choose linear or llama3"
-            )
+            raise ValueError(f"unknown rope_scaling type {self.rope_scaling.get('type')!r}; choose linear or llama3")
 
     @property
     def group_size(self) -> int:
@@ -124,16 +120,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
-                f"unknown model config key(s) {unknown}; valid keys are: {', '.join(sorted(known))}"
-            )
+            raise ValueError(f"unknown model config key(s) {unknown}; valid keys are: {', '.join(sorted(known))}")
         return cls(**d)
 
-    def replace(self, **overrides: Any) -> "ModelConfig":
+    def replace(self, **overrides: Any) -> ModelConfig:
         d = self.to_dict()
         d.update(overrides)
         return ModelConfig.from_dict(d)
@@ -144,7 +138,7 @@ class ModelConfig:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such config file")
@@ -164,30 +158,78 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's shakespeare-char scale (~10M non-embedding parameters)
     "small": dict(vocab_size=8192, n_layer=6, d_model=384, n_head=6, n_kv_head=6, max_seq_len=256),
     "gpt2-124m": dict(
-        vocab_size=50304, n_layer=12, d_model=768, n_head=12, max_seq_len=1024, pos="learned",
-        norm="layernorm", mlp="gelu", qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True,
+        vocab_size=50304,
+        n_layer=12,
+        d_model=768,
+        n_head=12,
+        max_seq_len=1024,
+        pos="learned",
+        norm="layernorm",
+        mlp="gelu",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
     ),
     "llama-100m": dict(
-        vocab_size=32000, n_layer=12, d_model=768, n_head=12, n_kv_head=4, d_ff=2048,
-        max_seq_len=1024, tie_embeddings=True,
+        vocab_size=32000,
+        n_layer=12,
+        d_model=768,
+        n_head=12,
+        n_kv_head=4,
+        d_ff=2048,
+        max_seq_len=1024,
+        tie_embeddings=True,
     ),
     # configs of real models, for parameter and KV-cache arithmetic (build on the meta device)
     "llama3-8b": dict(
-        vocab_size=128256, n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336,
-        max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False,
+        vocab_size=128256,
+        n_layer=32,
+        d_model=4096,
+        n_head=32,
+        n_kv_head=8,
+        d_ff=14336,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        tie_embeddings=False,
     ),
     "mixtral-8x7b": dict(
-        vocab_size=32000, n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336,
-        max_seq_len=32768, rope_theta=1e6, tie_embeddings=False, n_expert=8, n_expert_per_token=2,
+        vocab_size=32000,
+        n_layer=32,
+        d_model=4096,
+        n_head=32,
+        n_kv_head=8,
+        d_ff=14336,
+        max_seq_len=32768,
+        rope_theta=1e6,
+        tie_embeddings=False,
+        n_expert=8,
+        n_expert_per_token=2,
     ),
     "olmoe-1b-7b": dict(
-        vocab_size=50304, n_layer=16, d_model=2048, n_head=16, n_kv_head=16, d_ff=1024,
-        max_seq_len=4096, qk_norm=True, tie_embeddings=False, n_expert=64, n_expert_per_token=8,
+        vocab_size=50304,
+        n_layer=16,
+        d_model=2048,
+        n_head=16,
+        n_kv_head=16,
+        d_ff=1024,
+        max_seq_len=4096,
+        qk_norm=True,
+        tie_embeddings=False,
+        n_expert=64,
+        n_expert_per_token=8,
         moe_renormalize=False,
     ),
     "smollm2-135m": dict(
-        vocab_size=49152, n_layer=30, d_model=576, n_head=9, n_kv_head=3, d_ff=1536,
-        max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+        vocab_size=49152,
+        n_layer=30,
+        d_model=576,
+        n_head=9,
+        n_kv_head=3,
+        d_ff=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        tie_embeddings=True,
     ),
 }
 

@@ -10,8 +10,8 @@ assistant tokens that SFT trains on.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -21,7 +21,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
-def _token_str(value) -> Optional[str]:
+def _token_str(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
@@ -31,10 +31,10 @@ class Tokenizer:
     def __init__(
         self,
         backend: HFTokenizer,
-        chat_template: Optional[str] = None,
-        bos_token: Optional[str] = None,
-        eos_token: Optional[str] = None,
-        pad_token: Optional[str] = None,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
         add_bos: bool = False,
     ):
         self.backend = backend
@@ -52,19 +52,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def token_id(self, token: Optional[str]) -> Optional[int]:
+    def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
     @property
-    def bos_id(self) -> Optional[int]:
+    def bos_id(self) -> int | None:
         return self.token_id(self.bos_token)
 
     @property
-    def eos_id(self) -> Optional[int]:
+    def eos_id(self) -> int | None:
         return self.token_id(self.eos_token)
 
     @property
-    def pad_id(self) -> Optional[int]:
+    def pad_id(self) -> int | None:
         return self.token_id(self.pad_token)
 
     # --- text <-> ids --------------------------------------------------------------
@@ -125,7 +125,7 @@ class Tokenizer:
         atomic_write_text(directory / TOKENIZER_CONFIG, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
+    def load(cls, directory: str | Path) -> Tokenizer:
         directory = Path(directory)
         path = directory / TOKENIZER_FILE
         if not path.exists():

@@ -13,9 +13,9 @@ Bad lines fail loudly with the file and line number, e.g.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -194,7 +194,7 @@ def rollout_minibatch(step: int, micro: int, steps_per_iter: int, n_rows: int, c
     return it, perm[start : start + mb]
 
 
-def pad(seqs: Sequence[Sequence[int]], value: int, length: Optional[int] = None) -> torch.Tensor:
+def pad(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
     length = length or max(len(s) for s in seqs)
     out = torch.full((len(seqs), length), value, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -214,7 +214,9 @@ def batch_sequences(ids: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]
     }
 
 
-def pack_sequences(ids: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]], seq_len: int, pad_id: int) -> list[dict]:
+def pack_sequences(
+    ids: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]], seq_len: int, pad_id: int
+) -> list[dict]:
     """Greedy packing of whole conversations into rows of seq_len tokens. Each row keeps
     `doc` (document index per position) so attention stays inside a conversation and
     positions restart at 0 per conversation: packed training sees exactly what unpacked

@@ -19,8 +19,9 @@ from qkv.align.reward import encode_pairs, pair_batch
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model, pairs: list[tuple], pad_id: int, batch_size: int = 32,
-                       progress: bool = False) -> torch.Tensor:
+def reference_logprobs(
+    ref_model, pairs: list[tuple], pad_id: int, batch_size: int = 32, progress: bool = False
+) -> torch.Tensor:
     """(N, 2): reference sequence log-probs of (chosen, rejected) for every pair (a progress
     bar when asked: for an imported 100M+ model this pass takes minutes on a CPU)."""
     from tqdm import tqdm
@@ -57,8 +58,18 @@ def make_dpo_loss(beta: float, loss_type: str, label_smoothing: float):
     return loss_fn
 
 
-def run_dpo(model, tokenizer, prefs: list[Preference], cfg, ref_model=None, beta: float = 0.1,
-            loss_type: str = "sigmoid", label_smoothing: float = 0.0, heldout=None, resume: bool = False):
+def run_dpo(
+    model,
+    tokenizer,
+    prefs: list[Preference],
+    cfg,
+    ref_model=None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    heldout=None,
+    resume: bool = False,
+):
     """Train `model` in place with DPO against `ref_model` (default: a frozen copy of `model`
     as it is now). cfg: qkv.train.TrainConfig. Returns the TrainResult."""
     import copy
@@ -94,7 +105,14 @@ def run_dpo(model, tokenizer, prefs: list[Preference], cfg, ref_model=None, beta
             b["ref"] = href[s : s + per]
             return b
 
-    trainer = Trainer(model, cfg, make_dpo_loss(beta, loss_type, label_smoothing), get_batch, eval_batch=eval_batch,
-                      tokenizer=tokenizer, resume=resume,
-                      extra_state={"stage": "dpo", "beta": beta, "loss_type": loss_type, "pairs": len(pairs)})
+    trainer = Trainer(
+        model,
+        cfg,
+        make_dpo_loss(beta, loss_type, label_smoothing),
+        get_batch,
+        eval_batch=eval_batch,
+        tokenizer=tokenizer,
+        resume=resume,
+        extra_state={"stage": "dpo", "beta": beta, "loss_type": loss_type, "pairs": len(pairs)},
+    )
     return trainer.fit()

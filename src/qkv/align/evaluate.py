@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -21,10 +21,19 @@ from qkv.align.data import as_messages
 from qkv.align.policy import Rollout, response_logprobs, rollout
 
 
-def sample_policy(model, tokenizer, prompts: list, max_new_tokens: int = 24, temperature: float = 0.7,
-                  seed: int = 1234, n: int = 1) -> Rollout:
-    return rollout(model, tokenizer, [as_messages(p) for p in prompts], max_new_tokens, temperature, seed, n=n,
-                   max_num_seqs=min(128, len(prompts) * n))
+def sample_policy(
+    model, tokenizer, prompts: list, max_new_tokens: int = 24, temperature: float = 0.7, seed: int = 1234, n: int = 1
+) -> Rollout:
+    return rollout(
+        model,
+        tokenizer,
+        [as_messages(p) for p in prompts],
+        max_new_tokens,
+        temperature,
+        seed,
+        n=n,
+        max_num_seqs=min(128, len(prompts) * n),
+    )
 
 
 def gold_scores(ro: Rollout, gold_fn: Callable[[list[dict], str], float]) -> list[float]:
@@ -42,7 +51,11 @@ def kl_to_reference(model, ref_model, tokenizer, ro: Rollout, temperature: float
     b = {k: v.to(dev) for k, v in ro.batch(tokenizer.pad_id, model.cfg.max_seq_len).items()}
     total = 0.0
     for s in range(0, len(b["ids"]), batch_size):
-        ids, kp, mask = b["ids"][s : s + batch_size], b["key_padding"][s : s + batch_size], b["mask"][s : s + batch_size, 1:]
+        ids, kp, mask = (
+            b["ids"][s : s + batch_size],
+            b["key_padding"][s : s + batch_size],
+            b["mask"][s : s + batch_size, 1:],
+        )
         lp = response_logprobs(model, ids, kp, temperature)
         rlp = response_logprobs(ref_model, ids, kp, temperature)
         total += ((lp - rlp) * mask).sum().item()
@@ -50,7 +63,9 @@ def kl_to_reference(model, ref_model, tokenizer, ro: Rollout, temperature: float
 
 
 @torch.no_grad()
-def text_loss(model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int = 64, bytes_per_token: Optional[float] = None) -> dict:
+def text_loss(
+    model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int = 64, bytes_per_token: float | None = None
+) -> dict:
     """Mean next-token loss over consecutive windows of `tokens` (1-D), and bits per byte."""
     was = model.training
     model.eval()
@@ -72,8 +87,16 @@ def text_loss(model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int 
     return out
 
 
-def judge_policy(model, tokenizer, prompts: list, gold_fn: Callable[[list[dict], str], float], max_new_tokens: int = 16,
-                 temperature: float = 0.7, seed: int = 99, n: int = 1) -> tuple[Rollout, dict]:
+def judge_policy(
+    model,
+    tokenizer,
+    prompts: list,
+    gold_fn: Callable[[list[dict], str], float],
+    max_new_tokens: int = 16,
+    temperature: float = 0.7,
+    seed: int = 99,
+    n: int = 1,
+) -> tuple[Rollout, dict]:
     """(rollout, summary) of `n` sampled responses per prompt scored by `gold_fn`: the gold
     mean, the fraction of perfect answers (score 1), mean response length in tokens, the
     fraction that ended with EOS, the raw scores and a few (prompt, response) examples."""
@@ -87,4 +110,3 @@ def judge_policy(model, tokenizer, prompts: list, gold_fn: Callable[[list[dict],
         "scores": g,
         "examples": [(p, t) for p, t in list(zip(ro.prompts, ro.texts))[::n][:4]],
     }
-

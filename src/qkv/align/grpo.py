@@ -12,9 +12,9 @@ batch as in PPO; checkpoints at iteration boundaries, stats in out_dir/rollouts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -35,7 +35,7 @@ class GRPOConfig:
     clip: float = 0.2
     beta: float = 0.04  # k3 KL weight
     scale_rewards: bool = True
-    missing_eos_penalty: Optional[float] = 1.0
+    missing_eos_penalty: float | None = 1.0
 
 
 class GRPORun:
@@ -44,7 +44,9 @@ class GRPORun:
         check_same_vocab(policy, ref_model, "the policy", "the reference model")
         self.n = grpo.prompts_per_iter * grpo.group_size
         if self.n % train_cfg.batch_size:
-            raise ValueError(f"prompts_per_iter x group_size = {self.n} must be a multiple of batch_size={train_cfg.batch_size}")
+            raise ValueError(
+                f"prompts_per_iter x group_size = {self.n} must be a multiple of batch_size={train_cfg.batch_size}"
+            )
         if grpo.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare samples of the same prompt")
         self.policy, self.ref, self.tok = policy, ref_model.eval(), tokenizer  # ref: used under no_grad only
@@ -59,8 +61,16 @@ class GRPORun:
         g, dev = self.g, next(self.policy.parameters()).device
         P = g.prompts_per_iter
         prompts = [self.prompts[(it * P + i) % len(self.prompts)] for i in range(P)]
-        ro = rollout(self.policy, self.tok, prompts, g.max_new_tokens, g.temperature,
-                     seed=self.cfg.seed * 1_000_003 + it, n=g.group_size, max_num_seqs=self.n)
+        ro = rollout(
+            self.policy,
+            self.tok,
+            prompts,
+            g.max_new_tokens,
+            g.temperature,
+            seed=self.cfg.seed * 1_000_003 + it,
+            n=g.group_size,
+            max_num_seqs=self.n,
+        )
         rewards = torch.tensor([self.reward_fn(p, t) for p, t in zip(ro.prompts, ro.texts)], dtype=torch.float32)
         rewards = L.apply_eos_penalty(rewards, torch.tensor(ro.finished), g.missing_eos_penalty)
         adv = L.group_advantages(rewards, g.group_size, g.scale_rewards)
@@ -72,10 +82,17 @@ class GRPORun:
         self.policy.train(was)
         ref = response_logprobs(self.ref, ids, kp, g.temperature)
         self.buf = dict(ids=ids, key_padding=kp, mask=mask, old_logp=old, ref_logp=ref, adv=adv.to(dev))
-        self.stats.append({"iteration": it, "step": it * self.steps_per_iter, "reward": rewards.mean().item(),
-                           "kl": (L.kl_k1(old, ref) * mask).sum(1).mean().item(),
-                           "response_length": sum(map(len, ro.response_ids)) / len(ro.response_ids),
-                           "eos_rate": sum(ro.finished) / len(ro.finished), "sample": ro.texts[0]})
+        self.stats.append(
+            {
+                "iteration": it,
+                "step": it * self.steps_per_iter,
+                "reward": rewards.mean().item(),
+                "kl": (L.kl_k1(old, ref) * mask).sum(1).mean().item(),
+                "response_length": sum(map(len, ro.response_ids)) / len(ro.response_ids),
+                "eos_rate": sum(ro.finished) / len(ro.finished),
+                "sample": ro.texts[0],
+            }
+        )
         self.iteration = it
 
     def get_batch(self, step: int, micro: int) -> dict:
@@ -87,12 +104,23 @@ class GRPORun:
 
     def loss_fn(self, model, batch):
         lp = response_logprobs(model, batch["ids"], batch["key_padding"], self.g.temperature)
-        loss, m = L.grpo_loss(lp, batch["old_logp"], batch["ref_logp"], batch["adv"], batch["mask"], self.g.clip, self.g.beta)
+        loss, m = L.grpo_loss(
+            lp, batch["old_logp"], batch["ref_logp"], batch["adv"], batch["mask"], self.g.clip, self.g.beta
+        )
         return loss, {"tokens": int(batch["mask"].sum()), **m}
 
 
-def run_grpo(policy, ref_model, tokenizer, prompts: list, reward_fn: RewardFn, train_cfg, grpo: GRPOConfig,
-             n_iterations: Optional[int] = None, resume: bool = False):
+def run_grpo(
+    policy,
+    ref_model,
+    tokenizer,
+    prompts: list,
+    reward_fn: RewardFn,
+    train_cfg,
+    grpo: GRPOConfig,
+    n_iterations: int | None = None,
+    resume: bool = False,
+):
     """Train `policy` in place with GRPO; returns (TrainResult, per-iteration stats)."""
     import json
 
@@ -110,8 +138,15 @@ def run_grpo(policy, ref_model, tokenizer, prompts: list, reward_fn: RewardFn, t
         updates["save_every"] = math.ceil(train_cfg.save_every / spi) * spi
     cfg = train_cfg.replace(**updates)
     run.cfg = cfg
-    trainer = Trainer(policy, cfg, run.loss_fn, run.get_batch, tokenizer=tokenizer, resume=resume,
-                      extra_state={"stage": "grpo", "grpo": asdict(grpo)})
+    trainer = Trainer(
+        policy,
+        cfg,
+        run.loss_fn,
+        run.get_batch,
+        tokenizer=tokenizer,
+        resume=resume,
+        extra_state={"stage": "grpo", "grpo": asdict(grpo)},
+    )
     result = trainer.fit()
     atomic_write_text(Path(cfg.out_dir) / "rollouts.jsonl", "".join(json.dumps(s) + "\n" for s in run.stats))
     return result, run.stats

@@ -14,7 +14,7 @@ a model (see align/policy.py); nothing here calls a model. Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,14 @@ DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 
 
 # --- masked reductions ----------------------------------------------------------------
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     x = x * mask
     return x.sum() if dim is None else x.sum(dim)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None, denom: Optional[float] = None) -> torch.Tensor:
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, denom: float | None = None
+) -> torch.Tensor:
     """Mean of x over mask. `denom` overrides the count: pass the token count of the whole
     batch when accumulating gradients over micro-batches, so that the summed micro-batch
     losses equal the full-batch token mean exactly."""
@@ -79,8 +81,8 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 def reward_loss(
     r_chosen: torch.Tensor,
     r_rejected: torch.Tensor,
-    margin: Optional[torch.Tensor | float] = None,
-    center_coef: Optional[float] = None,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float | None = None,
 ) -> torch.Tensor:
     """-log sigmoid(r_w - r_l - m), batch mean; + c * mean((r_w + r_l)^2) when center_coef
     is set (TRL's center_rewards_coefficient)."""
@@ -122,8 +124,8 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
-    chosen_len: Optional[torch.Tensor] = None,
-    rejected_len: Optional[torch.Tensor] = None,
+    chosen_len: torch.Tensor | None = None,
+    rejected_len: torch.Tensor | None = None,
 ) -> DPOOutput:
     """DPO-family losses on sequence log-probs (B,) of chosen and rejected responses.
 
@@ -213,7 +215,7 @@ class FixedKLController:
 
 
 # --- PPO ------------------------------------------------------------------------------
-def apply_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
+def apply_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """Subtract `penalty` from the score of responses that never emitted EOS (TRL's
     missing_eos_penalty): truncated rambling must not out-score a finished answer."""
     if penalty is None:
@@ -268,7 +270,7 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
-    denom: Optional[float] = None,
+    denom: float | None = None,
 ) -> PolicyLossOutput:
     """Token mean of max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = exp(log pi - log pi_old)."""
     log_ratio = logp - old_logp
@@ -289,7 +291,7 @@ def ppo_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
-    denom: Optional[float] = None,
+    denom: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * token mean of max((V - R)^2, (clip(V, V_old +- eps) - R)^2); returns (loss, clip_frac)."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
@@ -317,7 +319,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: Optional[torch.Tensor],
+    ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -73,7 +72,7 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(("score.", "value_head."))}
 
 
-def save_reward_model(directory: str | Path, model: RewardModel, tokenizer=None, metrics: Optional[dict] = None) -> Path:
+def save_reward_model(directory: str | Path, model: RewardModel, tokenizer=None, metrics: dict | None = None) -> Path:
     from qkv.checkpoint import save_model
     from qkv.io import atomic_write_text
 
@@ -96,7 +95,9 @@ def load_reward_model(directory: str | Path, device: str = "cpu") -> RewardModel
     return model.to(device).eval()
 
 
-def response_logprobs(model: Transformer, ids: torch.Tensor, key_padding: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def response_logprobs(
+    model: Transformer, ids: torch.Tensor, key_padding: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log pi(ids[:, t+1] | ids[:, :t+1]) for all t: (B, T-1) in fp32."""
     h = model.hidden(ids, key_padding=key_padding)[:, :-1]
     return gather_logprobs(model.head(h), ids[:, 1:], temperature)
@@ -128,8 +129,16 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(model: Transformer, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float,
-            seed: int, n: int = 1, max_num_seqs: int = 64) -> Rollout:
+def rollout(
+    model: Transformer,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    n: int = 1,
+    max_num_seqs: int = 64,
+) -> Rollout:
     """Sample n responses per prompt with the qkv Engine (batched, continuous batching).
     Request i gets its own seed derived from (seed, i), so a rollout is reproducible
     whatever else is batched; n <= 1024."""
@@ -137,13 +146,18 @@ def rollout(model: Transformer, tokenizer, prompts: list[list[dict]], max_new_to
     from qkv.infer.sampling import SamplingParams
 
     was_training = model.training
-    engine = Engine(model, tokenizer, max_num_seqs=max_num_seqs, max_batch_tokens=max(512, 8 * max_num_seqs),
-                    prefix_caching=False)
+    engine = Engine(
+        model, tokenizer, max_num_seqs=max_num_seqs, max_batch_tokens=max(512, 8 * max_num_seqs), prefix_caching=False
+    )
     pids = [encode_prompt(tokenizer, p) for p in prompts]
     # the engine seeds sample j of a request with seed + j: space the requests' seeds so no
     # two samples of one rollout share a random stream
-    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
-                             seed=(seed * 7919 + i) * 1024, n=n) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0, seed=(seed * 7919 + i) * 1024, n=n
+        )
+        for i in range(len(prompts))
+    ]
     results = engine.generate(pids, params)
     model.train(was_training)
     eos = tokenizer.eos_id

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -57,7 +57,7 @@ class PPOConfig:
     vf_coef: float = 0.1
     whiten_advantages: bool = True
     whiten_rewards: bool = False
-    missing_eos_penalty: Optional[float] = 1.0
+    missing_eos_penalty: float | None = 1.0
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining next-token loss
     ptx_seq_len: int = 64
     ptx_batch: int = 8
@@ -71,21 +71,33 @@ class PPOConfig:
             raise ValueError("rollout_batch must be >= 2 (advantages are whitened over the batch)")
 
 
-def _gold_stats(gold_fn: Optional[GoldFn], ro: Rollout) -> list[float]:
+def _gold_stats(gold_fn: GoldFn | None, ro: Rollout) -> list[float]:
     return [gold_fn(p, t) for p, t in zip(ro.prompts, ro.texts)] if gold_fn else []
 
 
 class PPORun:
     """The rollout buffer and batch source of a PPO run (see the module docstring)."""
 
-    def __init__(self, policy: PolicyWithValue, ref_model, reward_model, tokenizer, prompts: list, ppo: PPOConfig,
-                 train_cfg, gold_fn: Optional[GoldFn] = None, ptx_tokens: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        policy: PolicyWithValue,
+        ref_model,
+        reward_model,
+        tokenizer,
+        prompts: list,
+        ppo: PPOConfig,
+        train_cfg,
+        gold_fn: GoldFn | None = None,
+        ptx_tokens: torch.Tensor | None = None,
+    ):
         ppo.validate()
         require_chat_template(tokenizer)
         check_same_vocab(policy, ref_model, "the policy", "the reference model")
         check_same_vocab(policy, reward_model, "the policy", "the reward model")
         if ppo.rollout_batch % train_cfg.batch_size:
-            raise ValueError(f"rollout_batch={ppo.rollout_batch} must be a multiple of batch_size={train_cfg.batch_size}")
+            raise ValueError(
+                f"rollout_batch={ppo.rollout_batch} must be a multiple of batch_size={train_cfg.batch_size}"
+            )
         if ppo.ptx_coef and ptx_tokens is None:
             raise ValueError("ptx_coef > 0 needs pretraining text (ptx_tokens / --ptx-data)")
         self.policy, self.ref, self.rm, self.tok = policy, ref_model.eval(), reward_model.eval(), tokenizer
@@ -113,8 +125,15 @@ class PPORun:
     @torch.no_grad()
     def make_rollout(self, it: int) -> None:
         ppo, dev = self.ppo, next(self.policy.parameters()).device
-        ro = rollout(self.policy, self.tok, self._prompts_for(it), ppo.max_new_tokens, ppo.temperature,
-                     seed=self.cfg.seed * 1_000_003 + it, max_num_seqs=ppo.rollout_batch)
+        ro = rollout(
+            self.policy,
+            self.tok,
+            self._prompts_for(it),
+            ppo.max_new_tokens,
+            ppo.temperature,
+            seed=self.cfg.seed * 1_000_003 + it,
+            max_num_seqs=ppo.rollout_batch,
+        )
         b = {k: v.to(dev) for k, v in ro.batch(self.tok.pad_id, self.policy.cfg.max_seq_len).items()}
         was = self.policy.training
         self.policy.eval()
@@ -135,17 +154,25 @@ class PPORun:
         adv, returns = L.gae(rewards, old_v, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             adv = L.whiten(adv, mask)
-        self.buf = dict(ids=ids, key_padding=kp, mask=mask, old_logp=old_logp, old_values=old_v * mask,
-                        adv=adv, returns=returns)
+        self.buf = dict(
+            ids=ids, key_padding=kp, mask=mask, old_logp=old_logp, old_values=old_v * mask, adv=adv, returns=returns
+        )
         gold = _gold_stats(self.gold_fn, ro)
         lengths = [len(r) for r in ro.response_ids]
         stat = {
-            "iteration": it, "step": it * self.steps_per_iter, "kl_coef": beta,
-            "score_proxy": proxy.mean().item(), "score": scores.mean().item(),
-            "kl": k1_sum.mean().item(), "kl_k3": (L.kl_k3(old_logp, ref_logp) * mask).sum(1).mean().item(),
-            "non_score_reward": non_score.sum(1).mean().item(), "entropy": entropy,
-            "response_length": sum(lengths) / len(lengths), "eos_rate": sum(ro.finished) / len(ro.finished),
-            "distinct": len(set(ro.texts)) / len(ro.texts), "gold": sum(gold) / len(gold) if gold else None,
+            "iteration": it,
+            "step": it * self.steps_per_iter,
+            "kl_coef": beta,
+            "score_proxy": proxy.mean().item(),
+            "score": scores.mean().item(),
+            "kl": k1_sum.mean().item(),
+            "kl_k3": (L.kl_k3(old_logp, ref_logp) * mask).sum(1).mean().item(),
+            "non_score_reward": non_score.sum(1).mean().item(),
+            "entropy": entropy,
+            "response_length": sum(lengths) / len(lengths),
+            "eos_rate": sum(ro.finished) / len(ro.finished),
+            "distinct": len(set(ro.texts)) / len(ro.texts),
+            "gold": sum(gold) / len(gold) if gold else None,
             "sample": ro.texts[0],
         }
         self.stats.append(stat)
@@ -172,10 +199,17 @@ class PPORun:
         pol = L.ppo_policy_loss(logp, batch["old_logp"], batch["adv"], mask, ppo.clip)
         vloss, vclip = L.ppo_value_loss(values, batch["old_values"], batch["returns"], mask, ppo.vf_clip)
         loss = pol.loss + ppo.vf_coef * vloss
-        metrics = {"tokens": int(mask.sum()), "policy_loss": pol.loss.item(), "value_loss": vloss.item(),
-                   "clip_frac": pol.clip_frac.item(), "approx_kl": pol.approx_kl.item(), "vf_clip_frac": vclip.item(),
-                   "ratio": pol.ratio_mean.item(), "kl_coef": self.kl_ctl.value,
-                   "entropy": L.masked_mean(L.entropy_from_logits(logits.detach(), ppo.temperature), mask).item()}
+        metrics = {
+            "tokens": int(mask.sum()),
+            "policy_loss": pol.loss.item(),
+            "value_loss": vloss.item(),
+            "clip_frac": pol.clip_frac.item(),
+            "approx_kl": pol.approx_kl.item(),
+            "vf_clip_frac": vclip.item(),
+            "ratio": pol.ratio_mean.item(),
+            "kl_coef": self.kl_ctl.value,
+            "entropy": L.masked_mean(L.entropy_from_logits(logits.detach(), ppo.temperature), mask).item(),
+        }
         if ppo.ptx_coef:
             x = batch["ptx"]
             ptx_loss = model.loss(x[:, :-1], x[:, 1:])
@@ -201,9 +235,19 @@ def ptx_windows(tokens: torch.Tensor, batch: int, seq_len: int, seed: int) -> to
     return torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
 
 
-def run_ppo(policy, ref_model, reward_model, tokenizer, prompts: list, train_cfg, ppo: PPOConfig,
-            gold_fn: Optional[GoldFn] = None, ptx_tokens: Optional[torch.Tensor] = None, resume: bool = False,
-            n_iterations: Optional[int] = None):
+def run_ppo(
+    policy,
+    ref_model,
+    reward_model,
+    tokenizer,
+    prompts: list,
+    train_cfg,
+    ppo: PPOConfig,
+    gold_fn: GoldFn | None = None,
+    ptx_tokens: torch.Tensor | None = None,
+    resume: bool = False,
+    n_iterations: int | None = None,
+):
     """Run PPO, training `policy` in place; returns (TrainResult, per-iteration stats). `policy`
     may be a plain Transformer (trained through a copy with a zero-initialised value head,
     whose language-model weights are copied back at the end) or a PolicyWithValue. train_cfg.max_steps is set
@@ -225,8 +269,9 @@ def run_ppo(policy, ref_model, reward_model, tokenizer, prompts: list, train_cfg
         updates["max_steps"] = math.ceil(train_cfg.max_steps / spi) * spi
     cfg = train_cfg.replace(**updates)
     run.cfg = cfg
-    trainer = Trainer(policy, cfg, run.loss_fn, run.get_batch, tokenizer=tokenizer, extra_state=run.extra_state,
-                      resume=resume)
+    trainer = Trainer(
+        policy, cfg, run.loss_fn, run.get_batch, tokenizer=tokenizer, extra_state=run.extra_state, resume=resume
+    )
     if trainer.resumed_from is not None:
         state = json.loads((trainer.resumed_from / "trainer" / "state.json").read_text())
         run.kl_ctl.load_state_dict({"value": state["extra"].get("kl_coef", ppo.kl_coef)})

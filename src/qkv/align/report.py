@@ -20,7 +20,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -57,8 +56,18 @@ def _train_cfg(out: Path, name: str, rc: ReportConfig, **kw):
 
     d = out / name
     shutil.rmtree(d, ignore_errors=True)
-    base = dict(out_dir=str(d), batch_size=rc.batch_size, seq_len=rc.max_seq_len, warmup_steps=10, eval_every=0,
-                save_every=0, progress=False, log_every=10, threads=rc.threads, seed=rc.seed)
+    base = dict(
+        out_dir=str(d),
+        batch_size=rc.batch_size,
+        seq_len=rc.max_seq_len,
+        warmup_steps=10,
+        eval_every=0,
+        save_every=0,
+        progress=False,
+        log_every=10,
+        threads=rc.threads,
+        seed=rc.seed,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -78,8 +87,9 @@ def pretrain(model, tokens: torch.Tensor, cfg) -> object:
     return Trainer(model, cfg, loss_fn, get_batch, extra_state={"stage": "pretrain"}).fit()
 
 
-def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path = "docs", rc: Optional[ReportConfig] = None,
-               log=print) -> dict:
+def run_report(
+    out_dir: str | Path = "runs/align_report", docs_dir: str | Path = "docs", rc: ReportConfig | None = None, log=print
+) -> dict:
     from qkv.align import dpo as DPO
     from qkv.align import evaluate as E
     from qkv.align import ppo as PPO
@@ -120,8 +130,15 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
 
     # --- base ------------------------------------------------------------------------
     t0 = time.perf_counter()
-    mcfg = preset("tiny", vocab_size=tok.vocab_size, n_layer=rc.n_layer, d_model=rc.d_model, n_head=rc.n_head,
-                  n_kv_head=rc.n_kv_head, max_seq_len=rc.max_seq_len)
+    mcfg = preset(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        n_layer=rc.n_layer,
+        d_model=rc.d_model,
+        n_head=rc.n_head,
+        n_kv_head=rc.n_kv_head,
+        max_seq_len=rc.max_seq_len,
+    )
     torch.manual_seed(rc.seed)
     base = build_model(mcfg)
     r = pretrain(base, train_tokens, _train_cfg(out, "base", rc, max_steps=rc.pretrain_steps, lr=3e-3))
@@ -140,7 +157,9 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
     # --- reward model --------------------------------------------------------------------
     t0 = time.perf_counter()
     rm = from_transformer(RewardModel, sft)
-    r, rm_metrics = RW.run_reward(rm, tok, prefs, _train_cfg(out, "rm", rc, max_steps=rc.rm_steps, lr=1e-3), heldout=heldout)
+    r, rm_metrics = RW.run_reward(
+        rm, tok, prefs, _train_cfg(out, "rm", rc, max_steps=rc.rm_steps, lr=1e-3), heldout=heldout
+    )
     speeds["reward"] = r.tokens_per_s
     rm.eval()
     lap("reward", t0)
@@ -157,11 +176,26 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
     for name, ptx in (("PPO", 0.0), ("PPO-ptx", rc.ptx_coef)):
         t0 = time.perf_counter()
         pol = copy.deepcopy(sft)
-        pcfg = PPO.PPOConfig(rollout_batch=rc.ppo_rollout, ppo_epochs=rc.ppo_epochs, max_new_tokens=rc.max_new_tokens,
-                             temperature=rc.temperature, ptx_coef=ptx, ptx_seq_len=rc.max_seq_len // 2)
-        r, stats = PPO.run_ppo(pol, sft, rm, tok, task.rl_prompts,
-                               _train_cfg(out, name.lower(), rc, max_steps=1, lr=1e-3), pcfg, gold_fn=gold,
-                               ptx_tokens=train_tokens if ptx else None, n_iterations=rc.ppo_iterations)
+        pcfg = PPO.PPOConfig(
+            rollout_batch=rc.ppo_rollout,
+            ppo_epochs=rc.ppo_epochs,
+            max_new_tokens=rc.max_new_tokens,
+            temperature=rc.temperature,
+            ptx_coef=ptx,
+            ptx_seq_len=rc.max_seq_len // 2,
+        )
+        r, stats = PPO.run_ppo(
+            pol,
+            sft,
+            rm,
+            tok,
+            task.rl_prompts,
+            _train_cfg(out, name.lower(), rc, max_steps=1, lr=1e-3),
+            pcfg,
+            gold_fn=gold,
+            ptx_tokens=train_tokens if ptx else None,
+            n_iterations=rc.ppo_iterations,
+        )
         ppo_stats[name], models[name] = stats, pol
         speeds[name] = r.tokens_per_s
         lap(name, t0)
@@ -169,8 +203,19 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
     # --- measure ------------------------------------------------------------------------
     t0 = time.perf_counter()
     rows = {}
-    judged = {name: E.judge_policy(m, tok, task.eval_prompts, gold, rc.max_new_tokens, rc.temperature,
-                                   seed=rc.seed + 99, n=rc.samples_per_prompt) for name, m in models.items()}
+    judged = {
+        name: E.judge_policy(
+            m,
+            tok,
+            task.eval_prompts,
+            gold,
+            rc.max_new_tokens,
+            rc.temperature,
+            seed=rc.seed + 99,
+            n=rc.samples_per_prompt,
+        )
+        for name, m in models.items()
+    }
     sft_gold = judged["SFT"][1]["scores"]
     for name, m in models.items():
         ro, j = judged[name]
@@ -180,8 +225,11 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
             "win_vs_sft": E.win_rate(j["scores"], sft_gold),
             "kl_to_sft": E.kl_to_reference(m, sft, tok, ro, rc.temperature),
             "proxy": RW.score(rm, tok, ro.prompts, ro.texts).mean().item(),
-            "val_loss": tax["loss"], "val_bpb": tax["bpb"],
-            "length": j["length"], "eos_rate": j["eos_rate"], "exact": j["exact"],
+            "val_loss": tax["loss"],
+            "val_bpb": tax["bpb"],
+            "length": j["length"],
+            "eos_rate": j["eos_rate"],
+            "exact": j["exact"],
             "examples": [(prompt_text(p), t) for p, t in j["examples"]],
         }
     lap("evaluation", t0)
@@ -192,10 +240,21 @@ def run_report(out_dir: str | Path = "runs/align_report", docs_dir: str | Path =
     lap("rollout throughput", t0)
 
     result = {
-        "config": asdict(rc), "rows": rows, "rm": rm_metrics, "ppo_stats": ppo_stats, "speeds": speeds,
-        "timings": timings, "sft_loss": [sft_loss_before, sft_loss_after], "n": {
-            "sft": len(convs) - 100, "prefs": len(prefs), "prefs_heldout": len(heldout), "rl_prompts": len(task.rl_prompts),
-            "eval_prompts": len(task.eval_prompts), "params": sum(p.numel() for p in sft.parameters())},
+        "config": asdict(rc),
+        "rows": rows,
+        "rm": rm_metrics,
+        "ppo_stats": ppo_stats,
+        "speeds": speeds,
+        "timings": timings,
+        "sft_loss": [sft_loss_before, sft_loss_after],
+        "n": {
+            "sft": len(convs) - 100,
+            "prefs": len(prefs),
+            "prefs_heldout": len(heldout),
+            "rl_prompts": len(task.rl_prompts),
+            "eval_prompts": len(task.eval_prompts),
+            "params": sum(p.numel() for p in sft.parameters()),
+        },
         "bytes_per_token": bytes_per_token,
     }
     from qkv.io import atomic_write_text
@@ -246,10 +305,12 @@ def write_plots(result: dict, img_dir: Path) -> None:
         x = [math.sqrt(max(s["kl"], 0.0)) for s in stats]
         style = "-" if name == "PPO" else "--"
         for ax, key in ((axes[0], "score_proxy"), (axes[1], "gold")):
-            line, = ax.plot(x, [s[key] for s in stats], style, alpha=0.35)
+            (line,) = ax.plot(x, [s[key] for s in stats], style, alpha=0.35)
             ax.scatter(x, [s[key] for s in stats], s=14, color=line.get_color(), label=name)
     axes[0].set(title="proxy reward (reward model)", xlabel="sqrt(KL to SFT) of the rollout", ylabel="mean RM score")
-    axes[1].set(title="gold reward (programmatic judge)", xlabel="sqrt(KL to SFT) of the rollout", ylabel="mean gold reward")
+    axes[1].set(
+        title="gold reward (programmatic judge)", xlabel="sqrt(KL to SFT) of the rollout", ylabel="mean gold reward"
+    )
     for a in axes:
         a.grid(alpha=0.3)
         a.legend()
@@ -302,7 +363,7 @@ def render_markdown(r: dict) -> str:
         f"- Base: {rc['pretrain_steps']} steps of next-token pretraining on Shakespeare (all plays but the last two).",
         f"- SFT: {rc['sft_steps']} steps (packed) on {r['n']['sft']} conversations: chatterbot-corpus dialogues plus "
         "task demonstrations that are deliberately imperfect (concise, chatty and wrong answers).",
-        "- Task: `First word: \"<line>\"` / `Last word: \"<line>\"` over Shakespeare verse lines; the gold judge "
+        '- Task: `First word: "<line>"` / `Last word: "<line>"` over Shakespeare verse lines; the gold judge '
         "(src/qkv/align/task.py) gives +1 for exactly the target word, 0..0.5 for the target among other words, "
         "-0.25 for one wrong word, -0.5..-0.9 for several wrong words, -1 for nothing.",
         f"- Preferences: {r['n']['prefs']} pairs labelled by Bradley-Terry draws from the gold scores "
@@ -355,8 +416,10 @@ def render_markdown(r: dict) -> str:
         pick = sorted({0, len(stats) // 4, len(stats) // 2, 3 * len(stats) // 4, len(stats) - 1})
         for i in pick:
             s = stats[i]
-            lines.append(f"| {name} | {s['iteration']} | {s['score_proxy']:+.2f} | {s['gold']:+.3f} | {s['kl']:.2f} | "
-                         f"{s['kl_coef']:.3f} | {s['response_length']:.1f} | {s['distinct']:.0%} | {s['eos_rate']:.0%} |")
+            lines.append(
+                f"| {name} | {s['iteration']} | {s['score_proxy']:+.2f} | {s['gold']:+.3f} | {s['kl']:.2f} | "
+                f"{s['kl_coef']:.3f} | {s['response_length']:.1f} | {s['distinct']:.0%} | {s['eos_rate']:.0%} |"
+            )
     for name, stats in r["ppo_stats"].items():
         golds = [s["gold"] for s in stats]
         best = max(range(len(golds)), key=golds.__getitem__)
@@ -365,13 +428,20 @@ def render_markdown(r: dict) -> str:
         lines.append(
             f"- {name}: gold peaked at iteration {best} ({golds[best]:+.3f}) and ended at {golds[-1]:+.3f}; the proxy "
             f"went {proxies[0]:+.2f} -> {proxies[-1]:+.2f} while KL rose to {stats[-1]['kl']:.2f} nats."
-            + (" The gold fell after its peak while the proxy kept rising: over-optimisation of the proxy."
-               if golds[-1] < golds[best] - 0.05 and proxies[-1] >= max(proxies[: best + 1]) - 1e-9 else
-               " The gold plateaued while the proxy kept rising (changes under ~0.05 are within the sampling noise "
-               "of one iteration's rollouts)." if proxies[-1] > proxies[best] else "")
-            + (f" Distinct responses fell from {stats[0]['distinct']:.0%} to {stats[-1]['distinct']:.0%}: the policy "
-               "collapsed onto a few answers the reward model likes (reward hacking; the KL penalty slows it)."
-               if stats[-1]["distinct"] < 0.5 * stats[0]["distinct"] else "")
+            + (
+                " The gold fell after its peak while the proxy kept rising: over-optimisation of the proxy."
+                if golds[-1] < golds[best] - 0.05 and proxies[-1] >= max(proxies[: best + 1]) - 1e-9
+                else " The gold plateaued while the proxy kept rising (changes under ~0.05 are within the sampling noise "
+                "of one iteration's rollouts)."
+                if proxies[-1] > proxies[best]
+                else ""
+            )
+            + (
+                f" Distinct responses fell from {stats[0]['distinct']:.0%} to {stats[-1]['distinct']:.0%}: the policy "
+                "collapsed onto a few answers the reward model likes (reward hacking; the KL penalty slows it)."
+                if stats[-1]["distinct"] < 0.5 * stats[0]["distinct"]
+                else ""
+            )
         )
     sft_r = rows["SFT"]
     best_rl = max((k for k in ("PPO", "PPO-ptx", "DPO") if k in rows), key=lambda k: rows[k]["gold"])
@@ -404,29 +474,33 @@ def render_markdown(r: dict) -> str:
     for k in order:
         lines.append(f"- **{k}**: " + "; ".join(f"`{p}` -> `{_oneline(t)}`" for p, t in rows[k]["examples"][:3]))
     sp = r["speeds"]
-    lines += [
-        "",
-        "## Throughput in this run",
-        "",
-        "| stage | tokens/s |",
-        "|---|---|",
-    ] + [f"| {k} | {v:,.0f} |" for k, v in sp.items() if not k.startswith("rollout")] + [
-        "",
-        "Pretrain/SFT/reward/DPO count every token of the batch; PPO counts the response tokens it trains on",
-        "per second of whole iterations (engine rollout, scoring by three models, then the PPO epochs).",
-        "",
-        f"Rollout generation, same model and 32 prompts, measured side by side: qkv Engine (batched, paged KV cache) "
-        f"{sp['rollout_engine_tok_s']:,.0f} tokens/s vs a naive one-prompt-at-a-time loop without a cache "
-        f"{sp['rollout_naive_tok_s']:,.0f} tokens/s ({sp['rollout_engine_tok_s'] / sp['rollout_naive_tok_s']:.1f}x).",
-        "",
-        "Stage wall-clock: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings"].items()) + ".",
-        "",
-        "## Reproduce",
-        "",
-        "    qkv align report --out-dir runs/align_report --docs docs",
-        "",
-        "The stages are also separate commands on your own JSONL: `qkv sft`, `qkv reward`, `qkv dpo`, `qkv ppo`,",
-        "`qkv grpo` (see `--help`); `qkv align data` writes the bundled task's JSONL files.",
-        "",
-    ]
+    lines += (
+        [
+            "",
+            "## Throughput in this run",
+            "",
+            "| stage | tokens/s |",
+            "|---|---|",
+        ]
+        + [f"| {k} | {v:,.0f} |" for k, v in sp.items() if not k.startswith("rollout")]
+        + [
+            "",
+            "Pretrain/SFT/reward/DPO count every token of the batch; PPO counts the response tokens it trains on",
+            "per second of whole iterations (engine rollout, scoring by three models, then the PPO epochs).",
+            "",
+            f"Rollout generation, same model and 32 prompts, measured side by side: qkv Engine (batched, paged KV cache) "
+            f"{sp['rollout_engine_tok_s']:,.0f} tokens/s vs a naive one-prompt-at-a-time loop without a cache "
+            f"{sp['rollout_naive_tok_s']:,.0f} tokens/s ({sp['rollout_engine_tok_s'] / sp['rollout_naive_tok_s']:.1f}x).",
+            "",
+            "Stage wall-clock: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings"].items()) + ".",
+            "",
+            "## Reproduce",
+            "",
+            "    qkv align report --out-dir runs/align_report --docs docs",
+            "",
+            "The stages are also separate commands on your own JSONL: `qkv sft`, `qkv reward`, `qkv dpo`, `qkv ppo`,",
+            "`qkv grpo` (see `--help`); `qkv align data` writes the bundled task's JSONL files.",
+            "",
+        ]
+    )
     return "\n".join(lines)

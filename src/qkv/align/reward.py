@@ -10,8 +10,6 @@ held-out pairwise accuracy and mean margin (saved next to the weights in head.js
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from qkv.align.data import IndexSampler, Preference, batch_sequences, encode_response, require_chat_template
@@ -30,7 +28,7 @@ def encode_pairs(tokenizer, prefs: list[Preference], max_len: int) -> list[tuple
     return out
 
 
-def pair_batch(pairs: list[tuple], pad_id: int, margins: Optional[list[float]] = None) -> dict:
+def pair_batch(pairs: list[tuple], pad_id: int, margins: list[float] | None = None) -> dict:
     """Chosen rows first, then rejected rows, in one right-padded batch."""
     ids = [p[0] for p in pairs] + [p[2] for p in pairs]
     masks = [p[1] for p in pairs] + [p[3] for p in pairs]
@@ -40,14 +38,17 @@ def pair_batch(pairs: list[tuple], pad_id: int, margins: Optional[list[float]] =
     return b
 
 
-def make_reward_loss(center_coef: Optional[float] = None, margin: float = 0.0):
+def make_reward_loss(center_coef: float | None = None, margin: float = 0.0):
     def loss_fn(model, batch):
         r = model.rewards(batch["ids"], batch["key_padding"])
         rc, rr = r.chunk(2)
         m = batch.get("margin", margin if margin else None)
         loss = reward_loss(rc, rr, m, center_coef)
-        return loss, {"tokens": int(batch["ids"].numel()), "accuracy": (rc > rr).float().mean().item(),
-                      "margin": (rc - rr).mean().item()}
+        return loss, {
+            "tokens": int(batch["ids"].numel()),
+            "accuracy": (rc > rr).float().mean().item(),
+            "margin": (rc - rr).mean().item(),
+        }
 
     return loss_fn
 
@@ -70,21 +71,34 @@ def evaluate_pairs(model: RewardModel, tokenizer, prefs: list[Preference], batch
 
 
 @torch.no_grad()
-def score(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int = 64) -> torch.Tensor:
-    pairs = [encode_response(tokenizer, p, [{"role": "assistant", "content": r}], model.cfg.max_seq_len)
-             for p, r in zip(prompts, responses)]
+def score(
+    model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int = 64
+) -> torch.Tensor:
+    pairs = [
+        encode_response(tokenizer, p, [{"role": "assistant", "content": r}], model.cfg.max_seq_len)
+        for p, r in zip(prompts, responses)
+    ]
     dev = next(model.parameters()).device
     out = []
     for s in range(0, len(pairs), batch_size):
-        b = batch_sequences([p[0] for p in pairs[s : s + batch_size]], [p[1] for p in pairs[s : s + batch_size]],
-                            tokenizer.pad_id)
+        b = batch_sequences(
+            [p[0] for p in pairs[s : s + batch_size]], [p[1] for p in pairs[s : s + batch_size]], tokenizer.pad_id
+        )
         out.append(model.rewards(b["ids"].to(dev), b["key_padding"].to(dev)).cpu())
     return torch.cat(out)
 
 
-def run_reward(model: RewardModel, tokenizer, prefs: list[Preference], cfg, heldout: Optional[list[Preference]] = None,
-               margins: Optional[list[float]] = None, margin: float = 0.0, center_coef: Optional[float] = None,
-               resume: bool = False):
+def run_reward(
+    model: RewardModel,
+    tokenizer,
+    prefs: list[Preference],
+    cfg,
+    heldout: list[Preference] | None = None,
+    margins: list[float] | None = None,
+    margin: float = 0.0,
+    center_coef: float | None = None,
+    resume: bool = False,
+):
     """Train `model` (a RewardModel, e.g. policy.from_transformer(RewardModel, sft_model)) in
     place; returns (TrainResult, held-out metrics or None). cfg: qkv.train.TrainConfig."""
     from qkv.train import Trainer
@@ -109,8 +123,16 @@ def run_reward(model: RewardModel, tokenizer, prefs: list[Preference], cfg, held
             return pair_batch(hp[s : s + per], pad_id)
 
     loss_fn = make_reward_loss(center_coef, margin)
-    trainer = Trainer(model, cfg, loss_fn, get_batch, eval_batch=eval_batch, tokenizer=tokenizer,
-                      extra_state={"stage": "reward", "pairs": len(pairs)}, resume=resume)
+    trainer = Trainer(
+        model,
+        cfg,
+        loss_fn,
+        get_batch,
+        eval_batch=eval_batch,
+        tokenizer=tokenizer,
+        extra_state={"stage": "reward", "pairs": len(pairs)},
+        resume=resume,
+    )
     result = trainer.fit()
     metrics = evaluate_pairs(model, tokenizer, heldout) if heldout else None
     from qkv.align.policy import save_reward_model

@@ -62,7 +62,9 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 @torch.no_grad()
-def assistant_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32, max_len: int = 256) -> float:
+def assistant_loss(
+    model, tokenizer, conversations: list[list[dict]], batch_size: int = 32, max_len: int = 256
+) -> float:
     """Mean per-token loss on assistant tokens (token-weighted over all conversations)."""
     ids, masks = encode_conversations(tokenizer, conversations, min(max_len, model.cfg.max_seq_len))
     was = model.training
@@ -79,8 +81,15 @@ def assistant_loss(model, tokenizer, conversations: list[list[dict]], batch_size
     return total / max(count, 1)
 
 
-def run_sft(model, tokenizer, conversations: list[list[dict]], cfg, eval_conversations=None,
-            packing: bool = False, resume: bool = False):
+def run_sft(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    cfg,
+    eval_conversations=None,
+    packing: bool = False,
+    resume: bool = False,
+):
     """Fine-tune `model` in place on `conversations` with the shared Trainer; returns its TrainResult.
     cfg is a qkv.train.TrainConfig (seq_len = the maximum conversation length in tokens)."""
     from qkv.train import Trainer
@@ -111,6 +120,14 @@ def run_sft(model, tokenizer, conversations: list[list[dict]], cfg, eval_convers
             s = (i * per) % len(eids)
             return batch_sequences(eids[s : s + per], emasks[s : s + per], pad_id)
 
-    trainer = Trainer(model, cfg, sft_loss, get_batch, eval_batch=eval_batch, tokenizer=tokenizer,
-                      extra_state={"stage": "sft", "packing": packing, "examples": len(ids)}, resume=resume)
+    trainer = Trainer(
+        model,
+        cfg,
+        sft_loss,
+        get_batch,
+        eval_batch=eval_batch,
+        tokenizer=tokenizer,
+        extra_state={"stage": "sft", "packing": packing, "examples": len(ids)},
+        resume=resume,
+    )
     return trainer.fit()

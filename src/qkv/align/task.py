@@ -33,10 +33,10 @@ import json
 import math
 import random
 import re
-from functools import lru_cache
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional
 
 KINDS = ("First word", "Last word")
 _PROMPT_RE = re.compile(r'^(First word|Last word): "(.*)"$', re.S)
@@ -122,7 +122,7 @@ class Question:
 def parse_prompt(prompt: str) -> Question:
     m = _PROMPT_RE.match(prompt.strip())
     if not m:
-        raise ValueError(f'not a task prompt (expected \'First word: "..."\' or \'Last word: "..."\'): {prompt[:60]!r}')
+        raise ValueError(f"not a task prompt (expected 'First word: \"...\"' or 'Last word: \"...\"'): {prompt[:60]!r}")
     return Question(m.group(1), m.group(2))
 
 
@@ -156,7 +156,7 @@ def _chatty(q: Question, word: str) -> str:
     )
 
 
-def sample_response(q: Question, rng: random.Random, style: Optional[str] = None) -> str:
+def sample_response(q: Question, rng: random.Random, style: str | None = None) -> str:
     """One response in a style: concise | chatty | wrong | wrong_chatty | empty-ish rambling."""
     style = style or rng.choices(["concise", "chatty", "wrong", "wrong_chatty"], [0.4, 0.3, 0.2, 0.1])[0]
     surface = q.target_surface()
@@ -235,8 +235,14 @@ def make_task(
         sft.append({"messages": rng.choice(convs)})
     for _ in range(n_sft - n_chat):
         qq = q(rng.choice(lines))
-        sft.append({"messages": [{"role": "user", "content": qq.prompt},
-                                 {"role": "assistant", "content": sample_response(qq, rng)}]})
+        sft.append(
+            {
+                "messages": [
+                    {"role": "user", "content": qq.prompt},
+                    {"role": "assistant", "content": sample_response(qq, rng)},
+                ]
+            }
+        )
     rng.shuffle(sft)
 
     def pairs(n: int, pool: list[str]) -> list[dict]:
@@ -249,15 +255,21 @@ def make_task(
             if a == b:
                 continue
             chosen, rejected = (a, b) if preference_label(ga, gb, rng, rater_temperature) else (b, a)
-            out.append({"prompt": [{"role": "user", "content": qq.prompt}],
-                        "chosen": [{"role": "assistant", "content": chosen}],
-                        "rejected": [{"role": "assistant", "content": rejected}]})
+            out.append(
+                {
+                    "prompt": [{"role": "user", "content": qq.prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
         return out
 
     prefs = pairs(n_prefs, lines)
     prefs_heldout = pairs(n_prefs_heldout, eval_lines)
     rl = [q(rng.choice(lines)).prompt for _ in range(n_rl)]
-    ev = [Question(KINDS[i % 2], line).prompt for i, line in enumerate(random.Random(seed + 1).sample(eval_lines, n_eval))]
+    ev = [
+        Question(KINDS[i % 2], line).prompt for i, line in enumerate(random.Random(seed + 1).sample(eval_lines, n_eval))
+    ]
     return TaskData(sft, prefs, prefs_heldout, rl, ev)
 
 
@@ -271,7 +283,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 # --- tokenizer for the tiny setup -----------------------------------------------------
-def build_tokenizer(vocab_size: int = 2048, extra_texts: Iterable[str] = (), max_chars: Optional[int] = None):
+def build_tokenizer(vocab_size: int = 2048, extra_texts: Iterable[str] = (), max_chars: int | None = None):
     """A byte-level BPE trained on Shakespeare and the task's chat text, with ChatML
     (<|im_start|>, <|im_end|> = EOS, <|endoftext|> = pad) so it is a chat tokenizer."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -283,8 +295,12 @@ def build_tokenizer(vocab_size: int = 2048, extra_texts: Iterable[str] = (), max
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     text = shakespeare_text("train")[:max_chars]
     chunks = [text[i : i + 100_000] for i in range(0, len(text), 100_000)]
     backend.train_from_iterator(chunks + list(extra_texts), trainer)

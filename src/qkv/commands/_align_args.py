@@ -11,11 +11,19 @@ import argparse
 
 
 def add_stage_arguments(p: argparse.ArgumentParser, data_help: str, heldout: bool = True) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides, applied last (e.g. max_steps=100)")
-    p.add_argument("--model", required=True, help="starting model: qkv checkpoint dir, Hugging Face dir or .gguf file (with a chat tokenizer)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides, applied last (e.g. max_steps=100)"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="starting model: qkv checkpoint dir, Hugging Face dir or .gguf file (with a chat tokenizer)",
+    )
     p.add_argument("--data", required=True, help=data_help)
     if heldout:
-        p.add_argument("--heldout", default=None, help="held-out JSONL in the same format (evaluated during and after training)")
+        p.add_argument(
+            "--heldout", default=None, help="held-out JSONL in the same format (evaluated during and after training)"
+        )
     p.add_argument("--config", default=None, help="YAML or TOML file of TrainConfig keys")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -48,7 +56,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=str, metavar="STR", **kw)
 
 
-STAGE_DEFAULTS = dict(lr=1e-4, warmup_steps=10, max_steps=300, batch_size=16, seq_len=256, eval_every=100, save_every=100)
+STAGE_DEFAULTS = dict(
+    lr=1e-4, warmup_steps=10, max_steps=300, batch_size=16, seq_len=256, eval_every=100, save_every=100
+)
 
 
 def stage_config(args: argparse.Namespace, stage: str, **defaults):
@@ -77,16 +87,20 @@ def load_policy(source: str):
         raise FileNotFoundError(f"{source}: no such checkpoint directory, Hugging Face directory or GGUF file")
     model, tok = load(source)
     if tok is None:
-        raise ValueError(f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "
-                         "tokenizer with a chat template (tokenizer.json + tokenizer_config.json)")
+        raise ValueError(
+            f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "
+            "tokenizer with a chat template (tokenizer.json + tokenizer_config.json)"
+        )
     require_chat_template(tok, source)
     return model.train(), tok
 
 
 def report(result, what: str) -> None:
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"{what}: step {result.step}, train loss {result.train_loss:.4f}{val}, "
-          f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}")
+    print(
+        f"{what}: step {result.step}, train loss {result.train_loss:.4f}{val}, "
+        f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}"
+    )
 
 
 def add_dataclass_arguments(p: argparse.ArgumentParser, cls) -> None:

@@ -41,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl(out / "prefs_heldout.jsonl", t.prefs_heldout)
         write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in t.rl_prompts])
         write_jsonl(out / "eval_prompts.jsonl", [{"prompt": p} for p in t.eval_prompts])
-        print(f"wrote {len(t.sft)} SFT conversations, {len(t.prefs)}+{len(t.prefs_heldout)} preference pairs, "
-              f"{len(t.rl_prompts)} RL prompts and {len(t.eval_prompts)} eval prompts to {out}")
+        print(
+            f"wrote {len(t.sft)} SFT conversations, {len(t.prefs)}+{len(t.prefs_heldout)} preference pairs, "
+            f"{len(t.rl_prompts)} RL prompts and {len(t.eval_prompts)} eval prompts to {out}"
+        )
         return 0
     from qkv.align.report import ReportConfig, run_report
     from qkv.commands._align_args import dataclass_from_args
@@ -60,12 +62,21 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("qkv align eval needs --model (a qkv checkpoint, Hugging Face directory or .gguf file)")
     model, tok = load_policy(args.model)
     task = make_task(seed=args.seed, n_eval=args.n_eval)
-    _, j = judge_policy(model.eval(), tok, task.eval_prompts, lambda p, t: gold_reward(prompt_text(p), t),
-                        args.max_new_tokens, args.temperature, seed=args.seed + 99, n=args.samples_per_prompt)
+    _, j = judge_policy(
+        model.eval(),
+        tok,
+        task.eval_prompts,
+        lambda p, t: gold_reward(prompt_text(p), t),
+        args.max_new_tokens,
+        args.temperature,
+        seed=args.seed + 99,
+        n=args.samples_per_prompt,
+    )
     n = len(j["scores"])
-    print(f"{args.model}: judge score {j['gold']:+.3f} (range -1..1) over {n} answers to {len(task.eval_prompts)} "
-          f"held-out questions; exact {j['exact']:.1%}; {j['length']:.1f} tokens; EOS {j['eos_rate']:.0%}")
+    print(
+        f"{args.model}: judge score {j['gold']:+.3f} (range -1..1) over {n} answers to {len(task.eval_prompts)} "
+        f"held-out questions; exact {j['exact']:.1%}; {j['length']:.1f} tokens; EOS {j['eos_rate']:.0%}"
+    )
     for p, t in j["examples"]:
         print(f"  {prompt_text(p)!r} -> {t!r}")
     return 0
-

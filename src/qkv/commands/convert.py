@@ -19,11 +19,16 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="source: qkv checkpoint dir, HF model dir, or .gguf file")
     p.add_argument("dst", help="destination directory")
-    p.add_argument("--from", dest="src_format", choices=["auto", "qkv", "hf", "gguf"], default="auto",
-                   help="source format")
+    p.add_argument(
+        "--from", dest="src_format", choices=["auto", "qkv", "hf", "gguf"], default="auto", help="source format"
+    )
     p.add_argument("--to", dest="dst_format", choices=["qkv", "hf"], default="qkv", help="destination format")
-    p.add_argument("--arch", choices=["auto", "llama", "mistral", "qwen2", "mixtral", "gpt2"], default="auto",
-                   help="transformers architecture for --to hf")
+    p.add_argument(
+        "--arch",
+        choices=["auto", "llama", "mistral", "qwen2", "mixtral", "gpt2"],
+        default="auto",
+        help="transformers architecture for --to hf",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
@@ -52,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from qkv.model import count_params
 
     n = count_params(model).total
-    print(f"wrote {args.dst_format} model to {dst} ({n / 1e6:.1f}M parameters, {args.dtype}"
-          f"{', with tokenizer' if tokenizer is not None else ', no tokenizer'})")
+    print(
+        f"wrote {args.dst_format} model to {dst} ({n / 1e6:.1f}M parameters, {args.dtype}"
+        f"{', with tokenizer' if tokenizer is not None else ', no tokenizer'})"
+    )
     return 0

@@ -66,9 +66,20 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
     out = Path(args.out)
 
     def stage_cfg(name: str, steps: int, lr: float) -> TrainConfig:
-        return TrainConfig(out_dir=str(out / name), batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
-                           max_steps=steps, warmup_steps=max(1, steps // 10), eval_every=0, save_every=0,
-                           log_every=10, threads=args.threads, progress=not args.no_progress, device="cpu")
+        return TrainConfig(
+            out_dir=str(out / name),
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=lr,
+            max_steps=steps,
+            warmup_steps=max(1, steps // 10),
+            eval_every=0,
+            save_every=0,
+            log_every=10,
+            threads=args.threads,
+            progress=not args.no_progress,
+            device="cpu",
+        )
 
     def done_before(name: str) -> bool:  # a re-run resumes (or reuses) each stage, as pretraining does
         return (out / name).exists() and latest_checkpoint(out / name) is not None
@@ -79,21 +90,39 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"[3/5] SFT for {args.sft_steps} steps on {len(task.sft)} conversations -> {out / 'sft'}")
     t = time.perf_counter()
-    r = run_sft(model, tok, [c["messages"] for c in task.sft], stage_cfg("sft", args.sft_steps, 1e-3), packing=True,
-                resume=done_before("sft"))
+    r = run_sft(
+        model,
+        tok,
+        [c["messages"] for c in task.sft],
+        stage_cfg("sft", args.sft_steps, 1e-3),
+        packing=True,
+        resume=done_before("sft"),
+    )
     sft_scores = judged(model)
-    report.append(("SFT", f"train loss {r.train_loss:.3f} on assistant tokens; judge score {mean(sft_scores):+.3f} "
-                          f"on {len(sft_scores)} held-out questions (range -1..1)  [{time.perf_counter() - t:.0f}s]"))
+    report.append(
+        (
+            "SFT",
+            f"train loss {r.train_loss:.3f} on assistant tokens; judge score {mean(sft_scores):+.3f} "
+            f"on {len(sft_scores)} held-out questions (range -1..1)  [{time.perf_counter() - t:.0f}s]",
+        )
+    )
     if args.dpo_steps <= 0:
         return out / "sft"
     print(f"[4/5] DPO for {args.dpo_steps} steps on {len(task.prefs)} judged preference pairs -> {out / 'dpo'}")
     t = time.perf_counter()
     prefs = [Preference(p["prompt"], p["chosen"], p["rejected"]) for p in task.prefs]
     ref = copy.deepcopy(model)
-    run_dpo(model, tok, prefs, stage_cfg("dpo", args.dpo_steps, 1e-4), ref_model=ref, beta=0.1, resume=done_before("dpo"))
+    run_dpo(
+        model, tok, prefs, stage_cfg("dpo", args.dpo_steps, 1e-4), ref_model=ref, beta=0.1, resume=done_before("dpo")
+    )
     dpo_scores = judged(model)
-    report.append(("DPO", f"judge score {mean(dpo_scores):+.3f} (SFT {mean(sft_scores):+.3f}); "
-                          f"wins {win_rate(dpo_scores, sft_scores):.0%} of prompts against SFT  [{time.perf_counter() - t:.0f}s]"))
+    report.append(
+        (
+            "DPO",
+            f"judge score {mean(dpo_scores):+.3f} (SFT {mean(sft_scores):+.3f}); "
+            f"wins {win_rate(dpo_scores, sft_scores):.0%} of prompts against SFT  [{time.perf_counter() - t:.0f}s]",
+        )
+    )
     return out / "dpo"
 
 
@@ -144,26 +173,51 @@ def run(args: argparse.Namespace) -> int:
         print(f"      reusing prepared data ({index['splits']['train']['tokens']:,} train tokens)")
     else:
         index = prepare(args.source, data_dir, vocab_size=args.vocab_size, log=lambda s: print("      " + s))
-    report.append(("tokenizer", f"byte-level BPE, vocab {index['vocab_size']}, {index['bytes_per_token']:.2f} bytes/token on held-out text"))
-    report.append(("corpus", f"{index['splits']['train']['tokens']:,} train / {index['splits']['val']['tokens']:,} val tokens "
-                             f"(unigram entropy {index['unigram_entropy']:.3f} nats/token)  [{time.perf_counter() - t:.0f}s]"))
+    report.append(
+        (
+            "tokenizer",
+            f"byte-level BPE, vocab {index['vocab_size']}, {index['bytes_per_token']:.2f} bytes/token on held-out text",
+        )
+    )
+    report.append(
+        (
+            "corpus",
+            f"{index['splits']['train']['tokens']:,} train / {index['splits']['val']['tokens']:,} val tokens "
+            f"(unigram entropy {index['unigram_entropy']:.3f} nats/token)  [{time.perf_counter() - t:.0f}s]",
+        )
+    )
 
     print(f"[2/5] pretrain {args.preset} for {args.steps} steps -> {run_dir}")
     cfg = TrainConfig(
-        preset=args.preset, data_dir=str(data_dir), out_dir=str(run_dir), seq_len=args.seq_len,
-        batch_size=args.batch_size, lr=args.lr, max_steps=args.steps, warmup_steps=max(1, args.steps // 15),
-        eval_every=max(1, args.steps // 4), eval_steps=8, log_every=5, save_every=max(1, args.steps // 3),
-        threads=args.threads, progress=not args.no_progress, device="cpu",
+        preset=args.preset,
+        data_dir=str(data_dir),
+        out_dir=str(run_dir),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_steps=args.steps,
+        warmup_steps=max(1, args.steps // 15),
+        eval_every=max(1, args.steps // 4),
+        eval_steps=8,
+        log_every=5,
+        save_every=max(1, args.steps // 3),
+        threads=args.threads,
+        progress=not args.no_progress,
+        device="cpu",
     )
     t = time.perf_counter()
     trainer = make_trainer(cfg, resume=latest_checkpoint(run_dir) is not None if run_dir.exists() else False)
     n = count_params(trainer.model)
     first_eval = trainer.evaluate() if trainer.step == 0 else {}
     result = trainer.fit()
-    val = {"val_loss": result.val_loss, "val_bpb": result.val_bpb} if result.val_loss is not None else trainer.evaluate()
+    val = (
+        {"val_loss": result.val_loss, "val_bpb": result.val_bpb} if result.val_loss is not None else trainer.evaluate()
+    )
     first_loss = next((r["loss"] for r in result.history if "loss" in r), float("nan"))
     init = f"{first_eval['val_loss']:.3f} at init -> " if first_eval else ""
-    report.append(("model", f"{args.preset}: {n.total / 1e6:.2f}M params ({n.total_non_embedding / 1e6:.2f}M non-embedding)"))
+    report.append(
+        ("model", f"{args.preset}: {n.total / 1e6:.2f}M params ({n.total_non_embedding / 1e6:.2f}M non-embedding)")
+    )
     report.append(("train loss", f"{first_loss:.3f} (first logged) -> {result.train_loss:.3f} (step {result.step})"))
     report.append(("val loss", f"{init}{val['val_loss']:.3f} nats/token; {val['val_bpb']:.3f} bits/byte"))
     report.append(("throughput", f"{result.tokens_per_s:,.0f} tokens/s  [{time.perf_counter() - t:.0f}s]"))
@@ -172,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
     final_dir = alignment_stages(args, run_dir, report)
 
     print(f"[5/5] sample from {run_dir}" + (f" and {final_dir}" if final_dir != run_dir else ""))
-    samples = sample(run_dir, (PROMPTS * args.samples)[: args.samples], args.max_tokens)  # the base model continues text
+    samples = sample(
+        run_dir, (PROMPTS * args.samples)[: args.samples], args.max_tokens
+    )  # the base model continues text
     if final_dir != run_dir:  # the chat model answers
         samples += sample(final_dir, CHAT_PROMPTS, args.max_tokens)
 
@@ -180,8 +236,10 @@ def run(args: argparse.Namespace) -> int:
     w = max(len(k) for k, _ in report)
     for k, v in report:
         print(f"{k:<{w}}  {v}")
-    print(f"{'files':<{w}}  data {data_dir}/ | model {final_dir}/ (config.json, model.safetensors, tokenizer.json) | "
-          f"metrics {run_dir / 'metrics.jsonl'} | plots {', '.join(str(p) for p in plots)}")
+    print(
+        f"{'files':<{w}}  data {data_dir}/ | model {final_dir}/ (config.json, model.safetensors, tokenizer.json) | "
+        f"metrics {run_dir / 'metrics.jsonl'} | plots {', '.join(str(p) for p in plots)}"
+    )
     print(f"{'total time':<{w}}  {time.perf_counter() - t_start:.0f}s")
     for i, s in enumerate(samples, 1):
         print(f"\n--- sample {i} ---\n{s.strip()}")

@@ -15,8 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_stage_arguments(p, 'JSONL of {"prompt", "chosen", "rejected"}')
     p.add_argument("--ref", default=None, help="reference checkpoint (default: --model)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge", "robust"], default="sigmoid",
-                   help="ipo uses TRL's length-normalised log-ratios")
+    p.add_argument(
+        "--loss-type",
+        choices=["sigmoid", "ipo", "hinge", "robust"],
+        default="sigmoid",
+        help="ipo uses TRL's length-normalised log-ratios",
+    )
     p.add_argument("--label-smoothing", type=float, default=0.0, help="robust DPO's label noise rate")
 
 
@@ -30,7 +34,17 @@ def run(args: argparse.Namespace) -> int:
     ref = load_policy(args.ref)[0] if args.ref else None
     prefs = load_preferences(args.data)
     heldout = load_preferences(args.heldout) if args.heldout else None
-    result = run_dpo(model, tok, prefs, cfg, ref_model=ref, beta=args.beta, loss_type=args.loss_type,
-                     label_smoothing=args.label_smoothing, heldout=heldout, resume=args.resume)
+    result = run_dpo(
+        model,
+        tok,
+        prefs,
+        cfg,
+        ref_model=ref,
+        beta=args.beta,
+        loss_type=args.loss_type,
+        label_smoothing=args.label_smoothing,
+        heldout=heldout,
+        resume=args.resume,
+    )
     report(result, "dpo done")
     return 0

@@ -43,9 +43,17 @@ def sampling_params(args: argparse.Namespace, **extra):
     from qkv.infer.sampling import SamplingParams
 
     p = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, stop=list(args.stop), seed=args.seed, **extra,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        stop=list(args.stop),
+        seed=args.seed,
+        **extra,
     )
     p.validate()
     return p
@@ -104,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         from qkv.infer.kv_cache import kv_bytes_per_token
 
         kv = kv_bytes_per_token(model.cfg, next(model.parameters()).dtype)
-        print(f"[{len(prompt)} prompt + {n_out} generated tokens in {dt:.2f}s, {n_out / dt:.1f} tok/s; "
-              f"KV cache {kv / 1024:.1f} KiB/token{extra}]", file=sys.stderr)
+        print(
+            f"[{len(prompt)} prompt + {n_out} generated tokens in {dt:.2f}s, {n_out / dt:.1f} tok/s; "
+            f"KV cache {kv / 1024:.1f} KiB/token{extra}]",
+            file=sys.stderr,
+        )
     return 0

@@ -25,8 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qkv.align.grpo import GRPOConfig, run_grpo
-    from qkv.commands._align_args import (dataclass_from_args, load_policy, load_prompts_arg, report, stage_config,
-                                          task_gold_fn)
+    from qkv.commands._align_args import (
+        dataclass_from_args,
+        load_policy,
+        load_prompts_arg,
+        report,
+        stage_config,
+        task_gold_fn,
+    )
 
     cfg = stage_config(args, "grpo", lr=1e-5)
     grpo = dataclass_from_args(args, GRPOConfig)
@@ -41,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
         rm = load_reward_model(args.reward_model)
         reward_fn = lambda p, r: float(score(rm, tok, [p], [r])[0])  # noqa: E731
     prompts = load_prompts_arg(args.data)
-    result, stats = run_grpo(policy, ref, tok, prompts, reward_fn, cfg, grpo, n_iterations=args.iterations,
-                             resume=args.resume)
+    result, stats = run_grpo(
+        policy, ref, tok, prompts, reward_fn, cfg, grpo, n_iterations=args.iterations, resume=args.resume
+    )
     report(result, "grpo done")
     if stats:
         print(f"last rollout: reward {stats[-1]['reward']:.3f}, KL {stats[-1]['kl']:.3f}")

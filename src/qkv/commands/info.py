@@ -12,7 +12,9 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="preset name, checkpoint dir, HF dir/config.json or .gguf file")
-    p.add_argument("--context", type=int, default=None, help="context length for the KV-cache total (default: the model's)")
+    p.add_argument(
+        "--context", type=int, default=None, help="context length for the KV-cache total (default: the model's)"
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache total")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"], default="bf16", help="KV-cache element type")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -87,10 +89,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     rows = [
-        ("architecture", f"{cfg.n_layer} layers, d={cfg.d_model}, {info['heads']}, head_dim {cfg.head_dim}, {info['experts']}, pos={cfg.pos}"),
+        (
+            "architecture",
+            f"{cfg.n_layer} layers, d={cfg.d_model}, {info['heads']}, head_dim {cfg.head_dim}, {info['experts']}, pos={cfg.pos}",
+        ),
         ("parameters (total)", f"{human(counts.total)}  ({counts.total:,})"),
         ("parameters (active/token)", f"{human(counts.active)}  ({counts.active:,})"),
-        ("  without embeddings", f"total {human(counts.total_non_embedding)}, active {human(counts.active_non_embedding)}"),
+        (
+            "  without embeddings",
+            f"total {human(counts.total_non_embedding)}, active {human(counts.active_non_embedding)}",
+        ),
         (
             f"KV cache per token ({args.dtype})",
             f"{human_bytes(per_token)}  = 2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x {cfg.head_dim} x {DTYPE_BYTES[args.dtype]} B",

@@ -34,14 +34,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg-len", type=int, default=32, help="length of the random segment of the induction probe")
     p.add_argument("--k", type=int, default=5, help="how many guesses/neighbours to list")
     p.add_argument("--word", action="append", default=[], help="token to find neighbours of (repeatable)")
-    p.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), default=None, help="a - b + c, e.g. ' king' ' man' ' woman'")
+    p.add_argument(
+        "--analogy", nargs=3, metavar=("A", "B", "C"), default=None, help="a - b + c, e.g. ' king' ' man' ' woman'"
+    )
     p.add_argument("--pca", nargs="*", default=None, help="words to place on a 2-D PCA plot")
     p.add_argument("--context", type=int, default=None, help="KV: context length (default: each model's own)")
     p.add_argument("--batch", type=int, default=1, help="KV: batch size")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "fp8"], help="KV: element type")
-    p.add_argument("--compare", nargs="*", default=["llama3-8b", "mixtral-8x7b", "smollm2-135m"], help="KV: presets to compare with")
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=["llama3-8b", "mixtral-8x7b", "smollm2-135m"],
+        help="KV: presets to compare with",
+    )
     p.add_argument("--compute", type=float, default=1e21, help="calc: FLOP budget")
-    p.add_argument("--law", default=None, help="calc: a `qkv scale` fit.json or a JSON {E, A, B, alpha, beta} (default: Chinchilla's fit)")
+    p.add_argument(
+        "--law",
+        default=None,
+        help="calc: a `qkv scale` fit.json or a JSON {E, A, B, alpha, beta} (default: Chinchilla's fit)",
+    )
     p.add_argument("--steps", type=int, default=1200, help="induction: training steps of the toy")
     p.add_argument("--seed", type=int, default=0, help="induction: seed of the toy's weights and data")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -74,7 +85,9 @@ def load_any(spec: str, need_weights: bool = True):
     else:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"{spec}: not a preset ({', '.join(PRESETS)}), not 'smollm2', and no such file or directory")
+            raise FileNotFoundError(
+                f"{spec}: not a preset ({', '.join(PRESETS)}), not 'smollm2', and no such file or directory"
+            )
     from qkv.interop import load, load_config
 
     if not need_weights:
@@ -122,14 +135,29 @@ def view_attention(args, model, tok, cfg, out) -> dict:
     report = A.classify_heads(model, seg_len=args.seg_len, low=low, prefix=prefix, prompt_ids=ids)
     step = max(1, cfg.n_layer // 6)
     shown = list(range(0, cfg.n_layer, step))[:6]
-    A.plot_attention_grid(probs, labels, out / "attention_grid.png", layers=shown,
-                          title=f"attention on the prompt ({len(ids)} tokens), layers {shown}")
-    A.plot_head_scores(report, out / "head_scores.png", title="head scores (previous-token and induction on repeated random tokens; sink and entropy on the prompt)")
+    A.plot_attention_grid(
+        probs,
+        labels,
+        out / "attention_grid.png",
+        layers=shown,
+        title=f"attention on the prompt ({len(ids)} tokens), layers {shown}",
+    )
+    A.plot_head_scores(
+        report,
+        out / "head_scores.png",
+        title="head scores (previous-token and induction on repeated random tokens; sink and entropy on the prompt)",
+    )
     result = {"tokens": labels, "ids": ids, "heads": report.to_dict()}
     if args.layer is not None:
         head = args.head if args.head is not None else 0
-        A.plot_attention_head(probs[args.layer, head], labels, out / "attention_head.png", f"layer {args.layer} head {head}")
-        result["map"] = {"layer": args.layer, "head": head, "attention": [[round(float(x), 4) for x in r] for r in probs[args.layer, head]]}
+        A.plot_attention_head(
+            probs[args.layer, head], labels, out / "attention_head.png", f"layer {args.layer} head {head}"
+        )
+        result["map"] = {
+            "layer": args.layer,
+            "head": head,
+            "attention": [[round(float(x), 4) for x in r] for r in probs[args.layer, head]],
+        }
     for kind, name in (("previous_token", "previous-token"), ("induction", "induction"), ("sink", "sink")):
         hits = report.heads(kind)
         top = ", ".join(f"L{l}H{h} {s:.2f}" for l, h, s in (hits[:6] or report.top(kind, 3)))
@@ -172,7 +200,11 @@ def view_embed(args, model, tok, cfg, out) -> dict:
         result["pca"] = E.plot_pca(model, tok, args.pca, out / "embed_pca.png")
         print(f"PCA of {len(args.pca)} tokens -> {out / 'embed_pca.png'}")
     sims = E.position_similarity(model, max_offset=min(256, cfg.max_seq_len - 1))
-    E.plot_position_similarity(sims, out / "positions.png", title=f"position encodings vs offset (d={cfg.d_model}, head_dim={cfg.head_dim}, rope theta={cfg.rope_theta:g})")
+    E.plot_position_similarity(
+        sims,
+        out / "positions.png",
+        title=f"position encodings vs offset (d={cfg.d_model}, head_dim={cfg.head_dim}, rope theta={cfg.rope_theta:g})",
+    )
     result["positions"] = {k: [round(x, 4) for x in v] for k, v in sims.items()}
     for k, v in sims.items():
         print(f"{k:>10} similarity at offsets 1/8/64: " + " / ".join(f"{v[o]:.3f}" for o in (1, 8, 64) if o < len(v)))
@@ -192,7 +224,9 @@ def view_kv(args, cfg, out) -> dict:
     for name, r in rep.items():
         print(f"{name} ({r['context']} tokens x batch {r['batch']}, {r['dtype']}):")
         for row in r["variants"]:
-            print(f"  {row['variant']:<18} kv_heads={row['n_kv_head']:<3} {human_bytes(row['bytes_per_token']):>10}/token  total {human_bytes(row['bytes_total'])}")
+            print(
+                f"  {row['variant']:<18} kv_heads={row['n_kv_head']:<3} {human_bytes(row['bytes_per_token']):>10}/token  total {human_bytes(row['bytes_total'])}"
+            )
     return rep
 
 
@@ -204,7 +238,9 @@ def view_routing(args, model, tok, cfg, out) -> dict:
     plot_routing(rep, labels, out / "routing.png", layer=args.layer or 0)
     rep["tokens"] = labels
     for l, (row, mx) in enumerate(zip(rep["load"], rep["max_load_over_uniform"])):
-        print(f"  layer {l:2d}: busiest expert {max(range(len(row)), key=row.__getitem__)} gets {mx:.2f}x its fair share")
+        print(
+            f"  layer {l:2d}: busiest expert {max(range(len(row)), key=row.__getitem__)} gets {mx:.2f}x its fair share"
+        )
     return rep
 
 
@@ -227,10 +263,14 @@ def view_calc(args, out) -> dict:
         law = d.get("law", d)
         missing = {"E", "A", "B", "alpha", "beta"} - set(law)
         if missing:
-            raise ValueError(f"{path}: the law lacks {sorted(missing)}; give a `qkv scale` fit.json or {{E, A, B, alpha, beta}}")
+            raise ValueError(
+                f"{path}: the law lacks {sorted(missing)}; give a `qkv scale` fit.json or {{E, A, B, alpha, beta}}"
+            )
     res = compute_optimal(args.compute, law)
-    print(f"C = {res['compute_flops']:.3g} FLOPs -> N = {res['n_params']:.3g} params, D = {res['n_tokens']:.3g} tokens "
-          f"({res['tokens_per_param']:.1f} tokens/param), predicted loss {res['predicted_loss']:.3f} [{res['law_source']}]")
+    print(
+        f"C = {res['compute_flops']:.3g} FLOPs -> N = {res['n_params']:.3g} params, D = {res['n_tokens']:.3g} tokens "
+        f"({res['tokens_per_param']:.1f} tokens/param), predicted loss {res['predicted_loss']:.3f} [{res['law_source']}]"
+    )
     return res
 
 
@@ -241,23 +281,41 @@ def view_induction(args, out) -> dict:
     from qkv.inspect.induction import ToyInductionConfig, plot_phase_change, train_toy_induction
 
     if args.model != "toy":
-        raise ValueError(f"the induction view trains its own toy model; run `qkv inspect toy induction` "
-                         f"(to score the heads of {args.model}, use the attention view)")
+        raise ValueError(
+            f"the induction view trains its own toy model; run `qkv inspect toy induction` "
+            f"(to score the heads of {args.model}, use the attention view)"
+        )
     cfg = ToyInductionConfig(steps=args.steps, seed=args.seed)
-    print(f"training a {cfg.n_layer}-layer attention-only toy ({cfg.pos}, vocab {cfg.vocab_size}) for {cfg.steps} steps")
-    res = train_toy_induction(cfg, log=lambda r: print(
-        f"  step {r['step']:5d}  copy loss {'  -  ' if r['loss'] is None else format(r['loss'], '.3f')}  best induction {r['best_induction']:.2f} (layer {r['layer']})"
-        f"  best previous-token {r['best_previous_token']:.2f}"))
+    print(
+        f"training a {cfg.n_layer}-layer attention-only toy ({cfg.pos}, vocab {cfg.vocab_size}) for {cfg.steps} steps"
+    )
+    res = train_toy_induction(
+        cfg,
+        log=lambda r: print(
+            f"  step {r['step']:5d}  copy loss {'  -  ' if r['loss'] is None else format(r['loss'], '.3f')}  best induction {r['best_induction']:.2f} (layer {r['layer']})"
+            f"  best previous-token {r['best_previous_token']:.2f}"
+        ),
+    )
     plot_phase_change(res, out / "induction_phase_change.png", cfg)
     probe = repeated_random_tokens(cfg.vocab_size, 16, batch=1, seed=3)[0]
-    plot_attention_grid(capture_attention(res.model, probe), [str(t) for t in probe.tolist()],
-                        out / "induction_attention.png",
-                        title="toy after training: a random 16-token segment, repeated (rows: queries, columns: keys)")
+    plot_attention_grid(
+        capture_attention(res.model, probe),
+        [str(t) for t in probe.tolist()],
+        out / "induction_attention.png",
+        title="toy after training: a random 16-token segment, repeated (rows: queries, columns: keys)",
+    )
     s = res.summary()
-    print(f"best induction head: layer {s['layer']} head {s['head']}, score {s['best_induction']:.2f} "
-          f"(threshold 0.4; untrained ~0.05); copy loss {s['final_loss']:.3f} nats")
-    return {"config": asdict(cfg), "summary": s, "scores": [[round(float(v), 4) for v in row] for row in res.scores],
-            "previous_token": [[round(float(v), 4) for v in row] for row in res.previous_token], "history": res.history}
+    print(
+        f"best induction head: layer {s['layer']} head {s['head']}, score {s['best_induction']:.2f} "
+        f"(threshold 0.4; untrained ~0.05); copy loss {s['final_loss']:.3f} nats"
+    )
+    return {
+        "config": asdict(cfg),
+        "summary": s,
+        "scores": [[round(float(v), 4) for v in row] for row in res.scores],
+        "previous_token": [[round(float(v), 4) for v in row] for row in res.previous_token],
+        "history": res.history,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,7 +341,9 @@ def run(args: argparse.Namespace) -> int:
         model, tok, cfg, note = load_any(args.model)
         print(f"{note}: {cfg.n_layer} layers x {cfg.n_head} heads, vocab {cfg.vocab_size}")
         with torch.no_grad():
-            view = {"attention": view_attention, "lens": view_lens, "embed": view_embed, "routing": view_routing}[args.view]
+            view = {"attention": view_attention, "lens": view_lens, "embed": view_embed, "routing": view_routing}[
+                args.view
+            ]
             result = view(args, model, tok, cfg, out)
     result = {"model": args.model, "view": args.view, "seconds": round(time.perf_counter() - t0, 3), **result}
     path = out / f"{args.view}.json"

@@ -30,8 +30,14 @@ def run(args: argparse.Namespace) -> int:
 
     from qkv.align.policy import load_reward_model
     from qkv.align.ppo import PPOConfig, run_ppo
-    from qkv.commands._align_args import (dataclass_from_args, load_policy, load_prompts_arg, report, stage_config,
-                                          task_gold_fn)
+    from qkv.commands._align_args import (
+        dataclass_from_args,
+        load_policy,
+        load_prompts_arg,
+        report,
+        stage_config,
+        task_gold_fn,
+    )
 
     cfg = stage_config(args, "ppo", lr=1e-5)
     ppo = dataclass_from_args(args, PPOConfig)
@@ -45,8 +51,19 @@ def run(args: argparse.Namespace) -> int:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file (--ptx-data)")
         ptx = torch.tensor(tok.encode(path.read_text(encoding="utf-8", errors="replace")), dtype=torch.long)
-    result, stats = run_ppo(policy, ref, rm, tok, prompts, cfg, ppo, gold_fn=task_gold_fn() if args.gold_judge else None,
-                            ptx_tokens=ptx, resume=args.resume, n_iterations=args.iterations)
+    result, stats = run_ppo(
+        policy,
+        ref,
+        rm,
+        tok,
+        prompts,
+        cfg,
+        ppo,
+        gold_fn=task_gold_fn() if args.gold_judge else None,
+        ptx_tokens=ptx,
+        resume=args.resume,
+        n_iterations=args.iterations,
+    )
     report(result, "ppo done")
     if stats:
         s = stats[-1]

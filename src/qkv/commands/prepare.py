@@ -11,13 +11,22 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", nargs="?", default="shakespeare", help="'shakespeare', a .txt file, a folder of .txt, or a .jsonl file")
+    p.add_argument(
+        "source",
+        nargs="?",
+        default="shakespeare",
+        help="'shakespeare', a .txt file, a folder of .txt, or a .jsonl file",
+    )
     p.add_argument("--out", default="data/shakespeare", help="output data directory")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (incl. 256 bytes and special tokens)")
+    p.add_argument(
+        "--vocab-size", type=int, default=4096, help="BPE vocabulary size (incl. 256 bytes and special tokens)"
+    )
     p.add_argument("--val-frac", type=float, default=0.1, help="fraction held out for validation")
     p.add_argument("--text-field", default="text", help="field holding the text in a .jsonl source")
     p.add_argument("--tokenizer", default=None, help="use this tokenizer dir instead of training one")
-    p.add_argument("--shard-dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token id type in shards")
+    p.add_argument(
+        "--shard-dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token id type in shards"
+    )
     p.add_argument("--force", action="store_true", help="rebuild an already prepared output dir")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
@@ -25,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from qkv.data.prepare import prepare
 
-    prepare(args.source, args.out, vocab_size=args.vocab_size, val_frac=args.val_frac, text_field=args.text_field,
-            tokenizer_dir=args.tokenizer, dtype=args.shard_dtype, force=args.force)
+    prepare(
+        args.source,
+        args.out,
+        vocab_size=args.vocab_size,
+        val_frac=args.val_frac,
+        text_field=args.text_field,
+        tokenizer_dir=args.tokenizer,
+        dtype=args.shard_dtype,
+        force=args.force,
+    )
     return 0

@@ -14,7 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_stage_arguments(p, 'JSONL of {"prompt", "chosen", "rejected"}')
     p.add_argument("--margin", type=float, default=0.0, help="margin m in -log sigmoid(r_w - r_l - m)")
-    p.add_argument("--center-coef", type=float, default=None, help="add c * (r_w + r_l)^2 (TRL's center_rewards_coefficient)")
+    p.add_argument(
+        "--center-coef", type=float, default=None, help="add c * (r_w + r_l)^2 (TRL's center_rewards_coefficient)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,9 +32,20 @@ def run(args: argparse.Namespace) -> int:
     margins = [float(r["margin"]) for r in rows] if all("margin" in r for r in rows) else None
     heldout = load_preferences(args.heldout) if args.heldout else None
     model = from_transformer(RewardModel, base)
-    result, metrics = run_reward(model, tok, prefs, cfg, heldout=heldout, margins=margins, margin=args.margin,
-                                 center_coef=args.center_coef, resume=args.resume)
+    result, metrics = run_reward(
+        model,
+        tok,
+        prefs,
+        cfg,
+        heldout=heldout,
+        margins=margins,
+        margin=args.margin,
+        center_coef=args.center_coef,
+        resume=args.resume,
+    )
     report(result, "reward model done")
     if metrics:
-        print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs, mean margin {metrics['margin']:.3f}")
+        print(
+            f"held-out pairwise accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs, mean margin {metrics['margin']:.3f}"
+        )
     return 0

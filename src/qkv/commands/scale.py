@@ -33,12 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f = sub.add_parser("fit", help="fit L = E + A/N^a + B/D^b to a runs table", formatter_class=fmt)
     f.add_argument("runs", help="CSV with N, D and loss columns (or a sweep directory holding runs.csv)")
     f.add_argument("--out", default=None, help="where fit.json, report.md and the PNGs go (default: next to the CSV)")
-    f.add_argument("--n-column", action="append", default=None,
-                   help="parameter column(s) to fit (repeatable; default N and N_nonembed when present)")
+    f.add_argument(
+        "--n-column",
+        action="append",
+        default=None,
+        help="parameter column(s) to fit (repeatable; default N and N_nonembed when present)",
+    )
     f.add_argument("--where", action="append", default=[], metavar="COL=VALUE", help="keep only rows with COL == VALUE")
     f.add_argument("--boot", type=int, default=100, help="bootstrap refits for 95%% intervals (0: none)")
-    f.add_argument("--starts", type=int, default=32,
-                   help="L-BFGS-B runs from this many best points of the 4,500-point grid (0: all of them)")
+    f.add_argument(
+        "--starts",
+        type=int,
+        default=32,
+        help="L-BFGS-B runs from this many best points of the 4,500-point grid (0: all of them)",
+    )
     f.add_argument("--budget", type=_floats, default=[], help="also report the allocation at these FLOP budgets")
 
     s = sub.add_parser("sweep", help="train an IsoFLOP grid of small models, then fit", formatter_class=fmt)
@@ -49,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--fit-only", action="store_true", help="do not train; fit what runs.csv holds")
     s.add_argument("--dry-run", action="store_true", help="print the plan and exit")
 
-    m = sub.add_parser("moe-study", help="the MoE study: params of real configs, dense vs MoE, routing", formatter_class=fmt)
+    m = sub.add_parser(
+        "moe-study", help="the MoE study: params of real configs, dense vs MoE, routing", formatter_class=fmt
+    )
     from qkv.scaling.moe_study import MoEStudyConfig, add_study_arguments
 
     add_study_arguments(m, MoEStudyConfig())
@@ -92,9 +102,9 @@ def run(args) -> int:
 def _fit(args) -> int:
     from pathlib import Path
 
+    from qkv.io import atomic_write_text
     from qkv.scaling.report import fit_table, markdown
     from qkv.scaling.runs import resolve_path
-    from qkv.io import atomic_write_text
 
     src = resolve_path(args.runs)
     out = Path(args.out) if args.out else src.parent / "fit"
@@ -104,8 +114,15 @@ def _fit(args) -> int:
             raise ValueError(f"--where {w!r} must look like COL=VALUE (e.g. kind=dense)")
         k, v = w.split("=", 1)
         where[k] = v
-    summary = fit_table(src, out, n_columns=args.n_column, where=where or None, n_boot=args.boot,
-                        n_starts=args.starts or None, budgets=tuple(args.budget))
+    summary = fit_table(
+        src,
+        out,
+        n_columns=args.n_column,
+        where=where or None,
+        n_boot=args.boot,
+        n_starts=args.starts or None,
+        budgets=tuple(args.budget),
+    )
     atomic_write_text(out / "report.md", f"# Scaling-law fit of {src}\n\n" + markdown(summary))
     print(f"wrote {out / 'report.md'}, {out / 'fit.json'} and figures")
     return 0
@@ -115,10 +132,23 @@ def _sweep_config(args):
     from qkv.scaling.sweep import SweepConfig
 
     return SweepConfig(
-        out_dir=args.out, data_dir=args.data, vocab_size=args.vocab_size, budgets=args.budgets, sizes=args.sizes,
-        head_dim=args.head_dim, moe=args.moe, dense=not args.no_dense, n_expert=args.n_expert, top_k=args.top_k,
-        seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, min_steps=args.min_steps,
-        eval_steps=args.eval_steps, threads=args.threads, seed=args.seed,
+        out_dir=args.out,
+        data_dir=args.data,
+        vocab_size=args.vocab_size,
+        budgets=args.budgets,
+        sizes=args.sizes,
+        head_dim=args.head_dim,
+        moe=args.moe,
+        dense=not args.no_dense,
+        n_expert=args.n_expert,
+        top_k=args.top_k,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_steps=args.min_steps,
+        eval_steps=args.eval_steps,
+        threads=args.threads,
+        seed=args.seed,
     )
 
 
@@ -172,10 +202,14 @@ def _optimal(args) -> int:
         law = ScalingLaw(**fits[args.n_column]["law"])
     else:
         law = ScalingLaw(E=args.E, A=args.A, B=args.B, alpha=args.alpha, beta=args.beta)
-    print(f"law: L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.4g} + {law.B:.4g}/D^{law.beta:.4g};  "
-          f"N* ∝ C^{law.a_exponent:.3f}, D* ∝ C^{law.b_exponent:.3f}")
+    print(
+        f"law: L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.4g} + {law.B:.4g}/D^{law.beta:.4g};  "
+        f"N* ∝ C^{law.a_exponent:.3f}, D* ∝ C^{law.b_exponent:.3f}"
+    )
     print(f"{'C (FLOPs)':>12} {'N*':>10} {'D*':>10} {'tokens/param':>13} {'loss':>7}")
     for c in args.budget:
         a = optimal_allocation(law, c)
-        print(f"{c:12.3g} {_fmt_count(a.n_params):>10} {_fmt_count(a.n_tokens):>10} {a.tokens_per_param:13.1f} {a.loss:7.4f}")
+        print(
+            f"{c:12.3g} {_fmt_count(a.n_params):>10} {_fmt_count(a.n_tokens):>10} {a.tokens_per_param:13.1f} {a.loss:7.4f}"
+        )
     return 0

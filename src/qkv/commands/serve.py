@@ -16,8 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="qkv checkpoint dir, Hugging Face dir or .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--api-key", default=None, help="require this bearer key on the API (default: env QKV_API_KEY, else none)")
-    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's file/dir name)")
+    p.add_argument(
+        "--api-key", default=None, help="require this bearer key on the API (default: env QKV_API_KEY, else none)"
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="model id clients send (default: the model's file/dir name)"
+    )
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 429")
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunking)")
@@ -67,15 +71,23 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)
-    engine_kwargs = dict(block_size=args.block_size, max_num_seqs=args.max_concurrency,
-                         max_batch_tokens=args.max_batch_tokens)
+    engine_kwargs = dict(
+        block_size=args.block_size, max_num_seqs=args.max_concurrency, max_batch_tokens=args.max_batch_tokens
+    )
     if args.num_blocks:
         engine_kwargs["num_blocks"] = args.num_blocks
     engine = Engine(model, tokenizer, **engine_kwargs)
     name = args.served_model_name or Path(args.model).resolve().name.removesuffix(".gguf")
     api_key = args.api_key or os.environ.get("QKV_API_KEY") or None
-    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue, tokenizer=tokenizer,
-                     max_model_len=model.cfg.max_seq_len, max_body_bytes=args.max_body_bytes)
+    app = create_app(
+        engine,
+        name,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        tokenizer=tokenizer,
+        max_model_len=model.cfg.max_seq_len,
+        max_body_bytes=args.max_body_bytes,
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")
     print(f"serving '{name}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)")

@@ -12,7 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.commands._align_args import add_stage_arguments
 
     add_stage_arguments(p, 'JSONL of {"messages": [{"role", "content"}, ...]}')
-    p.add_argument("--packing", action="store_true", help="pack several conversations per row (block-diagonal attention)")
+    p.add_argument(
+        "--packing", action="store_true", help="pack several conversations per row (block-diagonal attention)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

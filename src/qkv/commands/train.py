@@ -56,7 +56,12 @@ def _yaml_dict(s: str) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last (e.g. max_steps=100 model.n_layer=2)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, applied last (e.g. max_steps=100 model.n_layer=2)",
+    )
     p.add_argument("--config", default=None, help="YAML or TOML file of TrainConfig keys")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -83,15 +88,23 @@ def run(args: argparse.Namespace) -> int:
             from qkv.model import count_params
 
             n = count_params(trainer.model)
-            start = f"resuming from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from else "from scratch"
-            print(f"training {cfg.preset} ({n.total / 1e6:.2f}M params) for {cfg.max_steps} steps {start}; "
-                  f"{trainer.world} process(es) on {trainer.device}; run dir {cfg.out_dir}")
+            start = (
+                f"resuming from {trainer.resumed_from} at step {trainer.step}"
+                if trainer.resumed_from
+                else "from scratch"
+            )
+            print(
+                f"training {cfg.preset} ({n.total / 1e6:.2f}M params) for {cfg.max_steps} steps {start}; "
+                f"{trainer.world} process(es) on {trainer.device}; run dir {cfg.out_dir}"
+            )
         result = trainer.fit()
         if trainer.dist.is_main:
             bpb = f", val bpb {result.val_bpb:.3f}" if result.val_bpb is not None else ""
             val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-            print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}{bpb}, "
-                  f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}")
+            print(
+                f"done: step {result.step}, train loss {result.train_loss:.4f}{val}{bpb}, "
+                f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}"
+            )
     finally:
         D.teardown()
     return 0

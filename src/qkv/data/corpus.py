@@ -66,7 +66,9 @@ def load_documents(source: str = "shakespeare", text_field: str = "text") -> lis
             return [Document(source, r.read().decode("utf-8", errors="replace"))]
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or directory (give a .txt file, a folder of .txt, a .jsonl, or 'shakespeare')")
+        raise FileNotFoundError(
+            f"{source}: no such file or directory (give a .txt file, a folder of .txt, a .jsonl, or 'shakespeare')"
+        )
     if path.is_dir():
         paths = sorted(path.rglob("*.txt"))
         if not paths:
@@ -82,7 +84,9 @@ def load_documents(source: str = "shakespeare", text_field: str = "text") -> lis
             except json.JSONDecodeError as e:
                 raise ValueError(f"{source}:{i}: not valid JSON ({e})") from None
             if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise ValueError(f"{source}:{i}: expected an object with a string field {text_field!r} (set --text-field)")
+                raise ValueError(
+                    f"{source}:{i}: expected an object with a string field {text_field!r} (set --text-field)"
+                )
             docs.append(Document(f"{path.name}:{i}", row[text_field]))
         return docs
     return [Document(path.name, _read_text(path))]

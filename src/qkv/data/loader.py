@@ -30,7 +30,11 @@ class WindowSampler:
 
     def windows(self, stream: tuple[int, ...], n: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, *stream])
-        which = rng.choice(len(self.weights), size=n, p=self.weights) if len(self.weights) > 1 else np.zeros(n, dtype=np.int64)
+        which = (
+            rng.choice(len(self.weights), size=n, p=self.weights)
+            if len(self.weights) > 1
+            else np.zeros(n, dtype=np.int64)
+        )
         out = np.empty((n, self.seq_len + 1), dtype=np.int64)
         for i, s in enumerate(which):
             off = int(rng.integers(0, self.starts_per_shard[s]))

@@ -10,17 +10,24 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
-
 
 from qkv.data.corpus import load_documents, split_documents
 from qkv.data.shards import INDEX, shard_dtype, unigram_entropy, write_split
 from qkv.io import atomic_write_text
 
 
-def prepare(source: str = "shakespeare", out_dir: str | Path = "data/shakespeare", vocab_size: int = 4096,
-            val_frac: float = 0.1, text_field: str = "text", tokenizer_dir: Optional[str] = None,
-            dtype: str = "auto", force: bool = False, shard_tokens: int = 100_000_000, log=print) -> dict:
+def prepare(
+    source: str = "shakespeare",
+    out_dir: str | Path = "data/shakespeare",
+    vocab_size: int = 4096,
+    val_frac: float = 0.1,
+    text_field: str = "text",
+    tokenizer_dir: str | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    shard_tokens: int = 100_000_000,
+    log=print,
+) -> dict:
     from qkv.tokenizer import Tokenizer, bytes_per_token, train_bpe
 
     out_dir = Path(out_dir)
@@ -33,8 +40,10 @@ def prepare(source: str = "shakespeare", out_dir: str | Path = "data/shakespeare
     t0 = time.perf_counter()
     docs = load_documents(source, text_field)
     train, val = split_documents(docs, val_frac)
-    log(f"corpus {source}: {len(docs)} documents, {sum(len(d.text) for d in docs):,} chars; "
-        f"train {len(train)} / val {len(val)} documents")
+    log(
+        f"corpus {source}: {len(docs)} documents, {sum(len(d.text) for d in docs):,} chars; "
+        f"train {len(train)} / val {len(val)} documents"
+    )
     if tokenizer_dir:
         tok = Tokenizer.load(tokenizer_dir)
     else:
@@ -73,7 +82,9 @@ def prepare(source: str = "shakespeare", out_dir: str | Path = "data/shakespeare
         "splits": splits,
     }
     atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1) + "\n")
-    log(f"tokenizer: vocab {vocab}, {bpt:.2f} bytes/token on held-out text; "
+    log(
+        f"tokenizer: vocab {vocab}, {bpt:.2f} bytes/token on held-out text; "
         f"train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens ({np_dtype.name}); "
-        f"unigram entropy {index['unigram_entropy']:.3f} nats/token; {time.perf_counter() - t0:.1f}s -> {out_dir}")
+        f"unigram entropy {index['unigram_entropy']:.3f} nats/token; {time.perf_counter() - t0:.1f}s -> {out_dir}"
+    )
     return index

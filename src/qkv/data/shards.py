@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -77,8 +77,15 @@ class ShardWriter:
         return self.shards
 
 
-def write_split(directory: Path, name: str, token_lists: Iterable[list[int]], eos_id: int, dtype: np.dtype,
-                vocab_size: int, shard_tokens: int = 100_000_000) -> tuple[list[dict], np.ndarray]:
+def write_split(
+    directory: Path,
+    name: str,
+    token_lists: Iterable[list[int]],
+    eos_id: int,
+    dtype: np.dtype,
+    vocab_size: int,
+    shard_tokens: int = 100_000_000,
+) -> tuple[list[dict], np.ndarray]:
     """Write one split's shards; returns (shard entries, token counts per id)."""
     writer = ShardWriter(directory, name, dtype, shard_tokens)
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -105,7 +112,9 @@ class TokenShards:
                 raise FileNotFoundError(f"{path}: shard listed in {INDEX} is missing; run `qkv prepare` again")
             expected = entry["tokens"] * dtype.itemsize
             if path.stat().st_size != expected:
-                raise ValueError(f"{path}: {path.stat().st_size} bytes, index says {expected}; the shard is truncated, run `qkv prepare` again")
+                raise ValueError(
+                    f"{path}: {path.stat().st_size} bytes, index says {expected}; the shard is truncated, run `qkv prepare` again"
+                )
             self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         self.n_tokens = sum(len(a) for a in self.arrays)
 
@@ -120,7 +129,9 @@ def read_index(data_dir: str | Path) -> dict:
     if not data_dir.exists():
         raise FileNotFoundError(f"{data_dir}: no such data directory; create it with `qkv prepare --out {data_dir}`")
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; {data_dir} is not a prepared data dir (run `qkv prepare --out {data_dir}`)")
+        raise FileNotFoundError(
+            f"{path}: not found; {data_dir} is not a prepared data dir (run `qkv prepare --out {data_dir}`)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

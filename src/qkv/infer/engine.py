@@ -51,7 +51,7 @@ class GenerationResult:
 
 import itertools  # noqa: E402
 import uuid  # noqa: E402
-from typing import Iterator, Optional  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -80,7 +80,7 @@ class _SeqText:
     def __init__(self):
         self.emitted = 0  # characters of the text already sent
         self.token_emitted = 0  # output tokens already sent
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: str | None = None
         self.stop_token = False  # last token is eos/stop id: kept in ids, not in the text
 
 
@@ -94,10 +94,10 @@ class Engine:
         tokenizer,
         *,
         block_size: int = 16,
-        num_blocks: Optional[int] = None,
+        num_blocks: int | None = None,
         max_num_seqs: int = 64,
         max_batch_tokens: int = 512,
-        cache_dtype: Optional[torch.dtype] = None,
+        cache_dtype: torch.dtype | None = None,
         prefix_caching: bool = True,
         kv_memory_bytes: int = 1 << 30,
     ):
@@ -150,7 +150,7 @@ class Engine:
             raise SamplingError("stop_token_ids", f"invalid stop_token_ids: ids must be < vocab size {V}")
         return prompt_ids
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Validate everything, then queue. Raises ValueError (SamplingError for a bad
         parameter) before any work is done."""
         prompt_ids = self.validate(prompt_ids, params)
@@ -197,8 +197,19 @@ class Engine:
                 self._pending.append(self._output(req, seq, st, final=True))
             self._text.pop(seq.seq_id, None)
         for i in range(len(req.seqs), req.params.n):  # samples not forked yet
-            self._pending.append(RequestOutput(request_id, i, [], "", [] if req.params.logprobs is not None else None,
-                                               True, "abort", len(req.prompt_ids), 0))
+            self._pending.append(
+                RequestOutput(
+                    request_id,
+                    i,
+                    [],
+                    "",
+                    [] if req.params.logprobs is not None else None,
+                    True,
+                    "abort",
+                    len(req.prompt_ids),
+                    0,
+                )
+            )
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._pending)
@@ -264,7 +275,9 @@ class Engine:
         positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
         h = None if plain else fused_decode.hidden(self.model, tok, positions, self.cache)  # decode steps, natively
         if h is None:
-            h = self.model.hidden(tok, positions=positions, mask=self.cache.full_mask() if plain else None, cache=self.cache)
+            h = self.model.hidden(
+                tok, positions=positions, mask=self.cache.full_mask() if plain else None, cache=self.cache
+            )
 
         rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == len(s.token_ids)]
         if not rows:
@@ -323,7 +336,7 @@ class Engine:
             outputs.append(self._append(req, seq, tok, lp))
         return [o for o in outputs if o is not None]
 
-    def _append(self, req: _Request, seq: Sequence, tok: int, lp: Optional[TokenLogprob]) -> Optional[RequestOutput]:
+    def _append(self, req: _Request, seq: Sequence, tok: int, lp: TokenLogprob | None) -> RequestOutput | None:
         seq.token_ids.append(tok)
         self.generated_tokens_total += 1
         st = self._text[seq.seq_id]
@@ -341,7 +354,7 @@ class Engine:
             self._finish(req, seq)
         return out
 
-    def _output(self, req: _Request, seq: Sequence, st: _SeqText, final: bool) -> Optional[RequestOutput]:
+    def _output(self, req: _Request, seq: Sequence, st: _SeqText, final: bool) -> RequestOutput | None:
         out_ids = seq.output_ids
         text_ids = out_ids[:-1] if st.stop_token else out_ids
         text = self.tokenizer.decode(text_ids, skip_special=True) if self.tokenizer is not None else ""
@@ -396,8 +409,10 @@ class Engine:
         ids = []
         for prompt, p in zip(prompts, plist):
             ids.append(self.add_request(prompt, p))
-        acc = {rid: [GenerationResult([], "", [] if p.logprobs is not None else None, None) for _ in range(p.n)]
-               for rid, p in zip(ids, plist)}
+        acc = {
+            rid: [GenerationResult([], "", [] if p.logprobs is not None else None, None) for _ in range(p.n)]
+            for rid, p in zip(ids, plist)
+        }
         left = sum(p.n for p in plist)
         while left:
             for o in self.step():

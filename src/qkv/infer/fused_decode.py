@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from typing import Optional
 
 import torch
 
@@ -27,11 +26,34 @@ _P = ctypes.c_void_p
 
 
 class _Block(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in ("d_model", "n_head", "n_kv_head", "head_dim", "d_ff")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float)] + [
-        (n, ctypes.c_int64) for n in ("window", "norm", "mlp")] + [
-        (n, _P) for n in ("attn_norm", "attn_norm_b", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo",
-                          "mlp_norm", "mlp_norm_b", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")]
+    _fields_ = (
+        [(n, ctypes.c_int64) for n in ("d_model", "n_head", "n_kv_head", "head_dim", "d_ff")]
+        + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        + [(n, ctypes.c_int64) for n in ("window", "norm", "mlp")]
+        + [
+            (n, _P)
+            for n in (
+                "attn_norm",
+                "attn_norm_b",
+                "wq",
+                "wk",
+                "wv",
+                "bq",
+                "bk",
+                "bv",
+                "wo",
+                "bo",
+                "mlp_norm",
+                "mlp_norm_b",
+                "w_gate",
+                "w_up",
+                "w_down",
+                "b_gate",
+                "b_up",
+                "b_down",
+            )
+        ]
+    )
 
 
 _NORM = {"rmsnorm": 0, "layernorm": 1}
@@ -39,21 +61,38 @@ _MLP = {"swiglu": 0, ("gelu", "tanh"): 1, ("gelu", "none"): 2}  # the C enums
 
 
 class _KV(ctypes.Structure):
-    _fields_ = [("k", _P), ("v", _P), ("tables", _P), ("max_blocks", ctypes.c_int64), ("total", _P),
-                ("block_size", ctypes.c_int64), ("block_stride", ctypes.c_int64), ("token_stride", ctypes.c_int64),
-                ("head_stride", ctypes.c_int64)]
+    _fields_ = [
+        ("k", _P),
+        ("v", _P),
+        ("tables", _P),
+        ("max_blocks", ctypes.c_int64),
+        ("total", _P),
+        ("block_size", ctypes.c_int64),
+        ("block_stride", ctypes.c_int64),
+        ("token_stride", ctypes.c_int64),
+        ("head_stride", ctypes.c_int64),
+    ]
 
 
-_decode_block = native.Kernel("decode_layer_f32", "qkv_decode_block_f32",
-                             [ctypes.POINTER(_Block), ctypes.POINTER(_KV), _P, ctypes.c_int64, _P, _P, ctypes.c_int],
-                             ctypes.c_int)
+_decode_block = native.Kernel(
+    "decode_layer_f32",
+    "qkv_decode_block_f32",
+    [ctypes.POINTER(_Block), ctypes.POINTER(_KV), _P, ctypes.c_int64, _P, _P, ctypes.c_int],
+    ctypes.c_int,
+)
 
 
 def architecture_fits(cfg) -> bool:
     """Whether a config's blocks are what the C block implements."""
-    return (cfg.norm in _NORM and cfg.mlp in ("swiglu", "gelu") and not cfg.is_moe and not cfg.qk_norm
-            and cfg.pos in ("rope", "learned", "sinusoidal", "none") and cfg.attn_impl != "math"
-            and cfg.head_dim % 8 == 0)
+    return (
+        cfg.norm in _NORM
+        and cfg.mlp in ("swiglu", "gelu")
+        and not cfg.is_moe
+        and not cfg.qk_norm
+        and cfg.pos in ("rope", "learned", "sinusoidal", "none")
+        and cfg.attn_impl != "math"
+        and cfg.head_dim % 8 == 0
+    )
 
 
 def describe(cfg) -> str:
@@ -67,9 +106,13 @@ def describe(cfg) -> str:
 
 def supports(model) -> bool:
     """Whether the model's architecture and state fit the fused block (any step)."""
-    return (architecture_fits(model.cfg) and not model.training
-            and not any(b.attn.keep_probs for b in model.blocks)
-            and model.output_weight.dtype == torch.float32 and model.output_weight.device.type == "cpu")
+    return (
+        architecture_fits(model.cfg)
+        and not model.training
+        and not any(b.attn.keep_probs for b in model.blocks)
+        and model.output_weight.dtype == torch.float32
+        and model.output_weight.device.type == "cpu"
+    )
 
 
 # per model: (its parameters' addresses, the C view of its blocks); gone with the model
@@ -89,19 +132,51 @@ def _blocks(model) -> list[_Block]:
     for blk in model.blocks:
         a, m, n1, n2 = blk.attn, blk.mlp, blk.attn_norm, blk.mlp_norm
         gate = getattr(m, "gate_proj", None)  # SwiGLU; the GELU MLP has none
-        ws = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.up_proj.weight,
-              m.down_proj.weight, n1.weight, n2.weight] + ([] if gate is None else [gate.weight])
+        ws = [
+            a.q_proj.weight,
+            a.k_proj.weight,
+            a.v_proj.weight,
+            a.o_proj.weight,
+            m.up_proj.weight,
+            m.down_proj.weight,
+            n1.weight,
+            n2.weight,
+        ] + ([] if gate is None else [gate.weight])
         if not all(w.is_contiguous() and w.dtype == torch.float32 for w in ws):
             return []
         mlp = _MLP["swiglu"] if gate is not None else _MLP[("gelu", m.approximate)]
-        out.append(_Block(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, n1.eps, a.scale,
-                          cfg.sliding_window or 0, _NORM[cfg.norm], mlp,
-                          ptr(n1.weight), ptr(getattr(n1, "bias", None)),
-                          ptr(a.q_proj.weight), ptr(a.k_proj.weight), ptr(a.v_proj.weight),
-                          ptr(a.q_proj.bias), ptr(a.k_proj.bias), ptr(a.v_proj.bias), ptr(a.o_proj.weight), ptr(a.o_proj.bias),
-                          ptr(n2.weight), ptr(getattr(n2, "bias", None)),
-                          ptr(None if gate is None else gate.weight), ptr(m.up_proj.weight), ptr(m.down_proj.weight),
-                          ptr(None if gate is None else gate.bias), ptr(m.up_proj.bias), ptr(m.down_proj.bias)))
+        out.append(
+            _Block(
+                cfg.d_model,
+                cfg.n_head,
+                cfg.n_kv_head,
+                cfg.head_dim,
+                cfg.d_ff,
+                n1.eps,
+                a.scale,
+                cfg.sliding_window or 0,
+                _NORM[cfg.norm],
+                mlp,
+                ptr(n1.weight),
+                ptr(getattr(n1, "bias", None)),
+                ptr(a.q_proj.weight),
+                ptr(a.k_proj.weight),
+                ptr(a.v_proj.weight),
+                ptr(a.q_proj.bias),
+                ptr(a.k_proj.bias),
+                ptr(a.v_proj.bias),
+                ptr(a.o_proj.weight),
+                ptr(a.o_proj.bias),
+                ptr(n2.weight),
+                ptr(getattr(n2, "bias", None)),
+                ptr(None if gate is None else gate.weight),
+                ptr(m.up_proj.weight),
+                ptr(m.down_proj.weight),
+                ptr(None if gate is None else gate.bias),
+                ptr(m.up_proj.bias),
+                ptr(m.down_proj.bias),
+            )
+        )
     _structs[model] = (key, out)  # the model holds the parameters the pointers point to
     return out
 
@@ -119,7 +194,7 @@ def _kv_layout(cache, B: int):
 
 
 @torch.inference_mode()
-def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> Optional[torch.Tensor]:
+def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor | None:
     """Final-norm hidden states (B, 1, d) of one decode step, or None where the fused
     path does not apply. tokens: (B, 1); positions: (1,) or (B, 1), clamped to the table."""
     B, T = tokens.shape
@@ -143,13 +218,21 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> Optio
         x = x + model.pos_emb(pos)
     elif cfg.pos == "sinusoidal":
         x = x + model.pos_table[pos].to(x.dtype)
-    kv = _KV(0, 0, tables.data_ptr(), tables.shape[1], total.data_ptr(), block_size, block_stride, token_stride,
-             head_stride)
+    kv = _KV(
+        0, 0, tables.data_ptr(), tables.shape[1], total.data_ptr(), block_size, block_stride, token_stride, head_stride
+    )
     n_threads = torch.get_num_threads()
     for layer, blk in enumerate(blocks):
         kv.k, kv.v = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
-        rc = decode_block(ctypes.byref(blk), ctypes.byref(kv), x.data_ptr(), B, None if cos is None else cos.data_ptr(),
-                 None if sin is None else sin.data_ptr(), n_threads)
+        rc = decode_block(
+            ctypes.byref(blk),
+            ctypes.byref(kv),
+            x.data_ptr(),
+            B,
+            None if cos is None else cos.data_ptr(),
+            None if sin is None else sin.data_ptr(),
+            n_threads,
+        )
         if rc != 0:
             raise MemoryError("the fused decode block could not allocate its scratch buffers")
     return model.final_norm(x).view(B, 1, cfg.d_model)

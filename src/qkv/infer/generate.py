@@ -8,7 +8,7 @@ weight once per token, so it is bound by memory bandwidth, not FLOPs.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -18,7 +18,7 @@ from qkv.infer.sampling import SamplingParams, make_generator, sample_token
 from qkv.model.attention import causal_mask
 
 
-def window_mask(cfg, start: int, T: int, device) -> Optional[torch.Tensor]:
+def window_mask(cfg, start: int, T: int, device) -> torch.Tensor | None:
     """Explicit mask for sliding-window models (the model only builds one without a cache)."""
     if cfg.sliding_window is None or start + T <= cfg.sliding_window:
         return None
@@ -33,7 +33,9 @@ def forward_step(model, cache: KVCache, tokens: torch.Tensor, last_only: bool = 
     positions = torch.arange(cache.pos, cache.pos + T, device=tokens.device)
     h = fused_decode.hidden(model, tokens, positions, cache)  # one native call per block, where it applies
     if h is None:
-        h = model.hidden(tokens, positions=positions, mask=window_mask(model.cfg, cache.pos, T, tokens.device), cache=cache)
+        h = model.hidden(
+            tokens, positions=positions, mask=window_mask(model.cfg, cache.pos, T, tokens.device), cache=cache
+        )
     cache.advance(T)
     return model.head(h[:, -1:] if last_only else h)
 
@@ -43,8 +45,8 @@ def generate_stream(
     model,
     prompt_ids: list[int],
     params: SamplingParams,
-    eos_id: Optional[int] = None,
-    cache: Optional[KVCache] = None,
+    eos_id: int | None = None,
+    cache: KVCache | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids one at a time (stops at max_tokens, eos or a stop token id)."""
     params.validate()
@@ -72,7 +74,7 @@ def generate_stream(
         logits = forward_step(model, cache, torch.tensor([[tok]], device=device))[0, -1]
 
 
-def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: Optional[int] = None) -> list[int]:
+def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: int | None = None) -> list[int]:
     return list(generate_stream(model, prompt_ids, params, eos_id))
 
 
@@ -85,4 +87,4 @@ def generate_no_cache(model, prompt_ids: list[int], max_tokens: int) -> list[int
     for _ in range(max_tokens):
         logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1]
         ids.append(int(logits.argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]

@@ -22,7 +22,7 @@ for SDPA.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class NoFreeBlocks(RuntimeError):
     """The pool is exhausted; the scheduler preempts a sequence and retries."""
 
 
-def block_hash(parent: Optional[int], tokens: Sequence[int]) -> int:
+def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
     """Content hash of a full block, chained through every block before it."""
     return hash((parent, tuple(tokens)))
 
@@ -48,7 +48,7 @@ class BlockAllocator:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.refcount = [0] * num_blocks
-        self.hash_of: list[Optional[int]] = [None] * num_blocks
+        self.hash_of: list[int | None] = [None] * num_blocks
         self.free_ids: deque[int] = deque(range(num_blocks))  # no content worth keeping
         self.cached: dict[int, int] = {}  # content hash -> block id
         self.evictable: OrderedDict[int, None] = OrderedDict()  # refcount 0 but cached (LRU order)
@@ -111,7 +111,7 @@ class BlockAllocator:
         return new, True
 
     # --- prefix cache ----------------------------------------------------------------
-    def lookup(self, h: int) -> Optional[int]:
+    def lookup(self, h: int) -> int | None:
         """A cached block with this content hash, now owned once more by the caller."""
         if not self.prefix_caching:
             return None
@@ -215,7 +215,9 @@ class PagedKVCache:
             rows = None if len(groups) == 1 else torch.tensor(g, device=dev)
             nb = need[g[0]]
             sel = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
-            self.buckets.append((rows, sel(self.tables)[:, :nb].reshape(-1), self._mask(sel(self.pos), sel(self.total), nb * bs)))
+            self.buckets.append(
+                (rows, sel(self.tables)[:, :nb].reshape(-1), self._mask(sel(self.pos), sel(self.total), nb * bs))
+            )
         return self.buckets
 
     def _mask(self, pos: torch.Tensor, total: torch.Tensor, S: int) -> torch.Tensor:
@@ -252,7 +254,9 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         self._write(layer, k, v)
         if self.decode_index is not None and decode_attention.applies(q, self.k[layer], self.v[layer]):
-            return decode_attention.paged_decode(q, self.k[layer], self.v[layer], *self.decode_index, scale, self.window)
+            return decode_attention.paged_decode(
+                q, self.k[layer], self.v[layer], *self.decode_index, scale, self.window
+            )
         gqa = q.shape[1] != k.shape[1]
         buckets = self._buckets()
         out = None if len(buckets) == 1 else torch.empty_like(q)

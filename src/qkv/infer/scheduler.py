@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -33,9 +32,9 @@ class Sequence:
     arrival: int  # admission order (FCFS and preemption priority)
     token_ids: list[int]  # prompt + generated
     num_prompt: int
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
     seed: int = 0  # sample i of a request draws from a generator seeded with seed + i
-    logprobs: Optional[list] = None  # TokenLogprob per generated token, when asked for
+    logprobs: list | None = None  # TokenLogprob per generated token, when asked for
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_hashed: int = 0  # leading full blocks already named in the prefix cache

@@ -16,7 +16,6 @@ cache position back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -37,7 +36,7 @@ class SpecStats:
 
 
 def accept_reject(
-    drafts: list[int], qs: list[torch.Tensor], ps: list[torch.Tensor], generator: Optional[torch.Generator]
+    drafts: list[int], qs: list[torch.Tensor], ps: list[torch.Tensor], generator: torch.Generator | None
 ) -> tuple[list[int], int]:
     """The accept/reject rule. ps has one more row than drafts (the bonus position).
     Returns (accepted drafts, the extra token sampled from the target)."""
@@ -60,7 +59,7 @@ def speculative_generate(
     prompt_ids: list[int],
     params: SamplingParams,
     k: int = 4,
-    eos_id: Optional[int] = None,
+    eos_id: int | None = None,
 ) -> tuple[list[int], SpecStats]:
     """Generate with the target's distribution, proposing k tokens at a time with the draft."""
     params.validate()

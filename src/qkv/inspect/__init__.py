@@ -8,16 +8,25 @@ from qkv.inspect.attention import (
     attention_map,
     capture_attention,
     classify_heads,
-    induction_score,
-    previous_token_score,
     first_token_score,
     head_entropy,
+    induction_score,
+    previous_token_score,
 )
 from qkv.inspect.kv import kv_cache_bytes, kv_variants
 from qkv.inspect.logit_lens import lens_logits, logit_lens
 
 __all__ = [
-    "HeadReport", "attention_map", "capture_attention", "classify_heads", "induction_score",
-    "previous_token_score", "first_token_score", "head_entropy", "kv_cache_bytes", "kv_variants",
-    "lens_logits", "logit_lens",
+    "HeadReport",
+    "attention_map",
+    "capture_attention",
+    "classify_heads",
+    "induction_score",
+    "previous_token_score",
+    "first_token_score",
+    "head_entropy",
+    "kv_cache_bytes",
+    "kv_variants",
+    "lens_logits",
+    "logit_lens",
 ]

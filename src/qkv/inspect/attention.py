@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ def shadow(model):
     return copy.deepcopy(model, memo)
 
 
-def check_layer_head(model, layer: int, head: Optional[int] = None) -> None:
+def check_layer_head(model, layer: int, head: int | None = None) -> None:
     """Clear errors for an out-of-range layer or head (negative indices are not accepted)."""
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layer:
@@ -68,7 +68,7 @@ def _as_batch(ids) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_attention(model, ids, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+def capture_attention(model, ids, layers: Sequence[int] | None = None) -> torch.Tensor:
     """Attention probabilities for a token sequence.
 
     ids: (T,) or (B, T). Returns (n_layer, H, T, T) for one sequence, or
@@ -219,14 +219,16 @@ def classify_heads(
     seed: int = 0,
     low: int = 0,
     prefix: Sequence[int] = (),
-    prompt_ids: Optional[Sequence[int]] = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> HeadReport:
     """Score every head. Previous-token and induction are measured on repeated random
     tokens (prefix + segment + segment); sink and entropy on `prompt_ids` when given (real
     text), otherwise on the same random probe."""
     seg_len = min(seg_len, (model.cfg.max_seq_len - len(prefix)) // 2)
     if seg_len < 2:
-        raise ValueError(f"the model's context max_seq_len={model.cfg.max_seq_len} is too short for the induction probe")
+        raise ValueError(
+            f"the model's context max_seq_len={model.cfg.max_seq_len} is too short for the induction probe"
+        )
     vocab = model.cfg.vocab_size
     if not 0 <= low < vocab:
         raise ValueError(f"low={low} must be a token id below vocab_size={vocab}")
@@ -247,8 +249,14 @@ def classify_heads(
 # --- plots ---------------------------------------------------------------------------
 
 
-def plot_attention_grid(probs: torch.Tensor, labels: Sequence[str], path, layers: Optional[Sequence[int]] = None,
-                        max_heads: int = 12, title: str = "") -> None:
+def plot_attention_grid(
+    probs: torch.Tensor,
+    labels: Sequence[str],
+    path,
+    layers: Sequence[int] | None = None,
+    max_heads: int = 12,
+    title: str = "",
+) -> None:
     """Heat maps of every head (columns) of the chosen layers (rows). probs: (L, H, T, T)."""
     import matplotlib
 
@@ -305,12 +313,24 @@ def plot_head_scores(report: HeadReport, path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [("previous_token", "previous-token"), ("induction", "induction"), ("sink", "first-token (sink)"), ("entropy", "entropy (nats)")]
+    kinds = [
+        ("previous_token", "previous-token"),
+        ("induction", "induction"),
+        ("sink", "first-token (sink)"),
+        ("entropy", "entropy (nats)"),
+    ]
     L, H = len(report.induction), len(report.induction[0])
     fig, axes = plt.subplots(1, 4, figsize=(min(16, 2.0 + 0.45 * H * 4), 1.2 + 0.22 * L + 1.0))
     for ax, (k, name) in zip(axes, kinds):
         data = torch.tensor(getattr(report, k))
-        im = ax.imshow(data.numpy(), cmap="magma", vmin=0, vmax=(None if k == "entropy" else 1), aspect="auto", interpolation="nearest")
+        im = ax.imshow(
+            data.numpy(),
+            cmap="magma",
+            vmin=0,
+            vmax=(None if k == "entropy" else 1),
+            aspect="auto",
+            interpolation="nearest",
+        )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)

@@ -14,7 +14,7 @@ Position schemes (see qkv/model/positions.py):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ def embedding_matrix(model) -> torch.Tensor:
 def word_id(tokenizer, word: str) -> int:
     """The id of a word that is exactly one token; a clear error otherwise."""
     if tokenizer is None:
-        raise ValueError("this model has no tokenizer, so words cannot be looked up; use a checkpoint with tokenizer files")
+        raise ValueError(
+            "this model has no tokenizer, so words cannot be looked up; use a checkpoint with tokenizer files"
+        )
     if not word:
         raise ValueError("empty word; give a word such as ' king' (a leading space matters for BPE vocabularies)")
     ids = tokenizer.encode(word)
@@ -57,7 +59,9 @@ def neighbours(model, tokenizer, word: str, k: int = 10) -> list[dict]:
     """Nearest tokens to `word` by cosine of input embeddings (the word itself excluded)."""
     E = embedding_matrix(model)
     i = word_id(tokenizer, word)
-    return [{"token": tokenizer.decode([j]), "id": j, "score": round(s, 4)} for j, s in nearest(E, E[i], k, exclude=[i])]
+    return [
+        {"token": tokenizer.decode([j]), "id": j, "score": round(s, 4)} for j, s in nearest(E, E[i], k, exclude=[i])
+    ]
 
 
 def analogy(model, tokenizer, a: str, b: str, c: str, k: int = 5) -> list[dict]:
@@ -66,7 +70,10 @@ def analogy(model, tokenizer, a: str, b: str, c: str, k: int = 5) -> list[dict]:
     ia, ib, ic = (word_id(tokenizer, w) for w in (a, b, c))
     U = _normed(E)
     vec = U[ia] - U[ib] + U[ic]
-    return [{"token": tokenizer.decode([j]), "id": j, "score": round(s, 4)} for j, s in nearest(E, vec, k, exclude=[ia, ib, ic])]
+    return [
+        {"token": tokenizer.decode([j]), "id": j, "score": round(s, 4)}
+        for j, s in nearest(E, vec, k, exclude=[ia, ib, ic])
+    ]
 
 
 def pca_2d(vectors: torch.Tensor) -> torch.Tensor:
@@ -110,7 +117,9 @@ def _mean_offset_cosine(table: torch.Tensor, max_offset: int) -> list[float]:
     return [float((U[: n - o] * U[o:]).sum(-1).mean()) for o in range(min(max_offset, n - 1) + 1)]
 
 
-def position_similarity(model=None, cfg=None, max_offset: int = 128, d_model: Optional[int] = None) -> dict[str, list[float]]:
+def position_similarity(
+    model=None, cfg=None, max_offset: int = 128, d_model: int | None = None
+) -> dict[str, list[float]]:
     """Similarity vs offset for the schemes that apply.
 
     Always: sinusoidal (at the model's d_model) and RoPE (at its head_dim and theta).

@@ -24,8 +24,8 @@ length only) does not count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,15 @@ class ToyInductionConfig:
     probe_every: int = 100  # score the heads every this many steps (0: only at the end)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, d_model=self.d_model,
-                           n_head=self.n_head, max_seq_len=self.seq_len, pos=self.pos, mlp="none")
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            n_layer=self.n_layer,
+            d_model=self.d_model,
+            n_head=self.n_head,
+            max_seq_len=self.seq_len,
+            pos=self.pos,
+            mlp="none",
+        )
 
 
 @dataclass
@@ -62,16 +69,24 @@ class ToyInductionResult:
     scores: torch.Tensor  # (n_layer, n_head) induction score at the end
     previous_token: torch.Tensor  # (n_layer, n_head) previous-token score at the end
     losses: list[float]  # copy loss per step
-    history: list[dict] = field(default_factory=list)  # per probe: step, mean loss of the last 10 steps, best scores, layer
+    history: list[dict] = field(
+        default_factory=list
+    )  # per probe: step, mean loss of the last 10 steps, best scores, layer
 
     def summary(self) -> dict:
         layer, head = divmod(int(self.scores.argmax()), self.scores.shape[1])
-        return {"best_induction": round(float(self.scores.max()), 4), "layer": layer, "head": head,
-                "best_previous_token": round(float(self.previous_token.max()), 4),
-                "final_loss": round(sum(self.losses[-50:]) / len(self.losses[-50:]), 4)}
+        return {
+            "best_induction": round(float(self.scores.max()), 4),
+            "layer": layer,
+            "head": head,
+            "best_previous_token": round(float(self.previous_token.max()), 4),
+            "final_loss": round(sum(self.losses[-50:]) / len(self.losses[-50:]), 4),
+        }
 
 
-def repeated_segment_batch(n: int, vocab_size: int, seq_len: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def repeated_segment_batch(
+    n: int, vocab_size: int, seq_len: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (n, seq_len), mask (n, seq_len - 1)): random tokens with one segment repeated; the
     mask marks the next-token targets inside the second copy."""
     x = torch.randint(0, vocab_size, (n, seq_len), generator=g)
@@ -92,8 +107,9 @@ def induction_scores(model) -> tuple[torch.Tensor, torch.Tensor]:
     return ind, prev
 
 
-def train_toy_induction(cfg: Optional[ToyInductionConfig] = None,
-                        log: Optional[Callable[[dict], None]] = None) -> ToyInductionResult:
+def train_toy_induction(
+    cfg: ToyInductionConfig | None = None, log: Callable[[dict], None] | None = None
+) -> ToyInductionResult:
     """Train the toy on one thread (its matmuls are tiny) and probe it every `probe_every` steps."""
     cfg = cfg or ToyInductionConfig()
     threads = torch.get_num_threads()
@@ -111,8 +127,13 @@ def train_toy_induction(cfg: Optional[ToyInductionConfig] = None,
             ind, prev = induction_scores(model)
             model.train()
             recent = losses[-10:]
-            row = {"step": step, "loss": round(sum(recent) / len(recent), 4) if recent else None, "best_induction": round(float(ind.max()), 4),
-                   "layer": int(ind.max(dim=1).values.argmax()), "best_previous_token": round(float(prev.max()), 4)}
+            row = {
+                "step": step,
+                "loss": round(sum(recent) / len(recent), 4) if recent else None,
+                "best_induction": round(float(ind.max()), 4),
+                "layer": int(ind.max(dim=1).values.argmax()),
+                "best_previous_token": round(float(prev.max()), 4),
+            }
             history.append(row)
             if log is not None:
                 log(row)
@@ -135,7 +156,7 @@ def train_toy_induction(cfg: Optional[ToyInductionConfig] = None,
     return ToyInductionResult(model, ind, prev, losses, history)
 
 
-def plot_phase_change(result: ToyInductionResult, path, cfg: Optional[ToyInductionConfig] = None) -> None:
+def plot_phase_change(result: ToyInductionResult, path, cfg: ToyInductionConfig | None = None) -> None:
     """Copy loss (left axis) and the best induction / previous-token scores (right axis) vs step."""
     import matplotlib
 
@@ -150,13 +171,17 @@ def plot_phase_change(result: ToyInductionResult, path, cfg: Optional[ToyInducti
     ax.set_ylabel("loss on the repeated copy (nats)")
     right = ax.twinx()
     right.plot(steps, [r["best_induction"] for r in h], "o-", color="tab:red", ms=3, label="best induction score")
-    right.plot(steps, [r["best_previous_token"] for r in h], "s-", color="tab:blue", ms=3, label="best previous-token score")
+    right.plot(
+        steps, [r["best_previous_token"] for r in h], "s-", color="tab:blue", ms=3, label="best previous-token score"
+    )
     right.set_ylim(0, 1)
     right.set_ylabel("head score (attention mass on the right key)")
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], loc="center left", fontsize=8)
     c = cfg or ToyInductionConfig()
-    ax.set_title(f"Induction head forming: {c.n_layer}-layer attention-only model, {c.pos}, vocab {c.vocab_size}", fontsize=9)
+    ax.set_title(
+        f"Induction head forming: {c.n_layer}-layer attention-only model, {c.pos}, vocab {c.vocab_size}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

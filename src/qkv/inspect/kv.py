@@ -55,20 +55,31 @@ def kv_variants(cfg: ModelConfig, context: int, batch: int = 1, dtype: str = "bf
             continue
         seen.add(n_kv)
         c = cfg.replace(n_kv_head=n_kv)
-        rows.append(asdict(KVRow(
-            variant=variant_name(c) + (" (this model)" if n_kv == cfg.n_kv_head else ""),
-            n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim, n_layer=c.n_layer,
-            bytes_per_token=c.kv_bytes_per_token(dtype_bytes(dtype)),
-            bytes_total=kv_cache_bytes(c, context, batch, dtype),
-        )))
+        rows.append(
+            asdict(
+                KVRow(
+                    variant=variant_name(c) + (" (this model)" if n_kv == cfg.n_kv_head else ""),
+                    n_head=c.n_head,
+                    n_kv_head=c.n_kv_head,
+                    head_dim=c.head_dim,
+                    n_layer=c.n_layer,
+                    bytes_per_token=c.kv_bytes_per_token(dtype_bytes(dtype)),
+                    bytes_total=kv_cache_bytes(c, context, batch, dtype),
+                )
+            )
+        )
     return rows
 
 
 def kv_report(configs: dict[str, ModelConfig], context: int | None, batch: int = 1, dtype: str = "bf16") -> dict:
     """{name: {"context", "variants": [...]}} for several configs; context None = each model's own."""
     return {
-        name: {"context": context or c.max_seq_len, "batch": batch, "dtype": dtype,
-               "variants": kv_variants(c, context or c.max_seq_len, batch, dtype)}
+        name: {
+            "context": context or c.max_seq_len,
+            "batch": batch,
+            "dtype": dtype,
+            "variants": kv_variants(c, context or c.max_seq_len, batch, dtype),
+        }
         for name, c in configs.items()
     }
 
@@ -80,7 +91,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def plot_kv(configs: dict[str, ModelConfig], path, batch: int = 1, dtype: str = "bf16", max_context: int = 32768) -> None:
+def plot_kv(
+    configs: dict[str, ModelConfig], path, batch: int = 1, dtype: str = "bf16", max_context: int = 32768
+) -> None:
     """Cache size vs context (log-log) for each config's MHA/GQA/MQA variants."""
     import matplotlib
 
@@ -95,7 +108,9 @@ def plot_kv(configs: dict[str, ModelConfig], path, batch: int = 1, dtype: str = 
         for row in kv_variants(cfg, 1, batch, dtype):
             kind = row["variant"].split()[0]
             ys = [row["bytes_per_token"] * c * batch / 2**30 for c in ctx]
-            ax.plot(ctx, ys, styles[kind], color=color, lw=1.2, label=f"{name} {row['variant']} (kv={row['n_kv_head']})")
+            ax.plot(
+                ctx, ys, styles[kind], color=color, lw=1.2, label=f"{name} {row['variant']} (kv={row['n_kv_head']})"
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")

@@ -8,8 +8,8 @@ depth. For the last layer the lens is exactly the model's output distribution.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -60,8 +60,15 @@ def logit_lens(model, ids: Sequence[int], k: int = 5) -> LensResult:
     return LensResult(top=out, tokens=[int(t) for t in torch.as_tensor(ids).reshape(-1)])
 
 
-def plot_logit_lens(result: LensResult, labels: Sequence[str], guess: Sequence[str], path, title: str = "",
-                    max_positions: int = 16, layers: Optional[Sequence[int]] = None) -> None:
+def plot_logit_lens(
+    result: LensResult,
+    labels: Sequence[str],
+    guess: Sequence[str],
+    path,
+    title: str = "",
+    max_positions: int = 16,
+    layers: Sequence[int] | None = None,
+) -> None:
     """Grid: rows = layers (last at the top), columns = positions; each cell shows the
     top-1 guess, coloured by its probability. labels: input tokens; guess: decode of id."""
     import matplotlib

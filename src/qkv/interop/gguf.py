@@ -35,9 +35,15 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-           "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-           "deepseek-r1-qwen": _QWEN2_SPLIT}
+_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -54,9 +60,12 @@ def open_gguf(path: str | Path):
 
 
 def _fields(reader) -> dict:
-    return {name: f.contents() for name, f in reader.fields.items()
-            if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                            "tokenizer.ggml.scores")}
+    return {
+        name: f.contents()
+        for name, f in reader.fields.items()
+        if name
+        not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+    }
 
 
 def config_from_gguf(reader, source: Path) -> ModelConfig:
@@ -87,11 +96,21 @@ def config_from_gguf(reader, source: Path) -> ModelConfig:
         raise ValueError(f"{source}: GGUF rope scaling {kind!r} is not supported (linear only)")
     n_expert = int(meta.get(f"{arch}.expert_count", 0) or 0)
     cfg = dict(
-        vocab_size=int(vocab), n_layer=int(key("block_count")), d_model=d, n_head=n_head,
-        n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv") or n_head), head_dim=head_dim,
-        d_ff=int(key("feed_forward_length")), max_seq_len=int(key("context_length")), pos="rope",
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling, norm="rmsnorm",
-        norm_eps=float(key("attention.layer_norm_rms_epsilon")), mlp="swiglu", qkv_bias="blk.0.attn_q.bias" in names,
+        vocab_size=int(vocab),
+        n_layer=int(key("block_count")),
+        d_model=d,
+        n_head=n_head,
+        n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv") or n_head),
+        head_dim=head_dim,
+        d_ff=int(key("feed_forward_length")),
+        max_seq_len=int(key("context_length")),
+        pos="rope",
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        norm="rmsnorm",
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        mlp="swiglu",
+        qkv_bias="blk.0.attn_q.bias" in names,
         tie_embeddings="output.weight" not in names,
     )
     if n_expert:
@@ -166,11 +185,16 @@ def tokenizer_from_gguf(reader, source: Path):
     if kind is None:
         return None  # the file carries no vocabulary
     if kind != "gpt2":
-        print(f"warning: {source}: GGUF tokenizer type {kind!r} is not rebuilt (only byte-level BPE 'gpt2'); "
-              "the model is imported without a tokenizer", file=sys.stderr)
+        print(
+            f"warning: {source}: GGUF tokenizer type {kind!r} is not rebuilt (only byte-level BPE 'gpt2'); "
+            "the model is imported without a tokenizer",
+            file=sys.stderr,
+        )
         return None
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    types = reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields else []
+    types = (
+        reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields else []
+    )
     merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
 
     # a token outside the byte alphabet is respelled byte by byte, as transformers does
@@ -185,12 +209,18 @@ def tokenizer_from_gguf(reader, source: Path):
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     alphabet = set(spelling)
-    special = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet]
+    special = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        if ty == CONTROL and set(t) <= alphabet
+    ]
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     if special:
         backend.add_special_tokens(special)
@@ -201,9 +231,14 @@ def tokenizer_from_gguf(reader, source: Path):
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    return Tokenizer(backend, chat_template=meta.get("tokenizer.chat_template"), bos_token=tok("bos_token_id"),
-                     eos_token=tok("eos_token_id"), pad_token=tok("padding_token_id"),
-                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+    return Tokenizer(
+        backend,
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token=tok("bos_token_id"),
+        eos_token=tok("eos_token_id"),
+        pad_token=tok("padding_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    )
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -40,7 +40,7 @@ WEIGHTS = "model.safetensors"
 
 
 # --- config: HF -> qkv ------------------------------------------------------------------
-def _rope(hf: dict, source: Path) -> tuple[float, Optional[dict]]:
+def _rope(hf: dict, source: Path) -> tuple[float, dict | None]:
     """rope_theta and qkv rope_scaling from either transformers 5's `rope_parameters` or the
     older top-level `rope_theta` + `rope_scaling`."""
     params = dict(hf.get("rope_parameters") or {})
@@ -68,9 +68,7 @@ def config_from_hf(hf: dict, source: Path = Path("config.json")) -> ModelConfig:
     """A qkv ModelConfig from a transformers config.json dict."""
     arch = hf.get("model_type")
     if arch not in SUPPORTED:
-        raise ValueError(
-            f"{source}: unsupported architecture model_type={arch!r}; qkv imports {', '.join(SUPPORTED)}"
-        )
+        raise ValueError(f"{source}: unsupported architecture model_type={arch!r}; qkv imports {', '.join(SUPPORTED)}")
     if arch == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         approx = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(act)
@@ -83,10 +81,21 @@ def config_from_hf(hf: dict, source: Path = Path("config.json")) -> ModelConfig:
             raise ValueError(f"{source}: gpt2 option scale_attn_weights=false is not supported by qkv")
         d = hf["n_embd"]
         return ModelConfig(
-            vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], d_model=d, n_head=hf["n_head"],
-            d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf.get("n_positions", 1024), pos="learned",
-            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", gelu_approx=approx,
-            qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            d_model=d,
+            n_head=hf["n_head"],
+            d_ff=hf.get("n_inner") or 4 * d,
+            max_seq_len=hf.get("n_positions", 1024),
+            pos="learned",
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            mlp="gelu",
+            gelu_approx=approx,
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
         )
 
     act = hf.get("hidden_act", "silu")
@@ -101,17 +110,33 @@ def config_from_hf(hf: dict, source: Path = Path("config.json")) -> ModelConfig:
     bias = bool(hf.get("attention_bias", False))
     n_head = hf["num_attention_heads"]
     cfg = dict(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], d_model=hf["hidden_size"], n_head=n_head,
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        d_model=hf["hidden_size"],
+        n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-        pos="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        mlp="swiglu", qkv_bias=bias or arch == "qwen2", o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=window,
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        pos="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        qkv_bias=bias or arch == "qwen2",
+        o_bias=bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=window,
     )
     if arch == "mixtral":
-        cfg.update(n_expert=hf["num_local_experts"], n_expert_per_token=hf["num_experts_per_tok"],
-                   moe_d_ff=hf["intermediate_size"], moe_renormalize=True)
+        cfg.update(
+            n_expert=hf["num_local_experts"],
+            n_expert_per_token=hf["num_experts_per_tok"],
+            moe_d_ff=hf["intermediate_size"],
+            moe_renormalize=True,
+        )
     return ModelConfig(**cfg)
 
 
@@ -134,7 +159,7 @@ def _require(ok: bool, arch: str, feature: str) -> None:
         raise ValueError(f"cannot export to {arch}: {feature}; change the config or pick another --arch")
 
 
-def config_to_hf(cfg: ModelConfig, arch: Optional[str] = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A transformers config.json dict for `cfg`; raises naming the first feature that does not map."""
     arch = arch or pick_arch(cfg)
     if arch not in SUPPORTED:
@@ -152,11 +177,21 @@ def config_to_hf(cfg: ModelConfig, arch: Optional[str] = None, dtype: torch.dtyp
         _require(cfg.head_dim * cfg.n_head == cfg.d_model, arch, "head_dim * n_head != d_model")
         _require(cfg.sliding_window is None, arch, "sliding_window")
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff,
-            "n_positions": cfg.max_seq_len, "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
-            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "scale_attn_weights": True,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.d_ff,
+            "n_positions": cfg.max_seq_len,
+            "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "scale_attn_weights": True,
             "dtype": dtype_name,
         }
 
@@ -164,11 +199,19 @@ def config_to_hf(cfg: ModelConfig, arch: Optional[str] = None, dtype: torch.dtyp
     _require(cfg.norm == "rmsnorm", arch, f"norm={cfg.norm!r} ({arch} uses rmsnorm)")
     _require(cfg.mlp == "swiglu", arch, f"mlp={cfg.mlp!r} ({arch} uses a swiglu MLP)")
     hf: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.moe_d_ff if cfg.is_moe else cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_dropout": 0.0, "dtype": dtype_name,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.moe_d_ff if cfg.is_moe else cfg.d_ff,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "dtype": dtype_name,
     }
     rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling:
@@ -183,17 +226,28 @@ def config_to_hf(cfg: ModelConfig, arch: Optional[str] = None, dtype: torch.dtyp
         _require(not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias), arch, "biases (mistral has none)")
         hf["sliding_window"] = cfg.sliding_window
     elif arch == "qwen2":
-        _require(cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias, arch,
-                 "qwen2 has q/k/v biases and no o_proj or MLP bias")
+        _require(
+            cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias,
+            arch,
+            "qwen2 has q/k/v biases and no o_proj or MLP bias",
+        )
         _require(cfg.sliding_window is None, arch, "sliding_window")
         hf.update(use_sliding_window=False, sliding_window=None)
     elif arch == "mixtral":
         _require(not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias), arch, "biases (mixtral has none)")
         _require(cfg.moe_renormalize, arch, "moe_renormalize=False (mixtral renormalises the top-k weights)")
-        hf.update(num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.n_expert_per_token,
-                  sliding_window=cfg.sliding_window, router_jitter_noise=0.0)
-    names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "mixtral": "MixtralForCausalLM"}
+        hf.update(
+            num_local_experts=cfg.n_expert,
+            num_experts_per_tok=cfg.n_expert_per_token,
+            sliding_window=cfg.sliding_window,
+            router_jitter_noise=0.0,
+        )
+    names = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+    }
     return {"architectures": [names[arch]], "model_type": arch, **hf}
 
 
@@ -202,7 +256,9 @@ def _t(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous()
 
 
-def state_from_hf(hf_state: dict[str, torch.Tensor], arch: str, cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
+def state_from_hf(
+    hf_state: dict[str, torch.Tensor], arch: str, cfg: ModelConfig, source: Path
+) -> dict[str, torch.Tensor]:
     """Rename/reshape transformers tensors to qkv's state dict. Missing tensors raise, naming one."""
     # older gpt2 checkpoints have no "transformer." prefix; tied heads may be absent or present
     src = dict(hf_state)
@@ -226,7 +282,11 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], arch: str, cfg: ModelConfig
             for name, wi, bi in zip("qkv", w.chunk(3, dim=1), b.chunk(3)):
                 out[q + f"attn.{name}_proj.weight"] = _t(wi)
                 out[q + f"attn.{name}_proj.bias"] = bi.contiguous()
-            for hf_n, qkv_n in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
+            for hf_n, qkv_n in (
+                ("attn.c_proj", "attn.o_proj"),
+                ("mlp.c_fc", "mlp.up_proj"),
+                ("mlp.c_proj", "mlp.down_proj"),
+            ):
                 out[q + qkv_n + ".weight"] = _t(take(p + hf_n + ".weight"))
                 out[q + qkv_n + ".bias"] = take(p + hf_n + ".bias")
             for buf in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of old checkpoints
@@ -242,7 +302,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], arch: str, cfg: ModelConfig
             out[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
             for n in "qkvo":
                 out[q + f"attn.{n}_proj.weight"] = take(p + f"self_attn.{n}_proj.weight")
-                if (cfg.o_bias if n == "o" else cfg.qkv_bias):
+                if cfg.o_bias if n == "o" else cfg.qkv_bias:
                     out[q + f"attn.{n}_proj.bias"] = take(p + f"self_attn.{n}_proj.bias")
             if cfg.is_moe:
                 _moe_from_hf(take, src, p, q, cfg, out)
@@ -293,7 +353,11 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> 
                 out[p + hf_n + ".bias"] = state[q + qkv_n + ".bias"]
             out[p + "attn.c_attn.weight"] = torch.cat([state[q + f"attn.{n}_proj.weight"] for n in "qkv"]).t()
             out[p + "attn.c_attn.bias"] = torch.cat([state[q + f"attn.{n}_proj.bias"] for n in "qkv"])
-            for hf_n, qkv_n in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
+            for hf_n, qkv_n in (
+                ("attn.c_proj", "attn.o_proj"),
+                ("mlp.c_fc", "mlp.up_proj"),
+                ("mlp.c_proj", "mlp.down_proj"),
+            ):
                 out[p + hf_n + ".weight"] = state[q + qkv_n + ".weight"].t()
                 out[p + hf_n + ".bias"] = state[q + qkv_n + ".bias"]
         out["transformer.ln_f.weight"] = state["final_norm.weight"]
@@ -403,8 +467,9 @@ def import_hf(directory: str | Path):
     return model.eval(), tokenizer
 
 
-def export_hf(model, directory: str | Path, tokenizer=None, arch: Optional[str] = None,
-              dtype: Optional[torch.dtype] = None) -> Path:
+def export_hf(
+    model, directory: str | Path, tokenizer=None, arch: str | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write `model` (and tokenizer) as a transformers directory; returns the directory."""
     from safetensors.torch import save
 
@@ -422,7 +487,7 @@ def export_hf(model, directory: str | Path, tokenizer=None, arch: Optional[str] 
     return directory
 
 
-def _hf_config_and_state(model, arch: Optional[str], dtype: Optional[torch.dtype]) -> tuple[dict, dict]:
+def _hf_config_and_state(model, arch: str | None, dtype: torch.dtype | None) -> tuple[dict, dict]:
     """(config.json dict, transformers state dict) for a qkv model (DDP/compiled wrappers unwrapped)."""
     from qkv.checkpoint import state_dict_for_save
 
@@ -434,15 +499,16 @@ def _hf_config_and_state(model, arch: Optional[str], dtype: Optional[torch.dtype
     return hf_cfg, {k: v.to(dtype) for k, v in state_to_hf(state, cfg, hf_cfg["model_type"]).items()}
 
 
-def to_transformers(model, arch: Optional[str] = None):
+def to_transformers(model, arch: str | None = None):
     """The same weights as a transformers model, in memory (no files), for side-by-side
     comparisons. Special-token ids stay unset, so transformers' `generate` never stops early."""
     import transformers
 
     hf_cfg, hf_state = _hf_config_and_state(model, arch, None)
     hf_cfg.pop("architectures")
-    config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg,
-                                               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = transformers.AutoConfig.for_model(
+        hf_cfg.pop("model_type"), **hf_cfg, bos_token_id=None, eos_token_id=None, pad_token_id=None
+    )
     hf = transformers.AutoModelForCausalLM.from_config(config)
     missing, unexpected = hf.load_state_dict(hf_state, strict=False)
     if unexpected or any("lm_head" not in m for m in missing):

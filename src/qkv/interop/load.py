@@ -8,7 +8,7 @@ what is on disk, so callers (engine, server, alignment, inspect) never need to k
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -53,7 +53,7 @@ def _gguf_file(path: Path) -> Path:
 
 def load(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[Transformer, Optional[Tokenizer]]:
+) -> tuple[Transformer, Tokenizer | None]:
     """Load a model and its tokenizer (None when the source has none) in eval mode."""
     path = Path(path)
     fmt = detect_format(path)

@@ -14,7 +14,7 @@ autograd, another dtype or device, or runs under torch.compile.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +24,16 @@ from qkv.kernels import native
 MAX_ROWS = 64  # above this MKL's blocked GEMM wins (bench_kernels.py)
 MAX_MATS = 8  # the C side's limit per call
 
-_linear = native.Kernel("linear_f32", "qkv_linear_f32",
-                       [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
+_linear = native.Kernel(
+    "linear_f32",
+    "qkv_linear_f32",
+    [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int],
+)
 
 
-def native_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]] = ()) -> bool:
+def native_applies(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] = ()
+) -> bool:
     """Whether the native path takes x times these (out, in) weights (and biases)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or _linear.get() is None:
         return False
@@ -38,7 +43,13 @@ def native_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seq
     if x.numel() > MAX_ROWS * n_in:
         return False
     for w in weights:
-        if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != n_in or not w.is_contiguous() or w.device.type != "cpu":
+        if (
+            w.dtype != torch.float32
+            or w.dim() != 2
+            or w.shape[1] != n_in
+            or not w.is_contiguous()
+            or w.device.type != "cpu"
+        ):
             return False
     for b in biases:
         if b is not None and (b.dtype != torch.float32 or not b.is_contiguous() or b.device.type != "cpu"):
@@ -52,19 +63,25 @@ _plans: dict[tuple, tuple] = {}
 
 
 def _plan(weights, biases) -> tuple:
-    key = tuple((w.data_ptr(), w.shape[0], w.shape[1], 0 if b is None else b.data_ptr()) for w, b in zip(weights, biases))
+    key = tuple(
+        (w.data_ptr(), w.shape[0], w.shape[1], 0 if b is None else b.data_ptr()) for w, b in zip(weights, biases)
+    )
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) > 4096:
             _plans.clear()
         n = len(weights)
-        plan = _plans[key] = ((ctypes.c_void_p * n)(*[w.data_ptr() for w in weights]),
-                              (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in biases]),
-                              (ctypes.c_int64 * n)(*[w.shape[0] for w in weights]))
+        plan = _plans[key] = (
+            (ctypes.c_void_p * n)(*[w.data_ptr() for w in weights]),
+            (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in biases]),
+            (ctypes.c_int64 * n)(*[w.shape[0] for w in weights]),
+        )
     return plan
 
 
-def linears(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
+def linears(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None = None
+) -> list[torch.Tensor]:
     """[F.linear(x, w, b) for each w, b], in one native call where it applies."""
     if biases is None:
         biases = [None] * len(weights)
@@ -75,10 +92,12 @@ def linears(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[S
     w_ptrs, b_ptrs, n_out = _plan(weights, biases)
     ys = [torch.empty(*lead, w.shape[0]) for w in weights]
     y_ptrs = (ctypes.c_void_p * len(ys))(*[y.data_ptr() for y in ys])
-    _linear.get()(x.data_ptr(), x.numel() // n_in, n_in, len(ys), w_ptrs, b_ptrs, y_ptrs, n_out, torch.get_num_threads())
+    _linear.get()(
+        x.data_ptr(), x.numel() // n_in, n_in, len(ys), w_ptrs, b_ptrs, y_ptrs, n_out, torch.get_num_threads()
+    )
     return ys
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias, like F.linear."""
     return linears(x, [weight], [bias])[0]

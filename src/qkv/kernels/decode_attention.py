@@ -12,34 +12,56 @@ devices, head_dim not a multiple of 8, no compiler)."""
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
 
 import torch
 
 from qkv.kernels import native
 
-_attention = native.Kernel("decode_attention_f32", "qkv_decode_attention_f32",
-                          [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 8
-                          + [ctypes.c_float, ctypes.c_int64, ctypes.c_int], ctypes.c_int)
+_attention = native.Kernel(
+    "decode_attention_f32",
+    "qkv_decode_attention_f32",
+    [ctypes.c_void_p] * 4
+    + [ctypes.c_int64]
+    + [ctypes.c_void_p] * 2
+    + [ctypes.c_int64] * 8
+    + [ctypes.c_float, ctypes.c_int64, ctypes.c_int],
+    ctypes.c_int,
+)
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """q: (B, H, 1, D) queries; k/v: fp32 CPU caches with unit stride over head_dim."""
-    return (q.dim() == 4 and q.shape[2] == 1 and q.shape[-1] % 8 == 0 and q.is_contiguous()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
-            and k.stride() == v.stride() and k.stride(-1) == 1 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and _attention.get() is not None)
+    return (
+        q.dim() == 4
+        and q.shape[2] == 1
+        and q.shape[-1] % 8 == 0
+        and q.is_contiguous()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
+        and k.stride() == v.stride()
+        and k.stride(-1) == 1
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _attention.get() is not None
+    )
 
 
-def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                 total: torch.Tensor, scale: float, window: Optional[int] = None) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    total: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
     """q: (B, H, 1, D); k_pool/v_pool: one layer's (num_blocks, block_size, Hkv, D);
     tables: (B, max_blocks) int32 block ids; total: (B,) int32 keys each row sees (its
     new token included). Returns (B, H, 1, D)."""
     _, block_size, Hkv, _ = k_pool.shape
     block_stride, token_stride, head_stride = k_pool.stride()[:3]
-    return _call(q, k_pool, v_pool, tables, total, Hkv, block_size, (block_stride, token_stride, head_stride),
-                 scale, window)
+    return _call(
+        q, k_pool, v_pool, tables, total, Hkv, block_size, (block_stride, token_stride, head_stride), scale, window
+    )
 
 
 def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -61,8 +83,24 @@ def dense_layout(k: torch.Tensor) -> tuple:
 def _call(q, k, v, tables, total, Hkv, block_size, strides, scale, window) -> torch.Tensor:
     B, H, _, D = q.shape
     out = torch.empty_like(q)
-    rc = _attention.get()(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], total.data_ptr(),
-             out.data_ptr(), B, H, Hkv, D, block_size, *strides, scale, window or 0, torch.get_num_threads())
+    rc = _attention.get()(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        total.data_ptr(),
+        out.data_ptr(),
+        B,
+        H,
+        Hkv,
+        D,
+        block_size,
+        *strides,
+        scale,
+        window or 0,
+        torch.get_num_threads(),
+    )
     if rc != 0:
         raise MemoryError("decode attention could not allocate its score buffer")
     return out

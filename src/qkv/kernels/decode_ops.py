@@ -14,7 +14,9 @@ from qkv.kernels import native
 
 MAX_ROWS = 64  # tokens; beyond a decode batch PyTorch's vectorised ops are as good
 
-_rms_norm = native.Kernel("decode_ops_f32", "qkv_rms_norm_f32", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float])
+_rms_norm = native.Kernel(
+    "decode_ops_f32", "qkv_rms_norm_f32", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+)
 _rope = native.Kernel("decode_ops_f32", "qkv_rope_f32", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4)
 
 

@@ -21,14 +21,13 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 _HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
-_loaded: dict[str, Optional[ctypes.CDLL]] = {}
+_loaded: dict[str, ctypes.CDLL | None] = {}
 
 
 _switched_off = 0  # > 0 inside `disabled()`
@@ -80,11 +79,13 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QKV_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "qkv")
+    root = os.environ.get("QKV_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "qkv"
+    )
     return Path(root) / "kernels"
 
 
-def load(name: str) -> Optional[ctypes.CDLL]:
+def load(name: str) -> ctypes.CDLL | None:
     """The compiled `kernels/<name>.c` as a ctypes library, or None (with one warning) if
     it cannot be built here."""
     with _lock:
@@ -93,12 +94,14 @@ def load(name: str) -> Optional[ctypes.CDLL]:
         return _loaded[name]
 
 
-def _build_and_load(name: str) -> Optional[ctypes.CDLL]:
+def _build_and_load(name: str) -> ctypes.CDLL | None:
     source = _HERE / f"{name}.c"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        warnings.warn(f"qkv: no C compiler found, so the native '{name}' kernel is off (slower decode); "
-                      "install gcc to enable it", stacklevel=3)
+        warnings.warn(
+            f"qkv: no C compiler found, so the native '{name}' kernel is off (slower decode); install gcc to enable it",
+            stacklevel=3,
+        )
         return None
     # a kernel may #include its neighbours: the hash covers them all
     texts = b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.[ch]")))
@@ -114,8 +117,9 @@ def _build_and_load(name: str) -> Optional[ctypes.CDLL]:
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
-        warnings.warn(f"qkv: building the native '{name}' kernel failed, using PyTorch ops instead: {detail}",
-                      stacklevel=3)
+        warnings.warn(
+            f"qkv: building the native '{name}' kernel failed, using PyTorch ops instead: {detail}", stacklevel=3
+        )
         return None
 
 
@@ -124,5 +128,7 @@ def _compile(cc: str, source: Path, target: Path) -> None:
     sees (or loads) a half-written library."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([cc, *_FLAGS, f"-I{_HERE}", str(source), "-o", str(out)], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [cc, *_FLAGS, f"-I{_HERE}", str(source), "-o", str(out)], check=True, capture_output=True, text=True
+        )
         os.replace(out, target)

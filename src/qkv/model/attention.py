@@ -18,7 +18,7 @@ causal, aligned so the last query sees every key (the usual case with a KV cache
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ class KVCacheLike(Protocol):
     # attention itself (masks included); used instead of `update` when a cache defines it.
 
 
-def causal_mask(t_q: int, t_k: int, device=None, window: Optional[int] = None) -> torch.Tensor:
+def causal_mask(t_q: int, t_k: int, device=None, window: int | None = None) -> torch.Tensor:
     """(t_q, t_k) bool; query i sits at absolute position t_k - t_q + i."""
     q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
     k_pos = torch.arange(t_k, device=device)[None, :]
@@ -97,14 +97,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.keep_probs = False  # set by the inspector; forces the math path
-        self.last_probs: Optional[torch.Tensor] = None
+        self.last_probs: torch.Tensor | None = None
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,  # cos, sin: (B or 1, T, 1, D)
-        mask: Optional[torch.Tensor] = None,
-        cache: Optional[KVCacheLike] = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: (B or 1, T, 1, D)
+        mask: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # norms and rotations run in the projections' contiguous (B, T, heads, D) layout

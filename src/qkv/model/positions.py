@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from qkv.kernels import decode_ops
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if scaling is None:
         return inv_freq.float()
@@ -42,7 +41,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
     raise ValueError(f"unknown rope_scaling type {kind!r}; choose linear or llama3")
 
 
-def rope_table(head_dim: int, max_len: int, theta: float, scaling: Optional[dict] = None):
+def rope_table(head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
     """cos and sin tables of shape (max_len, head_dim), fp32."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from qkv.config import ModelConfig
-from qkv.model.attention import Attention, KVCacheLike, causal_mask
 from qkv.kernels import linear
+from qkv.model.attention import Attention, KVCacheLike, causal_mask
 from qkv.model.layers import Linear, RMSNorm, make_mlp, make_norm
 from qkv.model.loss import fused_linear_cross_entropy
 from qkv.model.moe import MoE
@@ -96,11 +95,11 @@ class Transformer(nn.Module):
     def hidden(
         self,
         idx: torch.Tensor,
-        positions: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        cache: Optional[KVCacheLike] = None,
-        key_padding: Optional[torch.Tensor] = None,
-        collect: Optional[list] = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        key_padding: torch.Tensor | None = None,
+        collect: list | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d).
 
@@ -154,10 +153,10 @@ class Transformer(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        positions: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        cache: Optional[KVCacheLike] = None,
-        key_padding: Optional[torch.Tensor] = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        key_padding: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position when last_only."""
@@ -170,8 +169,8 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor,
-        positions: Optional[torch.Tensor] = None,
-        key_padding: Optional[torch.Tensor] = None,
+        positions: torch.Tensor | None = None,
+        key_padding: torch.Tensor | None = None,
         ignore_index: int = -100,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy, plus the MoE router losses in training.
@@ -182,9 +181,11 @@ class Transformer(nn.Module):
         aux = self.aux_loss() if self.training else None
         return loss if aux is None else loss + aux
 
-    def aux_loss(self) -> Optional[torch.Tensor]:
+    def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' router losses from the last training forward (None if dense)."""
-        losses = [b.mlp.last_aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.last_aux_loss is not None]
+        losses = [
+            b.mlp.last_aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.last_aux_loss is not None
+        ]
         return torch.stack(losses).sum() if losses else None
 
 
@@ -219,7 +220,9 @@ def count_params(model: Transformer) -> ParamCounts:
     return ParamCounts(total=total, active=total - inactive, embedding=embedding)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
     """Build on any device; 'meta' builds the module tree without memory (for counting)."""
     with torch.device(device):
         model = Transformer(cfg)

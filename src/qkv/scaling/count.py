@@ -19,8 +19,12 @@ class Counts:
 
     def as_row(self) -> dict[str, int]:
         """The runs-table columns: N / N_nonembed are per-token (active) counts."""
-        return {"N": self.active, "N_nonembed": self.active_nonembed,
-                "N_total": self.total, "N_total_nonembed": self.total_nonembed}
+        return {
+            "N": self.active,
+            "N_nonembed": self.active_nonembed,
+            "N_total": self.total,
+            "N_total_nonembed": self.total_nonembed,
+        }
 
 
 def count_config(cfg: ModelConfig | str) -> Counts:
@@ -31,5 +35,10 @@ def count_config(cfg: ModelConfig | str) -> Counts:
     if isinstance(cfg, str):
         cfg = preset(cfg)
     c = count_params(build_model(cfg, device="meta"))
-    return Counts(total=c.total, active=c.active, total_nonembed=c.total_non_embedding,
-                  active_nonembed=c.active_non_embedding, embedding=c.embedding)
+    return Counts(
+        total=c.total,
+        active=c.active,
+        total_nonembed=c.total_non_embedding,
+        active_nonembed=c.active_non_embedding,
+        embedding=c.embedding,
+    )

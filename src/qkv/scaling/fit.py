@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -166,13 +166,15 @@ def _objective(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.n
     w = ez / s  # softmax weights: d pred / d z_k
     r = pred - logL
     g = np.clip(r, -delta, delta)  # Huber'
-    grad = np.array([
-        (g * w[0]).sum(),
-        (g * w[1]).sum(),
-        (g * w[2]).sum(),
-        -(g * w[0] * logN).sum(),
-        -(g * w[1] * logD).sum(),
-    ])
+    grad = np.array(
+        [
+            (g * w[0]).sum(),
+            (g * w[1]).sum(),
+            (g * w[2]).sum(),
+            -(g * w[0] * logN).sum(),
+            -(g * w[1] * logD).sum(),
+        ]
+    )
     return float(_huber(r, delta).sum()), grad
 
 
@@ -219,7 +221,11 @@ def _minimise_from(minimize, starts, logN, logD, logL, delta):
     best = None
     for x0 in starts:
         res = minimize(
-            _objective, x0, args=(logN, logD, logL, delta), jac=True, method="L-BFGS-B",
+            _objective,
+            x0,
+            args=(logN, logD, logL, delta),
+            jac=True,
+            method="L-BFGS-B",
             options=dict(maxiter=1000, ftol=1e-15, gtol=1e-12, maxcor=20),
         )
         # a, b, e are logs of A, B, E: an optimum beyond exp's range (a degenerate term with
@@ -245,7 +251,7 @@ def fit_approach3(
     L: Sequence[float],
     *,
     delta: float = HUBER_DELTA,
-    n_starts: Optional[int] = 32,
+    n_starts: int | None = 32,
     n_boot: int = 0,
     boot_starts: int = 4,
     seed: int = 0,
@@ -267,8 +273,11 @@ def fit_approach3(
     if best is None:
         raise RuntimeError("the scaling-law fit failed from every start (non-finite optimum); check the data")
     result = FitResult(
-        law=_law_from_theta(best.x), objective=float(best.fun), n_points=len(N),
-        n_starts=len(starts), converged=bool(best.success),
+        law=_law_from_theta(best.x),
+        objective=float(best.fun),
+        n_points=len(N),
+        n_starts=len(starts),
+        converged=bool(best.success),
     )
     if n_boot > 0:
         result.ci = _bootstrap(best.x, logN, logD, logL, delta, n_boot, boot_starts, seed, ci_level)
@@ -361,10 +370,16 @@ def fit_approach2(N: Sequence[float], L: Sequence[float], C: Sequence[float]) ->
             skipped.append(f"C={c:.3g}: the minimum (N={math.exp(xv):.3g}) lies outside the sizes tried")
             continue
         n_opt = math.exp(xv)
-        minima.append(IsoFLOPMinimum(
-            compute=c, n_opt=n_opt, d_opt=c / (6 * n_opt), loss_opt=float(c0 + c1 * xv + c2 * xv * xv),
-            coeffs=(float(c0), float(c1), float(c2)), n_points=int(sel.sum()),
-        ))
+        minima.append(
+            IsoFLOPMinimum(
+                compute=c,
+                n_opt=n_opt,
+                d_opt=c / (6 * n_opt),
+                loss_opt=float(c0 + c1 * xv + c2 * xv * xv),
+                coeffs=(float(c0), float(c1), float(c2)),
+                n_points=int(sel.sum()),
+            )
+        )
     if len(minima) < 2:
         raise ValueError(
             f"Approach 2 needs minima at two or more compute budgets, found {len(minima)}"
@@ -374,5 +389,6 @@ def fit_approach2(N: Sequence[float], L: Sequence[float], C: Sequence[float]) ->
     lc = np.log([m.compute for m in minima])
     a, log_kn = np.polyfit(lc, np.log([m.n_opt for m in minima]), 1)
     b, log_kd = np.polyfit(lc, np.log([m.d_opt for m in minima]), 1)
-    return Approach2Result(minima=minima, a=float(a), b=float(b), n_coef=math.exp(log_kn),
-                           d_coef=math.exp(log_kd), skipped=skipped)
+    return Approach2Result(
+        minima=minima, a=float(a), b=float(b), n_coef=math.exp(log_kn), d_coef=math.exp(log_kd), skipped=skipped
+    )

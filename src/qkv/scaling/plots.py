@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -30,7 +29,7 @@ def save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def loss_vs_n(N, D, L, fit: Optional[FitResult], path, n_label: str = "N (parameters)") -> Path:
+def loss_vs_n(N, D, L, fit: FitResult | None, path, n_label: str = "N (parameters)") -> Path:
     """Runs coloured by tokens D; fitted L(N, D) drawn at a few D values."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -52,7 +51,7 @@ def loss_vs_n(N, D, L, fit: Optional[FitResult], path, n_label: str = "N (parame
     return save(fig, path)
 
 
-def isoflop(N, L, C, a2: Optional[Approach2Result], path, n_label: str = "N (parameters)") -> Path:
+def isoflop(N, L, C, a2: Approach2Result | None, path, n_label: str = "N (parameters)") -> Path:
     """One curve per budget: runs, the fitted parabola in log N, and its minimum."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -80,7 +79,7 @@ def isoflop(N, L, C, a2: Optional[Approach2Result], path, n_label: str = "N (par
     return save(fig, path)
 
 
-def frontier(fit: Optional[FitResult], a2: Optional[Approach2Result], C, path, n_label: str = "N") -> Path:
+def frontier(fit: FitResult | None, a2: Approach2Result | None, C, path, n_label: str = "N") -> Path:
     """Compute-optimal N*(C) and D*(C): Approach 3's law as lines, Approach 2's minima as points."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

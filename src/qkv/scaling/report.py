@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -18,9 +17,19 @@ from qkv.scaling.runs import load_runs, read_rows
 COUNTS = {"N": "with embeddings", "N_nonembed": "without embeddings"}
 
 
-def fit_table(source, out_dir, *, n_columns: Optional[list[str]] = None, where: Optional[dict] = None,
-              n_boot: int = 100, n_starts: Optional[int] = 32, prefix: str = "scaling_",
-              budgets: tuple[float, ...] = (), json_path=None, log=print) -> dict:
+def fit_table(
+    source,
+    out_dir,
+    *,
+    n_columns: list[str] | None = None,
+    where: dict | None = None,
+    n_boot: int = 100,
+    n_starts: int | None = 32,
+    prefix: str = "scaling_",
+    budgets: tuple[float, ...] = (),
+    json_path=None,
+    log=print,
+) -> dict:
     """Fit every requested parameter count; returns a JSON-able summary, also written to
     json_path (default out_dir/fit.json; `qkv scale optimal --fit` reads it). Figures go in out_dir."""
     out_dir = Path(out_dir)
@@ -37,17 +46,35 @@ def fit_table(source, out_dir, *, n_columns: Optional[list[str]] = None, where: 
         fit = fit_approach3(runs.N, runs.D, runs.loss, n_starts=n_starts, n_boot=n_boot)
         t_fit = time.perf_counter() - t0
         entry = {
-            "n_column": name, "n_points": fit.n_points, "law": fit.law.to_dict(), "objective": fit.objective,
-            "n_starts": fit.n_starts, "converged": fit.converged, "n_boot": fit.n_boot, "ci95": fit.ci,
-            "a": fit.law.a_exponent, "b": fit.law.b_exponent, "seconds": t_fit,
+            "n_column": name,
+            "n_points": fit.n_points,
+            "law": fit.law.to_dict(),
+            "objective": fit.objective,
+            "n_starts": fit.n_starts,
+            "converged": fit.converged,
+            "n_boot": fit.n_boot,
+            "ci95": fit.ci,
+            "a": fit.law.a_exponent,
+            "b": fit.law.b_exponent,
+            "seconds": t_fit,
             "rms_residual": float(np.sqrt(np.mean(fit.residuals(runs.N, runs.D, runs.loss) ** 2))),
         }
         try:
             a2 = fit_approach2(runs.N, runs.loss, runs.C)
             entry["approach2"] = {
-                "a": a2.a, "b": a2.b, "skipped": a2.skipped,
-                "minima": [{"C": m.compute, "N_opt": m.n_opt, "D_opt": m.d_opt, "loss": m.loss_opt,
-                            "tokens_per_param": m.d_opt / m.n_opt} for m in a2.minima],
+                "a": a2.a,
+                "b": a2.b,
+                "skipped": a2.skipped,
+                "minima": [
+                    {
+                        "C": m.compute,
+                        "N_opt": m.n_opt,
+                        "D_opt": m.d_opt,
+                        "loss": m.loss_opt,
+                        "tokens_per_param": m.d_opt / m.n_opt,
+                    }
+                    for m in a2.minima
+                ],
             }
         except ValueError as e:
             a2 = None
@@ -56,8 +83,12 @@ def fit_table(source, out_dir, *, n_columns: Optional[list[str]] = None, where: 
         for c in sorted(set(budgets) or {float(np.exp(np.log(runs.C).mean()))}):
             try:
                 al = optimal_allocation(fit.law, c)
-                allocs[f"{c:.3g}"] = {"N": al.n_params, "D": al.n_tokens, "tokens_per_param": al.tokens_per_param,
-                                      "loss": al.loss}
+                allocs[f"{c:.3g}"] = {
+                    "N": al.n_params,
+                    "D": al.n_tokens,
+                    "tokens_per_param": al.tokens_per_param,
+                    "loss": al.loss,
+                }
             except ValueError as e:
                 allocs[f"{c:.3g}"] = {"error": str(e)}
         entry["allocation"] = allocs
@@ -69,9 +100,11 @@ def fit_table(source, out_dir, *, n_columns: Optional[list[str]] = None, where: 
             str(plots.residuals(fit, runs.N, runs.D, runs.loss, out_dir / f"{prefix}residuals{tag}.png", label).name),
         ]
         summary["fits"][name] = entry
-        log(f"{label}: E={fit.law.E:.4g} A={fit.law.A:.4g} B={fit.law.B:.4g} alpha={fit.law.alpha:.4g} "
+        log(
+            f"{label}: E={fit.law.E:.4g} A={fit.law.A:.4g} B={fit.law.B:.4g} alpha={fit.law.alpha:.4g} "
             f"beta={fit.law.beta:.4g} (a={fit.law.a_exponent:.3f}, b={fit.law.b_exponent:.3f}); "
-            f"{fit.n_points} runs, {t_fit:.1f}s incl. {n_boot} bootstrap refits")
+            f"{fit.n_points} runs, {t_fit:.1f}s incl. {n_boot} bootstrap refits"
+        )
     atomic_write_text(Path(json_path) if json_path else out_dir / "fit.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -95,25 +128,39 @@ def markdown(summary: dict, figure_dir: str = "") -> str:
         row(key, lambda e, k=key: f"{e['law'][k]:.4g}{_ci(e, k)}")
     row("a = β/(α+β) (N* ∝ C^a)", lambda e: f"{e['a']:.3f}{_ci(e, 'a')}")
     row("b = α/(α+β) (D* ∝ C^b)", lambda e: f"{e['b']:.3f}{_ci(e, 'b')}")
-    row("Approach 2: a, b", lambda e: (f"{e['approach2']['a']:.3f}, {e['approach2']['b']:.3f}"
-                                       if "a" in e["approach2"] else "n/a"))
+    row(
+        "Approach 2: a, b",
+        lambda e: f"{e['approach2']['a']:.3f}, {e['approach2']['b']:.3f}" if "a" in e["approach2"] else "n/a",
+    )
     row("RMS residual (log L)", lambda e: f"{e['rms_residual']:.2e}")
     row("runs; fit seconds", lambda e: f"{e['n_points']}; {e['seconds']:.1f}")
     budgets = list(next(iter(fits.values()))["allocation"])
     for c in budgets:
-        row(f"C={c}: N*, D*, tokens/param",
-            lambda e, c=c: (f"{e['allocation'][c]['N']:.3g}, {e['allocation'][c]['D']:.3g}, "
-                            f"{e['allocation'][c]['tokens_per_param']:.1f}")
-            if "N" in e["allocation"].get(c, {}) else "n/a")
+        row(
+            f"C={c}: N*, D*, tokens/param",
+            lambda e, c=c: (
+                (
+                    f"{e['allocation'][c]['N']:.3g}, {e['allocation'][c]['D']:.3g}, "
+                    f"{e['allocation'][c]['tokens_per_param']:.1f}"
+                )
+                if "N" in e["allocation"].get(c, {})
+                else "n/a"
+            ),
+        )
     for c in cols:
         a2 = fits[c]["approach2"]
         if "error" in a2:
             lines += ["", f"Approach 2 ({c}): {a2['error']}."]
         if "minima" in a2:
             lines.append("")
-            lines.append(f"IsoFLOP minima ({c}): " + "; ".join(
-                f"C={m['C']:.2g}: N_opt={m['N_opt']:.3g}, D_opt={m['D_opt']:.3g} ({m['tokens_per_param']:.1f} tokens/param)"
-                for m in a2["minima"]) + ".")
+            lines.append(
+                f"IsoFLOP minima ({c}): "
+                + "; ".join(
+                    f"C={m['C']:.2g}: N_opt={m['N_opt']:.3g}, D_opt={m['D_opt']:.3g} ({m['tokens_per_param']:.1f} tokens/param)"
+                    for m in a2["minima"]
+                )
+                + "."
+            )
             if a2.get("skipped"):
                 lines.append(f"Budgets without a bracketed minimum: {'; '.join(a2['skipped'])}.")
     lines.append("")

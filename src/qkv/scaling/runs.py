@@ -23,7 +23,6 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -68,7 +67,7 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def _column(header: list[str], key: str, explicit: Optional[str], path: Path, required: bool = True) -> Optional[str]:
+def _column(header: list[str], key: str, explicit: str | None, path: Path, required: bool = True) -> str | None:
     if explicit:
         if explicit not in header:
             raise ValueError(f"{path}: no column {explicit!r}; columns are {header}")
@@ -88,7 +87,7 @@ def _float(value: str, column: str, row: int, path: Path) -> float:
         raise ValueError(f"{path}: row {row}: {column}={value!r} is not a number") from None
 
 
-def load_runs(path: str | Path, n_column: Optional[str] = None, where: Optional[dict] = None) -> Runs:
+def load_runs(path: str | Path, n_column: str | None = None, where: dict | None = None) -> Runs:
     """Read a runs table. n_column picks the parameter count (e.g. N_nonembed); `where`
     keeps rows whose columns equal the given values (e.g. {"kind": "dense"})."""
     path = resolve_path(path)

@@ -21,17 +21,34 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from qkv.io import atomic_write_text
 from qkv.scaling.runs import RUNS_CSV, read_rows, write_rows
 
 COLUMNS = [
-    "run", "kind", "budget", "n_layer", "d_model", "n_head", "n_expert", "top_k",
-    "N", "N_nonembed", "N_total", "N_total_nonembed", "D", "C", "C_nonembed",
-    "steps", "val_loss", "train_loss", "seconds", "tokens_per_s",
+    "run",
+    "kind",
+    "budget",
+    "n_layer",
+    "d_model",
+    "n_head",
+    "n_expert",
+    "top_k",
+    "N",
+    "N_nonembed",
+    "N_total",
+    "N_total_nonembed",
+    "D",
+    "C",
+    "C_nonembed",
+    "steps",
+    "val_loss",
+    "train_loss",
+    "seconds",
+    "tokens_per_s",
 ]
 
 
@@ -71,8 +88,10 @@ def parse_size(s: str, head_dim: int) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"model size {s!r} must look like LAYERSxWIDTH, e.g. 4x128") from None
     if layers < 1 or width < 2 or width % 2 or (width > head_dim and width % head_dim):
-        raise ValueError(f"model size {s!r}: width must be a multiple of head_dim={head_dim} "
-                         "(or an even width below it: one head that wide)")
+        raise ValueError(
+            f"model size {s!r}: width must be a multiple of head_dim={head_dim} "
+            "(or an even width below it: one head that wide)"
+        )
     return layers, width
 
 
@@ -95,8 +114,16 @@ class PlannedRun:
 
 def model_overrides(n_layer: int, d_model: int, cfg: SweepConfig, vocab: int, kind: str) -> dict:
     n_head = max(1, d_model // cfg.head_dim)  # narrower than head_dim: one head of width d_model
-    m = dict(vocab_size=vocab, n_layer=n_layer, d_model=d_model, n_head=n_head, n_kv_head=n_head,
-             max_seq_len=cfg.seq_len, d_ff=None, tie_embeddings=True)
+    m = dict(
+        vocab_size=vocab,
+        n_layer=n_layer,
+        d_model=d_model,
+        n_head=n_head,
+        n_kv_head=n_head,
+        max_seq_len=cfg.seq_len,
+        d_ff=None,
+        tie_embeddings=True,
+    )
     if kind == "moe":
         from qkv.config import ModelConfig
 
@@ -150,12 +177,25 @@ def train_one(r: PlannedRun, cfg: SweepConfig, run_dir: Path) -> dict:
     from qkv.train.pretrain import make_trainer
 
     tc = TrainConfig(
-        preset="tiny", model={k: v for k, v in r.model.items() if k != "vocab_size"},
-        data_dir=cfg.data_dir, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
-        schedule="cosine", warmup_steps=max(1, min(20, r.steps // 10)), max_steps=r.steps,
-        eval_every=0, eval_steps=cfg.eval_steps, log_every=max(1, r.steps // 20), out_dir=str(run_dir),
-        save_every=max(50, r.steps // 4), keep_last=1, device="cpu", threads=cfg.threads,
-        progress=False, seed=cfg.seed,
+        preset="tiny",
+        model={k: v for k, v in r.model.items() if k != "vocab_size"},
+        data_dir=cfg.data_dir,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        schedule="cosine",
+        warmup_steps=max(1, min(20, r.steps // 10)),
+        max_steps=r.steps,
+        eval_every=0,
+        eval_steps=cfg.eval_steps,
+        log_every=max(1, r.steps // 20),
+        out_dir=str(run_dir),
+        save_every=max(50, r.steps // 4),
+        keep_last=1,
+        device="cpu",
+        threads=cfg.threads,
+        progress=False,
+        seed=cfg.seed,
     )
     resume = (run_dir / "latest.json").exists()
     t0 = time.perf_counter()
@@ -165,16 +205,31 @@ def train_one(r: PlannedRun, cfg: SweepConfig, run_dir: Path) -> dict:
     val = result.val_loss if result.val_loss is not None else trainer.evaluate()["val_loss"]  # resumed a finished run
     D = r.steps * cfg.batch_size * cfg.seq_len
     return {
-        "run": r.name, "kind": r.kind, "budget": r.budget, "n_layer": r.n_layer, "d_model": r.d_model,
-        "n_head": r.model["n_head"], "n_expert": r.model.get("n_expert", 0), "top_k": r.model.get("n_expert_per_token", 0),
-        **r.counts, "D": D, "C": 6.0 * r.counts["N"] * D, "C_nonembed": 6.0 * r.counts["N_nonembed"] * D,
-        "steps": r.steps, "val_loss": float(val),
-        "train_loss": float(result.train_loss), "seconds": seconds, "tokens_per_s": float(result.tokens_per_s),
+        "run": r.name,
+        "kind": r.kind,
+        "budget": r.budget,
+        "n_layer": r.n_layer,
+        "d_model": r.d_model,
+        "n_head": r.model["n_head"],
+        "n_expert": r.model.get("n_expert", 0),
+        "top_k": r.model.get("n_expert_per_token", 0),
+        **r.counts,
+        "D": D,
+        "C": 6.0 * r.counts["N"] * D,
+        "C_nonembed": 6.0 * r.counts["N_nonembed"] * D,
+        "steps": r.steps,
+        "val_loss": float(val),
+        "train_loss": float(result.train_loss),
+        "seconds": seconds,
+        "tokens_per_s": float(result.tokens_per_s),
     }
 
 
-def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print,
-              trainer: Callable[[PlannedRun, SweepConfig, Path], dict] = train_one) -> list[dict]:
+def run_sweep(
+    cfg: SweepConfig,
+    log: Callable[[str], None] = print,
+    trainer: Callable[[PlannedRun, SweepConfig, Path], dict] = train_one,
+) -> list[dict]:
     """Run every planned run not yet in out_dir/runs.csv; returns all rows."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,8 +252,10 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print,
     todo = [r for r in runs if r.name not in done]
     log(f"sweep: {len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to run")
     for i, r in enumerate(todo, 1):
-        log(f"[{i}/{len(todo)}] {r.name}: N={r.counts['N']:,} (non-embedding {r.counts['N_nonembed']:,}), "
-            f"{r.steps} steps, D={r.tokens:,}")
+        log(
+            f"[{i}/{len(todo)}] {r.name}: N={r.counts['N']:,} (non-embedding {r.counts['N_nonembed']:,}), "
+            f"{r.steps} steps, D={r.tokens:,}"
+        )
         row = trainer(r, cfg, out / "runs" / r.name)
         if not math.isfinite(row["val_loss"]):
             log(f"  {r.name}: val loss is not finite (diverged); recorded, and left out of the fit")
@@ -212,8 +269,14 @@ def finite_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if math.isfinite(float(r["val_loss"]))]
 
 
-def report(cfg: SweepConfig, out_path: Optional[Path] = None, figure_dir: Optional[Path] = None,
-           n_boot: int = 100, n_starts: Optional[int] = 32, log=print) -> str:
+def report(
+    cfg: SweepConfig,
+    out_path: Path | None = None,
+    figure_dir: Path | None = None,
+    n_boot: int = 100,
+    n_starts: int | None = 32,
+    log=print,
+) -> str:
     """Fit the sweep's table (dense; MoE too when present) and write report.md."""
     from qkv.scaling.report import fit_table, markdown
 
@@ -225,22 +288,35 @@ def report(cfg: SweepConfig, out_path: Optional[Path] = None, figure_dir: Option
     kinds = sorted({r["kind"] for r in rows})
     saved = out / "sweep_config.json"
     ran = SweepConfig(**json.loads(saved.read_text())) if saved.exists() else cfg  # what the runs used
-    parts = [f"# IsoFLOP sweep: {len(rows)} runs\n",
-             f"Data: `{ran.data_dir}`; seq_len {ran.seq_len}, batch {ran.batch_size}, lr {ran.lr}, cosine schedule "
-             f"over each run; budgets {', '.join(f'{b:g}' for b in ran.budgets)}; sizes {', '.join(ran.sizes)}.\n",
-             "| run | N | N_nonembed | N_total | D | tokens/param | C | val loss | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    parts = [
+        f"# IsoFLOP sweep: {len(rows)} runs\n",
+        f"Data: `{ran.data_dir}`; seq_len {ran.seq_len}, batch {ran.batch_size}, lr {ran.lr}, cosine schedule "
+        f"over each run; budgets {', '.join(f'{b:g}' for b in ran.budgets)}; sizes {', '.join(ran.sizes)}.\n",
+        "| run | N | N_nonembed | N_total | D | tokens/param | C | val loss | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         N, D = float(r["N"]), float(r["D"])
-        parts.append(f"| {r['run']} | {int(N):,} | {int(float(r['N_nonembed'])):,} | {int(float(r['N_total'])):,} | "
-                     f"{int(D):,} | {D / N:.1f} | "
-                     f"{float(r['C']):.3g} | {float(r['val_loss']):.4f} | {float(r['seconds']):.0f} |")
+        parts.append(
+            f"| {r['run']} | {int(N):,} | {int(float(r['N_nonembed'])):,} | {int(float(r['N_total'])):,} | "
+            f"{int(D):,} | {D / N:.1f} | "
+            f"{float(r['C']):.3g} | {float(r['val_loss']):.4f} | {float(r['seconds']):.0f} |"
+        )
     parts.append("")
     summaries = {}
     for kind in kinds:
         try:
-            s = fit_table(clean, figure_dir, where={"kind": kind}, n_boot=n_boot, n_starts=n_starts, prefix=f"scaling_{kind}_",
-                          budgets=tuple(cfg.budgets), json_path=out / f"fit_{kind}.json", log=log)
+            s = fit_table(
+                clean,
+                figure_dir,
+                where={"kind": kind},
+                n_boot=n_boot,
+                n_starts=n_starts,
+                prefix=f"scaling_{kind}_",
+                budgets=tuple(cfg.budgets),
+                json_path=out / f"fit_{kind}.json",
+                log=log,
+            )
         except ValueError as e:
             parts.append(f"## {kind}\n\nNo fit: {e}\n")
             continue
@@ -272,20 +348,29 @@ def moe_vs_dense(rows: list[dict], ran: SweepConfig, figure: Path, figure_rel: s
     pairs = pair_moe_dense(rows)
     if not pairs:
         return "## Dense vs MoE at equal active compute\n\nNo budget and size has both a dense and an MoE run.\n"
-    lines = [f"## Dense vs MoE ({ran.n_expert} experts, top-{ran.top_k}) at equal active compute\n",
-             "| budget | size | kind | N_active | N_total | D | C = 6·N_active·D | val loss | MoE − dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Dense vs MoE ({ran.n_expert} experts, top-{ran.top_k}) at equal active compute\n",
+        "| budget | size | kind | N_active | N_total | D | C = 6·N_active·D | val loss | MoE − dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for d, m in sorted(pairs, key=lambda p: (float(p[0]["budget"]), int(p[0]["n_layer"]), int(p[0]["d_model"]))):
         delta = float(m["val_loss"]) - float(d["val_loss"])
         for r, diff in ((d, ""), (m, f"{delta:+.4f}")):
-            lines.append(f"| {float(r['budget']):g} | {r['n_layer']}x{r['d_model']} | {r['kind']} | "
-                         f"{int(float(r['N'])):,} | {int(float(r['N_total'])):,} | {int(float(r['D'])):,} | "
-                         f"{float(r['C']):.3g} | {float(r['val_loss']):.4f} | {diff} |")
+            lines.append(
+                f"| {float(r['budget']):g} | {r['n_layer']}x{r['d_model']} | {r['kind']} | "
+                f"{int(float(r['N'])):,} | {int(float(r['N_total'])):,} | {int(float(r['D'])):,} | "
+                f"{float(r['C']):.3g} | {float(r['val_loss']):.4f} | {diff} |"
+            )
     deltas = [float(m["val_loss"]) - float(d["val_loss"]) for d, m in pairs]
     wins = sum(x < 0 for x in deltas)
-    lines += ["", f"MoE lower loss in {wins} of {len(pairs)} pairs; mean MoE − dense {sum(deltas) / len(deltas):+.4f} "
-              f"(range {min(deltas):+.4f} to {max(deltas):+.4f}).", "",
-              f"![{figure.name}]({figure_rel}{figure.name})", ""]
+    lines += [
+        "",
+        f"MoE lower loss in {wins} of {len(pairs)} pairs; mean MoE − dense {sum(deltas) / len(deltas):+.4f} "
+        f"(range {min(deltas):+.4f} to {max(deltas):+.4f}).",
+        "",
+        f"![{figure.name}]({figure_rel}{figure.name})",
+        "",
+    ]
     _plot_moe_vs_dense(pairs, ran, figure)
     return "\n".join(lines)
 
@@ -298,8 +383,10 @@ def _plot_moe_vs_dense(pairs: list[tuple[dict, dict]], ran: SweepConfig, path: P
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     cmap = plt.get_cmap("viridis")
-    for ax, group, x, label in ((left, lambda r: (int(r["n_layer"]), int(r["d_model"])), "C", "size {0[0]}x{0[1]}"),
-                                (right, lambda r: float(r["budget"]), "N", "C={0:.0e}")):
+    for ax, group, x, label in (
+        (left, lambda r: (int(r["n_layer"]), int(r["d_model"])), "C", "size {0[0]}x{0[1]}"),
+        (right, lambda r: float(r["budget"]), "N", "C={0:.0e}"),
+    ):
         groups = sorted({group(d) for d, _ in pairs})
         for i, g in enumerate(groups):
             sel = sorted((p for p in pairs if group(p[0]) == g), key=lambda p: float(p[0][x]))
@@ -316,8 +403,10 @@ def _plot_moe_vs_dense(pairs: list[tuple[dict, dict]], ran: SweepConfig, path: P
     left.set_title("loss vs active compute, per model size")
     right.set_xlabel("active parameters N_active (with embeddings)")
     right.set_title("loss vs active parameters, per budget")
-    fig.suptitle(f"Dense vs MoE ({ran.n_expert} experts, top-{ran.top_k}, expert width d_ff/{ran.top_k}) "
-                 "at equal active parameters and compute")
+    fig.suptitle(
+        f"Dense vs MoE ({ran.n_expert} experts, top-{ran.top_k}, expert width d_ff/{ran.top_k}) "
+        "at equal active parameters and compute"
+    )
     return save(fig, path)
 
 

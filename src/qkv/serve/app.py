@@ -18,9 +18,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,11 +51,11 @@ DEFAULT_MAX_BODY = 4 * 2**20
 def create_app(
     engine,
     model_name: str,
-    api_key: Optional[str] = None,
+    api_key: str | None = None,
     max_queue: int = 256,
     *,
     tokenizer=None,
-    max_model_len: Optional[int] = None,
+    max_model_len: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> FastAPI:
     """Wrap `engine` (a qkv.infer.Engine) in the OpenAI API. The engine loop starts with the
@@ -96,8 +96,9 @@ def create_app(
     @app.exception_handler(Exception)
     async def _server_error(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return _error_response(500, error_body(f"internal server error: {type(e).__name__}", "server_error"),
-                               metrics, request)
+        return _error_response(
+            500, error_body(f"internal server error: {type(e).__name__}", "server_error"), metrics, request
+        )
 
     # --- plain routes -------------------------------------------------------------------
     @app.get("/health")
@@ -163,8 +164,11 @@ def create_app(
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"invalid top_logprobs: {req.top_logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]",
-                           param="top_logprobs")
+            raise APIError(
+                400,
+                f"invalid top_logprobs: {req.top_logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]",
+                param="top_logprobs",
+            )
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = _budget(len(prompt), explicit, max_model_len, "messages")
         params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
@@ -185,7 +189,9 @@ def create_app(
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"invalid logprobs: {req.logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+            raise APIError(
+                400, f"invalid logprobs: {req.logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs"
+            )
         prompts = _completion_prompts(req.prompt, tokenizer)
         longest = max(len(p) for p in prompts)
         max_tokens = _budget(longest, req.max_tokens, max_model_len, "prompt", default=16)
@@ -212,30 +218,44 @@ def create_app(
 
 def _check_model(name: str, model_name: str) -> None:
     if name != model_name:
-        raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}' (see GET /v1/models)",
-                       "invalid_request_error", param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model '{name}' does not exist; this server serves '{model_name}' (see GET /v1/models)",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
 
 
-def _budget(prompt_len: int, requested: Optional[int], ctx: int, param: str, default: Optional[int] = None) -> int:
+def _budget(prompt_len: int, requested: int | None, ctx: int, param: str, default: int | None = None) -> int:
     """max_tokens for a prompt: the request's (which must fit the context) or what is left."""
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty; send at least one token", param=param)
     if prompt_len >= ctx:
-        raise APIError(400, f"this model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} "
-                       "tokens; shorten it", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens; shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
     left = ctx - prompt_len
     if requested is None:
         return left if default is None else min(default, left)
     if requested < 1:
         raise APIError(400, f"invalid max_tokens: {requested}; must be >= 1", param="max_tokens")
     if requested > left:
-        raise APIError(400, f"this model's maximum context length is {ctx} tokens; you requested {prompt_len + requested} "
-                       f"({prompt_len} in the prompt, {requested} for the completion); lower max_tokens or shorten "
-                       "the prompt", param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {ctx} tokens; you requested {prompt_len + requested} "
+            f"({prompt_len} in the prompt, {requested} for the completion); lower max_tokens or shorten "
+            "the prompt",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return requested
 
 
-def _params(req, max_tokens: int, logprobs: Optional[int]):
+def _params(req, max_tokens: int, logprobs: int | None):
     try:
         return req.sampling_params(max_tokens, logprobs)
     except SamplingError as e:
@@ -254,7 +274,9 @@ def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
         ids = tokenizer.encode(p, add_special=True) if isinstance(p, str) else list(p)
         bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", param="prompt")
+            raise APIError(
+                400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", param="prompt"
+            )
         out.append(ids)
     return out
 
@@ -262,8 +284,10 @@ def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
 def _validation_body(e: RequestValidationError) -> dict:
     err = e.errors()[0] if e.errors() else {}
     if err.get("type") == "json_invalid":
-        return error_body(f"could not parse the request body as JSON: {err.get('ctx', {}).get('error', 'invalid JSON')}",
-                          code="invalid_json")
+        return error_body(
+            f"could not parse the request body as JSON: {err.get('ctx', {}).get('error', 'invalid JSON')}",
+            code="invalid_json",
+        )
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None  # the top-level field; the full path goes in the message
     msg = err.get("msg", "invalid request")
@@ -322,24 +346,34 @@ class _Format:
 class _ChatFormat(_Format):
     prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def logprobs(self, lps) -> Optional[dict]:
+    def logprobs(self, lps) -> dict | None:
         if lps is None:
             return None
         content = []
         for lp in lps:
             tok = self.token_text(lp.token_id)
-            content.append({
-                "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode("utf-8")),
-                "top_logprobs": [{"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode("utf-8"))}
-                                 for i, v in lp.top],
-            })
+            content.append(
+                {
+                    "token": tok,
+                    "logprob": lp.logprob,
+                    "bytes": list(tok.encode("utf-8")),
+                    "top_logprobs": [
+                        {"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode("utf-8"))}
+                        for i, v in lp.top
+                    ],
+                }
+            )
         return {"content": content}
 
-    def full_choice(self, index: int, text: str, lps, finish: Optional[str]) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": self.logprobs(lps), "finish_reason": finish}
+    def full_choice(self, index: int, text: str, lps, finish: str | None) -> dict:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": self.logprobs(lps),
+            "finish_reason": finish,
+        }
 
-    def chunk_choice(self, index: int, text: str, lps, finish: Optional[str], first: bool) -> dict:
+    def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {"index": index, "delta": delta, "logprobs": self.logprobs(lps), "finish_reason": finish}
 
@@ -355,7 +389,7 @@ class _CompletionFormat(_Format):
     def choice_index(self, out) -> int:  # choices are ordered prompt-major, as OpenAI does
         return self.prompt_index[out.request_id] * self.n + out.index
 
-    def logprobs(self, lps, index: int) -> Optional[dict]:
+    def logprobs(self, lps, index: int) -> dict | None:
         if lps is None:
             return None
         res = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -368,19 +402,21 @@ class _CompletionFormat(_Format):
             res["top_logprobs"].append({self.token_text(i): v for i, v in lp.top})
         return res
 
-    def full_choice(self, index: int, text: str, lps, finish: Optional[str]) -> dict:
+    def full_choice(self, index: int, text: str, lps, finish: str | None) -> dict:
         return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
 
-    def chunk_choice(self, index: int, text: str, lps, finish: Optional[str], first: bool) -> dict:
+    def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
         return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
 
 
-async def _complete(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, endpoint: str) -> JSONResponse:
+async def _complete(
+    fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, endpoint: str
+) -> JSONResponse:
     """Collect a whole response; abort the generation if the client goes away first."""
     t0 = time.perf_counter()
     texts: dict[int, list[str]] = {}
-    lps: dict[int, Optional[list]] = {}
-    finish: dict[int, Optional[str]] = {}
+    lps: dict[int, list | None] = {}
+    finish: dict[int, str | None] = {}
 
     async def collect():
         first = True
@@ -451,7 +487,9 @@ def _sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, s
                     continue
                 started.add(i)
                 finish = out.finish_reason if out.finished else None
-                yield event(fmt.envelope(fmt.object_chunk, [fmt.chunk_choice(i, out.new_text, out.logprobs, finish, first)]))
+                yield event(
+                    fmt.envelope(fmt.object_chunk, [fmt.chunk_choice(i, out.new_text, out.logprobs, finish, first)])
+                )
             if include_usage:
                 chunk = fmt.envelope(fmt.object_chunk, [])
                 chunk["usage"] = fmt.usage()
@@ -469,8 +507,9 @@ def _sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, s
             metrics.requests.labels(f"/v1/{endpoint}", status).inc()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 # --- ASGI guard: API key and body size, before any parsing -----------------------------------
@@ -483,7 +522,7 @@ class _Guard:
     server read or parse a body, and an oversized body is refused (413) while reading,
     whether or not it declared its length."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
@@ -496,12 +535,15 @@ class _Guard:
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, self.key):
-                msg = "missing API key; send 'Authorization: Bearer <key>'" if not given else "incorrect API key provided"
+                msg = (
+                    "missing API key; send 'Authorization: Bearer <key>'" if not given else "incorrect API key provided"
+                )
                 return await _send_json(send, 401, error_body(msg, "invalid_request_error", code="invalid_api_key"))
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_big = error_body(f"request body is larger than {self.max_body} bytes; send a smaller request",
-                             code="request_too_large")
+        too_big = error_body(
+            f"request body is larger than {self.max_body} bytes; send a smaller request", code="request_too_large"
+        )
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
@@ -523,7 +565,9 @@ class _Guard:
         if scope["path"].startswith("/v1/") and b"json" not in headers.get(b"content-type", b""):
             # the API only takes JSON: parse it as such even when a client (curl -d) labels it
             # as a form, so it gets the JSON's real error rather than "not an object"
-            hs = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]
+            hs = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")
+            ]
             scope = {**scope, "headers": hs}
         replayed = False
 
@@ -549,6 +593,11 @@ def _is_public(path: str) -> bool:
 
 async def _send_json(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})

@@ -20,8 +20,8 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 from qkv.infer.engine import RequestOutput
 from qkv.infer.sampling import SamplingParams
@@ -79,8 +79,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._next_id = 0
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.error: Optional[BaseException] = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
         # read by /metrics from other threads: replaced (never mutated) by the engine thread
         self.stats: dict = dict(engine.stats())
         self._tok_window: deque[tuple[float, int]] = deque(maxlen=256)
@@ -108,8 +108,9 @@ class AsyncEngine:
         return self._in_flight
 
     # --- handler side (any asyncio loop) ----------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               q: Optional[asyncio.Queue] = None) -> tuple[str, asyncio.Queue, asyncio.Future]:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, q: asyncio.Queue | None = None
+    ) -> tuple[str, asyncio.Queue, asyncio.Future]:
         """Queue a request. Returns its id, the asyncio.Queue its outputs arrive on (pass
         `q` to let several requests share one queue; read it with `results`) and a future
         that resolves when the engine accepted it or raises the engine's refusal
@@ -155,7 +156,7 @@ class AsyncEngine:
     def _deliver(self, stream: _Stream, item) -> None:
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _resolve(self, stream: _Stream, error: Optional[BaseException]) -> None:
+    def _resolve(self, stream: _Stream, error: BaseException | None) -> None:
         def resolve():
             if not stream.accepted.done():  # the handler may have given up already
                 if error is None:

@@ -13,8 +13,6 @@ longer than the context, empty text) gets an OpenAI-style error object with stat
 
 from __future__ import annotations
 
-from typing import Optional
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -56,7 +54,7 @@ def inside_report(model, tokenizer, text: str, layer: int, head: int) -> dict:
         raise ValueError(f"the text is {len(ids)} tokens; the inside view shows at most {MAX_TOKENS}: shorten it")
     with torch.no_grad():
         probs = capture_attention(model, ids, layers=[layer])[layer]  # (H, T, T)
-        routing: Optional[dict] = routing_report(model, ids) if model.cfg.is_moe else None
+        routing: dict | None = routing_report(model, ids) if model.cfg.is_moe else None
     ent = head_entropy(probs[None, head : head + 1], skip_first=0)  # per query below
     p = probs[head]
     per_query = -(p * p.clamp_min(1e-12).log()).sum(-1)

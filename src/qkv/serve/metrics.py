@@ -53,13 +53,22 @@ class Metrics:
     def __init__(self, aengine: AsyncEngine, model_name: str):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(aengine, model_name))
-        self.requests = Counter("qkv_http_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
+        self.requests = Counter(
+            "qkv_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
         self.prompt_tokens = Counter("qkv_prompt_tokens", "Prompt tokens received", registry=self.registry)
-        self.ttft = Histogram("qkv_time_to_first_token_seconds", "Time from request to first token",
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.latency = Histogram("qkv_request_latency_seconds", "Time from request to last token",
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "qkv_time_to_first_token_seconds",
+            "Time from request to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "qkv_request_latency_seconds",
+            "Time from request to last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -40,8 +39,12 @@ def tiny_tokenizer(vocab_size: int = 512):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(_CORPUS * 4, trainer)
     return Tokenizer(backend, chat_template=CHATML, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
@@ -72,16 +75,17 @@ def free_port() -> int:
 class BackgroundServer:
     """uvicorn serving `app` on 127.0.0.1 from a daemon thread; a context manager.
 
-        with BackgroundServer(app) as srv:
-            httpx.get(srv.url + "/health")
+    with BackgroundServer(app) as srv:
+        httpx.get(srv.url + "/health")
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: Optional[int] = None, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
         import uvicorn
 
         self.host, self.port = host, port or free_port()
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level,
-                                timeout_graceful_shutdown=2, lifespan="on")
+        config = uvicorn.Config(
+            app, host=self.host, port=self.port, log_level=log_level, timeout_graceful_shutdown=2, lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="qkv-uvicorn", daemon=True)
 
@@ -89,7 +93,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -19,7 +19,7 @@ class TrainConfig:
     # --- model (pretraining; later stages pass their own model) ---
     preset: str = "tiny"  # a qkv.config preset; vocab_size comes from the tokenizer
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 2}
-    init_from: Optional[str] = None  # start from a qkv checkpoint dir instead of random init
+    init_from: str | None = None  # start from a qkv checkpoint dir instead of random init
     # --- data (pretraining) ---
     data_dir: str = "data/shakespeare"  # output of `qkv prepare`
     seq_len: int = 128  # tokens per training window (<= model max_seq_len)
@@ -60,12 +60,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.schedule in ("cosine", "wsd", "constant"), f"schedule={self.schedule!r}: choose cosine, wsd or constant"),
+            (
+                self.schedule in ("cosine", "wsd", "constant"),
+                f"schedule={self.schedule!r}: choose cosine, wsd or constant",
+            ),
             (self.dtype in ("fp32", "bf16"), f"dtype={self.dtype!r}: choose fp32 or bf16"),
             (self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: choose ddp or fsdp"),
             (self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.batch_size % self.grad_accum == 0, f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}"),
+            (
+                self.batch_size % self.grad_accum == 0,
+                f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}",
+            ),
             (self.seq_len >= 1, f"seq_len={self.seq_len} must be >= 1"),
             (self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1"),
             (0 <= self.decay_frac <= 1, f"decay_frac={self.decay_frac} must be in [0, 1]"),
@@ -79,14 +85,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown train config key(s) {unknown}; valid keys: {', '.join(known)}")
         return cls(**d)
 
-    def replace(self, **kw: Any) -> "TrainConfig":
+    def replace(self, **kw: Any) -> TrainConfig:
         d = self.to_dict()
         d.update(kw)
         return TrainConfig.from_dict(d)
@@ -134,8 +140,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), raw if value is None and raw != "" else value
 
 
-def load_train_config(path: Optional[str | Path] = None, overrides: Optional[list[str] | dict] = None,
-                      base: Optional[TrainConfig] = None) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None, base: TrainConfig | None = None
+) -> TrainConfig:
     """Defaults (or `base`) <- config file <- overrides ('key=value' strings or a dict)."""
     d = (base or TrainConfig()).to_dict()
     layers = [read_config_file(path)] if path else []
@@ -146,7 +153,7 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
     for layer in layers:
         for key, value in layer.items():
             if key.startswith("model."):
-                d["model"] = {**d["model"], key[len("model."):]: value}
+                d["model"] = {**d["model"], key[len("model.") :]: value}
             elif key == "model" and isinstance(value, dict):
                 d["model"] = {**d["model"], **value}
             else:

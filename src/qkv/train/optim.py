@@ -39,8 +39,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   eps: float = 1e-8) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW, fused where the device supports it (CUDA), else the multi-tensor foreach path."""
     device = next(model.parameters()).device
     is_dtensor = any(type(p).__name__ == "DTensor" for p in model.parameters())
@@ -49,8 +50,16 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kw)
 
 
-def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int, schedule: str = "cosine",
-          min_lr_ratio: float = 0.1, decay_frac: float = 0.2) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    max_steps: int,
+    warmup_steps: int,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_frac: float = 0.2,
+) -> float:
     """Learning rate for optimizer step `step` (0-based)."""
     min_lr = lr * min_lr_ratio
     if step < warmup_steps:

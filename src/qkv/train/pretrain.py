@@ -27,7 +27,9 @@ def build_pretrain_model(cfg: TrainConfig, vocab_size: int):
     if cfg.init_from:
         model = load_model(cfg.init_from).train()
         if model.cfg.vocab_size != vocab_size:
-            raise ValueError(f"init_from model has vocab {model.cfg.vocab_size} but the data's tokenizer has {vocab_size}")
+            raise ValueError(
+                f"init_from model has vocab {model.cfg.vocab_size} but the data's tokenizer has {vocab_size}"
+            )
         return model
     overrides = {"vocab_size": vocab_size, **cfg.model}
     mc = preset(cfg.preset, **overrides)
@@ -55,7 +57,9 @@ def make_trainer(cfg: TrainConfig, resume: bool = False) -> Trainer:
     eval_bs = max(micro_global, d.world)
     eval_bs -= eval_bs % d.world
     trainer = Trainer(
-        model, cfg, lm_loss,
+        model,
+        cfg,
+        lm_loss,
         get_batch=lambda step, micro: train.batch(step, micro, micro_global, d.rank, d.world),
         eval_batch=lambda i: val.eval_batch(i, eval_bs, d.rank, d.world),
         bytes_per_token=float(index["bytes_per_token"]),

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -78,9 +78,18 @@ def _set_rng_state(states: dict[str, str], device: torch.device) -> None:
         torch.cuda.set_rng_state(tensor(states["cuda"]), device)
 
 
-def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    run_config: dict, is_main: bool, tokenizer=None, extra: Optional[dict] = None,
-                    keep_last: int = 2, device: torch.device = torch.device("cpu")) -> Optional[Path]:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    run_config: dict,
+    is_main: bool,
+    tokenizer=None,
+    extra: dict | None = None,
+    keep_last: int = 2,
+    device: torch.device = torch.device("cpu"),
+) -> Path | None:
     """Write out_dir/step_XXXXXX (atomic) and point latest.json at it; prune old ones."""
     model_sd = full_model_state(model)  # collective under FSDP: every rank calls
     opt_tensors, groups = full_optimizer_state(model, opt)
@@ -120,7 +129,7 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, opt: torch
     return final
 
 
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+def latest_checkpoint(out_dir: Path) -> Path | None:
     path = Path(out_dir) / LATEST
     if not path.exists():
         return None
@@ -136,13 +145,16 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
 
 def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(model state, optimizer tensors, state.json) of a step dir, with one-line errors."""
+
     def tensors(path: Path) -> dict[str, torch.Tensor]:
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; the checkpoint {ckpt} is incomplete, cannot resume")
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path}: corrupt or truncated ({str(e).splitlines()[0]}); cannot resume from {ckpt}") from None
+            raise ValueError(
+                f"{path}: corrupt or truncated ({str(e).splitlines()[0]}); cannot resume from {ckpt}"
+            ) from None
 
     model_sd = tensors(ckpt / WEIGHTS)
     opt = tensors(ckpt / TRAINER / "optimizer.safetensors")

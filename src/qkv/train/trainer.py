@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -42,8 +43,8 @@ class TrainingDiverged(RuntimeError):
 class TrainResult:
     step: int
     train_loss: float
-    val_loss: Optional[float]
-    val_bpb: Optional[float]
+    val_loss: float | None
+    val_bpb: float | None
     tokens_per_s: float
     run_dir: Path
     history: list
@@ -89,7 +90,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> Optional[float]:
+def flops_per_token(model: nn.Module, seq_len: int) -> float | None:
     """Training FLOPs per token: 6 x (active matmul params incl. the output head) plus the
     attention scores and mixing, 12 x layers x heads x head_dim x seq_len (PaLM, appendix B)."""
     cfg = getattr(model, "cfg", None)
@@ -109,19 +110,19 @@ class Trainer:
         cfg: TrainConfig,
         loss_fn: LossFn,
         get_batch: Callable[[int, int], Any],
-        eval_batch: Optional[Callable[[int], Any]] = None,
-        bytes_per_token: Optional[float] = None,
+        eval_batch: Callable[[int], Any] | None = None,
+        bytes_per_token: float | None = None,
         tokenizer=None,
-        extra_state: Optional[dict] = None,
+        extra_state: dict | None = None,
         resume: bool = False,
-        dist: Optional[D.Dist] = None,
+        dist: D.Dist | None = None,
     ):
         self.cfg = cfg
         self.loss_fn, self.get_batch, self.eval_batch = loss_fn, get_batch, eval_batch
         self.bytes_per_token = bytes_per_token
         self.tokenizer = tokenizer
         self.extra_state = extra_state or {}
-        self.on_step: Optional[Callable[["Trainer", int, dict], None]] = None
+        self.on_step: Callable[[Trainer, int, dict], None] | None = None
         self.dist = dist or D.setup(cfg.device)
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
@@ -148,7 +149,7 @@ class Trainer:
             loaded = S.read_checkpoint(ckpt)  # validated before anything is written
             S.load_model_state(self.model, loaded[0], ckpt)
             self.step = int(loaded[2]["step"])
-            self.resumed_from: Optional[Path] = ckpt
+            self.resumed_from: Path | None = ckpt
         else:
             self.resumed_from = None
 
@@ -172,7 +173,9 @@ class Trainer:
                     self.history.append(json.loads(line))
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
-        self.peak_flops = matmul_peak(self.device, self.autocast_dtype or torch.float32) if self.flops_per_token else None
+        self.peak_flops = (
+            matmul_peak(self.device, self.autocast_dtype or torch.float32) if self.flops_per_token else None
+        )
 
     # --- properties for batch sources -----------------------------------------------
     @property
@@ -215,11 +218,18 @@ class Trainer:
             out["val_bpb"] = val / math.log(2) / self.bytes_per_token
         return out
 
-    def save(self) -> Optional[Path]:
+    def save(self) -> Path | None:
         return S.save_checkpoint(
-            self.out_dir, self.step, self.model, self.opt, self.cfg.to_dict(), self.dist.is_main,
-            tokenizer=self.tokenizer, extra={**self.extra_state, "data_step": self.step},
-            keep_last=self.cfg.keep_last, device=self.device,
+            self.out_dir,
+            self.step,
+            self.model,
+            self.opt,
+            self.cfg.to_dict(),
+            self.dist.is_main,
+            tokenizer=self.tokenizer,
+            extra={**self.extra_state, "data_step": self.step},
+            keep_last=self.cfg.keep_last,
+            device=self.device,
         )
 
     def save_final(self) -> None:
@@ -241,8 +251,15 @@ class Trainer:
     def _train_step(self, step: int) -> dict:
         cfg = self.cfg
         self._seed_step(step)
-        lr = lr_at(step, lr=cfg.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-                   schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+        lr = lr_at(
+            step,
+            lr=cfg.lr,
+            max_steps=cfg.max_steps,
+            warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+            decay_frac=cfg.decay_frac,
+        )
         for g in self.opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
@@ -293,8 +310,13 @@ class Trainer:
             save_config(cfg, self.out_dir / "run_config.json")
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+            desc="train",
+        )
         self.model.train()
         last: dict = {}
         val: dict = {}
@@ -313,7 +335,9 @@ class Trainer:
             if self.flops_per_token and self.peak_flops:
                 m["mfu"] = tps / self.world * self.flops_per_token / self.peak_flops
                 if m["mfu"] > 1.0:  # the start-up ceiling was measured while the machine was busy: measure again
-                    self.peak_flops = max(self.peak_flops, matmul_peak(self.device, self.autocast_dtype or torch.float32))
+                    self.peak_flops = max(
+                        self.peak_flops, matmul_peak(self.device, self.autocast_dtype or torch.float32)
+                    )
                     m["mfu"] = tps / self.world * self.flops_per_token / self.peak_flops
             last = m
             bar.update(1)
@@ -325,8 +349,10 @@ class Trainer:
             )
             if do_eval:
                 val = self.evaluate()
-                bar.write(f"step {self.step}: train loss {m['loss']:.4f}, "
-                          + ", ".join(f"{k} {v:.4f}" for k, v in val.items())) if self.dist.is_main else None
+                bar.write(
+                    f"step {self.step}: train loss {m['loss']:.4f}, "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                ) if self.dist.is_main else None
             if self.step % cfg.log_every == 0 or do_eval or self.step == cfg.max_steps:
                 self._log({"step": self.step, **{k: v for k, v in m.items()}, **(val if do_eval else {})})
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
@@ -335,13 +361,26 @@ class Trainer:
         bar.close()
         if "loss" not in last:  # resumed a finished run: report its last logged values
             last = next((r for r in reversed(self.history) if "loss" in r), last)
-            val = next(({k: r[k] for k in ("val_loss", "val_bpb") if k in r} for r in reversed(self.history) if "val_loss" in r), {})
+            val = next(
+                (
+                    {k: r[k] for k in ("val_loss", "val_bpb") if k in r}
+                    for r in reversed(self.history)
+                    if "val_loss" in r
+                ),
+                {},
+            )
         self.save_final()
         D.barrier()
         return TrainResult(
-            step=self.step, train_loss=last.get("loss", float("nan")), val_loss=val.get("val_loss"), val_bpb=val.get("val_bpb"),
-            tokens_per_s=tok_total / time_total if time_total else
-            (sum(r.get("tokens_per_s", 0) for r in self.history) / max(1, len(self.history))), run_dir=self.out_dir, history=self.history,
+            step=self.step,
+            train_loss=last.get("loss", float("nan")),
+            val_loss=val.get("val_loss"),
+            val_bpb=val.get("val_bpb"),
+            tokens_per_s=tok_total / time_total
+            if time_total
+            else (sum(r.get("tokens_per_s", 0) for r in self.history) / max(1, len(self.history))),
+            run_dir=self.out_dir,
+            history=self.history,
         )
 
 
