@@ -35,6 +35,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # why the engine aborted this request (a server fault), if it did
 
 
 @dataclass
@@ -57,7 +58,14 @@ import torch  # noqa: E402
 
 from qkv.infer import fused_decode  # noqa: E402
 from qkv.infer.paged import BlockAllocator, PagedKVCache  # noqa: E402
-from qkv.infer.sampling import SamplingError, SamplingParams, apply_penalties, make_generator, warp  # noqa: E402
+from qkv.infer.sampling import (  # noqa: E402
+    SamplingError,
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    sample_seed,
+    warp,
+)
 from qkv.infer.scheduler import Scheduler, Sequence  # noqa: E402
 
 
@@ -175,7 +183,7 @@ class Engine:
             arrival=arrival,
             token_ids=token_ids,
             num_prompt=len(req.prompt_ids),
-            generator=None if req.params.greedy else make_generator(seed + index, self.device),
+            generator=None if req.params.greedy else make_generator(sample_seed(seed, index), self.device),
             seed=seed,
         )
         req.seqs.append(seq)
@@ -314,27 +322,45 @@ class Engine:
         if greedy_rows:
             stacked = torch.stack([work[i][2] for i in greedy_rows])
             greedy_tok = dict(zip(greedy_rows, stacked.argmax(-1).tolist()))
+        failed: dict[str, str] = {}  # request id -> why its sampling failed
         for i, (req, seq, logits) in enumerate(work):
-            p = req.params
-            if i in greedy_tok:
-                tok = greedy_tok[i]
-            else:
-                x = apply_penalties(logits, p, req.prompt_ids, seq.output_ids)
-                if p.greedy:
-                    tok = int(x.argmax())
-                else:
-                    tok = int(torch.multinomial(warp(x, p).softmax(-1), 1, generator=seq.generator))
-            lp = None
-            if p.logprobs is not None:
-                lsm = torch.log_softmax(logits, -1)
-                top = torch.topk(lsm, p.logprobs) if p.logprobs > 0 else None
-                lp = TokenLogprob(
-                    tok,
-                    float(lsm[tok]),
-                    [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
-                )
+            if req.request_id in failed:
+                continue
+            try:
+                tok, lp = self._sample(req, seq, logits, greedy_tok.get(i))
+            except Exception as e:  # one request's numbers must not fail the whole batch
+                failed[req.request_id] = f"sampling failed: {type(e).__name__}: {e}"
+                continue
             outputs.append(self._append(req, seq, tok, lp))
+        for rid, error in failed.items():
+            self.abort(rid)  # frees its blocks; its final outputs carry the error
+            for o in self._pending:
+                if o.request_id == rid:
+                    o.error = error
         return [o for o in outputs if o is not None]
+
+    def _sample(
+        self, req: _Request, seq: Sequence, logits: torch.Tensor, greedy_tok: int | None
+    ) -> tuple[int, TokenLogprob | None]:
+        p = req.params
+        if greedy_tok is not None:
+            tok = greedy_tok
+        else:
+            x = apply_penalties(logits, p, req.prompt_ids, seq.output_ids)
+            if p.greedy:
+                tok = int(x.argmax())
+            else:
+                tok = int(torch.multinomial(warp(x, p).softmax(-1), 1, generator=seq.generator))
+        lp = None
+        if p.logprobs is not None:
+            lsm = torch.log_softmax(logits, -1)
+            top = torch.topk(lsm, p.logprobs) if p.logprobs > 0 else None
+            lp = TokenLogprob(
+                tok,
+                float(lsm[tok]),
+                [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
+            )
+        return tok, lp
 
     def _append(self, req: _Request, seq: Sequence, tok: int, lp: TokenLogprob | None) -> RequestOutput | None:
         seq.token_ids.append(tok)

@@ -7,7 +7,18 @@ seeded request gives the same tokens whatever else is batched with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this temperature sampling is greedy (vLLM's rule): dividing logits by a tinier
+# number overflows fp32 and leaves nothing to sample from.
+GREEDY_BELOW = 1e-5
+# A repetition penalty outside this range divides or multiplies logits out of fp32's range
+# (1e-300 turns every seen logit into inf); useful values are around 1.0-2.0.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# torch.Generator.manual_seed takes seeds in [-2**63, 2**64) (a negative seed is its
+# two's complement): the seeds a request may give.
+SEED_RANGE = (-(2**63), 2**64)
 
 
 class SamplingError(ValueError):
@@ -21,7 +32,7 @@ class SamplingError(ValueError):
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0  # in (0, 1]
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
@@ -44,15 +55,16 @@ class SamplingParams:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             bad("max_tokens", f"{self.max_tokens!r}; must be an integer >= 1")
         if not _is_num(self.temperature) or self.temperature < 0:
-            bad("temperature", f"{self.temperature!r}; must be >= 0 (0 = greedy)")
+            bad("temperature", f"{self.temperature!r}; must be a finite number >= 0 (0 = greedy)")
         if not _is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
             bad("top_p", f"{self.top_p!r}; must be in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", f"{self.top_k!r}; must be an integer >= 0 (0 = off)")
         if not _is_num(self.min_p) or not (0.0 <= self.min_p <= 1.0):
             bad("min_p", f"{self.min_p!r}; must be in [0, 1]")
-        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", f"{self.repetition_penalty!r}; must be > 0 (1 = off)")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not _is_num(self.repetition_penalty) or not (lo <= self.repetition_penalty <= hi):
+            bad("repetition_penalty", f"{self.repetition_penalty!r}; must be in [{lo:g}, {hi:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_num(v) or not (-2.0 <= v <= 2.0):
@@ -67,8 +79,9 @@ class SamplingParams:
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
             bad("stop_token_ids", f"{self.stop_token_ids!r}; must be a list of token ids (ints >= 0)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", f"{self.seed!r}; must be an integer or None")
+        lo, hi = SEED_RANGE
+        if self.seed is not None and not (_is_int(self.seed) and lo <= self.seed < hi):
+            bad("seed", f"{self.seed!r}; must be None or an integer in [-2**63, 2**64)")
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not (0 <= self.logprobs <= 20)
         ):
@@ -78,11 +91,23 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded `seed`: seed + index, wrapped into
+    [0, 2**64) so that n samples of any valid seed stay in torch's range. Wrapping keeps
+    every stream torch would have given (it reads a negative seed as its two's complement)."""
+    return (seed + index) % 2**64
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    """A real, finite number: NaN and inf would poison every logit they touch."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # --- logits -> token ---------------------------------------------------------------------

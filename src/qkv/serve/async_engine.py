@@ -203,6 +203,11 @@ class AsyncEngine:
             if stream is None:
                 continue
             batch = batches.setdefault(stream.loop, [])
+            if out.error is not None:  # the engine aborted this request alone: a server fault
+                log.error("request %s failed: %s", out.request_id, out.error)
+                batch.append((stream.queue, _Failed(out.request_id, EngineError(out.error))))
+                self._release(out.request_id)
+                continue
             batch.append((stream.queue, out))
             if out.finished:
                 stream.finished.add(out.index)

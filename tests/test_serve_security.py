@@ -1,0 +1,180 @@
+"""A hostile or careless client against a live `qkv serve`: whatever one request sends, only
+that request can fail, and the server keeps serving everyone else.
+
+Numbers that pass a naive range check but break sampling (a temperature of 1e-300, a
+penalty that overflows fp32, a seed that leaves torch's range) are either given a meaning
+(a tiny temperature is greedy) or refused with a 400 naming the field; and a request whose
+sampling still fails aborts alone, while the requests batched with it finish normally.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from qkv.commands.serve import load_for_serving
+from qkv.infer import engine as engine_module
+from qkv.infer.engine import Engine
+from qkv.infer.sampling import SamplingError, SamplingParams, sample_seed
+from qkv.serve.app import create_app
+from qkv.serve.testing import BackgroundServer, make_tiny_checkpoint
+
+MODEL = "tiny-chat"
+KEY = "sk-security-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CTX = 256
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve_sec") / "ckpt", max_seq_len=CTX)
+
+
+@pytest.fixture(scope="module")
+def srv(ckpt):
+    model, tok = load_for_serving(str(ckpt))
+    engine = Engine(model, tok, block_size=16, num_blocks=64, max_num_seqs=8, max_batch_tokens=128)
+    app = create_app(engine, MODEL, api_key=KEY, max_queue=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a busy machine
+    try:
+        with BackgroundServer(app) as s:
+            s.engine, s.tokenizer = engine, tok
+            yield s
+    finally:
+        torch.set_num_threads(threads)
+
+
+def chat(**over) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6, "temperature": 0}
+    body.update(over)
+    return body
+
+
+def post(srv, body: dict, path: str = "/v1/chat/completions", **kw) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, headers=AUTH, timeout=60, **kw)
+
+
+# --- sampling numbers ------------------------------------------------------------------
+
+
+def test_tiny_temperature_is_greedy(srv):
+    greedy = post(srv, chat(temperature=0))
+    tiny = post(srv, chat(temperature=1e-300, seed=3))
+    assert greedy.status_code == 200 and tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-4).greedy
+
+
+@pytest.mark.parametrize(
+    "over, param",
+    [
+        (dict(temperature=1.0, repetition_penalty=1e-300), "repetition_penalty"),
+        (dict(temperature=1.0, repetition_penalty=1e300), "repetition_penalty"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(temperature=1.0, seed=2**64), "seed"),
+    ],
+)
+def test_numbers_that_would_break_sampling_are_400(srv, over, param):
+    r = post(srv, chat(**over))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_non_finite_numbers_are_400(srv):
+    """Python's json writes inf as `Infinity`, which pydantic accepts as a float."""
+    for field in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
+        body = json.dumps(chat(**{field: float("inf")})).encode()
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            content=body,
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=60,
+        )
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"]["param"] == field
+
+
+def test_largest_seed_with_several_samples(srv):
+    """The samples of a request are seeded seed, seed+1, ... modulo 2**64, so the last seed
+    torch takes still works for n > 1, and each sample is reproducible."""
+    body = chat(temperature=1.0, seed=2**64 - 1, n=2, max_tokens=8)
+    first, again = post(srv, body), post(srv, body)
+    assert first.status_code == 200, first.text
+    texts = [c["message"]["content"] for c in first.json()["choices"]]
+    assert len(texts) == 2 and texts == [c["message"]["content"] for c in again.json()["choices"]]
+
+
+def test_sample_seeds_stay_in_torchs_range():
+    assert sample_seed(2**64 - 1, 1) == 0
+    assert sample_seed(-1, 0) == 2**64 - 1  # torch takes -1 as 2**64 - 1: same stream
+    for seed in (0, 2**63, 2**64 - 1, -(2**63)):
+        SamplingParams(seed=seed, n=64).validate()
+        for i in (0, 63):
+            torch.Generator().manual_seed(sample_seed(seed, i))
+    with pytest.raises(SamplingError):
+        SamplingParams(seed=2**64).validate()
+
+
+# --- one poisoned request fails alone ------------------------------------------------------
+
+POISON = 0.4321  # the temperature of the request whose sampling is made to fail
+
+
+@pytest.fixture
+def poisoned_sampling(monkeypatch):
+    """Sampling raises for requests with temperature POISON: a stand-in for any numeric
+    failure that validation did not foresee."""
+    warp = engine_module.warp
+
+    def failing_warp(logits, params):
+        if params.temperature == POISON:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return warp(logits, params)
+
+    monkeypatch.setattr(engine_module, "warp", failing_warp)
+
+
+def test_sampling_failure_aborts_only_that_request_in_the_engine(poisoned_sampling):
+    from _infer_fixtures import make_tokenizer, tiny_model
+
+    tok = make_tokenizer()
+    eng = Engine(tiny_model(vocab_size=tok.vocab_size), tok, block_size=8, num_blocks=64)
+    prompt = tok.encode("To be, or not to be")
+    healthy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    alone = eng.generate([prompt], healthy)[0][0].token_ids
+    good = eng.add_request(prompt, healthy)
+    bad = eng.add_request(prompt, SamplingParams(max_tokens=10, temperature=POISON, n=2, ignore_eos=True))
+    outs: dict[str, list] = {good: [], bad: []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id].append(o)
+    assert [t for o in outs[good] for t in o.new_token_ids] == alone
+    assert outs[good][-1].finish_reason == "length" and outs[good][-1].error is None
+    finals = [o for o in outs[bad] if o.finished]
+    assert sorted(o.index for o in finals) == [0, 1]
+    assert all(o.finish_reason == "abort" and "RuntimeError" in o.error for o in finals)
+    assert eng.stats()["blocks_used"] == 0 and not eng.requests
+
+
+def test_sampling_failure_is_500_for_that_request_only(srv, poisoned_sampling):
+    body = chat(max_tokens=CTX - 40, ignore_eos=True, stream=True)
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", srv.url + "/v1/chat/completions", json=body, headers=AUTH) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            for _ in range(4):  # the healthy stream is running
+                next(lines)
+            bad = post(srv, chat(temperature=POISON, max_tokens=4))
+            assert bad.status_code == 500, bad.text
+            assert bad.json()["error"]["type"] == "server_error"
+            events = [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert not any("error" in ch for ch in chunks), chunks[-1]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert post(srv, chat()).status_code == 200
