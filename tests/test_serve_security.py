@@ -178,3 +178,64 @@ def test_sampling_failure_is_500_for_that_request_only(srv, poisoned_sampling):
     assert not any("error" in ch for ch in chunks), chunks[-1]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert post(srv, chat()).status_code == 200
+
+
+# --- cross-site requests and DNS rebinding -------------------------------------------------
+
+
+def test_api_takes_only_json_bodies(srv):
+    """A web page may POST text/plain (or a form, or a type-less Blob) to any site without a
+    CORS preflight; the API refuses every body not labelled JSON, so no page can drive it."""
+    body = json.dumps(chat()).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {**AUTH, "Origin": "https://evil.example"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        r = httpx.post(srv.url + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+        assert r.status_code == 415, (content_type, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_media_type" and "application/json" in err["message"]
+    ok = httpx.post(
+        srv.url + "/v1/chat/completions",
+        content=body,
+        headers={**AUTH, "Content-Type": "application/json; charset=utf-8"},
+        timeout=60,
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_unknown_host_is_refused(srv):
+    """DNS rebinding: evil.example resolves to 127.0.0.1, so the browser sends its requests
+    to this server with `Host: evil.example`. Only loopback names are served by default."""
+    for path in ("/v1/models", "/", "/metrics"):
+        r = httpx.get(srv.url + path, headers={**AUTH, "Host": f"evil.example:{srv.port}"}, timeout=30)
+        assert r.status_code == 421, (path, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "host_not_allowed" and "--allowed-hosts" in err["message"]
+    for host in ("localhost", f"localhost:{srv.port}", f"127.0.0.1:{srv.port}", f"[::1]:{srv.port}", "LOCALHOST"):
+        r = httpx.get(srv.url + "/v1/models", headers={**AUTH, "Host": host}, timeout=30)
+        assert r.status_code == 200, (host, r.text)
+
+
+def test_allowed_hosts_list_and_wildcard(srv):
+    from starlette.testclient import TestClient
+
+    named = create_app(srv.engine, MODEL, allowed_hosts=["api.example"])
+    assert TestClient(named, base_url="http://api.example:8000").get("/v1/models").status_code == 200
+    assert TestClient(named, base_url="http://localhost").get("/v1/models").status_code == 421
+    anyone = create_app(srv.engine, MODEL, allowed_hosts=["*"])
+    assert TestClient(anyone, base_url="http://evil.example").get("/v1/models").status_code == 200
+
+
+def test_cli_allowed_hosts():
+    import argparse
+
+    from qkv.commands.serve import add_arguments, allowed_hosts
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model", "m", "--allowed-hosts", "a.example, b.example"])
+    assert allowed_hosts(args) == ["a.example", "b.example"]
+    assert "localhost" in allowed_hosts(p.parse_args(["--model", "m"]))
+    assert "10.0.0.5" in allowed_hosts(p.parse_args(["--model", "m", "--host", "10.0.0.5"]))
+    assert allowed_hosts(p.parse_args(["--model", "m", "--allowed-hosts", "*"])) == ["*"]

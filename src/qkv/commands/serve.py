@@ -3,7 +3,9 @@
 Loads a qkv checkpoint directory, a Hugging Face directory or a GGUF file, wraps it in the
 continuous-batching engine and serves it with uvicorn. Binds 127.0.0.1 unless --host says
 otherwise; with --api-key (or QKV_API_KEY) every API request must send
-`Authorization: Bearer KEY` (the chat page has a field for it).
+`Authorization: Bearer KEY` (the chat page has a field for it). Answers only requests whose
+Host header is a loopback name or --host, unless --allowed-hosts says otherwise (a web page
+whose name resolves to 127.0.0.1 must not reach the server through the visitor's browser).
 """
 
 from __future__ import annotations
@@ -28,9 +30,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: the engine's choice)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted (413 above)")
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host header names clients reach the server by, '*' for any "
+        "(default: localhost, 127.0.0.1, ::1 and --host)",
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def allowed_hosts(args: argparse.Namespace) -> list[str]:
+    """The Host names the server answers to: --allowed-hosts, else loopback plus --host."""
+    from qkv.serve.guard import LOOPBACK_HOSTS
+
+    if args.allowed_hosts:
+        return [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    hosts = list(LOOPBACK_HOSTS)
+    if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind has no name of its own
+        hosts.append(args.host)
+    return hosts
 
 
 def load_for_serving(path: str, dtype: str = "fp32"):
@@ -87,9 +107,12 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         max_model_len=model.cfg.max_seq_len,
         max_body_bytes=args.max_body_bytes,
+        allowed_hosts=allowed_hosts(args),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")
+    if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
+        print("note: only loopback Host names are answered; pass --allowed-hosts with the names clients use")
     print(f"serving '{name}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

@@ -7,18 +7,19 @@ batching); handlers only tokenize, submit and format.
 
 Every failure a client can cause is an OpenAI error object {"error": {message, type,
 param, code}} with a 4xx status: 400 bad parameters / prompt longer than the context,
-401 missing or wrong API key, 404 unknown model or route, 413 body too large, 429 queue
-full. A user error is never a 500, and nothing a client sends stops the server.
+401 missing or wrong API key, 404 unknown model or route, 413 body too large, 415 an API
+body not sent as application/json, 421 a Host header not in the allow-list (DNS
+rebinding), 429 queue full. A user error is never a 500, and nothing a client sends stops
+the server; a request the engine fails on is a 500 for that request alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.infer.sampling import SamplingError
 from qkv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
+from qkv.serve.guard import Guard
 from qkv.serve.metrics import CONTENT_TYPE, Metrics
 from qkv.serve.protocol import (
     MAX_TOP_LOGPROBS,
@@ -57,9 +59,11 @@ def create_app(
     tokenizer=None,
     max_model_len: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> FastAPI:
     """Wrap `engine` (a qkv.infer.Engine) in the OpenAI API. The engine loop starts with the
-    app (lifespan) and stops with it. `tokenizer`/`max_model_len` default to the engine's."""
+    app (lifespan) and stops with it. `tokenizer`/`max_model_len` default to the engine's;
+    `allowed_hosts` (Host header names served; "*" = any) defaults to the loopback names."""
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
     max_model_len = max_model_len or engine.model.cfg.max_seq_len
     aengine = AsyncEngine(engine, max_queue=max_queue)
@@ -77,7 +81,7 @@ def create_app(
     app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.aengine, app.state.tokenizer = engine, aengine, tokenizer
     app.state.model_name, app.state.metrics = model_name, metrics
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
 
     # --- errors: always an OpenAI error object ------------------------------------------
     @app.exception_handler(APIError)
@@ -510,94 +514,3 @@ def _sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, s
     return StreamingResponse(
         body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-
-
-# --- ASGI guard: API key and body size, before any parsing -----------------------------------
-
-
-class _Guard:
-    """Checks the API key (constant time) on every non-public route and caps request bodies.
-
-    It runs before FastAPI parses anything, so an unauthenticated client cannot make the
-    server read or parse a body, and an oversized body is refused (413) while reading,
-    whether or not it declared its length."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.key = api_key.encode() if api_key else None
-        self.max_body = max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.key is not None and not _is_public(scope["path"]):
-            auth = headers.get(b"authorization", b"")
-            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(given, self.key):
-                msg = (
-                    "missing API key; send 'Authorization: Bearer <key>'" if not given else "incorrect API key provided"
-                )
-                return await _send_json(send, 401, error_body(msg, "invalid_request_error", code="invalid_api_key"))
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        too_big = error_body(
-            f"request body is larger than {self.max_body} bytes; send a smaller request", code="request_too_large"
-        )
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        if declared > self.max_body:
-            return await _send_json(send, 413, too_big)
-        chunks, size = [], 0
-        while True:  # read the (bounded) body ourselves, then replay it to the app
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return await _send_json(send, 413, too_big)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        if scope["path"].startswith("/v1/") and b"json" not in headers.get(b"content-type", b""):
-            # the API only takes JSON: parse it as such even when a client (curl -d) labels it
-            # as a form, so it gets the JSON's real error rather than "not an object"
-            hs = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
-                (b"content-type", b"application/json")
-            ]
-            scope = {**scope, "headers": hs}
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # afterwards: http.disconnect, for abort-on-disconnect
-
-        return await self.app(scope, replay, send)
-
-
-PUBLIC_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
-
-
-def _is_public(path: str) -> bool:
-    """Paths served without the API key: the page shell (it sends the key itself), its
-    static files, liveness and metrics. Everything else, /v1/ and any added router
-    included, needs the key when one is set."""
-    return path in PUBLIC_PATHS or path.startswith("/static/")
-
-
-async def _send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
