@@ -14,11 +14,14 @@ import json
 import httpx
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qkv.commands.serve import load_for_serving
 from qkv.infer import engine as engine_module
 from qkv.infer.engine import Engine
 from qkv.infer.sampling import SamplingError, SamplingParams, sample_seed
+from qkv.infer.stop_strings import StopStrings
 from qkv.serve.app import create_app
 from qkv.serve.testing import BackgroundServer, make_tiny_checkpoint
 
@@ -239,3 +242,47 @@ def test_cli_allowed_hosts():
     assert "localhost" in allowed_hosts(p.parse_args(["--model", "m"]))
     assert "10.0.0.5" in allowed_hosts(p.parse_args(["--model", "m", "--host", "10.0.0.5"]))
     assert allowed_hosts(p.parse_args(["--model", "m", "--allowed-hosts", "*"])) == ["*"]
+
+
+# --- stop strings ----------------------------------------------------------------------------
+
+
+def test_stop_lists_are_bounded(srv):
+    from qkv.infer.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    many = post(srv, chat(stop=[f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]))
+    assert many.status_code == 400 and many.json()["error"]["param"] == "stop", many.text
+    assert str(MAX_STOP_STRINGS) in many.json()["error"]["message"]
+    long = post(srv, chat(stop=["x" * (MAX_STOP_CHARS + 1)]), path="/v1/chat/completions")
+    assert long.status_code == 400 and long.json()["error"]["param"] == "stop", long.text
+    limit = [chr(0x4E00 + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]
+    assert post(srv, chat(stop=limit)).status_code == 200
+
+
+def _held_by_comparing_every_suffix(text: str, end: int, stops: list[str]) -> int:
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[end - k : end] == s[:k]:
+                hold = max(hold, k)
+                break
+    return hold
+
+
+@given(
+    text=st.text(alphabet="ab\ufffd", max_size=40),
+    stops=st.lists(st.text(alphabet="ab", min_size=1, max_size=8), min_size=1, max_size=4),
+    sent=st.integers(0, 40),
+)
+def test_stop_strings_match_the_plain_definition(text, stops, sent):
+    """held() is the longest tail that is a proper prefix of a stop; first_hit() finds the
+    earliest stop that does not lie entirely in text already sent."""
+    ss = StopStrings(stops)
+    for end in range(len(text) + 1):
+        assert ss.held(text, end) == _held_by_comparing_every_suffix(text, end, stops)
+    sent = min(sent, len(text))
+    # text[:sent] went out only if no stop began in it: make it so
+    while sent and any(text.find(s) != -1 and text.find(s) < sent for s in stops):
+        sent -= 1
+    hits = [text.find(s) for s in stops if s in text]
+    assert ss.first_hit(text, sent) == (min(hits) if hits else None)

@@ -67,6 +67,7 @@ from qkv.infer.sampling import (  # noqa: E402
     warp,
 )
 from qkv.infer.scheduler import Scheduler, Sequence  # noqa: E402
+from qkv.infer.stop_strings import StopStrings  # noqa: E402
 
 
 class _Request:
@@ -77,7 +78,7 @@ class _Request:
         self.stop_ids = stops
         self.seqs: list[Sequence] = []
         self.forked = params.n == 1
-        self.max_stop_len = max((len(s) for s in params.stop), default=0)
+        self.stops = StopStrings(params.stop)
 
 
 class _SeqText:
@@ -384,16 +385,15 @@ class Engine:
         out_ids = seq.output_ids
         text_ids = out_ids[:-1] if st.stop_token else out_ids
         text = self.tokenizer.decode(text_ids, skip_special=True) if self.tokenizer is not None else ""
-        if req.params.stop and st.finish_reason != "abort":
-            start = max(0, st.emitted - req.max_stop_len)
-            hits = [k for k in (text.find(s, start) for s in req.params.stop) if k >= 0]
-            if hits:
-                text = text[: min(hits)]
+        if req.stops and st.finish_reason != "abort":
+            hit = req.stops.first_hit(text, st.emitted)
+            if hit is not None:
+                text = text[:hit]
                 st.finish_reason, final = "stop", True
                 self._finish(req, seq)
         end = len(text)
         if not final:
-            end = _safe_end(text, req.params.stop)
+            end = _safe_end(text, req.stops)
         new_text = text[st.emitted : end] if end > st.emitted else ""
         st.emitted = max(st.emitted, end)
         new_ids = out_ids[st.token_emitted :]
@@ -481,16 +481,10 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _safe_end(text: str, stops: list[str]) -> int:
+def _safe_end(text: str, stops: StopStrings) -> int:
     """How much of the text can be sent now: not a trailing partial UTF-8 character
     (decoded as U+FFFD), nor a tail that could still grow into a stop string."""
     end = len(text)
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k : end] == s[:k]:
-                hold = max(hold, k)
-                break
-    return end - hold
+    return end - stops.held(text, end)

@@ -19,6 +19,11 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # torch.Generator.manual_seed takes seeds in [-2**63, 2**64) (a negative seed is its
 # two's complement): the seeds a request may give.
 SEED_RANGE = (-(2**63), 2**64)
+# Every stop string is checked against each new token's text: bound the work one request
+# can ask for. OpenAI allows 4 stop strings, vLLM any number; 16 covers chat templates'
+# end markers with room to spare, and 256 characters covers any sensible marker.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class SamplingError(ValueError):
@@ -75,6 +80,10 @@ class SamplingParams:
             bad("stop", f"{self.stop!r}; must be a string or a list of strings")
         if any(s == "" for s in self.stop):
             bad("stop", "empty stop string; remove it")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"{len(self.stop)} stop strings; send at most {MAX_STOP_STRINGS}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            bad("stop", f"a stop string of {max(map(len, self.stop))} characters; keep each under {MAX_STOP_CHARS + 1}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
