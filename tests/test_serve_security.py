@@ -286,3 +286,63 @@ def test_stop_strings_match_the_plain_definition(text, stops, sent):
         sent -= 1
     hits = [text.find(s) for s in stops if s in text]
     assert ss.first_hit(text, sent) == (min(hits) if hits else None)
+
+
+# --- the inside view ------------------------------------------------------------------------
+
+
+def test_inside_view_runs_only_up_to_the_asked_layer():
+    """The asked layer's map equals the full capture's (the oracle), and the blocks after
+    it never run."""
+    from _infer_fixtures import make_tokenizer, tiny_model
+    from qkv.inspect.attention import capture_attention
+    from qkv.serve.inside import inside_report
+
+    tok = make_tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size, n_layer=4)
+    ran: list[int] = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda mod, args, out, i=i: ran.append(i))
+    text = "To be, or not to be, that is the question"
+    report = inside_report(model, tok, text, layer=1, head=2)
+    assert ran == [0, 1]
+    ran.clear()
+    want = capture_attention(model, tok.encode(text, add_special=True))[1, 2]
+    assert ran == [0, 1, 2, 3]
+    torch.testing.assert_close(torch.tensor(report["attention"]), want, atol=1e-4, rtol=0)
+
+
+def test_inside_view_is_bounded_and_busy_is_429(srv, monkeypatch):
+    import threading
+
+    from qkv.serve import inside
+
+    started, release = threading.Semaphore(0), threading.Event()
+    report = inside.inside_report
+
+    def held(*args):
+        started.release()
+        assert release.wait(30)
+        return report(*args)
+
+    monkeypatch.setattr(inside, "inside_report", held)
+    body = {"text": "hello there", "layer": 0, "head": 0}
+    results: list[httpx.Response] = []
+    workers = [
+        threading.Thread(target=lambda: results.append(post(srv, body, path="/v1/inside/attention")))
+        for _ in range(inside.MAX_CONCURRENT)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        for _ in workers:
+            assert started.acquire(timeout=30), "an inspection never started"
+        busy = post(srv, body, path="/v1/inside/attention")
+        assert busy.status_code == 429, busy.text
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        release.set()
+        for w in workers:
+            w.join(30)
+    assert [r.status_code for r in results] == [200] * inside.MAX_CONCURRENT
+    assert post(srv, body, path="/v1/inside/attention").status_code == 200
