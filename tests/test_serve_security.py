@@ -346,3 +346,39 @@ def test_inside_view_is_bounded_and_busy_is_429(srv, monkeypatch):
             w.join(30)
     assert [r.status_code for r in results] == [200] * inside.MAX_CONCURRENT
     assert post(srv, body, path="/v1/inside/attention").status_code == 200
+
+
+# --- tokenizing stays off the event loop -----------------------------------------------------
+
+
+def test_long_prompt_list_is_refused_before_tokenizing(srv, monkeypatch):
+    encoded: list[str] = []
+    encode = srv.tokenizer.encode
+    monkeypatch.setattr(srv.tokenizer, "encode", lambda text, **kw: encoded.append(text) or encode(text, **kw))
+    r = post(srv, {"model": MODEL, "prompt": ["hello"] * 10_000, "max_tokens": 1}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "10000 prompts" in r.json()["error"]["message"]
+    assert encoded == []
+    ok = post(srv, {"model": MODEL, "prompt": ["hello", "there"], "max_tokens": 1}, path="/v1/completions")
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
+def test_tokenizing_does_not_freeze_the_event_loop(srv, monkeypatch):
+    """While a request's chat template is tokenized, the event loop (which carries every
+    stream) still answers: here the tokenizer itself asks the server for /health."""
+    marker = "please hold this prompt"
+    answers: list[object] = []
+    encode = srv.tokenizer.encode
+
+    def encode_and_probe(text, **kw):
+        if marker in text:
+            try:
+                answers.append(httpx.get(srv.url + "/health", timeout=5).status_code)
+            except httpx.TimeoutException as e:  # the loop is stuck in this very call
+                answers.append(e)
+        return encode(text, **kw)
+
+    monkeypatch.setattr(srv.tokenizer, "encode", encode_and_probe)
+    r = post(srv, chat(messages=[{"role": "user", "content": marker}]))
+    assert r.status_code == 200
+    assert answers == [200]

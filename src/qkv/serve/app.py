@@ -3,7 +3,8 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as
 server-sent events ending with `data: [DONE]`), GET /health, GET /metrics, and the chat
 page at GET /. All generation goes through one `AsyncEngine` (one thread, continuous
-batching); handlers only tokenize, submit and format.
+batching); handlers only tokenize (in a worker thread, so one long prompt never freezes the
+other streams), submit and format.
 
 Every failure a client can cause is an OpenAI error object {"error": {message, type,
 param, code}} with a 4xx status: 400 bad parameters / prompt longer than the context,
@@ -27,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.infer.sampling import SamplingError
@@ -160,11 +162,7 @@ def create_app(
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _check_model(req.model, model_name)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-        try:
-            text = tokenizer.render_chat(messages, add_generation_prompt=True)
-        except Exception as e:  # template errors (raise_exception, bad roles) are the request's fault
-            raise APIError(400, f"could not apply the chat template to messages: {e}", param="messages") from None
-        prompt = tokenizer.encode(text)
+        prompt = await run_in_threadpool(_chat_prompt, tokenizer, messages)  # off the loop: streams keep flowing
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -196,7 +194,8 @@ def create_app(
             raise APIError(
                 400, f"invalid logprobs: {req.logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs"
             )
-        prompts = _completion_prompts(req.prompt, tokenizer)
+        _check_prompt_count(req.prompt, max_queue, aengine.in_flight)  # before any tokenizing
+        prompts = await run_in_threadpool(_completion_prompts, req.prompt, tokenizer)
         longest = max(len(p) for p in prompts)
         max_tokens = _budget(longest, req.max_tokens, max_model_len, "prompt", default=16)
         params = _params(req, max_tokens, req.logprobs)
@@ -264,6 +263,34 @@ def _params(req, max_tokens: int, logprobs: int | None):
         return req.sampling_params(max_tokens, logprobs)
     except SamplingError as e:
         raise APIError(400, str(e), param=e.param) from None
+
+
+def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    try:
+        text = tokenizer.render_chat(messages, add_generation_prompt=True)
+    except Exception as e:  # template errors (raise_exception, bad roles) are the request's fault
+        raise APIError(400, f"could not apply the chat template to messages: {e}", param="messages") from None
+    return tokenizer.encode(text)
+
+
+def _check_prompt_count(prompt, max_queue: int, in_flight: int) -> None:
+    """Each prompt of a list is one request in the queue: refuse a list that cannot be
+    admitted before spending time on tokenizing it."""
+    many = isinstance(prompt, list) and bool(prompt) and not all(isinstance(p, int) for p in prompt)
+    count = len(prompt) if many else 1
+    if count > max_queue:
+        raise APIError(
+            400,
+            f"the prompt list has {count} prompts; this server takes at most {max_queue} per request: split it",
+            param="prompt",
+        )
+    if count > max_queue - in_flight:
+        raise APIError(
+            429,
+            f"server is at capacity ({in_flight} of {max_queue} requests in flight, {count} asked); retry later",
+            "rate_limit_error",
+            code="queue_full",
+        )
 
 
 def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
