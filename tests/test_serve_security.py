@@ -382,3 +382,80 @@ def test_tokenizing_does_not_freeze_the_event_loop(srv, monkeypatch):
     r = post(srv, chat(messages=[{"role": "user", "content": marker}]))
     assert r.status_code == 200
     assert answers == [200]
+
+
+# --- metrics, the page's headers, error text, a dead engine ----------------------------------
+
+
+def test_metrics_public_by_default_or_behind_the_key(srv):
+    from starlette.testclient import TestClient
+
+    assert httpx.get(srv.url + "/metrics", timeout=30).status_code == 200
+    locked = TestClient(create_app(srv.engine, MODEL, api_key=KEY, metrics_auth=True), base_url="http://localhost")
+    assert locked.get("/metrics").status_code == 401
+    assert locked.get("/metrics", headers=AUTH).status_code == 200
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(srv.engine, MODEL, metrics_auth=True)
+
+
+def test_page_responses_forbid_sniffing_framing_and_foreign_scripts(srv):
+    for path in ("/", "/static/app.js", "/static/inside.js", "/v1/models"):
+        r = httpx.get(srv.url + path, headers=AUTH, timeout=30)
+        assert r.status_code == 200, path
+        assert r.headers["x-content-type-options"] == "nosniff"
+        csp = {d.split()[0]: d.split()[1:] for d in r.headers["content-security-policy"].split("; ")}
+        assert csp["frame-ancestors"] == ["'none'"] and csp["script-src"] == ["'self'"], csp
+        assert csp["default-src"] == ["'self'"]
+
+
+def test_page_scripts_never_put_data_into_innerhtml():
+    """Model text is inserted with textContent: any innerHTML is a fixed string."""
+    import re
+
+    from qkv.serve.app import STATIC
+
+    for js in STATIC.glob("*.js"):
+        source = js.read_text()
+        assert "insertAdjacentHTML" not in source and "outerHTML" not in source and "document.write" not in source
+        for m in re.finditer(r"innerHTML\s*[+]?=\s*(`[^`]*`|[^;]*)", source):
+            assert m.group(1).startswith("`") and "${" not in m.group(1), (js.name, m.group(0)[:80])
+
+
+def test_stream_error_events_carry_no_exception_text(srv, poisoned_sampling):
+    body = chat(temperature=POISON, max_tokens=4, stream=True)
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", srv.url + "/v1/chat/completions", json=body, headers=AUTH) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "probability" not in error["message"], error
+
+
+class _Dying(BaseException):
+    """Not an Exception: gets past the engine loop's error handling and ends its thread."""
+
+
+def test_dead_engine_fails_pending_requests_with_503(ckpt):
+    import threading
+
+    model, tok = load_for_serving(str(ckpt))
+    engine = Engine(model, tok, block_size=16, num_blocks=32, max_num_seqs=4, max_batch_tokens=64)
+    entered = threading.Event()
+
+    def dying_step():
+        entered.set()
+        raise _Dying("the engine thread ends here")
+
+    app = create_app(engine, MODEL)
+    with BackgroundServer(app) as s:
+        assert httpx.get(s.url + "/health", timeout=30).status_code == 200
+        engine.step = dying_step
+        r = httpx.post(s.url + "/v1/chat/completions", json=chat(), timeout=30)
+        assert entered.is_set()
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "engine_unavailable"
+        health = httpx.get(s.url + "/health", timeout=30)
+        assert health.status_code == 503 and health.json()["status"] == "engine stopped"
+        again = httpx.post(s.url + "/v1/chat/completions", json=chat(), timeout=30)
+        assert again.status_code == 503

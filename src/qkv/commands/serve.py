@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated Host header names clients reach the server by, '*' for any "
         "(default: localhost, 127.0.0.1, ::1 and --host)",
     )
+    p.add_argument("--metrics-auth", action="store_true", help="require the API key on /metrics too (default: public)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=model.cfg.max_seq_len,
         max_body_bytes=args.max_body_bytes,
         allowed_hosts=allowed_hosts(args),
+        metrics_auth=args.metrics_auth,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")

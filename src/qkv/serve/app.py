@@ -62,10 +62,14 @@ def create_app(
     max_model_len: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     allowed_hosts: Iterable[str] | None = None,
+    metrics_auth: bool = False,
 ) -> FastAPI:
     """Wrap `engine` (a qkv.infer.Engine) in the OpenAI API. The engine loop starts with the
     app (lifespan) and stops with it. `tokenizer`/`max_model_len` default to the engine's;
-    `allowed_hosts` (Host header names served; "*" = any) defaults to the loopback names."""
+    `allowed_hosts` (Host header names served; "*" = any) defaults to the loopback names;
+    `metrics_auth` makes /metrics require the API key too."""
+    if metrics_auth and not api_key:
+        raise ValueError("metrics_auth needs an API key to check: pass api_key (qkv serve --api-key)")
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
     max_model_len = max_model_len or engine.model.cfg.max_seq_len
     aengine = AsyncEngine(engine, max_queue=max_queue)
@@ -83,7 +87,9 @@ def create_app(
     app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.aengine, app.state.tokenizer = engine, aengine, tokenizer
     app.state.model_name, app.state.metrics = model_name, metrics
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
+    app.add_middleware(
+        Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts, metrics_auth=metrics_auth
+    )
 
     # --- errors: always an OpenAI error object ------------------------------------------
     @app.exception_handler(APIError)
@@ -99,6 +105,10 @@ def create_app(
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return _error_response(e.status_code, error_body(str(e.detail), kind), metrics, request)
 
+    @app.exception_handler(EngineDead)
+    async def _engine_dead(request: Request, e: EngineDead):
+        return _error_response(503, error_body(str(e), "server_error", code="engine_unavailable"), metrics, request)
+
     @app.exception_handler(Exception)
     async def _server_error(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
@@ -110,7 +120,8 @@ def create_app(
     @app.get("/health")
     async def health():
         if not aengine.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            reason = type(aengine.error).__name__ if aengine.error is not None else "shut down"
+            return JSONResponse({"status": "engine stopped", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -530,9 +541,9 @@ def _sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, s
             status = "499"
             raise
         except Exception as e:  # an engine failure after the headers went out: say so in-band
-            status = "500"
-            log.exception("stream failed")
-            yield event(error_body(f"generation failed: {e}", "server_error"))
+            status = "503" if isinstance(e, EngineDead) else "500"
+            log.exception("stream failed")  # the details go to the log, never to the client
+            yield event(error_body(f"generation failed: internal server error: {type(e).__name__}", "server_error"))
         finally:
             await gen.aclose()
             metrics.requests.labels(f"/v1/{endpoint}", status).inc()

@@ -77,6 +77,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
         self._in_flight = 0  # admitted and not yet finished; guarded by _lock
         self._lock = threading.Lock()
+        self._dead = False  # set once by the engine thread as it exits; guarded by _lock
         self._next_id = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,18 +116,18 @@ class AsyncEngine:
         `q` to let several requests share one queue; read it with `results`) and a future
         that resolves when the engine accepted it or raises the engine's refusal
         (ValueError = the client's fault)."""
-        if not self.alive:
-            raise EngineDead("the engine loop is not running; restart the server")
-        with self._lock:
+        q = q if q is not None else asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        with self._lock:  # enqueued under the lock: the dying loop fails whatever got in (see _run)
+            if self._dead or not self.alive:
+                raise EngineDead("the engine loop is not running; restart the server")
             if self._in_flight >= self.max_queue:
                 raise QueueFull(f"server is at capacity ({self.max_queue} requests in flight); retry later")
             self._in_flight += 1
             self._next_id += 1
             rid = f"req-{self._next_id}"
-        q = q if q is not None else asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        accepted = loop.create_future()
-        self._commands.put(("add", rid, prompt_ids, params, _Stream(q, loop, params.n, accepted)))
+            self._commands.put(("add", rid, prompt_ids, params, _Stream(q, loop, params.n, accepted)))
         return rid, q, accepted
 
     def abort(self, request_id: str) -> None:
@@ -238,6 +239,37 @@ class AsyncEngine:
         self.stats = stats
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the thread is dying (not an engine error: those are caught below)
+            log.critical("engine loop died", exc_info=True)
+            self.error = e
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """The loop is gone: nobody will serve what is queued or running, so fail it all
+        now (503) rather than leave clients waiting forever."""
+        with self._lock:
+            self._dead = True
+        dead = EngineDead("the engine loop stopped; restart the server")
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                _, rid, _, _, stream = cmd
+                self._streams[rid] = stream
+        for rid, stream in list(self._streams.items()):
+            try:
+                self._resolve(stream, dead)
+                self._deliver(stream, _Failed(rid, dead))
+            except RuntimeError:  # its event loop is closed already (server shutting down)
+                pass
+            self._release(rid)
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 busy = self.engine.has_unfinished()

@@ -8,6 +8,10 @@ labelled JSON (a page may send text/plain, a form or a type-less Blob to any sit
 a CORS preflight, so accepting those would let any web page drive a local server), and a
 body may not be larger than the cap (413 while reading, whether or not it declared its
 length). Every refusal is an OpenAI error object.
+
+Every response carries headers that keep the page safe in a browser: no MIME sniffing, a
+Content-Security-Policy that allows only this server's own scripts, styles and connections,
+and no framing by other sites (clickjacking).
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ from qkv.serve.protocol import error_body
 # Host names a loopback-only server is reached by; `qkv serve --allowed-hosts` adds more.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 PUBLIC_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers that predate CSP 2
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 class Guard:
@@ -30,6 +44,7 @@ class Guard:
         api_key: str | None,
         max_body_bytes: int,
         allowed_hosts: Iterable[str] | None = None,
+        metrics_auth: bool = False,
     ):
         self.app = app
         self.key = api_key.encode() if api_key else None
@@ -37,10 +52,14 @@ class Guard:
         hosts = [h.strip().lower() for h in (LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts)]
         self.any_host = "*" in hosts
         self.hosts = {h.strip("[]").rstrip(".") for h in hosts if h}
+        self.metrics_auth = metrics_auth
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        return await self._guard(scope, receive, _with_security_headers(send))
+
+    async def _guard(self, scope, receive, send):
         headers = dict(scope.get("headers") or [])
         host = headers.get(b"host", b"").decode("latin-1")
         if not self.any_host and _host_name(host) not in self.hosts:
@@ -49,7 +68,8 @@ class Guard:
                 f"name, start it with --allowed-hosts {_host_name(host) or 'NAME'} (or '*' for any)"
             )
             return await send_json(send, 421, error_body(msg, code="host_not_allowed"))
-        if self.key is not None and not is_public(scope["path"]):
+        public = is_public(scope["path"]) and not (self.metrics_auth and scope["path"] == "/metrics")
+        if self.key is not None and not public:
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, self.key):
@@ -101,6 +121,15 @@ def is_public(path: str) -> bool:
     static files, liveness and metrics. Everything else, /v1/ and any added router
     included, needs the key when one is set."""
     return path in PUBLIC_PATHS or path.startswith("/static/")
+
+
+def _with_security_headers(send):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+        await send(message)
+
+    return wrapped
 
 
 def _host_name(host: str) -> str:

@@ -6,6 +6,7 @@
 (function () {
   const root = document.getElementById("inside-root");
   if (!root) return;
+  // fixed markup only: nothing the server sends ever goes through innerHTML
   root.innerHTML = `
     <form id="inside-form">
       <label>Text <textarea id="inside-text" rows="3" placeholder="(the last reply)"></textarea></label>
@@ -59,16 +60,42 @@
     }
   }
 
+  // Model output (tokens) only ever goes in through textContent: it is data, never markup.
+  function node(tag, text, attrs) {
+    const n = document.createElement(tag);
+    if (text !== undefined) n.textContent = text;
+    Object.assign(n, attrs || {});
+    return n;
+  }
+
   function drawRouting(r, tokens) {
     const box = el("inside-routing");
-    if (!r) { box.textContent = ""; return; }
-    const rows = r.load.map((row, l) =>
-      `<tr><th>layer ${l}</th>${row.map((x) => `<td style="background:rgba(0,0,255,${Math.min(1, x * r.n_expert / 2)})">${x.toFixed(2)}</td>`).join("")}</tr>`);
+    box.replaceChildren();
+    if (!r) return;
+    box.append(node("h3", `MoE routing (top-${r.top_k} of ${r.n_expert})`));
+    const table = node("table", undefined, { id: "inside-load" });
+    const head = node("tr");
+    head.append(node("th"), ...r.load[0].map((_, e) => node("th", `e${e}`)));
+    table.append(head);
+    r.load.forEach((row, l) => {
+      const tr = node("tr");
+      tr.append(node("th", `layer ${l}`));
+      row.forEach((x) => {
+        const td = node("td", x.toFixed(2));
+        td.style.background = `rgba(0,0,255,${Math.min(1, x * r.n_expert / 2)})`;
+        tr.append(td);
+      });
+      table.append(tr);
+    });
     const layer = Math.min(Number(el("inside-layer").value) || 0, r.choices.length - 1);
-    const picks = tokens.map((t, i) => `<span title="experts ${r.choices[layer][i].join(",")}">${t}<sub>${r.choices[layer][i].join(",")}</sub></span>`);
-    box.innerHTML = `<h3>MoE routing (top-${r.top_k} of ${r.n_expert})</h3>
-      <table id="inside-load"><tr><th></th>${r.load[0].map((_, e) => `<th>e${e}</th>`).join("")}</tr>${rows.join("")}</table>
-      <p id="inside-choices">layer ${layer}: ${picks.join(" ")}</p>`;
+    const picks = node("p", `layer ${layer}: `, { id: "inside-choices" });
+    tokens.forEach((t, i) => {
+      const experts = r.choices[layer][i].join(",");
+      const span = node("span", t, { title: `experts ${experts}` });
+      span.append(node("sub", experts));
+      picks.append(span, " ");
+    });
+    box.append(table, picks);
   }
 
   async function show(ev) {
