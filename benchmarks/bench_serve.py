@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the tiny test model (_serve_helpers)
+
 WORDS = (
     "the quick brown fox jumps over a lazy dog while language models predict the next token "
     "from every token before it attention looks back at earlier positions to be or not to be"
@@ -206,7 +208,7 @@ def start_server(model_path: str, name: str, port: int, max_concurrency: int, th
 def bench_model(
     label: str, model_path: str, levels: list[int], n_requests: int, threads: int, reply_lengths, max_prompt_words: int
 ) -> list[dict]:
-    from qkv.serve.testing import free_port
+    from _serve_helpers import free_port
 
     items = workload(n_requests, reply_lengths=reply_lengths, max_prompt_words=max_prompt_words)
     port = free_port()
@@ -284,7 +286,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
 
-    from qkv.serve.testing import make_tiny_checkpoint
+    from _serve_helpers import make_tiny_checkpoint
 
     levels = [int(x) for x in args.levels.split(",")]
     models = args.models.split(",")

@@ -23,10 +23,10 @@ if not os.path.exists(CHROMIUM):
 @contextlib.contextmanager
 def serve_tiny(directory, name: str, **cfg_overrides):
     """A tiny qkv checkpoint made in `directory`, served under `name`; yields the base URL."""
+    from _serve_helpers import BackgroundServer, make_tiny_checkpoint
     from qkv.commands.serve import load_for_serving
     from qkv.infer.engine import Engine
     from qkv.serve.app import create_app
-    from qkv.serve.testing import BackgroundServer, make_tiny_checkpoint
 
     model, tok = load_for_serving(str(make_tiny_checkpoint(directory / "ckpt", **cfg_overrides)))
     app = create_app(Engine(model, tok, num_blocks=64, max_num_seqs=4), name)

@@ -15,10 +15,10 @@ import openai
 import pytest
 import torch
 
+from _serve_helpers import BackgroundServer, make_tiny_checkpoint
 from qkv.commands.serve import load_for_serving
 from qkv.infer.engine import Engine
 from qkv.serve.app import create_app
-from qkv.serve.testing import BackgroundServer, make_tiny_checkpoint
 
 MODEL = "tiny-chat"
 KEY = "sk-test-key"

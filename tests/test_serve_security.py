@@ -17,13 +17,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _serve_helpers import BackgroundServer, make_tiny_checkpoint
 from qkv.commands.serve import load_for_serving
 from qkv.infer import engine as engine_module
 from qkv.infer.engine import Engine
 from qkv.infer.sampling import SamplingError, SamplingParams, sample_seed
 from qkv.infer.stop_strings import StopStrings
 from qkv.serve.app import create_app
-from qkv.serve.testing import BackgroundServer, make_tiny_checkpoint
 
 MODEL = "tiny-chat"
 KEY = "sk-security-key"

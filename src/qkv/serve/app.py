@@ -1,32 +1,34 @@
 """The OpenAI-compatible HTTP server: `create_app(engine, model_name, ...)` -> FastAPI app.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as
-server-sent events ending with `data: [DONE]`), GET /health, GET /metrics, and the chat
-page at GET /. All generation goes through one `AsyncEngine` (one thread, continuous
-batching); handlers only tokenize (in a worker thread, so one long prompt never freezes the
-other streams), submit and format.
+server-sent events ending with `data: [DONE]`), POST /v1/inside/attention (the page's
+inside view, serve/inside.py), GET /health, GET /metrics, and the chat page at GET /.
+All generation goes through one `AsyncEngine` (one thread, continuous batching); handlers
+only tokenize (in a worker thread, so one long prompt never freezes the other streams),
+submit and format (serve/responses.py). Every request first passes the guard
+(serve/guard.py): Host allow-list, API key, JSON-only bodies, body size.
 
 Every failure a client can cause is an OpenAI error object {"error": {message, type,
 param, code}} with a 4xx status: 400 bad parameters / prompt longer than the context,
 401 missing or wrong API key, 404 unknown model or route, 413 body too large, 415 an API
 body not sent as application/json, 421 a Host header not in the allow-list (DNS
 rebinding), 429 queue full. A user error is never a 500, and nothing a client sends stops
-the server; a request the engine fails on is a 500 for that request alone.
+the server; a request the engine fails on is a 500 for that request alone, and a stopped
+engine is a 503.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qkv.infer.sampling import SamplingError
 from qkv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
 from qkv.serve.guard import Guard
+from qkv.serve.inside import router as inside_router
 from qkv.serve.metrics import CONTENT_TYPE, Metrics
 from qkv.serve.protocol import (
     MAX_TOP_LOGPROBS,
@@ -42,14 +45,26 @@ from qkv.serve.protocol import (
     CompletionRequest,
     error_body,
     model_card,
-    new_id,
     now,
-    usage,
 )
+from qkv.serve.responses import ChatFormat, CompletionFormat, complete, sse
 
 log = logging.getLogger("qkv.serve")
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 4 * 2**20
+
+
+@dataclass
+class _Served:
+    """What the routes of one app share."""
+
+    aengine: AsyncEngine
+    tokenizer: object
+    model_name: str
+    max_model_len: int
+    max_queue: int
+    metrics: Metrics
+    created: int
 
 
 def create_app(
@@ -70,12 +85,32 @@ def create_app(
     `metrics_auth` makes /metrics require the API key too."""
     if metrics_auth and not api_key:
         raise ValueError("metrics_auth needs an API key to check: pass api_key (qkv serve --api-key)")
-    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
-    max_model_len = max_model_len or engine.model.cfg.max_seq_len
     aengine = AsyncEngine(engine, max_queue=max_queue)
-    metrics = Metrics(aengine, model_name)
-    created = now()
+    served = _Served(
+        aengine=aengine,
+        tokenizer=tokenizer if tokenizer is not None else engine.tokenizer,
+        model_name=model_name,
+        max_model_len=max_model_len or engine.model.cfg.max_seq_len,
+        max_queue=max_queue,
+        metrics=Metrics(aengine, model_name),
+        created=now(),
+    )
+    app = FastAPI(title="qkv", lifespan=_engine_running(aengine), docs_url=None, redoc_url=None)
+    app.state.engine, app.state.aengine, app.state.tokenizer = engine, aengine, served.tokenizer
+    app.state.model_name, app.state.metrics = model_name, served.metrics
+    app.add_middleware(
+        Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts, metrics_auth=metrics_auth
+    )
+    _add_error_handlers(app, served.metrics)
+    app.include_router(_service_routes(served))
+    app.include_router(_model_routes(served))
+    app.include_router(_generation_routes(served))
+    app.include_router(inside_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
 
+
+def _engine_running(aengine: AsyncEngine):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         aengine.start()
@@ -84,14 +119,13 @@ def create_app(
         finally:
             aengine.shutdown()
 
-    app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine, app.state.aengine, app.state.tokenizer = engine, aengine, tokenizer
-    app.state.model_name, app.state.metrics = model_name, metrics
-    app.add_middleware(
-        Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts, metrics_auth=metrics_auth
-    )
+    return lifespan
 
-    # --- errors: always an OpenAI error object ------------------------------------------
+
+# --- errors: always an OpenAI error object ----------------------------------------------------
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return _error_response(e.status, e.body(), metrics, request)
@@ -116,60 +150,59 @@ def create_app(
             500, error_body(f"internal server error: {type(e).__name__}", "server_error"), metrics, request
         )
 
-    # --- plain routes -------------------------------------------------------------------
-    @app.get("/health")
+
+# --- the page, liveness and metrics -------------------------------------------------------------
+
+
+def _service_routes(served: _Served) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @router.get("/health")
     async def health():
+        aengine = served.aengine
         if not aengine.alive:
             reason = type(aengine.error).__name__ if aengine.error is not None else "shut down"
             return JSONResponse({"status": "engine stopped", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(served.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    return router
+
+
+# --- /v1/models ---------------------------------------------------------------------------------
+
+
+def _model_routes(served: _Served) -> APIRouter:
+    router = APIRouter()
+    card = model_card(served.model_name, served.max_model_len, served.created)
+
+    @router.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(model_name, max_model_len, created)]}
+        return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{name:path}")
+    @router.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        _check_model(name, model_name)
-        return model_card(model_name, max_model_len, created)
+        _check_model(name, served.model_name)
+        return card
 
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    return router
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    # --- generation ---------------------------------------------------------------------
-    async def submit_all(prompts: list[list[int]], params) -> tuple[list[str], asyncio.Queue]:
-        """Submit every prompt; wait until the engine accepted all of them, so a refusal
-        is a proper 400 even for a stream (whose headers have not gone out yet)."""
-        q: asyncio.Queue = asyncio.Queue()
-        rids, futures = [], []
-        try:
-            for ids in prompts:
-                rid, _, fut = aengine.submit(ids, params, q)
-                rids.append(rid)
-                futures.append(fut)
-            await asyncio.gather(*futures)
-        except BaseException as e:
-            for rid in rids:
-                aengine.abort(rid)
-            if isinstance(e, QueueFull):
-                raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
-            if isinstance(e, EngineDead):
-                raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
-            if isinstance(e, ValueError):  # the engine's own validation: the client's fault
-                raise APIError(400, str(e), param=getattr(e, "param", None)) from None
-            raise
-        for ids in prompts:
-            metrics.prompt_tokens.inc(len(ids))
-        return rids, q
+# --- /v1/chat/completions and /v1/completions ---------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+
+def _generation_routes(served: _Served) -> APIRouter:
+    router = APIRouter()
+    tokenizer, model_name, ctx = served.tokenizer, served.model_name, served.max_model_len
+
+    @router.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _check_model(req.model, model_name)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
@@ -183,16 +216,16 @@ def create_app(
                 param="top_logprobs",
             )
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = _budget(len(prompt), explicit, max_model_len, "messages")
+        max_tokens = _budget(len(prompt), explicit, ctx, "messages")
         params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        rids, q = await submit_all([prompt], params)
-        gen = aengine.results(rids, q)
-        fmt = _ChatFormat(tokenizer, model_name, req.n)
+        rids, q = await _submit_all(served, [prompt], params)
+        gen = served.aengine.results(rids, q)
+        fmt = ChatFormat(tokenizer, model_name, req.n)
         if req.stream:
-            return _sse(fmt, gen, metrics, request, req.stream_options, "chat")
-        return await _complete(fmt, gen, metrics, request, "chat")
+            return sse(fmt, gen, served.metrics, request, req.stream_options, "chat")
+        return await complete(fmt, gen, served.metrics, request, "chat")
 
-    @app.post("/v1/completions")
+    @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model, model_name)
         if req.echo:
@@ -205,26 +238,45 @@ def create_app(
             raise APIError(
                 400, f"invalid logprobs: {req.logprobs}; must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs"
             )
-        _check_prompt_count(req.prompt, max_queue, aengine.in_flight)  # before any tokenizing
+        _check_prompt_count(req.prompt, served.max_queue, served.aengine.in_flight)  # before any tokenizing
         prompts = await run_in_threadpool(_completion_prompts, req.prompt, tokenizer)
         longest = max(len(p) for p in prompts)
-        max_tokens = _budget(longest, req.max_tokens, max_model_len, "prompt", default=16)
+        max_tokens = _budget(longest, req.max_tokens, ctx, "prompt", default=16)
         params = _params(req, max_tokens, req.logprobs)
-        rids, q = await submit_all(prompts, params)
-        gen = aengine.results(rids, q)
-        fmt = _CompletionFormat(tokenizer, model_name, req.n, rids)
+        rids, q = await _submit_all(served, prompts, params)
+        gen = served.aengine.results(rids, q)
+        fmt = CompletionFormat(tokenizer, model_name, req.n, rids)
         if req.stream:
-            return _sse(fmt, gen, metrics, request, req.stream_options, "completions")
-        return await _complete(fmt, gen, metrics, request, "completions")
+            return sse(fmt, gen, served.metrics, request, req.stream_options, "completions")
+        return await complete(fmt, gen, served.metrics, request, "completions")
 
-    try:  # the "inside" view (attention, logit lens, ...) plugs in here when it exists
-        from qkv.serve.inside import router as inside_router
-    except ModuleNotFoundError as e:
-        if e.name != "qkv.serve.inside":
-            raise
-    else:
-        app.include_router(inside_router)
-    return app
+    return router
+
+
+async def _submit_all(served: _Served, prompts: list[list[int]], params) -> tuple[list[str], asyncio.Queue]:
+    """Submit every prompt; wait until the engine accepted all of them, so a refusal is a
+    proper 4xx even for a stream (whose headers have not gone out yet)."""
+    q: asyncio.Queue = asyncio.Queue()
+    rids, futures = [], []
+    try:
+        for ids in prompts:
+            rid, _, fut = served.aengine.submit(ids, params, q)
+            rids.append(rid)
+            futures.append(fut)
+        await asyncio.gather(*futures)
+    except BaseException as e:
+        for rid in rids:
+            served.aengine.abort(rid)
+        if isinstance(e, QueueFull):
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        if isinstance(e, EngineDead):
+            raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
+        if isinstance(e, ValueError):  # the engine's own validation: the client's fault
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
+        raise
+    for ids in prompts:
+        served.metrics.prompt_tokens.inc(len(ids))
+    return rids, q
 
 
 # --- request checks ------------------------------------------------------------------------
@@ -347,208 +399,3 @@ def _error_response(status: int, body: dict, metrics: Metrics, request: Request)
     path = request.url.path if request.url.path in _ENDPOINTS else "other"  # bounded label values
     metrics.requests.labels(path, str(status)).inc()
     return JSONResponse(body, status_code=status)
-
-
-# --- response formats ------------------------------------------------------------------------
-
-
-class _Format:
-    """Turns RequestOutputs into OpenAI choices (whole or as stream chunks)."""
-
-    object_full: str
-    object_chunk: str
-    prefix: str
-
-    def __init__(self, tokenizer, model_name: str, n: int):
-        self.tok, self.model, self.n = tokenizer, model_name, n
-        self.id, self.created = new_id(self.prefix), now()
-        self.prompt_tokens: dict[str, int] = {}
-        self.completion_tokens: dict[tuple[str, int], int] = {}
-
-    def choice_index(self, out) -> int:
-        return out.index
-
-    def account(self, out) -> None:
-        if out.prompt_tokens:
-            self.prompt_tokens[out.request_id] = out.prompt_tokens
-        key = (out.request_id, out.index)
-        counted = self.completion_tokens.get(key, 0) + len(out.new_token_ids)
-        self.completion_tokens[key] = max(counted, out.completion_tokens or 0)
-
-    def usage(self) -> dict:
-        return usage(sum(self.prompt_tokens.values()), sum(self.completion_tokens.values()))
-
-    def token_text(self, token_id: int) -> str:
-        return self.tok.decode([token_id])
-
-    def envelope(self, obj: str, choices: list) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-
-
-class _ChatFormat(_Format):
-    prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
-
-    def logprobs(self, lps) -> dict | None:
-        if lps is None:
-            return None
-        content = []
-        for lp in lps:
-            tok = self.token_text(lp.token_id)
-            content.append(
-                {
-                    "token": tok,
-                    "logprob": lp.logprob,
-                    "bytes": list(tok.encode("utf-8")),
-                    "top_logprobs": [
-                        {"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode("utf-8"))}
-                        for i, v in lp.top
-                    ],
-                }
-            )
-        return {"content": content}
-
-    def full_choice(self, index: int, text: str, lps, finish: str | None) -> dict:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": self.logprobs(lps),
-            "finish_reason": finish,
-        }
-
-    def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"index": index, "delta": delta, "logprobs": self.logprobs(lps), "finish_reason": finish}
-
-
-class _CompletionFormat(_Format):
-    prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
-
-    def __init__(self, tokenizer, model_name: str, n: int, request_ids: list[str]):
-        super().__init__(tokenizer, model_name, n)
-        self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
-        self.offsets: dict[int, int] = {}
-
-    def choice_index(self, out) -> int:  # choices are ordered prompt-major, as OpenAI does
-        return self.prompt_index[out.request_id] * self.n + out.index
-
-    def logprobs(self, lps, index: int) -> dict | None:
-        if lps is None:
-            return None
-        res = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for lp in lps:
-            tok = self.token_text(lp.token_id)
-            res["text_offset"].append(self.offsets.get(index, 0))
-            self.offsets[index] = self.offsets.get(index, 0) + len(tok)
-            res["tokens"].append(tok)
-            res["token_logprobs"].append(lp.logprob)
-            res["top_logprobs"].append({self.token_text(i): v for i, v in lp.top})
-        return res
-
-    def full_choice(self, index: int, text: str, lps, finish: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
-
-    def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
-        return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
-
-
-async def _complete(
-    fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, endpoint: str
-) -> JSONResponse:
-    """Collect a whole response; abort the generation if the client goes away first."""
-    t0 = time.perf_counter()
-    texts: dict[int, list[str]] = {}
-    lps: dict[int, list | None] = {}
-    finish: dict[int, str | None] = {}
-
-    async def collect():
-        first = True
-        try:
-            async for out in gen:
-                if first and out.new_token_ids:
-                    metrics.ttft.observe(time.perf_counter() - t0)
-                    first = False
-                i = fmt.choice_index(out)
-                fmt.account(out)
-                texts.setdefault(i, []).append(out.new_text)
-                if out.logprobs is not None:
-                    lps.setdefault(i, []).extend(out.logprobs)
-                if out.finished:
-                    finish[i] = out.finish_reason
-        finally:
-            await gen.aclose()
-
-    task = asyncio.ensure_future(collect())
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task not in done:  # client gone: cancelling runs results()' finally -> engine.abort
-        task.cancel()
-        metrics.requests.labels(f"/v1/{endpoint}", "499").inc()
-        return JSONResponse(error_body("client disconnected", code="client_closed"), status_code=499)
-    task.result()  # an engine failure propagates as a 500
-    metrics.latency.observe(time.perf_counter() - t0)
-    metrics.requests.labels(f"/v1/{endpoint}", "200").inc()
-    choices = [fmt.full_choice(i, "".join(texts.get(i, [])), lps.get(i), finish.get(i)) for i in sorted(texts)]
-    body = fmt.envelope(fmt.object_full, choices)
-    body["usage"] = fmt.usage()
-    return JSONResponse(body)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, stream_options, endpoint: str):
-    include_usage = bool(stream_options and stream_options.include_usage)
-
-    def event(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    async def body() -> AsyncIterator[str]:
-        t0 = time.perf_counter()
-        started: set[int] = set()
-        first_token = True
-        status = "200"
-        try:
-            async for out in gen:
-                if first_token and out.new_token_ids:
-                    metrics.ttft.observe(time.perf_counter() - t0)
-                    first_token = False
-                i = fmt.choice_index(out)
-                fmt.account(out)
-                first = i not in started
-                if not (out.new_text or out.finished or out.logprobs or first):
-                    continue
-                started.add(i)
-                finish = out.finish_reason if out.finished else None
-                yield event(
-                    fmt.envelope(fmt.object_chunk, [fmt.chunk_choice(i, out.new_text, out.logprobs, finish, first)])
-                )
-            if include_usage:
-                chunk = fmt.envelope(fmt.object_chunk, [])
-                chunk["usage"] = fmt.usage()
-                yield event(chunk)
-            metrics.latency.observe(time.perf_counter() - t0)
-        except asyncio.CancelledError:  # client disconnected: results() aborts the request
-            status = "499"
-            raise
-        except Exception as e:  # an engine failure after the headers went out: say so in-band
-            status = "503" if isinstance(e, EngineDead) else "500"
-            log.exception("stream failed")  # the details go to the log, never to the client
-            yield event(error_body(f"generation failed: internal server error: {type(e).__name__}", "server_error"))
-        finally:
-            await gen.aclose()
-            metrics.requests.labels(f"/v1/{endpoint}", status).inc()
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )

@@ -1,9 +1,10 @@
-"""Run a real qkv server in-process: a tiny random chat model and a background uvicorn.
+"""Test helpers: run a real qkv server in-process, a tiny random chat model and a background
+uvicorn.
 
-Used by the server tests, benchmarks/bench_serve.py and anyone who wants to poke the API
-without a trained model. The model is random (its replies are gibberish) but everything
-around it is real: a trained byte-level BPE tokenizer, a ChatML template, a saved qkv
-checkpoint, the engine, and uvicorn listening on a loopback port.
+Used by the server and page tests and benchmarks/bench_serve.py (which puts tests/ on its
+path). The model is random (its replies are gibberish) but everything around it is real: a
+trained byte-level BPE tokenizer, a ChatML template, a saved qkv checkpoint, the engine,
+and uvicorn listening on a loopback port.
 """
 
 from __future__ import annotations
