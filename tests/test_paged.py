@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkv.config import preset
-from qkv.infer.paged import BlockAllocator, NoFreeBlocks, PagedKVCache, block_hash
+from qkv.infer.paged import BlockAllocator, NoFreeBlocks, PagedKVCache, block_content, block_hash
 
 
 def test_allocate_free_and_exhaustion():
@@ -43,23 +43,78 @@ def test_fork_and_copy_on_write():
 
 def test_prefix_cache_reuse_and_lru_eviction():
     a = BlockAllocator(3, 4)
-    h1 = block_hash(None, [1, 2, 3, 4])
-    h2 = block_hash(h1, [5, 6, 7, 8])
+    h1, c1 = block_hash(None, [1, 2, 3, 4]), block_content(None, [1, 2, 3, 4])
+    h2, c2 = block_hash(h1, [5, 6, 7, 8]), block_content(h1, [5, 6, 7, 8])
     assert h2 != block_hash(None, [5, 6, 7, 8])  # the chain: same tokens, other prefix
     b1, b2 = a.allocate(), a.allocate()
-    a.register(b1, h1)
-    a.register(b2, h2)
+    a.register(b1, h1, c1)
+    a.register(b2, h2, c2)
     a.free(b2)
     a.free(b1)
     assert a.num_free == 3 and a.num_used == 0  # cached blocks still count as free
-    assert a.lookup(h1) == b1 and a.refcount[b1] == 1  # revived from the cache
+    assert a.lookup(h1, c1) == b1 and a.refcount[b1] == 1  # revived from the cache
     a.free(b1)
     # exhaust: never-used block first, then the least recently freed cached one (b2)
     x, y = a.allocate(), a.allocate()
     assert x not in (b1, b2) and y == b2
-    assert a.lookup(h2) is None and a.lookup(h1) == b1
+    assert a.lookup(h2, c2) is None and a.lookup(h1, c1) == b1
     a.check()
-    assert BlockAllocator(2, 4, prefix_caching=False).lookup(h1) is None
+    assert BlockAllocator(2, 4, prefix_caching=False).lookup(h1, c1) is None
+
+
+def test_block_names_are_sha256_of_parent_and_tokens():
+    """The oracle is hashlib: the same name in every process (no hash randomisation) and
+    one that no client can steer into a collision."""
+    import hashlib
+    import struct
+
+    root = hashlib.sha256(struct.pack("<4q", 1, 2, 3, 4)).digest()
+    assert block_hash(None, [1, 2, 3, 4]) == root
+    assert block_hash(root, [5, 6, 7, 8]) == hashlib.sha256(root + struct.pack("<4q", 5, 6, 7, 8)).digest()
+    assert block_hash(None, [2**40, 0]) != block_hash(None, [0, 2**40])
+
+
+def test_a_name_whose_block_holds_other_tokens_is_a_miss():
+    """Even if two contents shared a name, a block is reused only for its own tokens."""
+    a = BlockAllocator(4, 4)
+    b = a.allocate()
+    name = block_hash(None, [1, 2, 3, 4])
+    a.register(b, name, block_content(None, [1, 2, 3, 4]))
+    a.free(b)
+    assert a.lookup(name, block_content(None, [9, 9, 9, 9])) is None  # forged: same name, other tokens
+    assert a.refcount[b] == 0 and b in a.evictable
+    assert a.lookup(name, block_content(None, [1, 2, 3, 4])) == b
+    a.check()
+
+
+def test_prefix_hits_count_admitted_sequences_only():
+    """A sequence that must wait for memory looks its prefix up at every step; only the
+    lookup of the step that admits it counts."""
+    from qkv.infer.scheduler import Scheduler, Sequence
+
+    a = BlockAllocator(6, 4)
+    sched = Scheduler(a, max_num_seqs=4, max_batch_tokens=64)
+    prompt = list(range(12))  # 3 full blocks
+    first = Sequence(0, "a", 0, 0, list(prompt), len(prompt))
+    sched.add(first)
+    out = sched.schedule()
+    for seq, n in out.scheduled:
+        seq.num_computed += n
+        sched.register_computed(seq)
+    hog = Sequence(1, "b", 0, 1, list(range(100, 108)), 8)  # takes the last free blocks
+    sched.add(hog)
+    sched.schedule()
+    sched.remove(first)  # its 3 blocks stay cached (evictable): the pool has 3 + 1 free
+    second = Sequence(2, "c", 0, 2, prompt + list(range(50, 58)), 20)  # 3 hits, then needs 2 more blocks
+    sched.add(second)
+    for _ in range(5):
+        sched.schedule()
+        assert second in sched.waiting  # not admitted: needs more blocks than are free
+    assert a.prefix_hits == 0
+    sched.remove(hog)
+    sched.schedule()
+    assert second in sched.running and a.prefix_hits == 3
+    a.check()
 
 
 @settings(max_examples=60, deadline=None)
@@ -89,9 +144,9 @@ def test_allocator_invariants_under_random_ops(ops):
             if a.refcount[owned[i]] == 1 or a.num_free:  # a shared block needs a free one to copy into
                 owned[i], _ = a.writable(owned[i])
         elif op == "register" and owned:
-            a.register(owned[x % len(owned)], x % 7)
+            a.register(owned[x % len(owned)], block_hash(None, [x % 7]), block_content(None, [x % 7]))
         elif op == "lookup":
-            b = a.lookup(x % 7)
+            b = a.lookup(block_hash(None, [x % 7]), block_content(None, [x % 7]))
             if b is not None:
                 owned.append(b)
         a.check()

@@ -8,10 +8,13 @@ counts, copy-on-write and prefix caching (the vLLM design, written out small).
 - Blocks are reference counted. n samples of one prompt share the prompt's blocks
   (fork = refcount + 1); the first sample that writes into a shared, partly filled
   block gets a private copy (copy-on-write).
-- Prefix caching: a full block is named by a hash of its tokens and of every token
-  before it (a chain hash). A new sequence whose leading blocks hash the same reuses
-  them instead of recomputing. Freed blocks that carry a hash stay cached (LRU) until
-  the allocator needs the memory.
+- Prefix caching: a full block is named by the sha256 of its parent block's name and its
+  own tokens (a chain hash, so the name covers every token before it). A new sequence
+  whose leading blocks have the same names reuses them instead of recomputing, after
+  checking that the cached block really holds the same parent and tokens: a name is
+  never trusted alone (with Python's hash(), crafted collisions let one request read
+  another's KV; vLLM advisory GHSA-rm76-4mrf-v9r8). Freed blocks that carry a name stay
+  cached (LRU) until the allocator needs the memory.
 
 Decode steps on CPU attend with a native kernel that reads each sequence's blocks in
 place (kernels/decode_attention_f32.c); prompt chunks, and any step the kernel does not
@@ -21,6 +24,8 @@ for SDPA.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
@@ -35,9 +40,15 @@ class NoFreeBlocks(RuntimeError):
     """The pool is exhausted; the scheduler preempts a sequence and retries."""
 
 
-def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
-    """Content hash of a full block, chained through every block before it."""
-    return hash((parent, tuple(tokens)))
+def block_content(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """What names a full block: its parent's name (none for a sequence's first block) and
+    its tokens as little-endian int64s."""
+    return (parent or b"") + struct.pack(f"<{len(tokens)}q", *tokens)
+
+
+def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """The name of a full block: sha256 of its content, chained through every block before it."""
+    return hashlib.sha256(block_content(parent, tokens)).digest()
 
 
 class BlockAllocator:
@@ -48,11 +59,12 @@ class BlockAllocator:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.refcount = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.content_of: list[bytes | None] = [None] * num_blocks  # checked on every hit
         self.free_ids: deque[int] = deque(range(num_blocks))  # no content worth keeping
-        self.cached: dict[int, int] = {}  # content hash -> block id
+        self.cached: dict[bytes, int] = {}  # block name -> block id
         self.evictable: OrderedDict[int, None] = OrderedDict()  # refcount 0 but cached (LRU order)
-        self.prefix_hits = 0  # blocks reused from the prefix cache
+        self.prefix_hits = 0  # blocks reused from the prefix cache by admitted sequences
 
     # --- counts --------------------------------------------------------------------
     @property
@@ -71,7 +83,7 @@ class BlockAllocator:
         elif self.evictable:
             b, _ = self.evictable.popitem(last=False)  # least recently used cached block
             del self.cached[self.hash_of[b]]
-            self.hash_of[b] = None
+            self.hash_of[b] = self.content_of[b] = None
         else:
             raise NoFreeBlocks("KV block pool exhausted")
         assert self.refcount[b] == 0
@@ -104,32 +116,37 @@ class BlockAllocator:
         if self.refcount[b] == 1:
             if self.hash_of[b] is not None:  # content is about to change: forget its name
                 del self.cached[self.hash_of[b]]
-                self.hash_of[b] = None
+                self.hash_of[b] = self.content_of[b] = None
             return b, False
         new = self.allocate()
         self.refcount[b] -= 1
         return new, True
 
     # --- prefix cache ----------------------------------------------------------------
-    def lookup(self, h: int) -> int | None:
-        """A cached block with this content hash, now owned once more by the caller."""
+    def lookup(self, h: bytes, content: bytes) -> int | None:
+        """A cached block named `h` that holds exactly `content` (see block_content), now
+        owned once more by the caller. A name whose block holds other content is a miss."""
         if not self.prefix_caching:
             return None
         b = self.cached.get(h)
-        if b is None:
+        if b is None or self.content_of[b] != content:
             return None
         if self.refcount[b] == 0:
             del self.evictable[b]
         self.refcount[b] += 1
-        self.prefix_hits += 1
         return b
 
-    def register(self, b: int, h: int) -> None:
+    def register(self, b: int, h: bytes, content: bytes) -> None:
         """Name a full, computed block by its content so later sequences can reuse it."""
         if not self.prefix_caching or self.hash_of[b] is not None or h in self.cached:
             return
         self.cached[h] = b
-        self.hash_of[b] = h
+        self.hash_of[b], self.content_of[b] = h, content
+
+    def record_prefix_hits(self, n: int) -> None:
+        """Count n reused blocks, once their sequence is admitted (a sequence that waits
+        for memory looks its prefix up again every step)."""
+        self.prefix_hits += n
 
     def check(self) -> None:
         """Invariants (used by the tests)."""
@@ -137,11 +154,11 @@ class BlockAllocator:
         free = set(self.free_ids)
         assert len(free) == len(self.free_ids), "block listed free twice"
         for b in free:
-            assert self.refcount[b] == 0 and self.hash_of[b] is None
+            assert self.refcount[b] == 0 and self.hash_of[b] is None and self.content_of[b] is None
         for b in self.evictable:
             assert self.refcount[b] == 0 and self.hash_of[b] is not None and b not in free
         for h, b in self.cached.items():
-            assert self.hash_of[b] == h
+            assert self.hash_of[b] == h and self.content_of[b] is not None
         for b in range(self.num_blocks):
             if self.refcount[b] == 0:
                 assert b in free or b in self.evictable, f"block {b} leaked"

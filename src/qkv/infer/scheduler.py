@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qkv.infer.paged import BlockAllocator, NoFreeBlocks, block_hash
+from qkv.infer.paged import BlockAllocator, NoFreeBlocks, block_content, block_hash
 
 
 @dataclass(eq=False)
@@ -38,7 +38,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_hashed: int = 0  # leading full blocks already named in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     finished: bool = False
 
     @property
@@ -121,7 +121,7 @@ class Scheduler:
         bs = self.bs
         self.hash_blocks(seq)
         for i in range((len(seq.token_ids) - 1) // bs):
-            b = self.alloc.lookup(seq.block_hashes[i])
+            b = self.alloc.lookup(seq.block_hashes[i], self._content(seq, i))
             if b is None:
                 break
             seq.block_table.append(b)
@@ -136,6 +136,10 @@ class Scheduler:
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
 
+    def _content(self, seq: Sequence, i: int) -> bytes:
+        parent = seq.block_hashes[i - 1] if i else None
+        return block_content(parent, seq.token_ids[i * self.bs : (i + 1) * self.bs])
+
     def register_computed(self, seq: Sequence) -> None:
         """After a step: name newly completed full blocks in the prefix cache."""
         if not self.alloc.prefix_caching:
@@ -144,7 +148,7 @@ class Scheduler:
         if full > seq.num_hashed:
             self.hash_blocks(seq)
             for i in range(seq.num_hashed, full):
-                self.alloc.register(seq.block_table[i], seq.block_hashes[i])
+                self.alloc.register(seq.block_table[i], seq.block_hashes[i], self._content(seq, i))
             seq.num_hashed = full
 
     def _preempt(self, seq: Sequence) -> None:
@@ -188,6 +192,7 @@ class Scheduler:
                 seq.num_computed = seq.num_hashed = 0
                 break
             self.waiting.popleft()
+            self.alloc.record_prefix_hits(seq.num_hashed)  # the blocks _match_prefix reused
             self._reserve(seq, n, copies)
             self.running.append(seq)
             scheduled.append((seq, n))
