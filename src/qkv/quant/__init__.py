@@ -1,0 +1,6 @@
+"""qkv.quant: weights kept in GGUF's quantized block formats (formats.py) and the modules
+that hold them in place of nn.Linear / nn.Embedding (modules.py)."""
+
+from qkv.quant.formats import FORMATS, BlockFormat, block_format, dequantize, quantize
+
+__all__ = ["FORMATS", "BlockFormat", "block_format", "dequantize", "quantize"]
