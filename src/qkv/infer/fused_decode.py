@@ -106,12 +106,16 @@ def describe(cfg) -> str:
 
 def supports(model) -> bool:
     """Whether the model's architecture and state fit the fused block (any step)."""
+    head = model.tok_emb if model.lm_head is None else model.lm_head
+    # the stored parameter, not `output_weight`: a quantized head computes that on each access
+    w = dict(head.named_parameters(recurse=False)).get("weight")
     return (
         architecture_fits(model.cfg)
         and not model.training
         and not any(b.attn.keep_probs for b in model.blocks)
-        and model.output_weight.dtype == torch.float32
-        and model.output_weight.device.type == "cpu"
+        and w is not None
+        and w.dtype == torch.float32
+        and w.device.type == "cpu"
     )
 
 
@@ -142,7 +146,9 @@ def _blocks(model) -> list[_Block]:
             n1.weight,
             n2.weight,
         ] + ([] if gate is None else [gate.weight])
-        if not all(w.is_contiguous() and w.dtype == torch.float32 for w in ws):
+        # a weight computed on access (a quantized module's dequantized `weight`) is a temporary
+        # the C view must not point to: only the model's own fp32 parameters qualify
+        if not all(isinstance(w, torch.nn.Parameter) and w.is_contiguous() and w.dtype == torch.float32 for w in ws):
             return []
         mlp = _MLP["swiglu"] if gate is not None else _MLP[("gelu", m.approximate)]
         out.append(

@@ -2,5 +2,15 @@
 that hold them in place of nn.Linear / nn.Embedding (modules.py)."""
 
 from qkv.quant.formats import FORMATS, BlockFormat, block_format, dequantize, quantize
+from qkv.quant.modules import QuantEmbedding, QuantLinear, quantize_model
 
-__all__ = ["FORMATS", "BlockFormat", "block_format", "dequantize", "quantize"]
+__all__ = [
+    "FORMATS",
+    "BlockFormat",
+    "QuantEmbedding",
+    "QuantLinear",
+    "block_format",
+    "dequantize",
+    "quantize",
+    "quantize_model",
+]
