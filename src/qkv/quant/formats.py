@@ -91,11 +91,6 @@ def block_format(qtype: str | int) -> BlockFormat:
 
 
 # --- byte helpers ------------------------------------------------------------------------
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """(n, 2) uint8 little-endian halves -> (n, 1) fp32."""
-    return b.contiguous().view(torch.float16).float()
-
-
 class _Fp16Overflow(ArithmeticError):
     pass
 
@@ -169,26 +164,43 @@ def _pack_scale_min(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
 
 
 # --- dequantize: (n_blocks, type_size) uint8 -> (n_blocks, block_size) fp32 ----------------
+# Each step is one pass over the data (fp16 fields read through a view, products in place):
+# this is the fallback on every forward where no native kernel applies. Products keep the
+# gguf package's order (d * q, then + m), so results match it bit for bit.
+def _f16_at(b: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 field at byte `offset` of each (contiguous, even-sized) block -> (n, 1) fp32."""
+    return b.view(torch.float16)[:, offset // 2 : offset // 2 + 1].float()
+
+
+def _nibbles_f32(qs: torch.Tensor) -> torch.Tensor:
+    """`_nibbles` straight into fp32."""
+    n, k = qs.shape
+    out = torch.empty(n, 2 * k, device=qs.device)
+    out[:, :k] = qs & 0x0F
+    out[:, k:] = qs >> 4
+    return out
+
+
 def _deq_q8_0(b):
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+    return b[:, 2:].view(torch.int8).float().mul_(_f16_at(b, 0))
 
 
 def _deq_q4_0(b):
-    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]).to(torch.int16) - 8).float()
+    return _nibbles_f32(b[:, 2:]).sub_(8).mul_(_f16_at(b, 0))
 
 
 def _deq_q4_1(b):
-    return _f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])
+    return _nibbles_f32(b[:, 4:]).mul_(_f16_at(b, 0)).add_(_f16_at(b, 2))
 
 
 def _deq_q5_0(b):
     q = _nibbles(b[:, 6:]) | (_bits32(b[:, 2:6]) << 4)
-    return _f16(b[:, :2]) * (q.to(torch.int16) - 16).float()
+    return q.float().sub_(16).mul_(_f16_at(b, 0))
 
 
 def _deq_q5_1(b):
     q = _nibbles(b[:, 8:]) | (_bits32(b[:, 4:8]) << 4)
-    return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
+    return q.float().mul_(_f16_at(b, 0)).add_(_f16_at(b, 2))
 
 
 def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -200,20 +212,20 @@ def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
 def _deq_q4_k(b):
     n = b.shape[0]
     sc, mn = _unpack_scale_min(b[:, 4:16])
-    d = (_f16(b[:, 0:2]) * sc.float()).reshape(n, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn.float()).reshape(n, 8, 1)
-    return (d * _k_low_nibbles(b[:, 16:]).float() - dm).reshape(n, 256)
+    d = (_f16_at(b, 0) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16_at(b, 2) * mn.float()).reshape(n, 8, 1)
+    return _k_low_nibbles(b[:, 16:]).float().mul_(d).sub_(dm).reshape(n, 256)
 
 
 def _deq_q5_k(b):
     n = b.shape[0]
     sc, mn = _unpack_scale_min(b[:, 4:16])
-    d = (_f16(b[:, 0:2]) * sc.float()).reshape(n, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn.float()).reshape(n, 8, 1)
+    d = (_f16_at(b, 0) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16_at(b, 2) * mn.float()).reshape(n, 8, 1)
     shifts = torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 8, 1)
     qh = (b[:, 16:48].reshape(n, 1, 32) >> shifts) & 1
     q = _k_low_nibbles(b[:, 48:]) | (qh << 4)
-    return (d * q.float() - dm).reshape(n, 256)
+    return q.float().mul_(d).sub_(dm).reshape(n, 256)
 
 
 def _deq_q6_k(b):
@@ -222,9 +234,9 @@ def _deq_q6_k(b):
     ql = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
     qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3
-    q = ((ql | (qh << 4)).to(torch.int16) - 32).float().reshape(n, 16, 16)
-    d = (_f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()).reshape(n, 16, 1)
-    return (d * q).reshape(n, 256)
+    q = (ql | (qh << 4)).float().sub_(32).reshape(n, 16, 16)
+    d = (_f16_at(b, 208) * b[:, 192:208].view(torch.int8).float()).reshape(n, 16, 1)
+    return q.mul_(d).reshape(n, 256)
 
 
 def _deq_f16(b):
@@ -409,5 +421,5 @@ def dequantize(blocks: torch.Tensor, qtype: str | int, n_cols: int) -> torch.Ten
             f"got {blocks.dtype} rows of {blocks.shape[-1]} bytes"
         )
     lead = blocks.shape[:-1]
-    out = _DEQUANTIZE[f.name](blocks.reshape(-1, f.type_size))
+    out = _DEQUANTIZE[f.name](blocks.contiguous().reshape(-1, f.type_size))
     return out.reshape(*lead, n_cols)
