@@ -2,7 +2,7 @@
 own browser downloads), and a tiny model served by qkv on loopback.
 
 Importing this module skips the importing test module, with the reason, when playwright or
-/usr/bin/chromium is missing (`make install` installs chromium when run as root)."""
+/usr/bin/chromium is missing (`make browser` installs it; CI does so itself)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[test]')")
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} missing: apt-get install chromium (make install does it as root)", allow_module_level=True)
+    pytest.skip(f"{CHROMIUM} missing: run `make browser` (as root) to enable the page tests", allow_module_level=True)
 
 
 @contextlib.contextmanager

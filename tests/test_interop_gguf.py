@@ -20,8 +20,12 @@ gguf = pytest.importorskip("gguf")
 transformers.logging.set_verbosity_error()
 
 from qkv.cli import main as qkv_main  # noqa: E402
+from qkv.infer.generate import generate  # noqa: E402
+from qkv.infer.sampling import SamplingParams  # noqa: E402
 from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, detect_format, load, load_config  # noqa: E402
+from qkv.interop.gguf import unpermute  # noqa: E402
 from qkv.model import count_params  # noqa: E402
+from qkv.quant import FORMATS, QuantEmbedding, QuantLinear, quantize  # noqa: E402
 
 VOCAB = 128
 
@@ -91,7 +95,7 @@ def tiny(tmp_path_factory):
 def test_tiny_gguf_imports_with_rope_permutation_undone(tiny):
     hf, path = tiny
     assert detect_format(path) == "gguf"
-    model, tokenizer = load(path)
+    model, tokenizer = load(path, dequantize=True)
     assert tokenizer is None  # this file carries no vocabulary
     assert model.cfg == load_config(path)
     assert (model.cfg.n_head, model.cfg.n_kv_head, model.cfg.rope_theta) == (4, 2, 1e5)
@@ -100,6 +104,12 @@ def test_tiny_gguf_imports_with_rope_permutation_undone(tiny):
         diff = (model(ids) - hf(ids).logits).abs().max().item()
     assert diff <= 1e-2  # lm_head went through fp16
     assert count_params(model).total == hf.num_parameters()
+    kept, _ = load(path)  # the default keeps the f16 head as the file's bytes; f32 weights stay Linear
+    assert isinstance(kept.lm_head, QuantLinear) and kept.lm_head.qtype == "f16"
+    assert type(kept.blocks[0].attn.q_proj) is type(model.blocks[0].attn.q_proj)
+    with torch.no_grad():
+        assert torch.equal(kept.lm_head.weight, model.lm_head.weight)
+        assert (kept(ids) - model(ids)).abs().max().item() <= 1e-5
 
 
 def test_convert_cli_gguf_to_qkv_and_hf(tiny, tmp_path, capsys):
@@ -124,6 +134,11 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def smol_qkv():
+    return load(SMOL, dequantize=True)
+
+
+@pytest.fixture(scope="module")
+def smol_quantized():
     return load(SMOL)
 
 
@@ -173,3 +188,120 @@ def test_smollm2_logits_and_greedy_answer_match_transformers(smol_qkv, smol_hf):
     assert (ours - theirs).abs().max().item() <= 1e-3
     their_choice = theirs[0, ids.shape[1] - 1 : -1].argmax(-1)
     assert their_choice.tolist() == out[0, ids.shape[1] :].tolist()
+
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 ="]
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of the model's weights: parameters and persistent buffers (the quantized blocks);
+    RoPE tables are computed, not loaded, and left out."""
+    persistent = [b for n, b in model.named_buffers() if n.endswith(".blocks")]
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *persistent])
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_quantized_load_matches_dequantized(smol_qkv, smol_quantized):
+    """Kept as Q4_1 / Q8_0 blocks the model computes what the fp32 load does: its dequantized
+    weights are the same numbers (Q/K rows un-permuted as whole blocks), logits agree to 1e-3
+    (only the order of fp32 sums differs), greedy decoding picks the same 16 tokens, and the
+    weights take about the file's size (96.6 MB of tensors in a 98.4 MB file, vs 542 MB fp32)."""
+    ref, tok = smol_qkv
+    model, qtok = smol_quantized
+    assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.qtype == "q8_0"
+    q = model.blocks[0].attn.q_proj
+    assert isinstance(q, QuantLinear) and q.qtype == "q4_1"
+    assert torch.equal(q.weight, ref.blocks[0].attn.q_proj.weight)  # un-permuted rows
+    assert torch.equal(model.blocks[29].attn.k_proj.weight, ref.blocks[29].attn.k_proj.weight)
+    assert torch.equal(model.output_weight, ref.output_weight)  # the tied head
+    size = SMOL.stat().st_size
+    assert tensor_bytes(model) <= 1.25 * size and tensor_bytes(ref) > 5 * size
+    for prompt in PROMPTS:
+        ids = tok.encode(tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
+        assert qtok.encode(prompt) == tok.encode(prompt)
+        with torch.no_grad():
+            diff = (model(torch.tensor([ids])) - ref(torch.tensor([ids]))).abs().max().item()
+        assert diff <= 1e-3, (prompt, diff)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    assert generate(model, ids, params) == generate(ref, ids, params)
+
+
+def write_quantized_llama_gguf(model, path: Path, qtype: str) -> None:
+    """A qkv llama model as llama.cpp would store it: Q/K rows permuted, 2-D weights in `qtype`
+    (quantized by the gguf package where it can, by qkv.quant for the K-quants), norms f32."""
+    from gguf import GGMLQuantizationType
+
+    c = model.cfg
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.n_layer)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_feed_forward_length(c.d_ff)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    gtype = GGMLQuantizationType[qtype.upper()]
+
+    def put(name: str, t: torch.Tensor) -> None:
+        t = t.detach().float()
+        if t.dim() == 1:
+            w.add_tensor(name, t.numpy())
+        elif qtype in ("q4_k", "q5_k", "q6_k"):
+            w.add_tensor(name, quantize(t, qtype).numpy(), raw_dtype=gtype)
+        elif qtype == "f16":
+            w.add_tensor(name, t.numpy().astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(t.numpy(), gtype), raw_dtype=gtype)
+
+    put("token_embd.weight", model.tok_emb.weight)
+    put("output_norm.weight", model.final_norm.weight)
+    for i, b in enumerate(model.blocks):
+        put(f"blk.{i}.attn_norm.weight", b.attn_norm.weight)
+        put(f"blk.{i}.ffn_norm.weight", b.mlp_norm.weight)
+        put(
+            f"blk.{i}.attn_q.weight",
+            torch.from_numpy(llama_cpp_permute(b.attn.q_proj.weight.detach().numpy(), c.n_head)),
+        )
+        k = llama_cpp_permute(b.attn.k_proj.weight.detach().numpy(), c.n_kv_head)
+        put(f"blk.{i}.attn_k.weight", torch.from_numpy(k))
+        put(f"blk.{i}.attn_v.weight", b.attn.v_proj.weight)
+        put(f"blk.{i}.attn_output.weight", b.attn.o_proj.weight)
+        for n in ("gate", "up", "down"):
+            put(f"blk.{i}.ffn_{n}.weight", getattr(b.mlp, f"{n}_proj").weight)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+QTYPES = [name for name in FORMATS if name != "f32"]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_tiny_quantized_gguf_keeps_its_blocks(qtype, tmp_path):
+    """For every kept format: the model holds the file's bytes (Q/K rows un-permuted), its
+    dequantized weights equal the fp32 load's, and the logits agree to 1e-4."""
+    from qkv.config import ModelConfig
+    from qkv.model import build_model
+
+    cfg = ModelConfig(vocab_size=64, n_layer=1, d_model=256, n_head=4, n_kv_head=2, d_ff=512, max_seq_len=32)
+    src = build_model(cfg).eval()
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_quantized_llama_gguf(src, path, qtype)
+    model, _ = load(path)
+    ref, _ = load(path, dequantize=True)
+    assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.qtype == qtype
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 7 and all(m.qtype == qtype for m in linears)
+    reader = gguf.GGUFReader(str(path))
+    raw_q = torch.from_numpy(np.array(next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight").data))
+    assert torch.equal(model.blocks[0].attn.q_proj.blocks, unpermute(raw_q.view(torch.uint8), cfg.n_head))
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            assert torch.equal(m.weight, ref.get_submodule(name).weight), name
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (model(ids) - ref(ids)).abs().max().item() <= 1e-4
+        assert (ref(ids) - src(ids)).abs().max().item() <= 0.5  # the format's rounding, not garbage

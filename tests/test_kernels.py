@@ -151,8 +151,8 @@ def test_decode_ops_match_the_model_pytorch_code(B, T, per_row_angles):
     torch.nn.init.normal_(norm.weight)
     with torch.inference_mode():
         assert decode_ops.applies(x, cos, sin, rows=B * T)
-        native_rope, native_norm = apply_rope(x, cos, sin), norm(x)
-    reference_rope, reference_norm = apply_rope(x, cos, sin), norm(x)  # grad mode: PyTorch code
+        native_rope, native_norm = decode_ops.rope(x, cos, sin), decode_ops.rms_norm(x, norm.weight, norm.eps)
+        reference_rope, reference_norm = apply_rope(x, cos, sin), norm(x)  # the model's PyTorch code
     torch.testing.assert_close(native_rope, reference_rope, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(native_norm, reference_norm, atol=1e-6, rtol=1e-5)
 

@@ -142,3 +142,29 @@ def test_export_error_via_cli(tmp_path, capsys):
     err = convert_fails(capsys, tmp_path / "ck", "--to", "hf")
     assert "cannot export to llama: pos='sinusoidal'" in err
     assert not (tmp_path / "converted" / "model.safetensors").exists()
+
+
+def test_gguf_tensor_larger_than_its_bytes(tmp_path, capsys):
+    """A tensor whose declared shape needs more bytes than the file gives it (here it would run
+    into the next tensor's data) is refused, naming the tensor, before anything reads it."""
+    gguf = pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType
+
+    path = tmp_path / "overlap.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    blocks = gguf.quants.quantize(torch.randn(64, 32).numpy(), GGMLQuantizationType.Q8_0)  # (64, 34) bytes
+    w.add_tensor("token_embd.weight", blocks, raw_shape=(128, 34), raw_dtype=GGMLQuantizationType.Q8_0)
+    w.add_tensor("output_norm.weight", torch.ones(2048).numpy())  # enough bytes after it for the reader
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    message = (
+        r"overlap\.gguf: GGUF tensor 'token_embd\.weight' declares shape \[32, 128\] of Q8_0 \(4352 bytes\) "
+        r"but the file holds 2176 bytes for it"
+    )
+    for dequantize in (False, True):
+        with pytest.raises(ValueError, match=message):
+            load(path, dequantize=dequantize)
+    assert "token_embd.weight" in convert_fails(capsys, path)

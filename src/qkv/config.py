@@ -23,9 +23,10 @@ class ModelConfig:
     n_layer: int = 12
     d_model: int = 768
     n_head: int = 12
-    n_kv_head: int | None = None  # None -> n_head (MHA); 1 -> MQA; otherwise GQA
-    head_dim: int | None = None  # None -> d_model // n_head
-    d_ff: int | None = None  # None -> 4*d (gelu) or the Llama 8/3*d rule rounded to 64 (swiglu)
+    # the next three are derived when left at 0 (or given as None), and always set after __post_init__
+    n_kv_head: int = 0  # 0 -> n_head (MHA); 1 -> MQA; otherwise GQA
+    head_dim: int = 0  # 0 -> d_model // n_head
+    d_ff: int = 0  # 0 -> 4*d (gelu) or the Llama 8/3*d rule rounded to 64 (swiglu)
     max_seq_len: int = 1024
 
     # positions
@@ -54,7 +55,7 @@ class ModelConfig:
     n_expert: int = 0
     n_expert_per_token: int = 2
     moe_renormalize: bool = True  # Mixtral renormalises the top-k weights, OLMoE does not
-    moe_d_ff: int | None = None
+    moe_d_ff: int = 0  # 0 -> d_ff
     moe_dispatch: Literal["grouped_mm", "loop"] = "grouped_mm"
     router_aux_coef: float = 0.01
     router_z_coef: float = 0.001
@@ -62,21 +63,21 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.n_kv_head is None:
+        if not self.n_kv_head:
             self.n_kv_head = self.n_head
-        if self.head_dim is None:
+        if not self.head_dim:
             if self.d_model % self.n_head:
                 raise ValueError(
                     f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                     "set head_dim explicitly or change one of them"
                 )
             self.head_dim = self.d_model // self.n_head
-        if self.d_ff is None:
+        if not self.d_ff:
             if self.mlp == "gelu":
                 self.d_ff = 4 * self.d_model
             else:
                 self.d_ff = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
-        if self.n_expert and self.moe_d_ff is None:
+        if self.n_expert and not self.moe_d_ff:
             self.moe_d_ff = self.d_ff
         self.validate()
 

@@ -85,7 +85,7 @@ def load_policy(source: str):
 
     if not Path(source).exists():
         raise FileNotFoundError(f"{source}: no such checkpoint directory, Hugging Face directory or GGUF file")
-    model, tok = load(source)
+    model, tok = load(source, dequantize=True)  # training updates plain fp32 weights
     if tok is None:
         raise ValueError(
             f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "

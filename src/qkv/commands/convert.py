@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     found = detect_format(args.src)
     if args.src_format != "auto" and found != args.src_format:
         raise ValueError(f"{args.src}: looks like a {found} model, not --from {args.src_format}; use --from auto")
-    model, tokenizer = load(args.src, dtype=dtype)
+    model, tokenizer = load(args.src, dtype=dtype, dequantize=True)  # writers take plain weights
     dst = Path(args.dst)
     if args.dst_format == "qkv":
         from qkv.checkpoint import save_model

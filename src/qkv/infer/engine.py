@@ -56,7 +56,7 @@ from collections.abc import Iterator  # noqa: E402
 
 import torch  # noqa: E402
 
-from qkv.infer import fused_decode  # noqa: E402
+from qkv.infer import backend  # noqa: E402
 from qkv.infer.paged import BlockAllocator, PagedKVCache  # noqa: E402
 from qkv.infer.sampling import (  # noqa: E402
     SamplingError,
@@ -110,7 +110,7 @@ class Engine:
         prefix_caching: bool = True,
         kv_memory_bytes: int = 1 << 30,
     ):
-        self.model = model.eval()
+        self.model = backend.prepare_for_inference(model.eval())
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         p = next(model.parameters())
@@ -282,17 +282,13 @@ class Engine:
         # the paged cache attends itself; the plain path (inspection, math attention) needs the mask
         plain = self.cfg.attn_impl == "math" or any(blk.attn.keep_probs for blk in self.model.blocks)
         positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
-        h = None if plain else fused_decode.hidden(self.model, tok, positions, self.cache)  # decode steps, natively
-        if h is None:
-            h = self.model.hidden(
-                tok, positions=positions, mask=self.cache.full_mask() if plain else None, cache=self.cache
-            )
+        h = backend.hidden(self.model, tok, positions, self.cache, mask=self.cache.full_mask() if plain else None)
 
         rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == len(s.token_ids)]
         if not rows:
             return []
         r = torch.tensor(rows, device=dev)
-        logits = self.model.head(h[r, lens[r] - 1]).float()
+        logits = backend.logits(self.model, h[r, lens[r] - 1]).float()
         return [(group[b][0], logits[i]) for i, b in enumerate(rows)]
 
     # --- sampling, stopping, detokenising -----------------------------------------------

@@ -14,13 +14,18 @@ inspection hooks, one token per sequence.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import weakref
+from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 
+from qkv.config import ModelConfig
 from qkv.infer.kv_cache import KVCache
 from qkv.infer.paged import PagedKVCache
 from qkv.kernels import decode_attention, native
+from qkv.model.layers import RMSNorm
 
 _P = ctypes.c_void_p
 
@@ -82,26 +87,92 @@ _decode_block = native.Kernel(
 )
 
 
-def architecture_fits(cfg) -> bool:
+# Every ModelConfig field, and what the C block supports of it. A field that is not here
+# (a new architecture option) makes `refusal` name it, so a model never runs a block that
+# silently ignores part of its config.
+_SUPPORTED_FIELDS: dict[str, Callable[[ModelConfig], bool]] = {
+    "vocab_size": lambda c: True,
+    "n_layer": lambda c: True,
+    "d_model": lambda c: True,
+    "n_head": lambda c: True,
+    "n_kv_head": lambda c: True,
+    "head_dim": lambda c: c.head_dim % 8 == 0,
+    "d_ff": lambda c: True,
+    "max_seq_len": lambda c: True,
+    "pos": lambda c: c.pos in ("rope", "learned", "sinusoidal", "none"),
+    "rope_theta": lambda c: True,  # baked into the model's cos/sin tables, which this path reads
+    "rope_scaling": lambda c: True,  # likewise
+    "norm": lambda c: c.norm in _NORM,
+    "norm_eps": lambda c: True,
+    "norm_bias": lambda c: True,
+    "mlp": lambda c: c.mlp in ("swiglu", "gelu"),
+    "gelu_approx": lambda c: c.mlp != "gelu" or ("gelu", c.gelu_approx) in _MLP,
+    "qkv_bias": lambda c: True,
+    "o_bias": lambda c: True,
+    "mlp_bias": lambda c: True,
+    "qk_norm": lambda c: not c.qk_norm,
+    "tie_embeddings": lambda c: True,
+    "dropout": lambda c: True,  # inference: no dropout
+    "sliding_window": lambda c: True,
+    "attn_impl": lambda c: c.attn_impl != "math",
+    "n_expert": lambda c: c.n_expert == 0,
+    "n_expert_per_token": lambda c: True,  # dense models only (n_expert)
+    "moe_renormalize": lambda c: True,
+    "moe_d_ff": lambda c: True,
+    "moe_dispatch": lambda c: True,
+    "router_aux_coef": lambda c: True,
+    "router_z_coef": lambda c: True,
+    "init_std": lambda c: True,
+}
+
+
+def refusal(cfg: ModelConfig) -> str | None:
+    """Why the C block cannot run this architecture (the first config field it does not
+    implement, or does not know), or None when it can."""
+    for f in dataclasses.fields(cfg):
+        check = _SUPPORTED_FIELDS.get(f.name)
+        if check is None:
+            return f"config field {f.name!r} is unknown to the fused block"
+        if not check(cfg):
+            return f"{f.name}={getattr(cfg, f.name)!r}"
+    return None
+
+
+_block_sizeof = native.Kernel("decode_layer_f32", "qkv_decode_block_sizeof", [], ctypes.c_int64)
+_kv_sizeof = native.Kernel("decode_layer_f32", "qkv_decode_kv_sizeof", [], ctypes.c_int64)
+_layout_checked = False
+
+
+def _decode_kernel():
+    """The C block function, after checking once that the ctypes mirrors match the C structs."""
+    global _layout_checked
+    fn = _decode_block.get()
+    if fn is None or _layout_checked:
+        return fn
+    for mirror, sizeof in ((_Block, _block_sizeof), (_KV, _kv_sizeof)):
+        c_size = sizeof.get()()
+        if c_size != ctypes.sizeof(mirror):
+            raise RuntimeError(
+                f"{mirror.__name__} is {ctypes.sizeof(mirror)} bytes in Python but {c_size} in "
+                "kernels/decode_layer_f32.c: make the ctypes fields match the C struct"
+            )
+    _layout_checked = True
+    return fn
+
+
+def architecture_fits(cfg: ModelConfig) -> bool:
     """Whether a config's blocks are what the C block implements."""
-    return (
-        cfg.norm in _NORM
-        and cfg.mlp in ("swiglu", "gelu")
-        and not cfg.is_moe
-        and not cfg.qk_norm
-        and cfg.pos in ("rope", "learned", "sinusoidal", "none")
-        and cfg.attn_impl != "math"
-        and cfg.head_dim % 8 == 0
-    )
+    return refusal(cfg) is None
 
 
-def describe(cfg) -> str:
+def describe(cfg: ModelConfig) -> str:
     """How an fp32 CPU decode step of this architecture runs here (for `qkv info`)."""
     if not native.enabled():
         return "PyTorch ops (native kernels off: QKV_NATIVE=0 or no AVX2/FMA CPU)"
-    if architecture_fits(cfg):
+    why = refusal(cfg)
+    if why is None:
         return "one native call per block (kernels/decode_layer_f32.c)"
-    return "op by op, native linear/attention kernels (the fused block has no MoE, qk-norm or attention-only blocks)"
+    return f"op by op, native linear kernels (the fused block does not implement {why})"
 
 
 def supports(model) -> bool:
@@ -119,6 +190,55 @@ def supports(model) -> bool:
 _structs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a projection the C block can read: a plain fp32 nn.Linear (or the
+    native subclass installed for inference); None for anything else (quantized, bf16, ...)."""
+    if not isinstance(module, nn.Linear):
+        return None
+    w, b = module.weight, module.bias
+    if w.dtype != torch.float32 or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
+        return None
+    return w, b
+
+
+def _norm_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """(weight, bias, eps) of an RMSNorm or LayerNorm in fp32."""
+    if isinstance(module, RMSNorm):
+        w, b, eps = module.weight, None, module.eps
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        w, b, eps = module.weight, module.bias, module.eps
+    else:
+        return None
+    return (w, b, eps) if w.dtype == torch.float32 and w.is_contiguous() else None
+
+
+def _block_struct(cfg: ModelConfig, blk) -> _Block | None:
+    """The C view of one block, read through its public parts: the attention's q/k/v/o
+    projections, the MLP's gate (SwiGLU only)/up/down projections and the two norms."""
+    a, m = blk.attn, blk.mlp
+    projections = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "up": m.up_proj, "down": m.down_proj}
+    if cfg.mlp == "swiglu":
+        projections["gate"] = m.gate_proj
+    lin = {role: _linear_weights(p) for role, p in projections.items()}
+    n1, n2 = _norm_weights(blk.attn_norm), _norm_weights(blk.mlp_norm)
+    if n1 is None or n2 is None or any(v is None for v in lin.values()):
+        return None
+    w = {role: wb[0] for role, wb in lin.items() if wb is not None}
+    b = {role: wb[1] for role, wb in lin.items() if wb is not None}
+    mlp = _MLP["swiglu"] if cfg.mlp == "swiglu" else _MLP[("gelu", cfg.gelu_approx)]
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    return _Block(
+        cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, n1[2], a.scale, cfg.sliding_window or 0,
+        _NORM[cfg.norm], mlp,
+        ptr(n1[0]), ptr(n1[1]), ptr(w["q"]), ptr(w["k"]), ptr(w["v"]), ptr(b["q"]), ptr(b["k"]), ptr(b["v"]),
+        ptr(w["o"]), ptr(b["o"]), ptr(n2[0]), ptr(n2[1]), ptr(w.get("gate")), ptr(w["up"]), ptr(w["down"]),
+        ptr(b.get("gate")), ptr(b["up"]), ptr(b["down"]),
+    )  # fmt: skip
+
+
 def _blocks(model) -> list[_Block]:
     """The C view of each block's weights, rebuilt when any parameter moved."""
     params = list(model.parameters())
@@ -126,57 +246,12 @@ def _blocks(model) -> list[_Block]:
     hit = _structs.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    cfg = model.cfg
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     out = []
     for blk in model.blocks:
-        a, m, n1, n2 = blk.attn, blk.mlp, blk.attn_norm, blk.mlp_norm
-        gate = getattr(m, "gate_proj", None)  # SwiGLU; the GELU MLP has none
-        ws = [
-            a.q_proj.weight,
-            a.k_proj.weight,
-            a.v_proj.weight,
-            a.o_proj.weight,
-            m.up_proj.weight,
-            m.down_proj.weight,
-            n1.weight,
-            n2.weight,
-        ] + ([] if gate is None else [gate.weight])
-        if not all(w.is_contiguous() and w.dtype == torch.float32 for w in ws):
+        struct = _block_struct(model.cfg, blk)
+        if struct is None:
             return []
-        mlp = _MLP["swiglu"] if gate is not None else _MLP[("gelu", m.approximate)]
-        out.append(
-            _Block(
-                cfg.d_model,
-                cfg.n_head,
-                cfg.n_kv_head,
-                cfg.head_dim,
-                cfg.d_ff,
-                n1.eps,
-                a.scale,
-                cfg.sliding_window or 0,
-                _NORM[cfg.norm],
-                mlp,
-                ptr(n1.weight),
-                ptr(getattr(n1, "bias", None)),
-                ptr(a.q_proj.weight),
-                ptr(a.k_proj.weight),
-                ptr(a.v_proj.weight),
-                ptr(a.q_proj.bias),
-                ptr(a.k_proj.bias),
-                ptr(a.v_proj.bias),
-                ptr(a.o_proj.weight),
-                ptr(a.o_proj.bias),
-                ptr(n2.weight),
-                ptr(getattr(n2, "bias", None)),
-                ptr(None if gate is None else gate.weight),
-                ptr(m.up_proj.weight),
-                ptr(m.down_proj.weight),
-                ptr(None if gate is None else gate.bias),
-                ptr(m.up_proj.bias),
-                ptr(m.down_proj.bias),
-            )
-        )
+        out.append(struct)
     _structs[model] = (key, out)  # the model holds the parameters the pointers point to
     return out
 
@@ -204,7 +279,7 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
         return None
     layout = _kv_layout(cache, B)
     blocks = _blocks(model)
-    decode_block = _decode_block.get()
+    decode_block = _decode_kernel()
     if layout is None or not blocks or decode_block is None:
         return None
     tables, total, block_size, (block_stride, token_stride, head_stride) = layout

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from qkv.infer import fused_decode
+from qkv.infer import backend
 from qkv.infer.kv_cache import KVCache
 from qkv.infer.sampling import SamplingParams, make_generator, sample_token
 from qkv.model.attention import causal_mask
@@ -31,13 +31,11 @@ def forward_step(model, cache: KVCache, tokens: torch.Tensor, last_only: bool = 
     last position only, and advances the cache."""
     T = tokens.shape[1]
     positions = torch.arange(cache.pos, cache.pos + T, device=tokens.device)
-    h = fused_decode.hidden(model, tokens, positions, cache)  # one native call per block, where it applies
-    if h is None:
-        h = model.hidden(
-            tokens, positions=positions, mask=window_mask(model.cfg, cache.pos, T, tokens.device), cache=cache
-        )
+    backend.prepare_for_inference(model)
+    mask = window_mask(model.cfg, cache.pos, T, tokens.device)
+    h = backend.hidden(model, tokens, positions, cache, mask=mask)
     cache.advance(T)
-    return model.head(h[:, -1:] if last_only else h)
+    return backend.logits(model, h[:, -1:] if last_only else h)
 
 
 @torch.inference_mode()

@@ -231,10 +231,12 @@ class PagedKVCache:
         for g in groups:
             rows = None if len(groups) == 1 else torch.tensor(g, device=dev)
             nb = need[g[0]]
-            sel = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
-            self.buckets.append(
-                (rows, sel(self.tables)[:, :nb].reshape(-1), self._mask(sel(self.pos), sel(self.total), nb * bs))
+            tables, pos, total = (
+                (self.tables, self.pos, self.total)
+                if rows is None
+                else (t.index_select(0, rows) for t in (self.tables, self.pos, self.total))
             )
+            self.buckets.append((rows, tables[:, :nb].reshape(-1), self._mask(pos, total, nb * bs)))
         return self.buckets
 
     def _mask(self, pos: torch.Tensor, total: torch.Tensor, S: int) -> torch.Tensor:

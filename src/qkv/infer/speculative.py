@@ -87,7 +87,8 @@ def speculative_generate(
 
     while True:
         kk = min(k, max_len - len(ids) - 1)  # room for kk drafts + 1 target token
-        drafts, qs = [], []
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
         if kk > 0:
             logits = forward_step(draft, dc, torch.tensor([ids[dc.pos :]], device=dev), last_only=True)[0, -1]
             for i in range(kk):

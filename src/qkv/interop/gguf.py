@@ -4,8 +4,15 @@ template.
 - Config comes from `{arch}.*` metadata keys (block_count, embedding_length, head counts,
   rope.freq_base, ...). Architectures: llama (also Mistral/SmolLM2/Llama 3 files, and
   Mixtral-style MoE stored as llama with `ffn_*_exps`) and qwen2.
-- Weights are dequantised with `gguf.quants.dequantize` (any quant type the package knows)
-  to fp32. A GGUF tensor of ne=[in, out] reads as a (out, in) array: already PyTorch's layout.
+- Weights, by default (`import_gguf(path, dequantize=False)`), stay in the file's block format:
+  the token embedding and every attention / MLP projection in a format qkv.quant knows (q8_0,
+  q4_0/1, q5_0/1, q4_k, q5_k, q6_k, f16, bf16) become a QuantEmbedding / QuantLinear holding
+  the file's bytes, so the model takes about the file's size in memory. Everything else (1-D
+  norms and biases, f32 tensors, MoE experts, other quant types) is dequantised to fp32 with
+  `gguf.quants.dequantize`, as is everything with `dequantize=True`.
+  A GGUF tensor of ne=[in, out] reads as a (out, in) array: already PyTorch's layout, and each
+  quantized row is whole blocks, so rows can be reordered as bytes.
+- Every tensor's byte size is checked against its declared shape and type before use.
 - llama.cpp's converter permutes the rows of Q and K of llama models so its rope kernel can
   rotate adjacent pairs (x0, x1); qkv (like transformers) rotates halves (x_i, x_{i+d/2}).
   `unpermute` reverses it per head: rows [h, (i, pair)] -> [h, (pair, i)].
@@ -17,6 +24,8 @@ template.
 from __future__ import annotations
 
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +127,48 @@ def config_from_gguf(reader, source: Path) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
-def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (adjacent-pair rope -> rotate-half rope)."""
+@dataclass
+class QuantizedRows:
+    """A 2-D GGUF tensor kept as its file bytes: (rows, row_bytes) uint8 in format `qtype`."""
+
+    blocks: torch.Tensor
+    qtype: str
+
+
+Weight = torch.Tensor | QuantizedRows
+
+# the modules whose weights may stay quantized: the token embedding and the dense projections
+_QUANTIZABLE = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def unpermute(w: Weight, n_head: int) -> Weight:
+    """Undo llama.cpp's Q/K row permutation (adjacent-pair rope -> rotate-half rope). Quantized
+    rows are moved whole (a row is whole blocks)."""
+    if isinstance(w, QuantizedRows):
+        return QuantizedRows(unpermute(w.blocks, n_head), w.qtype)
     out_dim = w.shape[0]
     return w.reshape(n_head, out_dim // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def check_tensor_sizes(reader, source: Path) -> None:
+    """Each tensor's bytes must be what its shape and type declare and lie inside the file,
+    clear of the next tensor: a one-line error naming the first tensor that is not."""
+    from gguf import GGML_QUANT_SIZES
+
+    file_end = len(reader.data)
+    ordered = sorted(reader.tensors, key=lambda t: t.data_offset)
+    for t, nxt in zip(ordered, ordered[1:] + [None]):
+        block, size = GGML_QUANT_SIZES[t.tensor_type]
+        n = int(np.prod([int(x) for x in t.shape]))
+        expected = n // block * size
+        room = (file_end if nxt is None else nxt.data_offset) - t.data_offset
+        held = min(int(t.data.nbytes), room)
+        if n % block or held < expected:
+            shape = [int(x) for x in t.shape]
+            raise ValueError(
+                f"{source}: GGUF tensor {t.name!r} declares shape {shape} of {t.tensor_type.name} "
+                f"({expected} bytes) but the file holds {held} bytes for it; the file is corrupt, re-export it"
+            )
 
 
 def _dequantize(tensor) -> torch.Tensor:
@@ -131,14 +178,32 @@ def _dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, order="C", copy=True))  # F32 tensors are read-only views
 
 
-def state_from_gguf(reader, cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
+def _file_rows(tensor) -> QuantizedRows:
+    """The tensor's bytes as (rows, row_bytes) uint8, a view of the file (copied on load)."""
+    arr = tensor.data if tensor.data.dtype == np.uint8 else tensor.data.view(np.uint8)  # f16 reads as float16
+    with warnings.catch_warnings():  # the reader's memmap is read-only; it is only ever read from
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(arr)
+    return QuantizedRows(blocks, tensor.tensor_type.name.lower())
+
+
+def state_from_gguf(reader, cfg: ModelConfig, source: Path, dequantize: bool = True) -> dict[str, Weight]:
+    """qkv state-dict names -> fp32 tensors, or QuantizedRows for the weights kept quantized
+    when `dequantize` is False."""
+    from qkv.quant import FORMATS
+
     arch = _fields(reader).get("general.architecture")
     tensors = {t.name: t for t in reader.tensors}
+    keep = {name for name in FORMATS if name != "f32"}  # f32 is already what a Linear holds
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str) -> Weight:
         if name not in tensors:
             raise ValueError(f"{source}: GGUF tensor {name!r} is missing")
-        return _dequantize(tensors.pop(name))
+        t = tensors.pop(name)
+        kind = name.split(".")[-2]  # blk.3.attn_q.weight -> attn_q
+        if not dequantize and len(t.shape) == 2 and kind in _QUANTIZABLE and t.tensor_type.name.lower() in keep:
+            return _file_rows(t)
+        return _dequantize(t)
 
     out = {"tok_emb.weight": take("token_embd.weight"), "final_norm.weight": take("output_norm.weight")}
     if not cfg.tie_embeddings:
@@ -254,12 +319,48 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def import_gguf(path: str | Path):
-    """(Transformer, Tokenizer | None) from a GGUF file, dequantised to fp32 on the CPU."""
+def build_quantized(cfg: ModelConfig, state: dict[str, Weight], source: Path):
+    """A Transformer holding `state` on the CPU, each QuantizedRows weight in a QuantEmbedding /
+    QuantLinear of its format in place of the nn.Embedding / nn.Linear (built on the meta
+    device, swapped, allocated, then loaded with names and shapes checked)."""
+    import torch.nn as nn
+
+    from qkv.checkpoint import load_state_into
+    from qkv.model import build_model
+    from qkv.quant import QuantEmbedding, QuantLinear
+
+    model = build_model(cfg, device="meta")
+    state = dict(state)
+    for key, w in list(state.items()):
+        if not isinstance(w, QuantizedRows):
+            continue
+        name = key.removesuffix(".weight")
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Embedding):
+            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, w.qtype, device="meta")
+        else:
+            new = QuantLinear(old.in_features, old.out_features, w.qtype, bias=old.bias is not None, device="meta")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        state[name + ".blocks"] = state.pop(key).blocks
+    model.to_empty(device="cpu")
+    load_state_into(model, state, source)
+    twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())
+    for name, buf in model.named_buffers():  # RoPE / sinusoidal tables
+        if name not in state:
+            buf.copy_(twin[name])
+    return model.eval()
+
+
+def import_gguf(path: str | Path, dequantize: bool = True):
+    """(Transformer, Tokenizer | None) from a GGUF file on the CPU: dequantised to fp32, or with
+    its quantized weights kept as they are in the file (`dequantize=False`; see the top)."""
     from qkv.interop.hf import build_with_state
 
     path = Path(path)
     reader = open_gguf(path)
+    check_tensor_sizes(reader, path)
     cfg = config_from_gguf(reader, path)
-    state = state_from_gguf(reader, cfg, path)
-    return build_with_state(cfg, state, path), tokenizer_from_gguf(reader, path)
+    state = state_from_gguf(reader, cfg, path, dequantize=dequantize)
+    model = build_with_state(cfg, state, path) if dequantize else build_quantized(cfg, state, path)
+    return model, tokenizer_from_gguf(reader, path)

@@ -3,6 +3,10 @@
 `path` may be a qkv checkpoint directory (config.json without `model_type`), a Hugging Face
 directory (config.json with `model_type`), or a `.gguf` file. The format is detected from
 what is on disk, so callers (engine, server, alignment, inspect) never need to know.
+
+A GGUF model keeps its quantized weights as the file's blocks (qkv.quant's QuantLinear /
+QuantEmbedding; about the file's size in memory) unless `dequantize=True` asks for plain fp32
+weights, which whatever trains, converts or exports a model needs.
 """
 
 from __future__ import annotations
@@ -52,9 +56,14 @@ def _gguf_file(path: Path) -> Path:
 
 
 def load(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    dequantize: bool = False,
 ) -> tuple[Transformer, Tokenizer | None]:
-    """Load a model and its tokenizer (None when the source has none) in eval mode."""
+    """Load a model and its tokenizer (None when the source has none) in eval mode. `dtype`
+    applies to floating-point weights; quantized GGUF weights stay in their block format
+    unless `dequantize` (qkv and Hugging Face sources are never quantized)."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "qkv":
@@ -69,7 +78,7 @@ def load(
     else:
         from qkv.interop.gguf import import_gguf
 
-        model, tokenizer = import_gguf(_gguf_file(path))
+        model, tokenizer = import_gguf(_gguf_file(path), dequantize=dequantize)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 

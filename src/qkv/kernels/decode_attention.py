@@ -3,8 +3,8 @@
 
 - `paged_decode`: the engine's paged pool, each row through its block table, with no
   gather into a padded batch (what vLLM's paged-attention kernel does);
-- `dense_decode`: the contiguous cache's (B, Hkv, S, D) views, instead of SDPA's
-  general path (~70 us a call for a single query).
+- `dense_decode`: the contiguous cache's (B, Hkv, S, D) views, addressed as one block
+  per row (`dense_layout`, which the fused decode block uses for the same cache).
 
 Callers check `applies` and otherwise use gather + SDPA (prefill chunks, other dtypes or
 devices, head_dim not a multiple of 8, no compiler)."""

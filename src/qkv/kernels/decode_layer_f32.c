@@ -146,3 +146,8 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
   free(buf);
   return 0;
 }
+
+/* The struct sizes, so the Python side (ctypes mirrors of these structs) can refuse to call
+ * a library built from another version of this file. */
+int64_t qkv_decode_block_sizeof(void) { return sizeof(qkv_block); }
+int64_t qkv_decode_kv_sizeof(void) { return sizeof(qkv_kv); }

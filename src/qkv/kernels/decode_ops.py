@@ -1,8 +1,9 @@
 """`rms_norm` and `rope` for the few rows of a decode step (kernels/decode_ops_f32.c).
 
-The model calls these only where `applies` holds (fp32 CPU tensors, no autograd, no
-torch.compile, at most MAX_ROWS rows); everywhere else it runs its PyTorch code, which
-is also the reference the tests hold these to."""
+Callers check `applies` (fp32 CPU tensors, no autograd, no torch.compile, at most
+MAX_ROWS rows). The inference backend's NativeRMSNorm (infer/backend.py) calls `rms_norm`;
+the fused decode block #includes the same C for both, and tests hold each kernel here to
+the model's PyTorch code."""
 
 from __future__ import annotations
 

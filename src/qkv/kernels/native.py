@@ -21,6 +21,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ class Kernel:
 
     def __init__(self, lib: str, name: str, argtypes: list, restype=None):
         self.lib, self.name, self.argtypes, self.restype = lib, name, argtypes, restype
-        self._fn = None  # None: not tried yet; False: cannot be built here
+        self._fn: Any = None  # the ctypes function; None: not tried yet; False: cannot be built here
 
     def get(self):
         if _switched_off:

@@ -25,8 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qkv.config import ModelConfig
-from qkv.kernels import decode_attention, linears
-from qkv.model.layers import Linear, RMSNorm
+from qkv.model.layers import RMSNorm
 from qkv.model.positions import apply_rope
 
 
@@ -69,8 +68,6 @@ def fused_attention(q, k, v, mask, scale, dropout_p: float = 0.0):
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     if T == 1 and mask is None:
-        if decode_attention.applies(q, k, v):  # CPU inference: read the cache in place
-            return decode_attention.dense_decode(q, k, v, scale)
         # decode: a group's query heads become G query "positions" over the shared K/V
         out = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, scale=scale)
         return out.view(B, H, 1, D)
@@ -88,10 +85,10 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -108,11 +105,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # norms and rotations run in the projections' contiguous (B, T, heads, D) layout
-        projs = (self.q_proj, self.k_proj, self.v_proj)  # one native call in decode
-        q, k, v = linears(x, [p.weight for p in projs], [p.bias for p in projs])
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -7,15 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qkv.config import ModelConfig
-from qkv.kernels import decode_ops, linear, linears
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) whose few-row inference products,
-    the bulk of a decode step, go to qkv's native kernel (kernels/cpu_linear.py)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -27,8 +18,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if decode_ops.applies(x, self.weight, rows=x.numel() // x.shape[-1]):
-            return decode_ops.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -44,13 +33,12 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = Linear(d_model, d_ff, bias=bias)
-        self.up_proj = Linear(d_model, d_ff, bias=bias)
-        self.down_proj = Linear(d_ff, d_model, bias=bias)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linears(x, [self.gate_proj.weight, self.up_proj.weight], [self.gate_proj.bias, self.up_proj.bias])
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class GeluMLP(nn.Module):
@@ -58,8 +46,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, bias: bool = True, approximate: str = "tanh"):
         super().__init__()
-        self.up_proj = Linear(d_model, d_ff, bias=bias)
-        self.down_proj = Linear(d_ff, d_model, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

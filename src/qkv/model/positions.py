@@ -15,8 +15,6 @@ import math
 
 import torch
 
-from qkv.kernels import decode_ops
-
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -52,9 +50,6 @@ def rope_table(head_dim: int, max_len: int, theta: float, scaling: dict | None =
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., D) by the angles whose cos/sin (broadcastable to x) were gathered at
     the token positions; the model calls it on (B, T, heads, D) with cos/sin (B, T, 1, D)."""
-    native = x.dim() == 4 and cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == (x.shape[1], 1, x.shape[3])
-    if native and decode_ops.applies(x, cos, sin, rows=x.shape[0] * x.shape[1]):
-        return decode_ops.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)

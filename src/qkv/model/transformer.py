@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qkv.config import ModelConfig
-from qkv.kernels import linear
 from qkv.model.attention import Attention, KVCacheLike, causal_mask
-from qkv.model.layers import Linear, RMSNorm, make_mlp, make_norm
+from qkv.model.layers import RMSNorm, make_mlp, make_norm
 from qkv.model.loss import fused_linear_cross_entropy
 from qkv.model.moe import MoE
 from qkv.model.positions import rope_table, sinusoidal_table
@@ -38,12 +38,17 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, mask=None, cache=None):
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
-        if self.mlp is None:  # attention-only
+        if self.mlp is None or self.mlp_norm is None:  # attention-only
             return x
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
+    # position tables, registered as non-persistent buffers for the `pos` kinds that use them
+    pos_table: torch.Tensor
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -59,7 +64,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
     # --- initialisation ------------------------------------------------------------
@@ -79,8 +84,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+                bias = getattr(m, "bias", None)  # LayerNorm's, when it has one
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
             elif isinstance(m, MoE):
                 nn.init.normal_(m.w_gate, 0.0, std)
                 nn.init.normal_(m.w_up, 0.0, std)
@@ -148,7 +154,7 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from hidden states (tied: the token embedding matrix)."""
-        return linear(h, self.output_weight.to(h.dtype))
+        return F.linear(h, self.output_weight.to(h.dtype))
 
     def forward(
         self,

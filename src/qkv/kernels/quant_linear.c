@@ -1,0 +1,313 @@
+/* y = x W^T + b with W kept in GGUF's quantized blocks (llama.cpp's layouts), for the few
+ * rows (<= 64) of a decode step on x86 CPUs.
+ *
+ * Why: decode is a stream over the weights, so the bytes read set the speed. fp32 reads
+ * 4 bytes a weight; Q8_0 8.5 bits, Q4_0 4.5, Q6_K 6.56, Q4_K 4.5. We read the blocks as
+ * they are on disk and never expand them to floats in memory.
+ *
+ * How, as ggml does: each row of x is rounded to int8 once per call, in blocks of 32
+ * (a scale each) for the 32-weight formats and of 256 for the K-quants; each weight
+ * block's integer dot product with a row's block is exact, and becomes float once, times
+ * the two scales. Offsets (Q4_0's -8, Q5_0's -16, Q6_K's -32) and mins (Q4_1, Q5_1, Q4_K,
+ * Q5_K) are applied through the sums of each activation block, computed once per row.
+ * F16 and BF16 weights multiply fp32 x directly. A weight block is unpacked once and used
+ * for every row (rows inside, blocks outside); threads split the output rows.
+ *
+ * Three paths, picked at run time: AVX-512 (F, BW, VL), AVX2 (+FMA, F16C; the build's
+ * baseline), and a portable scalar reference the tests check the others against. Within
+ * one path a row's result is bitwise the same alone or in any batch: its sums run in one
+ * fixed order whatever n_rows is.
+ *
+ * Another C file may #include this one (as decode_layer_f32.c includes linear_f32.c):
+ * everything but the qkv_quant_* functions is static and prefixed ql_ / QL_.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+/* gguf.GGMLQuantizationType values */
+enum {
+  QL_F16 = 1, QL_Q4_0 = 2, QL_Q4_1 = 3, QL_Q5_0 = 6, QL_Q5_1 = 7, QL_Q8_0 = 8,
+  QL_Q4_K = 12, QL_Q5_K = 13, QL_Q6_K = 14, QL_BF16 = 30,
+};
+enum { QL_ISA_REF = 0, QL_ISA_AVX2 = 1, QL_ISA_AVX512 = 2 };
+enum { QL_OK = 0, QL_ERR_QTYPE = 1, QL_ERR_SHAPE = 2, QL_ERR_ISA = 3, QL_ERR_MEMORY = 4 };
+enum { QL_FAMILY_NONE = -1, QL_FAMILY_32 = 0, QL_FAMILY_K = 1, QL_FAMILY_F = 2 };
+#define QL_MAX_ROWS 64
+
+static inline int ql_family(int fmt) {
+  switch (fmt) {
+    case QL_Q8_0: case QL_Q4_0: case QL_Q4_1: case QL_Q5_0: case QL_Q5_1: return QL_FAMILY_32;
+    case QL_Q4_K: case QL_Q5_K: case QL_Q6_K: return QL_FAMILY_K;
+    case QL_F16: case QL_BF16: return QL_FAMILY_F;
+    default: return QL_FAMILY_NONE;
+  }
+}
+
+static inline int64_t ql_block_size(int fmt) {
+  const int f = ql_family(fmt);
+  return f == QL_FAMILY_32 ? 32 : f == QL_FAMILY_K ? 256 : 1;
+}
+
+static inline int64_t ql_block_bytes(int fmt) {
+  switch (fmt) {
+    case QL_Q8_0: return 34;  /* d, qs[32] */
+    case QL_Q4_0: return 18;  /* d, qs[16] */
+    case QL_Q4_1: return 20;  /* d, m, qs[16] */
+    case QL_Q5_0: return 22;  /* d, qh[4], qs[16] */
+    case QL_Q5_1: return 24;  /* d, m, qh[4], qs[16] */
+    case QL_Q4_K: return 144; /* d, dmin, scales[12], qs[128] */
+    case QL_Q5_K: return 176; /* d, dmin, scales[12], qh[32], qs[128] */
+    case QL_Q6_K: return 210; /* ql[128], qh[64], scales[16], d */
+    default: return 2;        /* F16, BF16 */
+  }
+}
+
+/* The rows of x rounded to int8, per block of 32 (or 256 for K-quants):
+ * x_j ~= q_j * d, d = max|x| / 127 over the block. */
+typedef struct {
+  int8_t* q;      /* (n_rows, n_in) */
+  float* d;       /* (n_rows, nb) */
+  float* s;       /* (n_rows, nb), 32-blocks: d * sum of the block's q */
+  int16_t* sum16; /* (n_rows, nb, 16), K-quants: the sum of each 16 q */
+  int64_t n_in, nb;
+} ql_act;
+
+/* One block of x as int8; a block holding inf or NaN gets scale NaN, so its outputs are NaN. */
+static void ql_round_block(const float* x, int64_t n, int8_t* q, float* d) {
+  float amax = 0.0f;
+  int finite = 1;
+  for (int64_t j = 0; j < n; ++j) {
+    finite &= isfinite(x[j]) != 0;
+    amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+  }
+  const float id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+  *d = finite ? amax / 127.0f : NAN;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = nearbyintf(x[j] * id);
+    q[j] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+  }
+}
+
+/* Fills a (its buffers in one allocation, *mem, for the caller to free); 0, or QL_ERR_MEMORY. */
+static int ql_round_rows(const float* x, int64_t n_rows, int64_t n_in, int fmt, int n_threads, ql_act* a,
+                         void** mem) {
+  const int f = ql_family(fmt);
+  memset(a, 0, sizeof *a);
+  a->n_in = n_in;
+  *mem = 0;
+  if (f == QL_FAMILY_F) return QL_OK;
+  const int64_t bs = ql_block_size(fmt), nb = n_in / bs;
+  a->nb = nb;
+  const size_t nq = (size_t)(n_rows * n_in + 63) & ~(size_t)63, nd = (size_t)(n_rows * nb);
+  char* buf = malloc(nq + nd * sizeof(float) * 2 + (size_t)(n_rows * n_in / 16) * sizeof(int16_t));
+  if (!buf) return QL_ERR_MEMORY;
+  *mem = buf;
+  a->q = (int8_t*)buf;
+  a->d = (float*)(buf + nq);
+  a->s = a->d + nd;
+  a->sum16 = (int16_t*)(a->s + nd);
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_rows >= 8)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = r * n_in + b * bs;
+      ql_round_block(x + at, bs, a->q + at, a->d + r * nb + b);
+      int32_t total = 0;
+      for (int64_t g = 0; g < bs / 16; ++g) {
+        int32_t sum = 0;
+        for (int j = 0; j < 16; ++j) sum += a->q[at + 16 * g + j];
+        a->sum16[at / 16 + g] = (int16_t)sum;
+        total += sum;
+      }
+      a->s[r * nb + b] = a->d[r * nb + b] * (float)total;
+    }
+  }
+  return QL_OK;
+}
+
+/* ---- the portable reference: llama.cpp's dequantization formulas, in integers ---- */
+
+static inline uint16_t ql_u16(const uint8_t* p) {
+  uint16_t v;
+  memcpy(&v, p, 2);
+  return v;
+}
+
+static inline float ql_fp16(uint16_t h) {
+  const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  float v;
+  if (exp == 0)
+    v = ldexpf((float)man, -24); /* zero or subnormal */
+  else if (exp == 31)
+    v = man ? NAN : INFINITY;
+  else
+    v = ldexpf((float)(man | 0x400), (int)exp - 25);
+  return (h & 0x8000) ? -v : v;
+}
+
+static inline float ql_wide_ref(int fmt, const uint8_t* p) {
+  const uint16_t h = ql_u16(p);
+  if (fmt == QL_F16) return ql_fp16(h);
+  const uint32_t bits = (uint32_t)h << 16;
+  float v;
+  memcpy(&v, &bits, 4);
+  return v;
+}
+
+/* A 32-weight block as integers: weight j = d * q[j] + m. */
+static void ql_ints32_ref(int fmt, const uint8_t* p, int q[32], float* d, float* m) {
+  *d = ql_fp16(ql_u16(p));
+  *m = 0.0f;
+  if (fmt == QL_Q8_0) {
+    for (int j = 0; j < 32; ++j) q[j] = (int8_t)p[2 + j];
+    return;
+  }
+  const uint8_t* qs = p + (fmt == QL_Q4_0 ? 2 : fmt == QL_Q4_1 ? 4 : fmt == QL_Q5_0 ? 6 : 8);
+  uint32_t qh = 0;
+  if (fmt == QL_Q5_0 || fmt == QL_Q5_1) memcpy(&qh, p + (fmt == QL_Q5_0 ? 2 : 4), 4);
+  const int five = fmt == QL_Q5_0 || fmt == QL_Q5_1;
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (qs[j] & 0xF) | (five ? (int)((qh >> j) & 1) << 4 : 0);
+    q[j + 16] = (qs[j] >> 4) | (five ? (int)((qh >> (j + 16)) & 1) << 4 : 0);
+  }
+  const int offset = fmt == QL_Q4_0 ? 8 : fmt == QL_Q5_0 ? 16 : 0;
+  for (int j = 0; j < 32; ++j) q[j] -= offset;
+  if (fmt == QL_Q4_1 || fmt == QL_Q5_1) *m = ql_fp16(ql_u16(p + 2));
+}
+
+/* The 6-bit scale and min of sub-block j of a Q4_K/Q5_K superblock (llama.cpp's get_scale_min_k4). */
+static inline void ql_scale_min_k4(int j, const uint8_t* s, uint8_t* sc, uint8_t* m) {
+  if (j < 4) {
+    *sc = s[j] & 63, *m = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+/* A K-quant superblock as integers: weight j = d * sc[j/16] * q[j] - dmin * mn[j/16]. */
+static void ql_intsK_ref(int fmt, const uint8_t* p, int q[256], int sc[16], int mn[16], float* d, float* dmin) {
+  if (fmt == QL_Q6_K) {
+    *d = ql_fp16(ql_u16(p + 208)), *dmin = 0.0f;
+    for (int e = 0; e < 256; ++e) {
+      const int n = e / 128, c = (e % 128) / 32, i = e % 32;
+      const uint8_t lo = p[64 * n + 32 * (c & 1) + i], hi = p[128 + 32 * n + i];
+      q[e] = (((c < 2 ? lo : lo >> 4) & 0xF) | (((hi >> (2 * c)) & 3) << 4)) - 32;
+    }
+    for (int g = 0; g < 16; ++g) sc[g] = (int8_t)p[192 + g], mn[g] = 0;
+    return;
+  }
+  *d = ql_fp16(ql_u16(p)), *dmin = ql_fp16(ql_u16(p + 2));
+  const uint8_t* qs = p + (fmt == QL_Q5_K ? 48 : 16);
+  for (int e = 0; e < 256; ++e) {
+    const int j = e / 64, l = e % 64, c = e / 32; /* c: the 32-weight sub-block */
+    q[e] = (l < 32 ? qs[32 * j + l] : qs[32 * j + l - 32] >> 4) & 0xF;
+    if (fmt == QL_Q5_K) q[e] |= ((p[16 + e % 32] >> c) & 1) << 4;
+  }
+  for (int c = 0; c < 8; ++c) {
+    uint8_t s, m;
+    ql_scale_min_k4(c, p + 4, &s, &m);
+    sc[2 * c] = sc[2 * c + 1] = s, mn[2 * c] = mn[2 * c + 1] = m;
+  }
+}
+
+static void ql_row_ref(int fmt, const uint8_t* w, const ql_act* a, const float* x, int64_t nr, float* out) {
+  const int f = ql_family(fmt);
+  const int64_t bytes = ql_block_bytes(fmt);
+  for (int64_t r = 0; r < nr; ++r) {
+    float acc = 0.0f;
+    if (f == QL_FAMILY_F) {
+      for (int64_t i = 0; i < a->n_in; ++i) acc = fmaf(ql_wide_ref(fmt, w + 2 * i), x[r * a->n_in + i], acc);
+    } else if (f == QL_FAMILY_32) {
+      for (int64_t b = 0; b < a->nb; ++b) {
+        int q[32], isum = 0, ysum = 0;
+        float d, m;
+        ql_ints32_ref(fmt, w + b * bytes, q, &d, &m);
+        const int8_t* y = a->q + r * a->n_in + b * 32;
+        for (int j = 0; j < 32; ++j) isum += q[j] * y[j], ysum += y[j];
+        const float dx = a->d[r * a->nb + b];
+        acc = fmaf(d * dx, (float)isum, acc);
+        acc = fmaf(m * dx, (float)ysum, acc);
+      }
+    } else {
+      for (int64_t B = 0; B < a->nb; ++B) {
+        int q[256], sc[16], mn[16];
+        int32_t isum = 0, imin = 0;
+        float d, dmin;
+        ql_intsK_ref(fmt, w + B * bytes, q, sc, mn, &d, &dmin);
+        const int8_t* y = a->q + r * a->n_in + B * 256;
+        for (int g = 0; g < 16; ++g) {
+          int32_t dot = 0, sum = 0;
+          for (int j = 16 * g; j < 16 * g + 16; ++j) dot += q[j] * y[j], sum += y[j];
+          isum += sc[g] * dot, imin += mn[g] * sum;
+        }
+        const float dx = a->d[r * a->nb + B];
+        acc = fmaf(d * dx, (float)isum, acc);
+        acc = fmaf(-dmin * dx, (float)imin, acc);
+      }
+    }
+    out[r] = acc;
+  }
+}
+
+/* One weight row (w) times rows 0..nr-1 of x (or of its int8 form a) into out[0..nr). */
+typedef void (*ql_row_fn)(int fmt, const uint8_t* w, const ql_act* a, const float* x, int64_t nr, float* out);
+
+#include "quant_linear_avx2.c"
+#include "quant_linear_avx512.c"
+
+static int ql_best_isa(void) {
+  static int best = -1; /* the CPU does not change: look once (threads may race to the same value) */
+  if (best < 0) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+      best = QL_ISA_AVX512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = QL_ISA_AVX2;
+    else
+      best = QL_ISA_REF;
+  }
+  return best;
+}
+
+/* The fastest path this CPU runs: 0 portable, 1 AVX2, 2 AVX-512. */
+int qkv_quant_isa(void) { return ql_best_isa(); }
+
+/* y = x W^T + bias through one path (isa as qkv_quant_isa numbers it). x: (n_rows, n_in)
+ * fp32; w: n_out rows of n_in / block_size blocks of format qtype (a gguf
+ * GGMLQuantizationType); bias: (n_out,) or NULL; y: (n_rows, n_out). Returns 0, or
+ * QL_ERR_QTYPE (unsupported format), QL_ERR_SHAPE (n_rows not in 0..64, or n_in not a
+ * positive multiple of the block size), QL_ERR_ISA (this CPU lacks the path),
+ * QL_ERR_MEMORY. */
+int qkv_quant_linear_isa(const float* x, int64_t n_rows, int64_t n_in, const void* w, int qtype, int64_t n_out,
+                         const float* bias, float* y, int n_threads, int isa) {
+  if (ql_family(qtype) == QL_FAMILY_NONE) return QL_ERR_QTYPE;
+  if (n_rows < 0 || n_rows > QL_MAX_ROWS || n_in <= 0 || n_in % ql_block_size(qtype) != 0) return QL_ERR_SHAPE;
+  if (isa < QL_ISA_REF || isa > ql_best_isa()) return QL_ERR_ISA;
+  if (n_rows == 0 || n_out <= 0) return QL_OK;
+  const ql_row_fn row = isa == QL_ISA_AVX512 ? ql_pick_avx512(qtype) : isa == QL_ISA_AVX2 ? ql_pick_avx2(qtype)
+                                                                                          : ql_row_ref;
+  ql_act a;
+  void* mem;
+  if (ql_round_rows(x, n_rows, n_in, qtype, n_threads, &a, &mem) != QL_OK) return QL_ERR_MEMORY;
+  const int64_t row_bytes = n_in / ql_block_size(qtype) * ql_block_bytes(qtype);
+  const uint8_t* wb = (const uint8_t*)w;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t o = 0; o < n_out; ++o) {
+    float out[QL_MAX_ROWS];
+    row(qtype, wb + o * row_bytes, &a, x, n_rows, out);
+    for (int64_t r = 0; r < n_rows; ++r) y[r * n_out + o] = out[r] + (bias ? bias[o] : 0.0f);
+  }
+  free(mem);
+  return QL_OK;
+}
+
+/* The same through the fastest path here. */
+int qkv_quant_linear(const float* x, int64_t n_rows, int64_t n_in, const void* w, int qtype, int64_t n_out,
+                     const float* bias, float* y, int n_threads) {
+  return qkv_quant_linear_isa(x, n_rows, n_in, w, qtype, n_out, bias, y, n_threads, ql_best_isa());
+}

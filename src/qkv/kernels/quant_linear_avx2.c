@@ -1,0 +1,257 @@
+/* The AVX2 path of quant_linear.c (#included there; not built on its own).
+ *
+ * A weight block is unpacked once into bytes (unsigned 0..63, or signed for Q8_0) and
+ * then multiplied with every row's int8 activations: maddubs (u8 x s8 -> pairs of i16,
+ * which cannot saturate for these ranges) and madd (-> 8 x i32). A block's integer sums
+ * are exact; each becomes float once, times the product of the two scales.
+ */
+
+#define QL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QL_INLINE static inline __attribute__((always_inline))
+
+QL_AVX2 QL_INLINE float ql_h2f(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+/* 16 bytes of nibbles as 32 bytes: low nibbles are elements 0..15, high ones 16..31. */
+QL_AVX2 QL_INLINE __m256i ql_nibbles(const uint8_t* qs) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)qs);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+
+/* The 32 bits at p as 32 bytes, 0x10 where the bit is set (the fifth bit of Q5_0/Q5_1). */
+QL_AVX2 QL_INLINE __m256i ql_fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  memcpy(&bits, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32((int)bits),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+  /* byte j holds bit j%8 of its source byte: OR in every other bit, then all-ones means set */
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                        _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+/* One 32-weight block: values d * q + c, except Q8_0, whose q is signed and c = 0. */
+typedef struct {
+  __m256i q;
+  float d, c;
+} ql_blk32;
+
+QL_AVX2 QL_INLINE ql_blk32 ql_decode32(const int fmt, const uint8_t* p) {
+  ql_blk32 k;
+  k.d = ql_h2f(p);
+  switch (fmt) {
+    case QL_Q8_0:
+      k.q = _mm256_loadu_si256((const __m256i*)(p + 2)), k.c = 0.0f;
+      break;
+    case QL_Q4_0:
+      k.q = ql_nibbles(p + 2), k.c = -8.0f * k.d;
+      break;
+    case QL_Q4_1:
+      k.q = ql_nibbles(p + 4), k.c = ql_h2f(p + 2);
+      break;
+    case QL_Q5_0:
+      k.q = _mm256_or_si256(ql_nibbles(p + 6), ql_fifth_bits(p + 2)), k.c = -16.0f * k.d;
+      break;
+    default: /* QL_Q5_1 */
+      k.q = _mm256_or_si256(ql_nibbles(p + 8), ql_fifth_bits(p + 4)), k.c = ql_h2f(p + 2);
+      break;
+  }
+  return k;
+}
+
+/* sum q_j y_j as 8 partial sums (in float: exact, they are < 2^24). */
+QL_AVX2 QL_INLINE __m256 ql_dot32(const int fmt, __m256i q, __m256i y) {
+  if (fmt == QL_Q8_0) { /* maddubs wants an unsigned operand: |q| times y with q's sign */
+    y = _mm256_sign_epi8(y, q);
+    q = _mm256_sign_epi8(q, q);
+  }
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, y), _mm256_set1_epi16(1)));
+}
+
+/* Block b of one weight row times nr activation rows into acc (and the offset/min term into accs). */
+QL_AVX2 QL_INLINE void ql_step32_avx2(const int fmt, const uint8_t* w, int64_t b, const ql_act* a, const int64_t nr,
+                                      __m256* acc, float* accs) {
+  const ql_blk32 k = ql_decode32(fmt, w + b * ql_block_bytes(fmt));
+  for (int64_t r = 0; r < nr; ++r) {
+    const __m256i y = _mm256_loadu_si256((const __m256i*)(a->q + r * a->n_in + b * 32));
+    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(k.d * a->d[r * a->nb + b]), ql_dot32(fmt, k.q, y), acc[r]);
+    if (fmt != QL_Q8_0) accs[r] = fmaf(k.c, a->s[r * a->nb + b], accs[r]);
+  }
+}
+
+/* out[r] = (row r of x) . (one weight row) for the 32-weight block formats. Even and odd
+ * blocks go to two accumulators so one row has two independent FMA chains. */
+QL_AVX2 QL_INLINE void ql_row32_avx2(const int fmt, const uint8_t* w, const ql_act* a, const int64_t nr, float* out) {
+  __m256 acc0[QL_MAX_ROWS], acc1[QL_MAX_ROWS];
+  float accs[QL_MAX_ROWS];
+  for (int64_t r = 0; r < nr; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps(), accs[r] = 0.0f;
+  int64_t b = 0;
+  for (; b + 2 <= a->nb; b += 2) {
+    ql_step32_avx2(fmt, w, b, a, nr, acc0, accs);
+    ql_step32_avx2(fmt, w, b + 1, a, nr, acc1, accs);
+  }
+  if (b < a->nb) ql_step32_avx2(fmt, w, b, a, nr, acc0, accs);
+  for (int64_t r = 0; r < nr; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + accs[r];
+}
+
+/* One 256-weight K-quant superblock unpacked: 8 chunks of 32 bytes q, each chunk's integer
+ * scales as i16 (two per chunk for Q6_K, one per 16 weights), and `off`: the mins per 16
+ * weights (Q4_K/Q5_K, times dmin) or the Q6_K scales (times the offset 32). */
+typedef struct {
+  __m256i q[8], sc[8], off;
+  float d, dmin;
+} ql_blkK;
+
+QL_AVX2 QL_INLINE void ql_decodeK(const int fmt, const uint8_t* p, ql_blkK* k) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if (fmt == QL_Q6_K) { /* ql[128] qh[64] scales[16] d */
+    k->d = ql_h2f(p + 208), k->dmin = 0.0f;
+    const __m256i three = _mm256_set1_epi8(3);
+    for (int n = 0; n < 2; ++n) {
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)(p + 64 * n));
+      const __m256i l1 = _mm256_loadu_si256((const __m256i*)(p + 64 * n + 32));
+      const __m256i h = _mm256_loadu_si256((const __m256i*)(p + 128 + 32 * n));
+      /* bits 2c..2c+1 of qh are the top bits of chunk c; shifting 16-bit lanes then
+         masking per byte keeps each byte's own bits */
+      k->q[4 * n + 0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(h, three), 4));
+      k->q[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), three), 4));
+      k->q[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), three), 4));
+      k->q[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), three), 4));
+    }
+    const int8_t* sc = (const int8_t*)(p + 192);
+    for (int c = 0; c < 8; ++c)
+      k->sc[c] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+    k->off = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc));
+    return;
+  }
+  /* Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128] */
+  k->d = ql_h2f(p), k->dmin = ql_h2f(p + 2);
+  const uint8_t* qs = p + (fmt == QL_Q5_K ? 48 : 16);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+    k->q[2 * j] = _mm256_and_si256(v, low4);
+    k->q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  }
+  if (fmt == QL_Q5_K) { /* bit c of qh[l] is the fifth bit of weight l of chunk c */
+    const __m256i h = _mm256_loadu_si256((const __m256i*)(p + 16)), one = _mm256_set1_epi8(1);
+    for (int c = 0; c < 8; ++c)
+      k->q[c] = _mm256_or_si256(
+          k->q[c], _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(c)), one), 4));
+  }
+  int16_t mins[16];
+  for (int c = 0; c < 8; ++c) {
+    uint8_t sc, m;
+    ql_scale_min_k4(c, p + 4, &sc, &m);
+    k->sc[c] = _mm256_set1_epi16(sc);
+    mins[2 * c] = mins[2 * c + 1] = m;
+  }
+  k->off = _mm256_loadu_si256((const __m256i*)mins);
+}
+
+/* The integer part of row r's dot with superblock B, as 8 x i32 (the scales applied). */
+QL_AVX2 QL_INLINE __m256i ql_isumK_avx2(const ql_blkK* k, const int8_t* y) {
+  __m256i isum = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    const __m256i p = _mm256_maddubs_epi16(k->q[c], _mm256_loadu_si256((const __m256i*)(y + 32 * c)));
+    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, k->sc[c]));
+  }
+  return isum;
+}
+
+/* The superblock's offset term and the float step, shared by the AVX2 and AVX-512 paths:
+ * Q6_K subtracts 32 * sum_g sc_g * (sum of y over group g) in integers; Q4_K/Q5_K subtract
+ * dmin * sum_c m_c * (sum of y over chunk c), a second float term. */
+QL_AVX2 QL_INLINE __m256 ql_finishK(const int fmt, const ql_blkK* k, __m256i isum, const int16_t* sum16, float dx,
+                                    __m256 acc) {
+  const __m256i o = _mm256_madd_epi16(k->off, _mm256_loadu_si256((const __m256i*)sum16));
+  if (fmt == QL_Q6_K) return _mm256_fmadd_ps(_mm256_set1_ps(k->d * dx), _mm256_cvtepi32_ps(_mm256_sub_epi32(isum, _mm256_slli_epi32(o, 5))), acc);
+  acc = _mm256_fmadd_ps(_mm256_set1_ps(k->d * dx), _mm256_cvtepi32_ps(isum), acc);
+  return _mm256_fmadd_ps(_mm256_set1_ps(-k->dmin * dx), _mm256_cvtepi32_ps(o), acc);
+}
+
+QL_AVX2 QL_INLINE void ql_rowK_avx2(const int fmt, const uint8_t* w, const ql_act* a, const int64_t nr, float* out) {
+  __m256 acc[QL_MAX_ROWS];
+  for (int64_t r = 0; r < nr; ++r) acc[r] = _mm256_setzero_ps();
+  ql_blkK k;
+  for (int64_t B = 0; B < a->nb; ++B) {
+    ql_decodeK(fmt, w + B * ql_block_bytes(fmt), &k);
+    for (int64_t r = 0; r < nr; ++r) {
+      const __m256i isum = ql_isumK_avx2(&k, a->q + r * a->n_in + B * 256);
+      acc[r] = ql_finishK(fmt, &k, isum, a->sum16 + (r * a->nb + B) * 16, a->d[r * a->nb + B], acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) out[r] = hsum(acc[r]);
+}
+
+/* F16 / BF16 weights times fp32 x: no activation rounding, 16 weights a step in two chains. */
+QL_AVX2 QL_INLINE __m256 ql_widen8(const int fmt, const uint8_t* p) {
+  const __m128i h = _mm_loadu_si128((const __m128i*)p);
+  if (fmt == QL_F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+QL_AVX2 QL_INLINE void ql_rowF_avx2(const int fmt, const uint8_t* w, const float* x, int64_t n_in, const int64_t nr,
+                                    float* out) {
+  __m256 acc0[QL_MAX_ROWS], acc1[QL_MAX_ROWS];
+  for (int64_t r = 0; r < nr; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  const int64_t n16 = n_in & ~(int64_t)15;
+  for (int64_t i = 0; i < n16; i += 16) {
+    const __m256 w0 = ql_widen8(fmt, w + 2 * i), w1 = ql_widen8(fmt, w + 2 * i + 16);
+    for (int64_t r = 0; r < nr; ++r) {
+      acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * n_in + i), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * n_in + i + 8), acc1[r]);
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+  for (int64_t i = n16; i < n_in; ++i) /* the last < 16 weights, in order */
+    for (int64_t r = 0; r < nr; ++r) out[r] = fmaf(ql_wide_ref(fmt, w + 2 * i), x[r * n_in + i], out[r]);
+}
+
+/* One weight row times nr rows, one function per format (fmt is a constant inside); a
+ * single row gets its own copy whose accumulators stay in registers. */
+#define QL_ROW_FN(isa, name, fmt, body)                                                                   \
+  isa static void name(int qtype, const uint8_t* w, const ql_act* a, const float* x, int64_t nr,         \
+                       float* out) {                                                                      \
+    (void)qtype, (void)x;                                                                                 \
+    if (nr == 1)                                                                                          \
+      body(fmt, w, a, x, 1, out);                                                                         \
+    else                                                                                                  \
+      body(fmt, w, a, x, nr, out);                                                                        \
+  }
+
+#define QL_BODY32_AVX2(fmt, w, a, x, nr, out) ql_row32_avx2(fmt, w, a, nr, out)
+#define QL_BODYK_AVX2(fmt, w, a, x, nr, out) ql_rowK_avx2(fmt, w, a, nr, out)
+#define QL_BODYF_AVX2(fmt, w, a, x, nr, out) ql_rowF_avx2(fmt, w, x, (a)->n_in, nr, out)
+QL_ROW_FN(QL_AVX2, ql_q8_0_avx2, QL_Q8_0, QL_BODY32_AVX2)
+QL_ROW_FN(QL_AVX2, ql_q4_0_avx2, QL_Q4_0, QL_BODY32_AVX2)
+QL_ROW_FN(QL_AVX2, ql_q4_1_avx2, QL_Q4_1, QL_BODY32_AVX2)
+QL_ROW_FN(QL_AVX2, ql_q5_0_avx2, QL_Q5_0, QL_BODY32_AVX2)
+QL_ROW_FN(QL_AVX2, ql_q5_1_avx2, QL_Q5_1, QL_BODY32_AVX2)
+QL_ROW_FN(QL_AVX2, ql_q4_k_avx2, QL_Q4_K, QL_BODYK_AVX2)
+QL_ROW_FN(QL_AVX2, ql_q5_k_avx2, QL_Q5_K, QL_BODYK_AVX2)
+QL_ROW_FN(QL_AVX2, ql_q6_k_avx2, QL_Q6_K, QL_BODYK_AVX2)
+QL_ROW_FN(QL_AVX2, ql_f16_avx2, QL_F16, QL_BODYF_AVX2)
+QL_ROW_FN(QL_AVX2, ql_bf16_avx2, QL_BF16, QL_BODYF_AVX2)
+
+static ql_row_fn ql_pick_avx2(int fmt) {
+  switch (fmt) {
+    case QL_Q8_0: return ql_q8_0_avx2;
+    case QL_Q4_0: return ql_q4_0_avx2;
+    case QL_Q4_1: return ql_q4_1_avx2;
+    case QL_Q5_0: return ql_q5_0_avx2;
+    case QL_Q5_1: return ql_q5_1_avx2;
+    case QL_Q4_K: return ql_q4_k_avx2;
+    case QL_Q5_K: return ql_q5_k_avx2;
+    case QL_Q6_K: return ql_q6_k_avx2;
+    case QL_F16: return ql_f16_avx2;
+    case QL_BF16: return ql_bf16_avx2;
+    default: return 0;
+  }
+}

@@ -1,0 +1,156 @@
+"""Modules that keep their weights in a GGUF block format (formats.py), swapped in for
+nn.Linear / nn.Embedding as gpt-fast does for int8/int4 (`quantize_model`).
+
+- `QuantLinear.blocks`: uint8 (out_features, row_bytes), each row the weight row's blocks as
+  they lie in a GGUF file; the bias, when there is one, stays an fp32 Parameter.
+  forward(x) asks the native quantized matvec (qkv.kernels.quant_linear.linear) first and
+  otherwise dequantizes the whole weight and calls F.linear; nothing is cached, so memory stays
+  at the quantized size.
+- `QuantEmbedding.blocks`: the (vocab, row_bytes) table; forward(idx) dequantizes only the rows
+  asked for.
+- Both expose `weight`, the dequantized fp32 matrix, for code that reads a module's weight
+  instead of calling it (the model's fused q/k/v and gate/up products, the tied output head).
+  It is the slow path: every access dequantizes the whole matrix into a new tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qkv.quant.formats import block_format, dequantize, quantize
+
+_native: Callable | None = None
+_native_looked_up = False
+
+
+def _native_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None):
+    """The native kernel's result, or None when it is not built into this tree or does not apply."""
+    global _native, _native_looked_up
+    if not _native_looked_up:  # looked up once: a failed import is not cached by Python
+        try:
+            from qkv.kernels.quant_linear import linear
+        except ImportError:
+            linear = None
+        _native, _native_looked_up = linear, True
+    return None if _native is None else _native(x, blocks, qtype, bias)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W held as GGUF blocks of format `qtype`."""
+
+    def __init__(
+        self, in_features: int, out_features: int, qtype: str, bias: bool = False, device: torch.device | None = None
+    ):
+        super().__init__()
+        fmt = block_format(qtype)
+        self.in_features, self.out_features, self.qtype = in_features, out_features, fmt.name
+        rows = torch.zeros(out_features, fmt.row_bytes(in_features), dtype=torch.uint8, device=device)
+        self.register_buffer("blocks", rows)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qtype: str) -> QuantLinear:
+        q = cls(linear.in_features, linear.out_features, qtype, linear.bias is not None, linear.weight.device)
+        q.blocks.copy_(quantize(linear.weight, q.qtype))
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach().float())
+        return q
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None):
+        """Wrap GGUF bytes (out_features, row_bytes) as they are (no copy)."""
+        q = cls(in_features, blocks.shape[0], qtype, bias=False, device="meta")
+        q.blocks = blocks
+        q.bias = None if bias is None else nn.Parameter(bias.float())
+        dequantize(blocks[:0], q.qtype, in_features)  # the row width check
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.blocks, self.qtype, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight (slow path: a full dequantization per access)."""
+        return self.dequantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _native_linear(x, self.blocks, self.qtype, self.bias)
+        if y is not None:
+            return y
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, qtype={self.qtype}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding table held as GGUF blocks; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: str, device: torch.device | None = None):
+        super().__init__()
+        fmt = block_format(qtype)
+        self.num_embeddings, self.embedding_dim, self.qtype = num_embeddings, embedding_dim, fmt.name
+        rows = torch.zeros(num_embeddings, fmt.row_bytes(embedding_dim), dtype=torch.uint8, device=device)
+        self.register_buffer("blocks", rows)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, qtype: str) -> QuantEmbedding:
+        q = cls(embedding.num_embeddings, embedding.embedding_dim, qtype, embedding.weight.device)
+        q.blocks.copy_(quantize(embedding.weight, q.qtype))
+        return q
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, qtype: str, embedding_dim: int) -> QuantEmbedding:
+        """Wrap GGUF bytes (num_embeddings, row_bytes) as they are (no copy)."""
+        q = cls(blocks.shape[0], embedding_dim, qtype, device="meta")
+        q.blocks = blocks
+        dequantize(blocks[:0], q.qtype, embedding_dim)  # the row width check
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.blocks, self.qtype, self.embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 table (slow path: a full dequantization per access; the tied
+        output head reads it through Transformer.output_weight)."""
+        return self.dequantized_weight()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.blocks[idx], self.qtype, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+
+
+def quantize_model(
+    model: nn.Module, qtype: str, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> nn.Module:
+    """Swap, in place, every nn.Linear / nn.Embedding whose qualified name matches a glob in
+    `include` and none in `exclude` for its quantized twin; norms, biases and any other
+    parameters stay fp32. Returns the model."""
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding))
+        and any(fnmatch.fnmatchcase(name, p) for p in include)
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    ]
+    for name, m in targets:
+        try:
+            if isinstance(m, nn.Linear):
+                q = QuantLinear.from_linear(m, qtype)
+            else:
+                q = QuantEmbedding.from_embedding(m, qtype)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}; or leave it out with exclude=[{name!r}]") from None
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
+    return model

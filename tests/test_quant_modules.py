@@ -1,0 +1,103 @@
+"""QuantLinear / QuantEmbedding / quantize_model against their dequantized fp32 twins.
+
+- QuantLinear(x) is F.linear(x, dequantized weight, bias) for 1..80 rows, with and without bias.
+- QuantEmbedding(idx) is the dequantized table's rows.
+- A tiny qkv model quantized to q8_0 keeps its logits within 2% of their largest magnitude
+  (q8_0 rounds each weight to within max|w|/254 of its 32-weight block) and runs through
+  model.forward, model.hidden and qkv.infer.generate (where the fused fp32 decode block must
+  decline it: its weights are not fp32 parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qkv.config import ModelConfig
+from qkv.infer.generate import generate
+from qkv.infer.sampling import SamplingParams
+from qkv.model import build_model
+from qkv.model.layers import RMSNorm
+from qkv.quant import QuantEmbedding, QuantLinear, dequantize, quantize, quantize_model
+
+CFG = ModelConfig(vocab_size=256, n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128, max_seq_len=64)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1", "q5_k", "bf16"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quant_linear_is_f_linear_of_its_dequantized_weight(qtype, bias):
+    lin = nn.Linear(256, 48, bias=bias)
+    q = QuantLinear.from_linear(lin, qtype)
+    assert q.blocks.dtype == torch.uint8 and torch.equal(q.blocks, quantize(lin.weight, qtype))
+    w = q.dequantized_weight()
+    assert torch.equal(w, dequantize(q.blocks, qtype, 256)) and torch.equal(q.weight, w)
+    if bias:
+        assert q.bias.dtype == torch.float32 and torch.equal(q.bias, lin.bias)
+    with torch.no_grad():
+        for rows in range(1, 81):
+            x = torch.randn(rows, 256)
+            torch.testing.assert_close(q(x), F.linear(x, w, q.bias), rtol=1e-5, atol=1e-5)
+        x = torch.randn(2, 3, 256)  # leading dimensions
+        torch.testing.assert_close(q(x), F.linear(x, w, q.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q6_k"])
+def test_quant_embedding_rows_are_the_dequantized_table(qtype):
+    emb = nn.Embedding(100, 256)
+    q = QuantEmbedding.from_embedding(emb, qtype)
+    table = q.dequantized_weight()
+    assert table.shape == (100, 256) and torch.equal(q.weight, table)
+    idx = torch.tensor([[3, 99, 0, 3], [7, 7, 42, 1]])
+    assert torch.equal(q(idx), table[idx])
+    assert (table - emb.weight).abs().max() < 0.5  # the format's rounding, not garbage
+
+
+def test_quantize_model_swaps_linears_and_embeddings_keeps_norms_fp32():
+    model = build_model(CFG.replace(qkv_bias=True)).eval()
+    q = quantize_model(copy.deepcopy(model), "q8_0", exclude=["blocks.1.mlp.*"])
+    assert isinstance(q.tok_emb, QuantEmbedding)
+    assert isinstance(q.blocks[0].attn.q_proj, QuantLinear) and isinstance(q.blocks[0].mlp.down_proj, QuantLinear)
+    assert isinstance(q.blocks[1].mlp.up_proj, nn.Linear)  # excluded
+    bias = q.blocks[0].attn.q_proj.bias
+    assert isinstance(bias, nn.Parameter) and bias.dtype == torch.float32
+    assert torch.equal(bias, model.blocks[0].attn.q_proj.bias)
+    norms = [m for m in q.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 2 * CFG.n_layer + 1 and all(m.weight.dtype == torch.float32 for m in norms)
+    only = quantize_model(copy.deepcopy(model), "q4_0", include=["blocks.*.attn.*"])
+    assert isinstance(only.tok_emb, nn.Embedding) and isinstance(only.blocks[1].attn.o_proj, QuantLinear)
+    assert isinstance(only.blocks[1].mlp.gate_proj, nn.Linear)
+
+
+def test_quantize_model_names_a_module_the_blocks_do_not_tile():
+    model = build_model(CFG)  # d_model 64: no whole 256-weight K-quant block
+    message = r"^tok_emb: q4_k: a row of 64 weights is not a whole number .* exclude=\['tok_emb'\]"
+    with pytest.raises(ValueError, match=message):
+        quantize_model(model, "q4_k")
+
+
+def test_tiny_model_q8_0_logits_close_to_fp32_and_it_generates():
+    model = build_model(CFG).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # weights of realistic size, so logits are not ~0
+            p.add_(torch.randn_like(p) * 0.05)
+    q = quantize_model(copy.deepcopy(model), "q8_0")
+    ids = torch.randint(0, CFG.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref, out = model(ids), q(ids)
+        torch.testing.assert_close(q.head(q.hidden(ids)), out, rtol=0, atol=0)  # the tied head reads tok_emb.weight
+    err = (out - ref).abs().max().item()
+    assert err <= 0.02 * ref.abs().max().item(), (err, ref.abs().max().item())
+    assert err > 0  # the weights really were rounded
+
+    # the same model with the dequantized weights as plain fp32: generate agrees token for token
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, (QuantLinear, QuantEmbedding)):
+                twin.get_submodule(name).weight.copy_(m.dequantized_weight())
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert generate(q, [5, 9, 2, 7], params) == generate(twin, [5, 9, 2, 7], params)
