@@ -82,3 +82,31 @@ def test_fused_block_refuses_a_config_field_it_does_not_know():
 @pytest.mark.skipif(not native.enabled(), reason="native kernels are off here (QKV_NATIVE=0 or no AVX2 CPU)")
 def test_struct_mirrors_match_the_c_structs():
     assert fused_decode._decode_kernel() is not None  # raises if a ctypes mirror's size is off
+
+
+@pytest.mark.skipif(not native.enabled(), reason="native kernels are off here (QKV_NATIVE=0 or no AVX2 CPU)")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k", "q6_k"])
+def test_fused_block_runs_quantized_projections_like_the_modules(qtype):
+    """The fused decode step over QuantLinear blocks computes what the modules compute one by
+    one (the same quantized kernel), and the cache it fills matches."""
+    from qkv.infer.kv_cache import KVCache
+    from qkv.quant import quantize_model
+
+    torch.manual_seed(0)
+    cfg = CFG.replace(d_model=256, n_head=4, n_kv_head=2, head_dim=64, d_ff=512)
+    model = quantize_model(build_model(cfg).eval(), qtype, include=["blocks.*"])
+    backend.prepare_for_inference(model, "native")
+    assert fused_decode.supports(model) and len(fused_decode._blocks(model)) == cfg.n_layer
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    caches = [KVCache(cfg, 16), KVCache(cfg, 16)]
+    with torch.inference_mode():
+        for c in caches:
+            model.hidden(prompt, cache=c)
+            c.advance(prompt.shape[1])
+        step = torch.tensor([[7]])
+        pos = torch.tensor([prompt.shape[1]])
+        fused = fused_decode.hidden(model, step, pos, caches[0])
+        modules = model.hidden(step, positions=pos, cache=caches[1])
+    assert fused is not None
+    torch.testing.assert_close(fused, modules, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=1e-5)

@@ -282,7 +282,7 @@ QTYPES = [name for name in FORMATS if name != "f32"]
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_tiny_quantized_gguf_keeps_its_blocks(qtype, tmp_path):
     """For every kept format: the model holds the file's bytes (Q/K rows un-permuted), its
-    dequantized weights equal the fp32 load's, and the logits agree to 1e-4."""
+    dequantized weights equal the fp32 load's, and the logits agree within the activation rounding."""
     from qkv.config import ModelConfig
     from qkv.model import build_model
 
@@ -303,5 +303,7 @@ def test_tiny_quantized_gguf_keeps_its_blocks(qtype, tmp_path):
             assert torch.equal(m.weight, ref.get_submodule(name).weight), name
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     with torch.no_grad():
-        assert (model(ids) - ref(ids)).abs().max().item() <= 1e-4
+        # the native kernel rounds activations to int8 blocks as ggml does; 1e-4 without it
+        scale = ref(ids).abs().max().item()
+        assert (model(ids) - ref(ids)).abs().max().item() <= 0.02 * scale + 1e-4
         assert (ref(ids) - src(ids)).abs().max().item() <= 0.5  # the format's rounding, not garbage

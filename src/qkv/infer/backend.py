@@ -23,10 +23,12 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qkv.infer import fused_decode
-from qkv.kernels import cpu_linear, decode_ops, native
+from qkv.kernels import cpu_linear, decode_ops, native, quant_linear
 from qkv.model.layers import RMSNorm
+from qkv.quant.modules import QuantEmbedding, QuantLinear
 
 Backend = Literal["native", "torch"]
 
@@ -107,7 +109,14 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: to
 
 
 def logits(model, h: torch.Tensor) -> torch.Tensor:
-    """The model's head on hidden states; the native linear kernel for a decode step's rows."""
+    """The model's head on hidden states: the native kernels (fp32 or quantized) for a
+    decode step's rows; a quantized head is read as blocks, never dequantized per step."""
+    head = model.tok_emb if model.lm_head is None else model.lm_head
+    if isinstance(head, QuantLinear):
+        return head(h)
+    if isinstance(head, QuantEmbedding):  # a tied, quantized embedding
+        y = quant_linear.linear(h, head.blocks, head.qtype) if _prepared.get(model) == "native" else None
+        return y if y is not None else F.linear(h, head.dequantized_weight().to(h.dtype))
     if _prepared.get(model) == "native":
         return cpu_linear.linear(h, model.output_weight.to(h.dtype))
     return model.head(h)

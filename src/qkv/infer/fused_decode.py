@@ -24,8 +24,9 @@ import torch.nn as nn
 from qkv.config import ModelConfig
 from qkv.infer.kv_cache import KVCache
 from qkv.infer.paged import PagedKVCache
-from qkv.kernels import decode_attention, native
+from qkv.kernels import decode_attention, native, quant_linear
 from qkv.model.layers import RMSNorm
+from qkv.quant.modules import QuantLinear
 
 _P = ctypes.c_void_p
 
@@ -58,6 +59,7 @@ class _Block(ctypes.Structure):
                 "b_down",
             )
         ]
+        + [(n, ctypes.c_int64) for n in ("t_q", "t_k", "t_v", "t_o", "t_gate", "t_up", "t_down")]
     )
 
 
@@ -181,8 +183,7 @@ def supports(model) -> bool:
         architecture_fits(model.cfg)
         and not model.training
         and not any(b.attn.keep_probs for b in model.blocks)
-        and model.output_weight.dtype == torch.float32
-        and model.output_weight.device.type == "cpu"
+        and model.final_norm.weight.device.type == "cpu"
     )
 
 
@@ -190,15 +191,20 @@ def supports(model) -> bool:
 _structs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a projection the C block can read: a plain fp32 nn.Linear (or the
-    native subclass installed for inference); None for anything else (quantized, bf16, ...)."""
-    if not isinstance(module, nn.Linear):
+def _linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+    """(storage, bias, type) of a projection the C block can read: a plain fp32 nn.Linear
+    (or the native subclass installed for inference; type 0), or a QuantLinear whose
+    format the quantized kernel implements (its GGUF blocks, type = the gguf type id);
+    None for anything else (bf16, other formats, other modules)."""
+    b = module.bias if isinstance(module, (nn.Linear, QuantLinear)) else None
+    if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
         return None
-    w, b = module.weight, module.bias
-    if w.dtype != torch.float32 or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
-        return None
-    return w, b
+    if isinstance(module, nn.Linear):
+        w = module.weight
+        return (w, b, 0) if w.dtype == torch.float32 and w.is_contiguous() else None
+    if isinstance(module, QuantLinear) and quant_linear.supported(module.qtype) and module.blocks.is_contiguous():
+        return module.blocks, b, int(quant_linear.qtype_of(module.qtype))
+    return None
 
 
 def _norm_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
@@ -219,30 +225,37 @@ def _block_struct(cfg: ModelConfig, blk) -> _Block | None:
     projections = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "up": m.up_proj, "down": m.down_proj}
     if cfg.mlp == "swiglu":
         projections["gate"] = m.gate_proj
-    lin = {role: _linear_weights(p) for role, p in projections.items()}
+    found = {role: _linear_weights(p) for role, p in projections.items()}
+    lin = {role: x for role, x in found.items() if x is not None}
     n1, n2 = _norm_weights(blk.attn_norm), _norm_weights(blk.mlp_norm)
-    if n1 is None or n2 is None or any(v is None for v in lin.values()):
+    if n1 is None or n2 is None or len(lin) < len(found):
         return None
-    w = {role: wb[0] for role, wb in lin.items() if wb is not None}
-    b = {role: wb[1] for role, wb in lin.items() if wb is not None}
     mlp = _MLP["swiglu"] if cfg.mlp == "swiglu" else _MLP[("gelu", cfg.gelu_approx)]
 
     def ptr(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
+    def w(role: str) -> int | None:
+        return ptr(lin[role][0]) if role in lin else None
+
+    def b(role: str) -> int | None:
+        return ptr(lin[role][1]) if role in lin else None
+
+    def t(role: str) -> int:
+        return lin[role][2] if role in lin else 0
+
     return _Block(
         cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, n1[2], a.scale, cfg.sliding_window or 0,
         _NORM[cfg.norm], mlp,
-        ptr(n1[0]), ptr(n1[1]), ptr(w["q"]), ptr(w["k"]), ptr(w["v"]), ptr(b["q"]), ptr(b["k"]), ptr(b["v"]),
-        ptr(w["o"]), ptr(b["o"]), ptr(n2[0]), ptr(n2[1]), ptr(w.get("gate")), ptr(w["up"]), ptr(w["down"]),
-        ptr(b.get("gate")), ptr(b["up"]), ptr(b["down"]),
+        ptr(n1[0]), ptr(n1[1]), w("q"), w("k"), w("v"), b("q"), b("k"), b("v"), w("o"), b("o"),
+        ptr(n2[0]), ptr(n2[1]), w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"),
+        t("q"), t("k"), t("v"), t("o"), t("gate"), t("up"), t("down"),
     )  # fmt: skip
 
 
 def _blocks(model) -> list[_Block]:
     """The C view of each block's weights, rebuilt when any parameter moved."""
-    params = list(model.parameters())
-    key = tuple(p.data_ptr() for p in params)
+    key = tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()])
     hit = _structs.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -18,6 +18,7 @@
 #include "linear_f32.c"
 #include "decode_attention_f32.c"
 #include "decode_ops_f32.c"
+#include "quant_linear.c"
 
 enum { RMS_NORM = 0, LAYER_NORM = 1 };
 enum { SWIGLU = 0, GELU_TANH = 1, GELU_ERF = 2 };
@@ -27,8 +28,16 @@ typedef struct {
   float eps, scale;
   int64_t window; /* sliding window (0 = none) */
   int64_t norm, mlp; /* the enums above */
-  const float *attn_norm, *attn_norm_b, *wq, *wk, *wv, *bq, *bk, *bv, *wo, *bo;
-  const float *mlp_norm, *mlp_norm_b, *w_gate, *w_up, *w_down, *b_gate, *b_up, *b_down;
+  const float *attn_norm, *attn_norm_b;
+  const void *wq, *wk, *wv;
+  const float *bq, *bk, *bv;
+  const void* wo;
+  const float *bo, *mlp_norm, *mlp_norm_b;
+  const void *w_gate, *w_up, *w_down;
+  const float *b_gate, *b_up, *b_down;
+  /* each projection's storage: 0 = fp32 (PyTorch's (out, in) layout), else the gguf
+   * GGMLQuantizationType of its rows of blocks (quant_linear.c) */
+  int64_t t_q, t_k, t_v, t_o, t_gate, t_up, t_down;
 } qkv_block;
 
 typedef struct { /* one layer's K/V, addressed like qkv_decode_attention_f32's */
@@ -83,9 +92,36 @@ static void linear1(const float* x, int64_t rows, int64_t n_in, const float* w, 
   qkv_linear_f32(x, rows, n_in, 1, &w, &b, &y, &n_out, n_threads);
 }
 
+/* y = x W^T + b for one projection, fp32 or quantized; 0 or an error code. */
+static int project(const float* x, int64_t B, int64_t n_in, const void* w, int64_t type, const float* b, float* y,
+                   int64_t n_out, int n_threads) {
+  if (type == 0) {
+    linear1(x, B, n_in, (const float*)w, b, y, n_out, n_threads);
+    return 0;
+  }
+  return qkv_quant_linear(x, B, n_in, w, (int)type, n_out, b, y, n_threads);
+}
+
+/* Several projections of the same x: one call of the fp32 kernel when all are fp32. */
+static int project_many(const float* x, int64_t B, int64_t n_in, int n, const void* const* w, const int64_t* type,
+                        const float* const* b, float* const* y, const int64_t* n_out, int n_threads) {
+  int all_f32 = 1;
+  for (int i = 0; i < n; ++i) all_f32 &= type[i] == 0;
+  if (all_f32) {
+    qkv_linear_f32(x, B, n_in, n, (const float* const*)w, b, y, n_out, n_threads);
+    return 0;
+  }
+  for (int i = 0; i < n; ++i) {
+    const int rc = project(x, B, n_in, w[i], type[i], b[i], y[i], n_out[i], n_threads);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 /* x: (B, d_model) residual stream, updated in place; cos/sin: (B, head_dim) angles at
  * each row's position, or NULL (no RoPE). The new K/V go to position total[b] - 1.
- * Returns 0, or -1 if out of memory. */
+ * Returns 0, or -1 if out of memory (or a quantized projection refused its shape or type,
+ * which the Python side checks first). */
 int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t B, const float* cos,
                          const float* sin, int n_threads) {
   const int64_t d = L->d_model, H = L->n_head, Hkv = L->n_kv_head, D = L->head_dim, F = L->d_ff;
@@ -97,11 +133,12 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
 
   norm(L, x, L->attn_norm, L->attn_norm_b, n, B);
   {
-    const float* w[3] = {L->wq, L->wk, L->wv};
+    const void* w[3] = {L->wq, L->wk, L->wv};
+    const int64_t t[3] = {L->t_q, L->t_k, L->t_v};
     const float* b[3] = {L->bq, L->bk, L->bv};
     float* y[3] = {q, k, v};
     const int64_t n_out[3] = {q_n, kv_n, kv_n};
-    qkv_linear_f32(n, B, d, 3, w, b, y, n_out, n_threads);
+    if (project_many(n, B, d, 3, w, t, b, y, n_out, n_threads)) goto fail;
   }
   if (cos) { /* rotate q into qr and k in place (through qr's tail: rope does not work in place) */
     qkv_rope_f32(q, cos, sin, qr, B, H, D, B);
@@ -122,29 +159,31 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
   }
   if (qkv_decode_attention_f32(qr, kv->k, kv->v, kv->tables, kv->max_blocks, kv->total, att, B, H, Hkv, D,
                                kv->block_size, kv->block_stride, kv->token_stride, kv->head_stride, L->scale,
-                               L->window, n_threads)) {
-    free(buf);
-    return -1;
-  }
-  linear1(att, B, q_n, L->wo, L->bo, n, d, n_threads); /* n <- attention output projected */
+                               L->window, n_threads))
+    goto fail;
+  if (project(att, B, q_n, L->wo, L->t_o, L->bo, n, d, n_threads)) goto fail; /* n <- attention output projected */
   for (int64_t i = 0; i < B * d; ++i) x[i] += n[i];
 
   norm(L, x, L->mlp_norm, L->mlp_norm_b, n, B);
   if (L->mlp == SWIGLU) {
-    const float* w[2] = {L->w_gate, L->w_up};
+    const void* w[2] = {L->w_gate, L->w_up};
+    const int64_t t[2] = {L->t_gate, L->t_up};
     const float* b[2] = {L->b_gate, L->b_up};
     float* y[2] = {gate, up};
     const int64_t n_out[2] = {F, F};
-    qkv_linear_f32(n, B, d, 2, w, b, y, n_out, n_threads);
+    if (project_many(n, B, d, 2, w, t, b, y, n_out, n_threads)) goto fail;
     silu_mul(gate, up, B * F);
   } else {
-    linear1(n, B, d, L->w_up, L->b_up, gate, F, n_threads);
+    if (project(n, B, d, L->w_up, L->t_up, L->b_up, gate, F, n_threads)) goto fail;
     gelu(gate, B * F, L->mlp == GELU_ERF);
   }
-  linear1(gate, B, F, L->w_down, L->b_down, n, d, n_threads);
+  if (project(gate, B, F, L->w_down, L->t_down, L->b_down, n, d, n_threads)) goto fail;
   for (int64_t i = 0; i < B * d; ++i) x[i] += n[i];
   free(buf);
   return 0;
+fail:
+  free(buf);
+  return -1;
 }
 
 /* The struct sizes, so the Python side (ctypes mirrors of these structs) can refuse to call
