@@ -56,6 +56,7 @@ from collections.abc import Iterator  # noqa: E402
 import torch  # noqa: E402
 
 from qkv.infer import fused_decode  # noqa: E402
+from qkv.infer.detokenize import IncrementalDetokenizer  # noqa: E402
 from qkv.infer.paged import BlockAllocator, PagedKVCache  # noqa: E402
 from qkv.infer.sampling import SamplingError, SamplingParams, apply_penalties, make_generator, warp  # noqa: E402
 from qkv.infer.scheduler import Scheduler, Sequence  # noqa: E402
@@ -69,16 +70,16 @@ class _Request:
         self.stop_ids = stops
         self.seqs: list[Sequence] = []
         self.forked = params.n == 1
-        self.max_stop_len = max((len(s) for s in params.stop), default=0)
 
 
 class _SeqText:
     """Incremental detokenisation and stop-string state of one sequence."""
 
-    __slots__ = ("emitted", "token_emitted", "finish_reason", "stop_token")
+    __slots__ = ("detok", "held", "token_emitted", "finish_reason", "stop_token")
 
-    def __init__(self):
-        self.emitted = 0  # characters of the text already sent
+    def __init__(self, tokenizer):
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.held = ""  # decoded text not sent yet: its tail could still grow into a stop string
         self.token_emitted = 0  # output tokens already sent
         self.finish_reason: str | None = None
         self.stop_token = False  # last token is eos/stop id: kept in ids, not in the text
@@ -179,7 +180,7 @@ class Engine:
             seed=seed,
         )
         req.seqs.append(seq)
-        self._text[seq.seq_id] = _SeqText()
+        self._text[seq.seq_id] = _SeqText(self.tokenizer)
         return seq
 
     def abort(self, request_id: str) -> None:
@@ -355,23 +356,27 @@ class Engine:
         return out
 
     def _output(self, req: _Request, seq: Sequence, st: _SeqText, final: bool) -> RequestOutput | None:
-        out_ids = seq.output_ids
-        text_ids = out_ids[:-1] if st.stop_token else out_ids
-        text = self.tokenizer.decode(text_ids, skip_special=True) if self.tokenizer is not None else ""
+        # only the new tokens are decoded (a stop token's text is left out) and only the
+        # text not sent yet is searched: a step costs the same at any output length
+        n_out = len(seq.token_ids) - seq.num_prompt
+        if st.detok is not None:
+            n_text = n_out - 1 if st.stop_token else n_out
+            st.held += st.detok.push(seq.token_ids[seq.num_prompt + len(st.detok.ids) : seq.num_prompt + n_text])
+            if final:
+                st.held += st.detok.flush()
+        text = st.held
         if req.params.stop and st.finish_reason != "abort":
-            start = max(0, st.emitted - req.max_stop_len)
-            hits = [k for k in (text.find(s, start) for s in req.params.stop) if k >= 0]
+            # sent text never holds the start of a stop string (see _stop_hold), so a
+            # match lies wholly in the held text
+            hits = [k for k in (text.find(s) for s in req.params.stop) if k >= 0]
             if hits:
                 text = text[: min(hits)]
                 st.finish_reason, final = "stop", True
                 self._finish(req, seq)
-        end = len(text)
-        if not final:
-            end = _safe_end(text, req.params.stop)
-        new_text = text[st.emitted : end] if end > st.emitted else ""
-        st.emitted = max(st.emitted, end)
-        new_ids = out_ids[st.token_emitted :]
-        st.token_emitted = len(out_ids)
+        end = len(text) if final else len(text) - _stop_hold(text, req.params.stop)
+        new_text, st.held = text[:end], text[end:]
+        new_ids = seq.token_ids[seq.num_prompt + st.token_emitted :]
+        st.token_emitted = n_out
         if not final and not new_ids and not new_text:
             return None
         lps = seq.logprobs
@@ -384,7 +389,7 @@ class Engine:
             finished=final,
             finish_reason=st.finish_reason if final else None,
             prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(out_ids),
+            completion_tokens=n_out,
         )
 
     def _finish(self, req: _Request, seq: Sequence) -> None:
@@ -455,16 +460,13 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _safe_end(text: str, stops: list[str]) -> int:
-    """How much of the text can be sent now: not a trailing partial UTF-8 character
-    (decoded as U+FFFD), nor a tail that could still grow into a stop string."""
-    end = len(text)
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
+def _stop_hold(text: str, stops: list[str]) -> int:
+    """How many characters at the end of the text to hold back: the longest tail that
+    could still grow into a stop string."""
     hold = 0
     for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k : end] == s[:k]:
-                hold = max(hold, k)
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
                 break
-    return end - hold
+    return hold
