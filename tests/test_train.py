@@ -180,6 +180,18 @@ def test_metrics_lines_are_appended_not_rewritten(data, tmp_path, threads, monke
     assert rewrites.count(metrics) == 1  # once, when the run resumed; every line after that appended
 
 
+def test_evaluate_leaves_the_model_in_its_mode(data, tmp_path, threads):
+    t = make_trainer(cfg_for(data, tmp_path / "r"))
+    seen = []
+    hook = lambda m, args: seen.append((m.training, torch.is_grad_enabled()))  # noqa: E731
+    t.model.blocks[0].register_forward_pre_hook(hook)
+    for mode in (False, True, False):
+        t.model.train(mode)
+        assert "val_loss" in t.evaluate()
+        assert t.model.training is mode
+    assert seen and set(seen) == {(False, False)}  # evaluation itself runs in eval mode without gradients
+
+
 # --- failures -------------------------------------------------------------------------
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, threads):
     cfg = cfg_for(data, tmp_path / "r", save_every=2, eval_every=0)

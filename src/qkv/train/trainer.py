@@ -214,9 +214,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over cfg.eval_steps batches from eval_batch (all ranks averaged)."""
+        """Mean loss over cfg.eval_steps batches from eval_batch (all ranks averaged); the
+        model is left in the mode it was in."""
         if self.eval_batch is None:
             return {}
+        was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for i in range(self.cfg.eval_steps):
@@ -224,7 +226,7 @@ class Trainer:
             with self._autocast():
                 loss, _ = self.loss_fn(self.model, batch)
             total += loss.detach().float()
-        self.model.train()
+        self.model.train(was_training)
         val = D.all_reduce_mean(total / self.cfg.eval_steps).item()
         out = {"val_loss": val}
         if self.bytes_per_token:
