@@ -233,3 +233,30 @@ def test_fused_linear_cross_entropy_matches_plain_loss_and_grads(tied):
     t = torch.randint(0, 97, (30,))
     a = fused_linear_cross_entropy(h, w, t, chunk_elems=97 * 4)
     assert a.item() == pytest.approx(torch.nn.functional.cross_entropy(h @ w.t(), t).item(), abs=1e-5)
+
+
+def test_fused_cross_entropy_builds_no_gradient_when_no_backward_can_follow(monkeypatch):
+    import qkv.model.loss as loss_module
+
+    built = []
+    real = loss_module._logits_grad
+    monkeypatch.setattr(loss_module, "_logits_grad", lambda *a: (built.append(1), real(*a))[1])
+    model = build_model(tiny()).train()
+    x = torch.randint(0, 97, (3, 10))
+    y = torch.randint(0, 97, (3, 10))
+    y[1, 5:] = -100
+    plain = torch.nn.functional.cross_entropy(model(x).view(-1, 97), y.view(-1), ignore_index=-100)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            loss = model.loss(x, y, ignore_index=-100)
+        assert not loss.requires_grad and loss.item() == pytest.approx(plain.item(), abs=1e-6)
+    model.requires_grad_(False)  # a frozen model with autograd on (a reference model): nothing to build either
+    assert model.loss(x, y).item() == pytest.approx(plain.item(), abs=1e-6)
+    assert built == []
+    model.requires_grad_(True)
+    model.loss(x, y).backward()  # training: the gradient is built, and is the plain loss's
+    assert built
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain.backward()
+    assert all((p.grad - grads[n]).abs().max() < 1e-6 for n, p in model.named_parameters())

@@ -145,6 +145,10 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path, threads):
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL at step 10, after the step-8 checkpoint
     assert json.loads((tmp_path / "killed" / "latest.json").read_text())["step"] == 8
     assert not (tmp_path / "killed" / "model.safetensors").exists()  # it never finished
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines())] == list(range(1, 10))
+    with open(metrics, "a") as f:  # and a line torn by a crash in the middle of writing it
+        f.write('{"step": 10, "loss": 2.')
 
     resumed = make_trainer(killed, resume=True)
     assert resumed.step == 8
@@ -156,9 +160,36 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path, threads):
     oa = load_file(str(tmp_path / "killed" / "step_000012" / "trainer" / "optimizer.safetensors"))
     ob = load_file(str(tmp_path / "straight" / "step_000012" / "trainer" / "optimizer.safetensors"))
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
-    la = [r["loss"] for r in map(json.loads, (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines())]
-    assert la == [r["loss"] for r in straight.history] and len(la) == 12
+    lines = list(map(json.loads, metrics.read_text().splitlines()))
+    assert [r["step"] for r in lines] == list(range(1, 13))  # each step once, in order: 9 is not repeated
+    assert [r["loss"] for r in lines] == [r["loss"] for r in straight.history]
     assert sorted(p.name for p in (tmp_path / "killed").glob("step_*")) == ["step_000008", "step_000012"]  # keep_last=2
+
+
+def test_metrics_lines_are_appended_not_rewritten(data, tmp_path, threads, monkeypatch):
+    import qkv.train.trainer as trainer_module
+
+    rewrites = []
+    real = trainer_module.atomic_write_text
+    monkeypatch.setattr(trainer_module, "atomic_write_text", lambda p, text: (rewrites.append(p), real(p, text)))
+    cfg = cfg_for(data, tmp_path / "r", max_steps=6, save_every=3, eval_every=0)
+    make_trainer(cfg).fit()
+    make_trainer(cfg.replace(max_steps=12), resume=True).fit()
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines())] == list(range(1, 13))
+    assert rewrites.count(metrics) == 1  # once, when the run resumed; every line after that appended
+
+
+def test_evaluate_leaves_the_model_in_its_mode(data, tmp_path, threads):
+    t = make_trainer(cfg_for(data, tmp_path / "r"))
+    seen = []
+    hook = lambda m, args: seen.append((m.training, torch.is_grad_enabled()))  # noqa: E731
+    t.model.blocks[0].register_forward_pre_hook(hook)
+    for mode in (False, True, False):
+        t.model.train(mode)
+        assert "val_loss" in t.evaluate()
+        assert t.model.training is mode
+    assert seen and set(seen) == {(False, False)}  # evaluation itself runs in eval mode without gradients
 
 
 # --- failures -------------------------------------------------------------------------

@@ -8,12 +8,16 @@
   from pi).
 - `text_loss`: next-token loss and bits per byte on held-out pretraining text, the tax.
 - `judge_policy`: sample and score in one call: gold mean, exact answers, length, EOS rate.
+
+Every measurement runs the models in eval mode without autograd and leaves each model in
+the mode it was in (a policy being trained stays in training mode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -21,19 +25,34 @@ from qkv.align.data import as_messages
 from qkv.align.policy import Rollout, response_logprobs, rollout
 
 
+@contextlib.contextmanager
+def evaluating(*models: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd inside; each model's own mode restored after."""
+    modes = [m.training for m in models]
+    try:
+        with torch.no_grad():
+            for m in models:
+                m.eval()
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
 def sample_policy(
     model, tokenizer, prompts: list, max_new_tokens: int = 24, temperature: float = 0.7, seed: int = 1234, n: int = 1
 ) -> Rollout:
-    return rollout(
-        model,
-        tokenizer,
-        [as_messages(p) for p in prompts],
-        max_new_tokens,
-        temperature,
-        seed,
-        n=n,
-        max_num_seqs=min(128, len(prompts) * n),
-    )
+    with evaluating(model):
+        return rollout(
+            model,
+            tokenizer,
+            [as_messages(p) for p in prompts],
+            max_new_tokens,
+            temperature,
+            seed,
+            n=n,
+            max_num_seqs=min(128, len(prompts) * n),
+        )
 
 
 def gold_scores(ro: Rollout, gold_fn: Callable[[list[dict], str], float]) -> list[float]:
@@ -45,41 +64,38 @@ def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
     return wins / len(scores_a)
 
 
-@torch.no_grad()
 def kl_to_reference(model, ref_model, tokenizer, ro: Rollout, temperature: float = 0.7, batch_size: int = 64) -> float:
     dev = next(model.parameters()).device
     b = {k: v.to(dev) for k, v in ro.batch(tokenizer.pad_id, model.cfg.max_seq_len).items()}
     total = 0.0
-    for s in range(0, len(b["ids"]), batch_size):
-        ids, kp, mask = (
-            b["ids"][s : s + batch_size],
-            b["key_padding"][s : s + batch_size],
-            b["mask"][s : s + batch_size, 1:],
-        )
-        lp = response_logprobs(model, ids, kp, temperature)
-        rlp = response_logprobs(ref_model, ids, kp, temperature)
-        total += ((lp - rlp) * mask).sum().item()
+    with evaluating(model, ref_model):
+        for s in range(0, len(b["ids"]), batch_size):
+            ids, kp, mask = (
+                b["ids"][s : s + batch_size],
+                b["key_padding"][s : s + batch_size],
+                b["mask"][s : s + batch_size, 1:],
+            )
+            lp = response_logprobs(model, ids, kp, temperature)
+            rlp = response_logprobs(ref_model, ids, kp, temperature)
+            total += ((lp - rlp) * mask).sum().item()
     return total / len(b["ids"])
 
 
-@torch.no_grad()
 def text_loss(
     model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int = 64, bytes_per_token: float | None = None
 ) -> dict:
     """Mean next-token loss over consecutive windows of `tokens` (1-D), and bits per byte."""
-    was = model.training
-    model.eval()
     n = min(max_windows, (len(tokens) - 1) // seq_len)
     if n < 1:
         raise ValueError(f"held-out text has {len(tokens)} tokens; need more than seq_len={seq_len}")
     x = tokens[: n * seq_len + 1]
     dev = next(model.parameters()).device
     losses = []
-    for s in range(0, n, 16):
-        k = min(16, n - s)
-        chunk = torch.stack([x[(s + i) * seq_len : (s + i + 1) * seq_len + 1] for i in range(k)]).to(dev)
-        losses.append(model.loss(chunk[:, :-1], chunk[:, 1:]).item() * k)
-    model.train(was)
+    with evaluating(model):
+        for s in range(0, n, 16):
+            k = min(16, n - s)
+            chunk = torch.stack([x[(s + i) * seq_len : (s + i + 1) * seq_len + 1] for i in range(k)]).to(dev)
+            losses.append(model.loss(chunk[:, :-1], chunk[:, 1:]).item() * k)
     loss = sum(losses) / n
     out = {"loss": loss}
     if bytes_per_token:

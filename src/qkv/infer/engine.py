@@ -57,6 +57,7 @@ from collections.abc import Iterator  # noqa: E402
 import torch  # noqa: E402
 
 from qkv.infer import backend  # noqa: E402
+from qkv.infer.detokenize import IncrementalDetokenizer  # noqa: E402
 from qkv.infer.paged import BlockAllocator, PagedKVCache  # noqa: E402
 from qkv.infer.sampling import (  # noqa: E402
     SamplingError,
@@ -84,10 +85,11 @@ class _Request:
 class _SeqText:
     """Incremental detokenisation and stop-string state of one sequence."""
 
-    __slots__ = ("emitted", "token_emitted", "finish_reason", "stop_token")
+    __slots__ = ("detok", "held", "token_emitted", "finish_reason", "stop_token")
 
-    def __init__(self):
-        self.emitted = 0  # characters of the text already sent
+    def __init__(self, tokenizer):
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.held = ""  # decoded text not sent yet: its tail could still grow into a stop string
         self.token_emitted = 0  # output tokens already sent
         self.finish_reason: str | None = None
         self.stop_token = False  # last token is eos/stop id: kept in ids, not in the text
@@ -188,7 +190,7 @@ class Engine:
             seed=seed,
         )
         req.seqs.append(seq)
-        self._text[seq.seq_id] = _SeqText()
+        self._text[seq.seq_id] = _SeqText(self.tokenizer)
         return seq
 
     def abort(self, request_id: str) -> None:
@@ -378,22 +380,27 @@ class Engine:
         return out
 
     def _output(self, req: _Request, seq: Sequence, st: _SeqText, final: bool) -> RequestOutput | None:
-        out_ids = seq.output_ids
-        text_ids = out_ids[:-1] if st.stop_token else out_ids
-        text = self.tokenizer.decode(text_ids, skip_special=True) if self.tokenizer is not None else ""
+        # only the new tokens are decoded (a stop token's text is left out) and only the
+        # text not sent yet is searched: a step costs the same at any output length
+        n_out = len(seq.token_ids) - seq.num_prompt
+        if st.detok is not None:
+            n_text = n_out - 1 if st.stop_token else n_out
+            st.held += st.detok.push(seq.token_ids[seq.num_prompt + len(st.detok.ids) : seq.num_prompt + n_text])
+            if final:
+                st.held += st.detok.flush()
+        text = st.held
         if req.stops and st.finish_reason != "abort":
-            hit = req.stops.first_hit(text, st.emitted)
+            # sent text never holds the start of a stop string (see StopStrings.held), so
+            # a match lies wholly in the held text
+            hit = req.stops.first_hit(text, 0)
             if hit is not None:
                 text = text[:hit]
                 st.finish_reason, final = "stop", True
                 self._finish(req, seq)
-        end = len(text)
-        if not final:
-            end = _safe_end(text, req.stops)
-        new_text = text[st.emitted : end] if end > st.emitted else ""
-        st.emitted = max(st.emitted, end)
-        new_ids = out_ids[st.token_emitted :]
-        st.token_emitted = len(out_ids)
+        end = len(text) if final else len(text) - req.stops.held(text, len(text))
+        new_text, st.held = text[:end], text[end:]
+        new_ids = seq.token_ids[seq.num_prompt + st.token_emitted :]
+        st.token_emitted = n_out
         if not final and not new_ids and not new_text:
             return None
         lps = seq.logprobs
@@ -406,7 +413,7 @@ class Engine:
             finished=final,
             finish_reason=st.finish_reason if final else None,
             prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(out_ids),
+            completion_tokens=n_out,
         )
 
     def _finish(self, req: _Request, seq: Sequence) -> None:
@@ -475,12 +482,3 @@ class Engine:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
-def _safe_end(text: str, stops: StopStrings) -> int:
-    """How much of the text can be sent now: not a trailing partial UTF-8 character
-    (decoded as U+FFFD), nor a tail that could still grow into a stop string."""
-    end = len(text)
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    return end - stops.held(text, end)

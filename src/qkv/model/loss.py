@@ -6,6 +6,8 @@ backward. Here the tokens are processed in chunks: each chunk's logits are forme
 loss and its gradient (softmax - one_hot) computed at once, and the gradients for h and W
 accumulated right away. Backward only rescales the stored gradients. Same matmuls,
 a fraction of the memory traffic (the idea of Liger-Kernel's FusedLinearCrossEntropy).
+Gradients are built only when autograd can call backward: under torch.no_grad (evaluation)
+the same chunks give the loss alone.
 """
 
 from __future__ import annotations
@@ -16,29 +18,8 @@ import torch
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index: int, chunk: int):
-        n = h.shape[0]
-        valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1)
-        safe_targets = torch.where(valid, targets, 0)
-        w = weight.to(h.dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, n, chunk):
-            hc, tc, vc = h[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
-            logits = (hc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
-            if want_h or want_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
-                g *= vc[:, None]
-                g = g.to(h.dtype)
-                if want_h:
-                    torch.mm(g, w, out=grad_h[s : s + chunk])
-                if want_w:
-                    grad_w.addmm_(g.t().float(), hc.float())  # fp32 accumulation under bf16
+        total, n_valid, grad_h, grad_w = _loss_and_grads(h, weight, targets, ignore_index, chunk, want_h, want_w)
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.weight_dtype = weight.dtype
         return total / n_valid
@@ -52,12 +33,59 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
+def _loss_and_grads(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    chunk: int,
+    want_h: bool,
+    want_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(summed loss, number of counted targets, d sum / d h, d sum / d weight), chunk by chunk;
+    a gradient that is not wanted is neither built nor stored (None)."""
+    n = h.shape[0]
+    valid = targets != ignore_index
+    n_valid = valid.sum().clamp(min=1)
+    safe_targets = torch.where(valid, targets, 0)
+    w = weight.to(h.dtype)
+    grad_h = torch.empty_like(h) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, n, chunk):
+        hc, tc, vc = h[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
+        logits = (hc @ w.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+        if want_h or want_w:
+            g = _logits_grad(logits, lse, tc, vc).to(h.dtype)
+            if want_h:
+                torch.mm(g, w, out=grad_h[s : s + chunk])
+            if want_w:
+                grad_w.addmm_(g.t().float(), hc.float())  # fp32 accumulation under bf16
+    return total, n_valid, grad_h, grad_w
+
+
+def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """d(summed loss)/d(logits) of one chunk, softmax - one_hot (zero on ignored rows), built
+    in place of the logits."""
+    g = logits.sub_(lse[:, None]).exp_()
+    g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
+    g *= valid[:, None]
+    return g
+
+
 def fused_linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk_elems: int = 2**25
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight.T against targets (ignore_index skipped).
 
-    h: (..., d), weight: (V, d), targets: (...). chunk_elems bounds the logits held at once."""
+    h: (..., d), weight: (V, d), targets: (...). chunk_elems bounds the logits held at once.
+    When no backward can follow (torch.no_grad / inference_mode, or nothing requires a
+    gradient) only the loss is computed: evaluation costs what plain cross-entropy does."""
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     chunk = max(1, chunk_elems // weight.shape[0])
-    return _FusedLinearCrossEntropy.apply(h2, weight, t2, ignore_index, chunk)
+    if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(h2, weight, t2, ignore_index, chunk)
+    total, n_valid, _, _ = _loss_and_grads(h2, weight, t2, ignore_index, chunk, False, False)
+    return total / n_valid

@@ -8,6 +8,14 @@ plus, around it: eval every N steps (val loss and bits per byte), metrics JSONL,
 bar with tokens/s and MFU, atomic checkpoints every N steps, exact resume, and a stop
 with a clear message when the loss or gradient norm is not finite.
 
+Metrics: each logged step appends one line to out_dir/metrics.jsonl (rank 0; the line is
+written whole and handed to the OS at once, so it survives the process being killed), and
+the file is fsynced before every checkpoint, so the lines up to a checkpoint's step are on
+disk before the checkpoint is. After a crash the file may hold lines past the last
+checkpoint (steps the resumed run will compute again), or, after a power loss, a torn last
+line; a resumed run keeps the lines up to its checkpoint's step, drops the rest, and
+rewrites the file once, so every step is logged exactly once and in order.
+
 Determinism: batches are a pure function of (step, micro, rank) (the caller's get_batch),
 and the RNG is re-seeded from (seed, step, rank) before every step, so a resumed run
 computes exactly what the uninterrupted run would have.
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +40,8 @@ from qkv.train import distributed as D
 from qkv.train import state as S
 from qkv.train.config import TrainConfig, save_config
 from qkv.train.optim import lr_at, make_optimizer
+
+METRICS = "metrics.jsonl"
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
 
@@ -165,12 +176,7 @@ class Trainer:
         if loaded is not None:
             S.load_optimizer_state(self.model, self.opt, loaded[1], loaded[2])
             S.restore_rng(loaded[2], self.device)
-        self.history: list[dict] = []
-        if loaded is not None and self.dist.is_main and (self.out_dir / "metrics.jsonl").exists():
-            # drop lines logged after the checkpoint: the resumed run logs them again
-            for line in (self.out_dir / "metrics.jsonl").read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= self.step:
-                    self.history.append(json.loads(line))
+        self.history: list[dict] = _read_metrics(self.out_dir / METRICS, self.step) if self.dist.is_main else []
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
         self.peak_flops = (
@@ -196,14 +202,23 @@ class Trainer:
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if self.dist.is_main:
-            text = "".join(json.dumps(r) + "\n" for r in self.history)
-            atomic_write_text(self.out_dir / "metrics.jsonl", text)
+            with open(self.out_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _sync_metrics(self) -> None:
+        """Put the logged lines on disk (before a checkpoint: a resume starts from it)."""
+        path = self.out_dir / METRICS
+        if self.dist.is_main and path.exists():
+            with open(path, "ab") as f:
+                os.fsync(f.fileno())
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over cfg.eval_steps batches from eval_batch (all ranks averaged)."""
+        """Mean loss over cfg.eval_steps batches from eval_batch (all ranks averaged); the
+        model is left in the mode it was in."""
         if self.eval_batch is None:
             return {}
+        was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for i in range(self.cfg.eval_steps):
@@ -211,7 +226,7 @@ class Trainer:
             with self._autocast():
                 loss, _ = self.loss_fn(self.model, batch)
             total += loss.detach().float()
-        self.model.train()
+        self.model.train(was_training)
         val = D.all_reduce_mean(total / self.cfg.eval_steps).item()
         out = {"val_loss": val}
         if self.bytes_per_token:
@@ -219,6 +234,7 @@ class Trainer:
         return out
 
     def save(self) -> Path | None:
+        self._sync_metrics()
         return S.save_checkpoint(
             self.out_dir,
             self.step,
@@ -308,6 +324,8 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "run_config.json")
+            if self.history or (self.out_dir / METRICS).exists():  # without lines past the resumed step
+                atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
         from tqdm import tqdm
 
         bar = tqdm(
@@ -369,6 +387,7 @@ class Trainer:
                 ),
                 {},
             )
+        self._sync_metrics()
         self.save_final()
         D.barrier()
         return TrainResult(
@@ -382,6 +401,22 @@ class Trainer:
             run_dir=self.out_dir,
             history=self.history,
         )
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """The logged lines of a run resumed at `up_to_step`: later ones are dropped (the resumed
+    run logs them again), and so is a line torn by a crash mid-write."""
+    if up_to_step == 0 or not path.exists():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
+            kept.append(record)
+    return kept
 
 
 class _nullcontext:
