@@ -237,7 +237,7 @@ def test_smollm2_chat_answer_matches_transformers():
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = qkv.interop.load(str(gguf))
+    model, tokenizer = qkv.interop.load(str(gguf), dequantize=True)  # transformers computes in fp32
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
     eng = Engine(model, tokenizer, max_num_seqs=4)

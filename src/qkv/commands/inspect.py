@@ -92,7 +92,7 @@ def load_any(spec: str, need_weights: bool = True):
 
     if not need_weights:
         return None, None, load_config(path), str(path)
-    model, tok = load(path)
+    model, tok = load(path, dequantize=True)  # inspection reads weights as plain fp32 tensors
     return model, tok, model.cfg, str(path)
 
 
