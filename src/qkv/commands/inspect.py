@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--law",
         default=None,
-        help="calc: a `qkv scale` fit.json or a JSON {E, A, B, alpha, beta} (default: Chinchilla's fit)",
+        help="calc: a `qkv scale fit` fit.json or a JSON {E, A, B, alpha, beta} (default: Epoch AI's refit)",
     )
     p.add_argument("--steps", type=int, default=1200, help="induction: training steps of the toy")
     p.add_argument("--seed", type=int, default=0, help="induction: seed of the toy's weights and data")
@@ -245,28 +245,19 @@ def view_routing(args, model, tok, cfg, out) -> dict:
 
 
 def view_calc(args, out) -> dict:
-    import json
-    from pathlib import Path
+    from qkv.scaling.optimal import DEFAULT_LAW, DEFAULT_LAW_SOURCE, compute_optimal, load_law
 
-    from qkv.inspect.routing import compute_optimal
-
-    law = None
-    if args.law:  # `qkv scale` fit.json ({"fits": {"N": {"law": ...}}}), or a bare {E, A, B, alpha, beta}
-        path = Path(args.law)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such fit file (make one with `qkv scale`)")
-        d = json.loads(path.read_text())
-        if "fits" in d:
-            if not d["fits"]:
-                raise ValueError(f"{path}: the fit file holds no fits")
-            d = d["fits"].get("N") or next(iter(d["fits"].values()))
-        law = d.get("law", d)
-        missing = {"E", "A", "B", "alpha", "beta"} - set(law)
-        if missing:
-            raise ValueError(
-                f"{path}: the law lacks {sorted(missing)}; give a `qkv scale` fit.json or {{E, A, B, alpha, beta}}"
-            )
-    res = compute_optimal(args.compute, law)
+    law = load_law(args.law) if args.law else DEFAULT_LAW
+    a = compute_optimal(args.compute, law)
+    res = {
+        "compute_flops": a.compute,
+        "n_params": a.n_params,
+        "n_tokens": a.n_tokens,
+        "tokens_per_param": a.tokens_per_param,
+        "predicted_loss": a.loss,
+        "law": law.to_dict(),
+        "law_source": str(args.law) if args.law else DEFAULT_LAW_SOURCE,
+    }
     print(
         f"C = {res['compute_flops']:.3g} FLOPs -> N = {res['n_params']:.3g} params, D = {res['n_tokens']:.3g} tokens "
         f"({res['tokens_per_param']:.1f} tokens/param), predicted loss {res['predicted_loss']:.3f} [{res['law_source']}]"
