@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from qkv.checkpoint import CONFIG, WEIGHTS
 from qkv.io import atomic_write_bytes, atomic_write_text
+from qkv.wrappers import unwrap
 
 LATEST = "latest.json"
 TRAINER = "trainer"
@@ -37,11 +38,6 @@ def _sd_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
