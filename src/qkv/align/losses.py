@@ -95,10 +95,6 @@ def reward_loss(
     return loss
 
 
-def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
-    return (r_chosen > r_rejected).float().mean().item()
-
-
 # --- DPO and variants -----------------------------------------------------------------
 @dataclass
 class DPOOutput:
