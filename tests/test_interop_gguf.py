@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from qkv.cli import main as qkv_main
+from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, detect_format, load, load_config
+from qkv.model import count_params
+
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 transformers.logging.set_verbosity_error()
-
-from qkv.cli import main as qkv_main  # noqa: E402
-from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, detect_format, load, load_config  # noqa: E402
-from qkv.model import count_params  # noqa: E402
 
 VOCAB = 128
 

@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
+from qkv.config import ModelConfig
+from qkv.interop import load, load_config
+from qkv.interop.hf import config_to_hf, export_hf, pick_arch
+from qkv.model import build_model, count_params
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-
-from qkv.config import ModelConfig  # noqa: E402
-from qkv.interop import load, load_config  # noqa: E402
-from qkv.interop.hf import config_to_hf, export_hf, pick_arch  # noqa: E402
-from qkv.model import build_model, count_params  # noqa: E402
 
 VOCAB, PROMPT, NEW = 128, 8, 32
 COMMON = dict(

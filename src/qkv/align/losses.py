@@ -164,10 +164,10 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 = (exp(-l) - 1) + l with l = log pi - log pi_ref: unbiased, always >= 0,
+    """Per-token k3 = (exp(-r) - 1) + r with r = log pi - log pi_ref: unbiased, always >= 0,
     lower variance (Schulman's estimator, used by GRPO)."""
-    l = logp - ref_logp
-    return torch.expm1(-l) + l
+    log_ratio = logp - ref_logp
+    return torch.expm1(-log_ratio) + log_ratio
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:

@@ -200,7 +200,6 @@ def _optimal(args) -> int:
     print(f"{'C (FLOPs)':>12} {'N*':>10} {'D*':>10} {'tokens/param':>13} {'loss':>7}")
     for c in args.budget:
         a = compute_optimal(c, law)
-        print(
-            f"{c:12.3g} {_fmt_count(a.n_params):>10} {_fmt_count(a.n_tokens):>10} {a.tokens_per_param:13.1f} {a.loss:7.4f}"
-        )
+        n, d = _fmt_count(a.n_params), _fmt_count(a.n_tokens)
+        print(f"{c:12.3g} {n:>10} {d:>10} {a.tokens_per_param:13.1f} {a.loss:7.4f}")
     return 0

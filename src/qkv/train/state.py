@@ -32,6 +32,7 @@ from qkv.wrappers import unwrap
 
 LATEST = "latest.json"
 TRAINER = "trainer"
+CPU = torch.device("cpu")
 
 
 def _sd_options(**kw):
@@ -84,7 +85,7 @@ def save_checkpoint(
     tokenizer=None,
     extra: dict | None = None,
     keep_last: int = 2,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> Path | None:
     """Write out_dir/step_XXXXXX (atomic) and point latest.json at it; prune old ones."""
     model_sd = full_model_state(model)  # collective under FSDP: every rank calls
