@@ -1,6 +1,6 @@
 """Pretraining throughput: qkv's training step vs transformers' GPT2LMHeadModel, side by side.
 
-Config (issue 3): 6 layers / 6 heads / d 384 / context 256 / batch 12, GPT-2 architecture
+Config: 6 layers / 6 heads / d 384 / context 256 / batch 12, GPT-2 architecture
 (learned positions, LayerNorm, GELU, biases, tied embeddings), vocab 8192. Both models do
 forward + backward + AdamW (foreach, same hyperparameters) on the same batches; steps are
 interleaved so machine noise hits both alike. MFU = achieved training FLOP/s (6N + attention,

@@ -6,9 +6,9 @@ a model (see align/policy.py); nothing here calls a model. Conventions:
 - Per-token tensors are (B, T) over *response* positions; `mask` is 1 on real response
   tokens and 0 on padding (prompts are never in these tensors, or are masked out).
 - Sequence log-prob = sum over response tokens of log pi(token) (`masked_sum`).
-- Formulas and defaults follow /work/shared/ALIGNMENT.md (Rafailov et al. 2023 for DPO,
-  Azar et al. for IPO, Ziegler et al. 2019 and Huang et al. 2024 for PPO, Shao et al.
-  2024 for GRPO) and match TRL's implementations where TRL has one (tests check parity).
+- Formulas and defaults follow the papers (Rafailov et al. 2023 for DPO, Azar et al. 2023
+  for IPO, Ziegler et al. 2019 and Huang et al. 2024 for PPO, Shao et al. 2024 for GRPO)
+  and match TRL's implementations where TRL has one (tests check parity).
 """
 
 from __future__ import annotations
