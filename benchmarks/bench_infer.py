@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import table, time_interleaved  # noqa: E402
-from qkv.config import preset  # noqa: E402
-from qkv.infer.engine import Engine  # noqa: E402
-from qkv.infer.generate import forward_step, generate, generate_no_cache  # noqa: E402
-from qkv.infer.kv_cache import KVCache, kv_bytes_per_token  # noqa: E402
-from qkv.infer.sampling import SamplingParams  # noqa: E402
-from qkv.kernels import native  # noqa: E402
-from qkv.model import build_model  # noqa: E402
+from common import table, time_interleaved
+from qkv.config import preset
+from qkv.infer.engine import Engine
+from qkv.infer.generate import forward_step, generate, generate_no_cache
+from qkv.infer.kv_cache import KVCache, kv_bytes_per_token
+from qkv.infer.sampling import SamplingParams
+from qkv.kernels import native
+from qkv.model import build_model
 
 
 def best_of(fns: dict, reps: int) -> dict[str, float]:
@@ -64,8 +61,8 @@ def bench_cache_vs_recompute(lengths: list[int]) -> list[list]:
     for n in lengths:
         t = best_of(
             {
-                "cache": lambda: generate(m, prompt, SamplingParams(max_tokens=n, **GREEDY)),
-                "recompute": lambda: generate_no_cache(m, prompt, n),
+                "cache": lambda n=n: generate(m, prompt, SamplingParams(max_tokens=n, **GREEDY)),
+                "recompute": lambda n=n: generate_no_cache(m, prompt, n),
             },
             reps=1,
         )
@@ -196,7 +193,7 @@ def bench_batching(n_req: int, seed: int, with_sequential: bool) -> list[list]:
 # --- 4. MHA / GQA / MQA --------------------------------------------------------------------
 def bench_kv_heads(batch: int, context: int, steps: int, reps: int) -> list[list]:
     rows = []
-    timers, models = {}, {}
+    timers, configs = {}, {}
     for label, kv in (("MHA", 12), ("GQA", 4), ("MQA", 1)):
         cfg = preset("llama-100m", n_kv_head=kv, max_seq_len=context + steps + 8)
         m = build_model(cfg).eval()
@@ -210,10 +207,10 @@ def bench_kv_heads(batch: int, context: int, steps: int, reps: int) -> list[list
             for _ in range(steps):
                 forward_step(m, cache, tok)
 
-        timers[label], models[label] = run, (m, cfg)
+        timers[label], configs[label] = run, cfg
     t = best_of(timers, reps)
-    base = kv_bytes_per_token(models["MHA"][1])
-    for label, (m, cfg) in models.items():
+    base = kv_bytes_per_token(configs["MHA"])
+    for label, cfg in configs.items():
         kvb = kv_bytes_per_token(cfg)
         rows.append(
             [

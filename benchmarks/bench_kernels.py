@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import matmul_ceiling, table, time_interleaved  # noqa: E402
-from qkv.config import preset  # noqa: E402
-from qkv.infer import fused_decode  # noqa: E402
-from qkv.infer.generate import forward_step  # noqa: E402
-from qkv.infer.kv_cache import KVCache  # noqa: E402
-from qkv.infer.paged import PagedKVCache  # noqa: E402
-from qkv.kernels import linear, native  # noqa: E402
-from qkv.model import build_model  # noqa: E402
+from common import matmul_ceiling, table, time_interleaved
+from qkv.config import preset
+from qkv.infer import fused_decode
+from qkv.infer.generate import forward_step
+from qkv.infer.kv_cache import KVCache
+from qkv.infer.paged import PagedKVCache
+from qkv.kernels import linear, native
+from qkv.model import build_model
 
 
 def read_ceiling() -> tuple[float, callable]:
@@ -54,8 +52,8 @@ def bench_linear(rows_list: list[int], reps: int) -> list[list]:
             with torch.inference_mode():
                 t = time_interleaved(
                     {
-                        "native": lambda: [linear(x, w) for w in ws],
-                        "mkl": lambda: [F.linear(x, w) for w in ws],
+                        "native": lambda x=x, ws=ws: [linear(x, w) for w in ws],
+                        "mkl": lambda x=x, ws=ws: [F.linear(x, w) for w in ws],
                         "read": read,
                     },
                     reps,
@@ -92,14 +90,17 @@ def bench_attention(contexts: list[int], reps: int) -> list[list]:
         q = torch.randn(B, cfg.n_head, 1, cfg.head_dim)
         k = v = torch.randn(B, cfg.n_kv_head, 1, cfg.head_dim)
 
-        def gather_sdpa():
+        def native_attend(cache=cache, q=q, k=k, v=v):
+            return cache.attend(0, q, k, v, 0.125)
+
+        def gather_sdpa(cache=cache, q=q, k=k, v=v):
             with native.disabled():
                 cache.buckets = None
                 return cache.attend(0, q, k, v, 0.125)
 
         with torch.inference_mode():
-            t = time_interleaved({"native": lambda: cache.attend(0, q, k, v, 0.125), "gather": gather_sdpa}, reps)
-            torch.testing.assert_close(cache.attend(0, q, k, v, 0.125), gather_sdpa(), atol=1e-4, rtol=1e-4)
+            t = time_interleaved({"native": native_attend, "gather": gather_sdpa}, reps)
+            torch.testing.assert_close(native_attend(), gather_sdpa(), atol=1e-4, rtol=1e-4)
         kv_bytes = 2 * B * (ctx + 1) * cfg.n_kv_head * cfg.head_dim * 4
         out.append(
             [

@@ -8,17 +8,14 @@ with the same active parameters). CPU fp32, same config, same inputs, one run.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import matmul_ceiling, table, time_interleaved  # noqa: E402
-from qkv import build_model, count_params, preset  # noqa: E402
-from qkv.model.layers import SwiGLU  # noqa: E402
-from qkv.model.moe import MoE  # noqa: E402
+from common import matmul_ceiling, table, time_interleaved
+from qkv import build_model, count_params, preset
+from qkv.model.layers import SwiGLU
+from qkv.model.moe import MoE
 
 
 def bench_llama(batch: int, seq: int, reps: int, ceiling: float, compile: bool = False) -> list[list]:

@@ -59,12 +59,14 @@ def main() -> None:
     default = time.perf_counter() - t
     ref = rows[-1][1]
     print(
-        f"{'starts':>6} {'seconds':>8} {'vs slowest':>10} {'objective':>12} {'E':>7} {'A':>7} {'B':>7} {'alpha':>7} {'beta':>7}"
+        f"{'starts':>6} {'seconds':>8} {'vs slowest':>10} {'objective':>12} "
+        f"{'E':>7} {'A':>7} {'B':>7} {'alpha':>7} {'beta':>7}"
     )
     for k, s, r in rows:
         w = r.law
         print(
-            f"{k:6d} {s:8.2f} {ref / s:9.1f}x {r.objective:12.6e} {w.E:7.4f} {w.A:7.1f} {w.B:7.1f} {w.alpha:7.4f} {w.beta:7.4f}"
+            f"{k:6d} {s:8.2f} {ref / s:9.1f}x {r.objective:12.6e} "
+            f"{w.E:7.4f} {w.A:7.1f} {w.B:7.1f} {w.alpha:7.4f} {w.beta:7.4f}"
         )
     print(f"bootstrap: {boot:.3f} s per refit ({args.boot} refits, 5 starts each)")
     print(f"8 L-BFGS-B runs: BLAS 1 thread {one:.2f} s, BLAS default threads {default:.2f} s ({default / one:.1f}x)")

@@ -131,7 +131,10 @@ async def measure(url: str, model: str, items: list[dict], concurrency: int, pid
     ok = [r for r in results if r.ok]
     gaps = sorted(g for r in ok for g in r.gaps)
     ttft = sorted(r.ttft for r in ok)
-    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")  # noqa: E731
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
+
     return dict(
         concurrency=concurrency,
         requests=len(results),
@@ -247,8 +250,18 @@ def smollm2_path() -> str | None:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | clients | requests | failed | output tok/s | vs 1-at-a-time | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | server RSS warm → peak (MB) |"
-    out = [head, "|" + "---|" * 9]
+    columns = (
+        "model",
+        "clients",
+        "requests",
+        "failed",
+        "output tok/s",
+        "vs 1-at-a-time",
+        "TTFT p50 / p99 (ms)",
+        "ITL p50 / p99 (ms)",
+        "server RSS warm → peak (MB)",
+    )
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     by_model: dict[str, dict] = {}
     for r in rows:
         by_model.setdefault(r["model"], {})[r["concurrency"]] = r
@@ -257,13 +270,15 @@ def table(rows: list[dict]) -> str:
         for c, r in levels.items():
             ratio = f"{r['tok_s'] / seq:.2f}x" if seq else "–"
             if c == "engine":
+                requests = levels[1]["requests"] if 1 in levels else "–"
                 out.append(
-                    f"| {model} | Engine.generate, no HTTP (ceiling) | {levels[1]['requests'] if 1 in levels else '–'} | – "
+                    f"| {model} | Engine.generate, no HTTP (ceiling) | {requests} | – "
                     f"| {r['tok_s']:.0f} | {ratio} | – | – | – |"
                 )
                 continue
+            clients = c if c != 1 else "1 (one at a time)"
             out.append(
-                f"| {model} | {c if c != 1 else '1 (one at a time)'} | {r['requests']} | {r['failed']} | {r['tok_s']:.0f} "
+                f"| {model} | {clients} | {r['requests']} | {r['failed']} | {r['tok_s']:.0f} "
                 f"| {ratio} | {r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} "
                 f"| {r['rss_warm_mb']:.0f} → {r['rss_peak_mb']:.0f} |"
             )
@@ -278,7 +293,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads in the server (1: tiny matmuls gain nothing from more, and a busy machine makes OpenMP spin)",
+        help="torch threads in the server "
+        "(1: tiny matmuls gain nothing from more, and a busy machine makes OpenMP spin)",
     )
     ap.add_argument("--models", default="tiny", help="comma-separated: tiny, smollm2")
     ap.add_argument("--smollm2-requests", type=int, default=16)

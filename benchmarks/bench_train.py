@@ -1,6 +1,6 @@
 """Pretraining throughput: qkv's training step vs transformers' GPT2LMHeadModel, side by side.
 
-Config (issue 3): 6 layers / 6 heads / d 384 / context 256 / batch 12, GPT-2 architecture
+Config: 6 layers / 6 heads / d 384 / context 256 / batch 12, GPT-2 architecture
 (learned positions, LayerNorm, GELU, biases, tied embeddings), vocab 8192. Both models do
 forward + backward + AdamW (foreach, same hyperparameters) on the same batches; steps are
 interleaved so machine noise hits both alike. MFU = achieved training FLOP/s (6N + attention,
@@ -16,16 +16,13 @@ skipped unless --force-bf16.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import matmul_ceiling, table, time_interleaved  # noqa: E402
-from qkv.config import ModelConfig  # noqa: E402
-from qkv.model import build_model  # noqa: E402
-from qkv.train.trainer import flops_per_token  # noqa: E402
+from common import matmul_ceiling, table, time_interleaved
+from qkv.config import ModelConfig
+from qkv.model import build_model
+from qkv.train.trainer import flops_per_token
 
 L, H, D, T, B, V = 6, 6, 384, 256, 12, 8192
 
@@ -106,7 +103,8 @@ def main() -> None:
     q = qkv_model()
     fpt = flops_per_token(q, T)
     print(
-        f"threads {torch.get_num_threads()}; config {L}L/{H}H/d{D}/T{T}/B{B}, vocab {V}; {fpt / 1e6:.1f} MFLOP/token (6N + attention)"
+        f"threads {torch.get_num_threads()}; config {L}L/{H}H/d{D}/T{T}/B{B}, vocab {V}; "
+        f"{fpt / 1e6:.1f} MFLOP/token (6N + attention)"
     )
     print(f"matmul ceilings: fp32 {ceilings['fp32'] / 1e9:.1f} GFLOP/s, bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s")
     rows, tps = [], {}

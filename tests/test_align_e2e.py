@@ -288,7 +288,10 @@ def test_ppo_resume_is_exact(setup, reward_model):
     """Two PPO iterations in one go == one iteration, stop, resume for the second."""
     rm, _ = reward_model
     cfg = PPO.PPOConfig(rollout_batch=16, ppo_epochs=1, max_new_tokens=8, adaptive_kl=True, kl_coef=0.1)
-    tc = lambda name: _cfg(setup["tmp"], name, max_steps=1, lr=1e-3, save_every=1)  # noqa: E731
+
+    def tc(name: str):
+        return _cfg(setup["tmp"], name, max_steps=1, lr=1e-3, save_every=1)
+
     a = copy.deepcopy(setup["sft"])
     PPO.run_ppo(a, setup["sft"], rm, setup["tok"], setup["task"].rl_prompts, tc("ppo_a"), cfg, n_iterations=2)
     b = copy.deepcopy(setup["sft"])

@@ -187,8 +187,8 @@ def test_kl_oracles():
     lp, ref = torch.tensor(-1.0), torch.tensor(-1.5)
     assert L.kl_k1(lp, ref).item() == pytest.approx(0.5)
     assert L.kl_k3(lp, ref).item() == pytest.approx(0.106531, abs=1e-6)
-    l = torch.linspace(-3, 3, 101)
-    assert (L.kl_k3(l, torch.zeros_like(l)) >= 0).all()
+    logp = torch.linspace(-3, 3, 101)
+    assert (L.kl_k3(logp, torch.zeros_like(logp)) >= 0).all()
 
 
 def test_adaptive_kl_oracle():

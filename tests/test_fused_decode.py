@@ -47,7 +47,7 @@ def test_fused_step_matches_the_model_and_fills_the_cache_alike(variant, batch):
     with torch.inference_mode():
         forward_step(m, fused, prompt)  # prefill: T > 1 takes the model's path
         forward_step(m, ref, prompt)
-        for step in range(8):  # past the window, for the sliding-window variant
+        for _ in range(8):  # past the window, for the sliding-window variant
             tok = torch.randint(3, 300, (batch, 1))
             pos = torch.arange(fused.pos, fused.pos + 1)
             h = fused_decode.hidden(m, tok, pos, fused)

@@ -205,12 +205,12 @@ def test_routing_report_counts():
 
 def test_compute_optimal_calculator(tmp_path, capsys):
     from qkv.cli import main
-    from qkv.inspect.routing import compute_optimal
     from qkv.scaling.fit import ScalingLaw, optimal_allocation
+    from qkv.scaling.optimal import compute_optimal
 
     r = compute_optimal(1e21)
-    assert r["n_params"] * r["n_tokens"] * 6 == pytest.approx(1e21, rel=1e-9)
-    assert 5 < r["tokens_per_param"] < 100
+    assert r.n_params * r.n_tokens * 6 == pytest.approx(1e21, rel=1e-9)
+    assert 5 < r.tokens_per_param < 100
     law = dict(E=2.0, A=300.0, B=500.0, alpha=0.3, beta=0.35)
     fit = tmp_path / "fit.json"
     fit.write_text(json.dumps({"fits": {"N": {"law": law}}}))

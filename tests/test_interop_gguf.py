@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
+from qkv.cli import main as qkv_main
+from qkv.infer.generate import generate
+from qkv.infer.sampling import SamplingParams
+from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, detect_format, load, load_config
+from qkv.interop.gguf import unpermute
+from qkv.model import count_params
+from qkv.quant import FORMATS, QuantEmbedding, QuantLinear, quantize
+
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 transformers.logging.set_verbosity_error()
-
-from qkv.cli import main as qkv_main  # noqa: E402
-from qkv.infer.generate import generate  # noqa: E402
-from qkv.infer.sampling import SamplingParams  # noqa: E402
-from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, detect_format, load, load_config  # noqa: E402
-from qkv.interop.gguf import unpermute  # noqa: E402
-from qkv.model import count_params  # noqa: E402
-from qkv.quant import FORMATS, QuantEmbedding, QuantLinear, quantize  # noqa: E402
 
 VOCAB = 128
 

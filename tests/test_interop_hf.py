@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
+from qkv.config import ModelConfig
+from qkv.interop import load, load_config
+from qkv.interop.hf import config_to_hf, export_hf, pick_arch
+from qkv.model import build_model, count_params
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-
-from qkv.config import ModelConfig  # noqa: E402
-from qkv.interop import load, load_config  # noqa: E402
-from qkv.interop.hf import config_to_hf, export_hf, pick_arch  # noqa: E402
-from qkv.model import build_model, count_params  # noqa: E402
 
 VOCAB, PROMPT, NEW = 128, 8, 32
 COMMON = dict(
@@ -214,3 +214,40 @@ def test_qkv_model_exports_and_reimports(tmp_path):
         assert max_diff(hf(ids).logits, model(ids)) <= 1e-4
     again, _ = load(tmp_path / "out")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+class _DDPLike(torch.nn.Module):
+    """Holds the model in `.module` as DistributedDataParallel does (a real DDP needs a process group)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.module = model
+
+
+def test_wrapped_models_save_and_export_under_the_inner_names(tmp_path):
+    """DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, nested in either order, are looked
+    through: checkpoints, exports and training state carry the inner model's parameter names."""
+    from safetensors.torch import load_file
+
+    from qkv.checkpoint import WEIGHTS, save_model
+    from qkv.train.state import full_model_state
+    from qkv.wrappers import unwrap
+
+    model = build_model(ModelConfig(vocab_size=VOCAB, n_layer=1, d_model=32, n_head=4, max_seq_len=32))
+    names = set(model.state_dict())
+    for wrapped in (
+        model,
+        _DDPLike(model),
+        torch.compile(model),
+        _DDPLike(torch.compile(model)),
+        torch.compile(_DDPLike(model)),
+    ):
+        assert unwrap(wrapped) is model
+    wrapped = _DDPLike(torch.compile(model))
+    assert set(load_file(save_model(tmp_path / "ck", wrapped) / WEIGHTS)) == names
+    assert set(full_model_state(wrapped)) == names
+    plain, through = (
+        load_file(export_hf(model, tmp_path / "a") / WEIGHTS),
+        load_file(export_hf(wrapped, tmp_path / "b") / WEIGHTS),
+    )
+    assert plain.keys() == through.keys() and all(torch.equal(plain[k], through[k]) for k in plain)

@@ -196,6 +196,27 @@ def test_cli_fit_and_optimal(tmp_path, capsys):
     assert "need at least 6" in capsys.readouterr().err
 
 
+def test_scale_optimal_and_inspect_calc_give_the_same_allocation(tmp_path, capsys):
+    """The two verbs that answer "how big a model for this budget" share one calculator and
+    one default law: same N and D with no law given, and with the same fit.json."""
+    import json
+
+    from qkv.cli import main
+    from qkv.commands.scale import _fmt_count
+
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"fits": {"N": {"law": HOFFMANN.to_dict()}}}))
+    printed = []
+    for scale_law, inspect_law in (([], []), (["--fit", str(fit)], ["--law", str(fit)])):
+        assert main(["scale", "optimal", "--budget", "1e21", *scale_law]) == 0
+        _, n_scale, d_scale, *_ = capsys.readouterr().out.splitlines()[-1].split()
+        assert main(["inspect", "tiny", "calc", "--out", str(tmp_path), "--compute", "1e21", *inspect_law]) == 0
+        calc = json.loads((tmp_path / "calc.json").read_text())
+        assert (n_scale, d_scale) == (_fmt_count(calc["n_params"]), _fmt_count(calc["n_tokens"]))
+        printed.append(n_scale)
+    assert printed[0] != printed[1]  # the default law is not the one in fit.json, so this is a real check
+
+
 def test_an_optimum_beyond_float_range_is_not_a_law():
     """A bootstrap resample can drive a = log A past exp's range; such a refit is dropped,
     not an OverflowError that kills the report."""

@@ -216,7 +216,7 @@ def test_completion_logprobs(served):
     lp = r.choices[0].logprobs
     ref, ref_lps = reference_greedy(model, tok.encode("To be"), 5, tok.eos_id)
     assert lp.tokens[: len(ref)] == [tok.decode([t]) for t in ref]
-    assert lp.token_logprobs[: len(ref)] == pytest.approx([float(l[t]) for l, t in zip(ref_lps, ref)], abs=1e-3)
+    assert lp.token_logprobs[: len(ref)] == pytest.approx([float(lps[t]) for lps, t in zip(ref_lps, ref)], abs=1e-3)
     assert all(len(d) <= 2 for d in lp.top_logprobs)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 

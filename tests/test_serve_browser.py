@@ -34,7 +34,8 @@ def test_page_streams_a_reply(url, page, tmp_path):
     page.evaluate("""() => {
         window.__lengths = [];
         new MutationObserver(recs => { for (const r of recs) for (const n of r.addedNodes)
-            if (n.parentElement && n.parentElement.closest('.msg.assistant')) window.__lengths.push(n.textContent.length);
+            if (n.parentElement && n.parentElement.closest('.msg.assistant'))
+                window.__lengths.push(n.textContent.length);
         }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
     }""")
     page.fill("#max_tokens", "48")

@@ -57,9 +57,10 @@ def test_chat_template_and_assistant_mask(tok, tmp_path):
         {"role": "assistant", "content": "Speak, speak."},
     ]
     text = tok.render_chat(msgs)
-    assert (
-        text
-        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSpeak.<|im_end|>\n<|im_start|>assistant\nSpeak, speak.<|im_end|>\n"
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nSpeak.<|im_end|>\n"
+        "<|im_start|>assistant\nSpeak, speak.<|im_end|>\n"
     )
     assert tok.render_chat(msgs[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     ids, mask = tok.encode_chat(msgs)

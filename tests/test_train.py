@@ -87,7 +87,9 @@ def test_cli_help_lists_every_option_with_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in out
-    assert "(default: 0.003)" in out and "(default: 'cosine')" in out
+        assert f.metadata.get("help"), f"TrainConfig.{f.name} has no help text"
+    assert "peak learning rate, reached at the end of warmup (default: 0.003)" in out
+    assert "(default: 'cosine')" in out
 
 
 def test_unknown_key_cli_is_one_line(tmp_path, capsys):

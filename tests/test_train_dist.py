@@ -82,7 +82,7 @@ def test_two_processes_match_one(tmp_path):
         torch.set_num_threads(n)
     ref_w = load_file(str(tmp_path / "one" / "model.safetensors"))
     for parallel in ("ddp", "fsdp"):
-        rows = [json.loads(l) for l in (tmp_path / "dist" / parallel / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / "dist" / parallel / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
         for r, h in zip(rows, ref.history):
             assert r["loss"] == pytest.approx(h["loss"], abs=1e-5), parallel

@@ -17,23 +17,21 @@ from safetensors.torch import load_file, save
 from qkv.config import ModelConfig
 from qkv.io import atomic_write_bytes
 from qkv.model import Transformer, build_model
+from qkv.wrappers import unwrap
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # unwrap DDP / torch.compile wrappers, drop non-persistent buffers
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # the inner model's names (no wrapper prefix); state_dict() already leaves out non-persistent buffers
+    return {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def save_model(directory: str | Path, model: Transformer, tokenizer=None, metadata: dict | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
-    inner.cfg.save(directory / CONFIG)
+    unwrap(model).cfg.save(directory / CONFIG)
     meta = {"format": "qkv"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     atomic_write_bytes(directory / WEIGHTS, save(state_dict_for_save(model), metadata=meta))

@@ -6,9 +6,9 @@ a model (see align/policy.py); nothing here calls a model. Conventions:
 - Per-token tensors are (B, T) over *response* positions; `mask` is 1 on real response
   tokens and 0 on padding (prompts are never in these tensors, or are masked out).
 - Sequence log-prob = sum over response tokens of log pi(token) (`masked_sum`).
-- Formulas and defaults follow /work/shared/ALIGNMENT.md (Rafailov et al. 2023 for DPO,
-  Azar et al. for IPO, Ziegler et al. 2019 and Huang et al. 2024 for PPO, Shao et al.
-  2024 for GRPO) and match TRL's implementations where TRL has one (tests check parity).
+- Formulas and defaults follow the papers (Rafailov et al. 2023 for DPO, Azar et al. 2023
+  for IPO, Ziegler et al. 2019 and Huang et al. 2024 for PPO, Shao et al. 2024 for GRPO)
+  and match TRL's implementations where TRL has one (tests check parity).
 """
 
 from __future__ import annotations
@@ -95,10 +95,6 @@ def reward_loss(
     return loss
 
 
-def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
-    return (r_chosen > r_rejected).float().mean().item()
-
-
 # --- DPO and variants -----------------------------------------------------------------
 @dataclass
 class DPOOutput:
@@ -168,10 +164,10 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 = (exp(-l) - 1) + l with l = log pi - log pi_ref: unbiased, always >= 0,
+    """Per-token k3 = (exp(-r) - 1) + r with r = log pi - log pi_ref: unbiased, always >= 0,
     lower variance (Schulman's estimator, used by GRPO)."""
-    l = logp - ref_logp
-    return torch.expm1(-l) + l
+    log_ratio = logp - ref_logp
+    return torch.expm1(-log_ratio) + log_ratio
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:

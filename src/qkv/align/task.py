@@ -226,7 +226,9 @@ def make_task(
     rng = random.Random(seed)
     lines = verse_lines()
     eval_lines = verse_lines(split="val")
-    q = lambda line: Question(rng.choice(KINDS), line)  # noqa: E731
+
+    def q(line: str) -> Question:  # a question of a random kind about `line`
+        return Question(rng.choice(KINDS), line)
 
     sft = []
     convs = chatterbot_conversations()

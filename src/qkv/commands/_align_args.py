@@ -35,25 +35,11 @@ _SKIP = {"preset", "model", "init_from", "data_dir"}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """`qkv train`'s --options for every TrainConfig field an alignment stage uses."""
-    import dataclasses
+    """`qkv train`'s --options for every TrainConfig field an alignment stage uses. Their help
+    shows no default: a stage starts from STAGE_DEFAULTS and its own, not TrainConfig's."""
+    from qkv.commands.train import add_config_arguments
 
-    from qkv.commands.train import _field_comments
-    from qkv.train.config import TrainConfig
-
-    defaults, notes = TrainConfig(), _field_comments()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in _SKIP:
-            continue
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=notes.get(f.name, "").replace("%", "%%") or None)
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, (int, float)):
-            p.add_argument(flag, type=type(default), metavar=type(default).__name__.upper(), **kw)
-        else:
-            p.add_argument(flag, type=str, metavar="STR", **kw)
+    add_config_arguments(p, skip=frozenset(_SKIP), show_defaults=False)
 
 
 STAGE_DEFAULTS = dict(

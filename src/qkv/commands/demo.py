@@ -87,7 +87,9 @@ def alignment_stages(args: argparse.Namespace, pretrained: Path, report: list) -
     def judged(m) -> list[float]:  # the judge's score of one sampled answer per held-out prompt
         return judge_policy(m, tok, task.eval_prompts, lambda p, t: gold_reward(prompt_text(p), t), seed=7)[1]["scores"]
 
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
     print(f"[3/5] SFT for {args.sft_steps} steps on {len(task.sft)} conversations -> {out / 'sft'}")
     t = time.perf_counter()
     r = run_sft(

@@ -45,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
         from qkv.align.reward import score
 
         rm = load_reward_model(args.reward_model)
-        reward_fn = lambda p, r: float(score(rm, tok, [p], [r])[0])  # noqa: E731
+
+        def reward_fn(prompt, response: str) -> float:
+            return float(score(rm, tok, [prompt], [response])[0])
+
     prompts = load_prompts_arg(args.data)
     result, stats = run_grpo(
         policy, ref, tok, prompts, reward_fn, cfg, grpo, n_iterations=args.iterations, resume=args.resume

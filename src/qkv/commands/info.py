@@ -67,11 +67,12 @@ def run(args: argparse.Namespace) -> int:
     counts = count_params(build_model(cfg, device="meta"))
     context = args.context or cfg.max_seq_len
     per_token = cfg.kv_bytes_per_token(DTYPE_BYTES[args.dtype])
+    attention_kind = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else "GQA"
     info = {
         "model": args.model,
         "layers": cfg.n_layer,
         "d_model": cfg.d_model,
-        "heads": f"{cfg.n_head} q / {cfg.n_kv_head} kv ({'MHA' if cfg.n_kv_head == cfg.n_head else 'MQA' if cfg.n_kv_head == 1 else 'GQA'})",
+        "heads": f"{cfg.n_head} q / {cfg.n_kv_head} kv ({attention_kind})",
         "head_dim": cfg.head_dim,
         "experts": f"{cfg.n_expert_per_token} of {cfg.n_expert}" if cfg.is_moe else "dense",
         "params_total": counts.total,
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         (
             "architecture",
-            f"{cfg.n_layer} layers, d={cfg.d_model}, {info['heads']}, head_dim {cfg.head_dim}, {info['experts']}, pos={cfg.pos}",
+            f"{cfg.n_layer} layers, d={cfg.d_model}, {info['heads']}, head_dim {cfg.head_dim}, "
+            f"{info['experts']}, pos={cfg.pos}",
         ),
         ("parameters (total)", f"{human(counts.total)}  ({counts.total:,})"),
         ("parameters (active/token)", f"{human(counts.active)}  ({counts.active:,})"),
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         ),
         (
             f"KV cache per token ({args.dtype})",
-            f"{human_bytes(per_token)}  = 2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x {cfg.head_dim} x {DTYPE_BYTES[args.dtype]} B",
+            f"{human_bytes(per_token)}  = 2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x {cfg.head_dim} "
+            f"x {DTYPE_BYTES[args.dtype]} B",
         ),
         (f"KV cache, {context} tokens x batch {args.batch}", human_bytes(info["kv_bytes_total"])),
         ("CPU fp32 decode step", info["cpu_decode"]),

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--law",
         default=None,
-        help="calc: a `qkv scale` fit.json or a JSON {E, A, B, alpha, beta} (default: Chinchilla's fit)",
+        help="calc: a `qkv scale fit` fit.json or a JSON {E, A, B, alpha, beta} (default: Epoch AI's refit)",
     )
     p.add_argument("--steps", type=int, default=1200, help="induction: training steps of the toy")
     p.add_argument("--seed", type=int, default=0, help="induction: seed of the toy's weights and data")
@@ -160,7 +160,7 @@ def view_attention(args, model, tok, cfg, out) -> dict:
         }
     for kind, name in (("previous_token", "previous-token"), ("induction", "induction"), ("sink", "sink")):
         hits = report.heads(kind)
-        top = ", ".join(f"L{l}H{h} {s:.2f}" for l, h, s in (hits[:6] or report.top(kind, 3)))
+        top = ", ".join(f"L{layer}H{h} {s:.2f}" for layer, h, s in (hits[:6] or report.top(kind, 3)))
         print(f"{name:>15} heads (>= {report.thresholds[kind]}): {len(hits):3d}   {'top: ' if not hits else ''}{top}")
     print(f"{'chance':>15}: induction score of uniform attention = {report.induction_chance:.3f}")
     ent = [e for row in report.entropy for e in row]
@@ -177,9 +177,9 @@ def view_lens(args, model, tok, cfg, out) -> dict:
     plot_logit_lens(res, labels, dec, out / "lens.png")
     print(f"next-token guesses after {labels[-1]!r}, by layer:")
     L = len(res.top)
-    for l in sorted(set(list(range(0, L, max(1, L // 8))) + [L - 1])):
-        guesses = "  ".join(f"{dec(i)!r} {p:.2f}" for i, p in res.top[l][-1][: min(3, args.k)])
-        print(f"  layer {l:3d}: {guesses}")
+    for layer in sorted(set(list(range(0, L, max(1, L // 8))) + [L - 1])):
+        guesses = "  ".join(f"{dec(i)!r} {p:.2f}" for i, p in res.top[layer][-1][: min(3, args.k)])
+        print(f"  layer {layer:3d}: {guesses}")
     return res.to_dict(lambda ids_: dec(ids_[0]))
 
 
@@ -225,7 +225,8 @@ def view_kv(args, cfg, out) -> dict:
         print(f"{name} ({r['context']} tokens x batch {r['batch']}, {r['dtype']}):")
         for row in r["variants"]:
             print(
-                f"  {row['variant']:<18} kv_heads={row['n_kv_head']:<3} {human_bytes(row['bytes_per_token']):>10}/token  total {human_bytes(row['bytes_total'])}"
+                f"  {row['variant']:<18} kv_heads={row['n_kv_head']:<3} "
+                f"{human_bytes(row['bytes_per_token']):>10}/token  total {human_bytes(row['bytes_total'])}"
             )
     return rep
 
@@ -237,39 +238,30 @@ def view_routing(args, model, tok, cfg, out) -> dict:
     rep = routing_report(model, ids)
     plot_routing(rep, labels, out / "routing.png", layer=args.layer or 0)
     rep["tokens"] = labels
-    for l, (row, mx) in enumerate(zip(rep["load"], rep["max_load_over_uniform"])):
-        print(
-            f"  layer {l:2d}: busiest expert {max(range(len(row)), key=row.__getitem__)} gets {mx:.2f}x its fair share"
-        )
+    for layer, (row, mx) in enumerate(zip(rep["load"], rep["max_load_over_uniform"])):
+        busiest = max(range(len(row)), key=row.__getitem__)
+        print(f"  layer {layer:2d}: busiest expert {busiest} gets {mx:.2f}x its fair share")
     return rep
 
 
 def view_calc(args, out) -> dict:
-    import json
-    from pathlib import Path
+    from qkv.scaling.optimal import DEFAULT_LAW, DEFAULT_LAW_SOURCE, compute_optimal, load_law
 
-    from qkv.inspect.routing import compute_optimal
-
-    law = None
-    if args.law:  # `qkv scale` fit.json ({"fits": {"N": {"law": ...}}}), or a bare {E, A, B, alpha, beta}
-        path = Path(args.law)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such fit file (make one with `qkv scale`)")
-        d = json.loads(path.read_text())
-        if "fits" in d:
-            if not d["fits"]:
-                raise ValueError(f"{path}: the fit file holds no fits")
-            d = d["fits"].get("N") or next(iter(d["fits"].values()))
-        law = d.get("law", d)
-        missing = {"E", "A", "B", "alpha", "beta"} - set(law)
-        if missing:
-            raise ValueError(
-                f"{path}: the law lacks {sorted(missing)}; give a `qkv scale` fit.json or {{E, A, B, alpha, beta}}"
-            )
-    res = compute_optimal(args.compute, law)
+    law = load_law(args.law) if args.law else DEFAULT_LAW
+    a = compute_optimal(args.compute, law)
+    res = {
+        "compute_flops": a.compute,
+        "n_params": a.n_params,
+        "n_tokens": a.n_tokens,
+        "tokens_per_param": a.tokens_per_param,
+        "predicted_loss": a.loss,
+        "law": law.to_dict(),
+        "law_source": str(args.law) if args.law else DEFAULT_LAW_SOURCE,
+    }
     print(
         f"C = {res['compute_flops']:.3g} FLOPs -> N = {res['n_params']:.3g} params, D = {res['n_tokens']:.3g} tokens "
-        f"({res['tokens_per_param']:.1f} tokens/param), predicted loss {res['predicted_loss']:.3f} [{res['law_source']}]"
+        f"({res['tokens_per_param']:.1f} tokens/param), predicted loss {res['predicted_loss']:.3f} "
+        f"[{res['law_source']}]"
     )
     return res
 
@@ -289,13 +281,15 @@ def view_induction(args, out) -> dict:
     print(
         f"training a {cfg.n_layer}-layer attention-only toy ({cfg.pos}, vocab {cfg.vocab_size}) for {cfg.steps} steps"
     )
-    res = train_toy_induction(
-        cfg,
-        log=lambda r: print(
-            f"  step {r['step']:5d}  copy loss {'  -  ' if r['loss'] is None else format(r['loss'], '.3f')}  best induction {r['best_induction']:.2f} (layer {r['layer']})"
+
+    def log(r: dict) -> None:
+        loss = "  -  " if r["loss"] is None else format(r["loss"], ".3f")
+        print(
+            f"  step {r['step']:5d}  copy loss {loss}  best induction {r['best_induction']:.2f} (layer {r['layer']})"
             f"  best previous-token {r['best_previous_token']:.2f}"
-        ),
-    )
+        )
+
+    res = train_toy_induction(cfg, log=log)
     plot_phase_change(res, out / "induction_phase_change.png", cfg)
     probe = repeated_random_tokens(cfg.vocab_size, 16, batch=1, seed=3)[0]
     plot_attention_grid(

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     report(result, "reward model done")
     if metrics:
         print(
-            f"held-out pairwise accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs, mean margin {metrics['margin']:.3f}"
+            f"held-out pairwise accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs, "
+            f"mean margin {metrics['margin']:.3f}"
         )
     return 0

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-# Epoch AI's refit of Hoffmann et al.'s Approach 3 (Besiroglu et al., 2024)
-EPOCH = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
-
 
 def _floats(s: str) -> list[float]:
     try:
@@ -68,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--budget", type=_floats, required=True, help="FLOPs, e.g. 5.76e23 (comma-separated for several)")
     o.add_argument("--fit", default=None, help="use the law in this fit.json (from `qkv scale fit`) instead of --E ...")
     o.add_argument("--n-column", default="N", help="which fit in fit.json")
-    for k, v in EPOCH.items():
+    from qkv.scaling.optimal import DEFAULT_LAW
+
+    for k, v in DEFAULT_LAW.to_dict().items():
         o.add_argument(f"--{k}", type=float, default=v, help=f"law parameter {k} (default: Epoch AI's refit)")
 
 
@@ -187,19 +186,11 @@ def _fmt_count(x: float) -> str:
 
 
 def _optimal(args) -> int:
-    import json
-    from pathlib import Path
-
-    from qkv.scaling.fit import ScalingLaw, optimal_allocation
+    from qkv.scaling.fit import ScalingLaw
+    from qkv.scaling.optimal import compute_optimal, load_law
 
     if args.fit:
-        path = Path(args.fit)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such fit.json (make one with `qkv scale fit`)")
-        fits = json.loads(path.read_text()).get("fits", {})
-        if args.n_column not in fits:
-            raise ValueError(f"{path} has no fit for {args.n_column!r}; it has {sorted(fits)}")
-        law = ScalingLaw(**fits[args.n_column]["law"])
+        law = load_law(args.fit, args.n_column)
     else:
         law = ScalingLaw(E=args.E, A=args.A, B=args.B, alpha=args.alpha, beta=args.beta)
     print(
@@ -208,8 +199,7 @@ def _optimal(args) -> int:
     )
     print(f"{'C (FLOPs)':>12} {'N*':>10} {'D*':>10} {'tokens/param':>13} {'loss':>7}")
     for c in args.budget:
-        a = optimal_allocation(law, c)
-        print(
-            f"{c:12.3g} {_fmt_count(a.n_params):>10} {_fmt_count(a.n_tokens):>10} {a.tokens_per_param:13.1f} {a.loss:7.4f}"
-        )
+        a = compute_optimal(c, law)
+        n, d = _fmt_count(a.n_params), _fmt_count(a.n_tokens)
+        print(f"{c:12.3g} {n:>10} {d:>10} {a.tokens_per_param:13.1f} {a.loss:7.4f}")
     return 0

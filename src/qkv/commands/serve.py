@@ -60,21 +60,12 @@ def load_for_serving(path: str, dtype: str = "fp32"):
 
     import torch
 
+    from qkv.interop import load
+
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such model file or directory; pass a checkpoint dir, HF dir or .gguf")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    try:
-        from qkv.interop import load as interop_load
-    except ImportError:
-        interop_load = None
-    if interop_load is not None:
-        loaded = interop_load(path)
-        model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded.model, loaded.tokenizer)
-    else:  # interop not built yet: qkv checkpoints only
-        from qkv.checkpoint import load_model
-        from qkv.tokenizer import Tokenizer
-
-        model, tokenizer = load_model(path), Tokenizer.load(path)
+    model, tokenizer = load(path)
     if tokenizer is None:
         raise ValueError(f"{path}: has no tokenizer; save one beside the weights (tokenizer.json)")
     return model.to(dtype=torch_dtype).eval(), tokenizer

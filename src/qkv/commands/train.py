@@ -9,36 +9,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 
 
-def _field_comments() -> dict[str, str]:
-    from qkv.train.config import TrainConfig
-
-    out = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
-
-
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """One --option per TrainConfig field (help shows its default); unset options stay unset
-    so that a --config file's values are not overridden by defaults."""
+def add_config_arguments(
+    p: argparse.ArgumentParser, skip: frozenset[str] = frozenset(), show_defaults: bool = True
+) -> None:
+    """One --option per TrainConfig field (but `skip`), its help from the field's metadata and,
+    with show_defaults, its default. Unset options stay unset so that a --config file's values
+    are not overridden by defaults."""
     from qkv.train.config import TrainConfig
 
     defaults = TrainConfig()
-    notes = _field_comments()
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{notes.get(f.name, '')} (default: {default!r})".strip()
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        help_text = f.metadata.get("help", "")
+        if show_defaults:
+            help_text = f"{help_text} (default: {default!r})".strip()
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%") or None)
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        elif isinstance(default, (int, float)):
             p.add_argument(flag, type=type(default), metavar=type(default).__name__.upper(), **kw)
         elif f.name == "model":
             p.add_argument(flag, type=_yaml_dict, metavar="YAML", **kw)

@@ -113,7 +113,8 @@ class TokenShards:
             expected = entry["tokens"] * dtype.itemsize
             if path.stat().st_size != expected:
                 raise ValueError(
-                    f"{path}: {path.stat().st_size} bytes, index says {expected}; the shard is truncated, run `qkv prepare` again"
+                    f"{path}: {path.stat().st_size} bytes, index says {expected}; "
+                    "the shard is truncated, run `qkv prepare` again"
                 )
             self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         self.n_tokens = sum(len(a) for a in self.arrays)

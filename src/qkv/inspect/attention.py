@@ -189,12 +189,12 @@ class HeadReport:
         """(layer, head, score) of heads at or above the threshold for `kind`, best first."""
         scores = getattr(self, kind)
         thr = self.thresholds[kind]
-        hits = [(l, h, s) for l, row in enumerate(scores) for h, s in enumerate(row) if s >= thr]
+        hits = [(layer, h, s) for layer, row in enumerate(scores) for h, s in enumerate(row) if s >= thr]
         return sorted(hits, key=lambda x: -x[2])
 
     def top(self, kind: str, n: int = 3) -> list[tuple[int, int, float]]:
         scores = getattr(self, kind)
-        allh = [(l, h, s) for l, row in enumerate(scores) for h, s in enumerate(row)]
+        allh = [(layer, h, s) for layer, row in enumerate(scores) for h, s in enumerate(row)]
         return sorted(allh, key=lambda x: -x[2])[:n]
 
     def to_dict(self) -> dict:
@@ -267,16 +267,16 @@ def plot_attention_grid(
     H = min(probs.shape[1], max_heads)
     T = probs.shape[-1]
     fig, axes = plt.subplots(len(layers), H, figsize=(1.6 * H + 0.5, 1.6 * len(layers) + 0.6), squeeze=False)
-    for r, l in enumerate(layers):
+    for r, layer in enumerate(layers):
         for h in range(H):
             ax = axes[r][h]
-            ax.imshow(probs[l, h].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(probs[layer, h].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"head {h}", fontsize=8)
             if h == 0:
-                ax.set_ylabel(f"layer {l}", fontsize=8)
+                ax.set_ylabel(f"layer {layer}", fontsize=8)
     fig.suptitle(title or f"attention, {T} tokens (rows: queries, columns: keys)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from qkv.config import ModelConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-REAL_PRESETS = ("llama3-8b", "mixtral-8x7b", "smollm2-135m")
 
 
 def dtype_bytes(dtype: str) -> int:

@@ -54,8 +54,8 @@ def logit_lens(model, ids: Sequence[int], k: int = 5) -> LensResult:
     logits = lens_logits(model, ids)
     probs, top = logits.softmax(-1).topk(k, dim=-1)
     out = [
-        [[(int(i), float(p)) for i, p in zip(top[l, t], probs[l, t])] for t in range(top.shape[1])]
-        for l in range(top.shape[0])
+        [[(int(i), float(p)) for i, p in zip(top[layer, t], probs[layer, t])] for t in range(top.shape[1])]
+        for layer in range(top.shape[0])
     ]
     return LensResult(top=out, tokens=[int(t) for t in torch.as_tensor(ids).reshape(-1)])
 
@@ -80,15 +80,15 @@ def plot_logit_lens(
     t0 = max(0, T - max_positions)
     layers = list(range(L)) if layers is None else list(layers)
     cols = range(t0, T)
-    probs = torch.tensor([[result.top[l][t][0][1] for t in cols] for l in layers])
+    probs = torch.tensor([[result.top[layer][t][0][1] for t in cols] for layer in layers])
     fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(cols), 0.8 + 0.28 * len(layers)))
     ax.imshow(probs.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
-    for r, l in enumerate(layers):
+    for r, layer in enumerate(layers):
         for c, t in enumerate(cols):
-            txt = repr(guess(result.top[l][t][0][0]))[1:-1][:8]
+            txt = repr(guess(result.top[layer][t][0][0]))[1:-1][:8]
             ax.text(c, r, txt, ha="center", va="center", fontsize=6, color="black" if probs[r, c] < 0.6 else "white")
     ax.set_xticks(range(len(cols)), [repr(labels[t])[1:-1][:8] for t in cols], rotation=60, fontsize=7)
-    ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
     ax.set_xlabel("input token (guess is for the token after it)", fontsize=8)
     ax.set_ylabel("layer", fontsize=8)
     ax.set_title(title or "logit lens: top-1 next-token guess per layer (colour = probability)", fontsize=9)

@@ -1,5 +1,4 @@
-"""MoE routing: which experts each token goes to, per layer, and how evenly load spreads;
-plus the compute-optimal calculator from the scaling-law fit.
+"""MoE routing: which experts each token goes to, per layer, and how evenly load spreads.
 
 Each MoE module stores `last_experts` (tokens, k) after a forward. A forward on a private
 shadow of the model (see attention.shadow) keeps this from racing with other users of the
@@ -81,30 +80,3 @@ def plot_routing(report: dict, labels: Sequence[str], path, layer: int = 0, titl
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-# --- compute-optimal calculator ------------------------------------------------------
-
-# Hoffmann et al. (2022) Approach 3 fit, the default when no fit of one's own is given.
-CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
-
-
-def compute_optimal(compute: float, law: dict | None = None) -> dict:
-    """Compute-optimal parameters and tokens for a FLOP budget (C = 6 N D), using the
-    scaling issue's fit (qkv.scaling.fit); `law` = {E, A, B, alpha, beta} from a fit's JSON,
-    default the published Chinchilla fit."""
-    try:
-        from qkv.scaling.fit import ScalingLaw, optimal_allocation
-    except ImportError:  # pragma: no cover - the scaling package ships with qkv
-        raise RuntimeError("qkv.scaling.fit is not available in this install") from None
-    params = dict(CHINCHILLA if law is None else law)
-    a = optimal_allocation(ScalingLaw(**{k: float(params[k]) for k in ("E", "A", "B", "alpha", "beta")}), compute)
-    return {
-        "compute_flops": a.compute,
-        "n_params": a.n_params,
-        "n_tokens": a.n_tokens,
-        "tokens_per_param": a.tokens_per_param,
-        "predicted_loss": a.loss,
-        "law": params,
-        "law_source": "given" if law is not None else "Chinchilla (Hoffmann et al. 2022, Approach 3)",
-    }

@@ -2,7 +2,6 @@
 mixtral, gpt2) both ways, GGUF files in. `load(path)` takes any of them or a qkv checkpoint."""
 
 from pathlib import Path
-from typing import Optional
 
 from qkv.interop.load import detect_format, load, load_config
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from qkv.config import ModelConfig
+from qkv.wrappers import unwrap
 
 SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
 INDEX = "model.safetensors.index.json"
@@ -491,7 +492,7 @@ def _hf_config_and_state(model, arch: str | None, dtype: torch.dtype | None) -> 
     """(config.json dict, transformers state dict) for a qkv model (DDP/compiled wrappers unwrapped)."""
     from qkv.checkpoint import state_dict_for_save
 
-    inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    inner = unwrap(model)
     cfg: ModelConfig = inner.cfg
     state = state_dict_for_save(inner)
     dtype = dtype or next(iter(state.values())).dtype

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qkv.config import ModelConfig, preset
+from qkv.model import build_model, count_params
 
 
 @dataclass
@@ -28,10 +29,6 @@ class Counts:
 
 
 def count_config(cfg: ModelConfig | str) -> Counts:
-    import torch  # noqa: F401  (build_model needs it; kept local so importing this module is cheap)
-
-    from qkv.model import build_model, count_params
-
     if isinstance(cfg, str):
         cfg = preset(cfg)
     c = count_params(build_model(cfg, device="meta"))

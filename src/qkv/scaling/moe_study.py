@@ -276,7 +276,7 @@ def make_figures(results: dict, cfg: MoEStudyConfig) -> dict[str, str]:
         if not log_:
             continue
         steps = [e["step"] for e in log_]
-        share = np.array([[np.array(l) / max(1, sum(l)) for l in e["load"]] for e in log_])  # (t, layer, expert)
+        share = np.array([[np.array(c) / max(1, sum(c)) for c in e["load"]] for e in log_])  # (t, layer, expert)
         ax.plot(steps, _imbalance(share).max(axis=1), label=f"{name}: worst layer")
     ax.axhline(1.0, color="gray", ls=":", lw=1)
     ax.set_xlabel("step")
@@ -311,7 +311,10 @@ def render(cfg: MoEStudyConfig, named: dict, results: dict, figs: dict, index: d
     import os
 
     rel = os.path.relpath(Path(cfg.figures).resolve(), Path(cfg.doc).resolve().parent)
-    img = lambda k: f"![{figs[k]}]({rel}/{figs[k]})"  # noqa: E731
+
+    def img(k: str) -> str:
+        return f"![{figs[k]}]({rel}/{figs[k]})"
+
     L = [
         "# Mixture of experts: parameters, loss at equal compute, routing",
         "",
@@ -366,7 +369,10 @@ def render(cfg: MoEStudyConfig, named: dict, results: dict, figs: dict, index: d
     if "moe" in results and "moe-no-aux" in results:
         a, b = (np.array(results[n]["probe_load_share"]) for n in ("moe", "moe-no-aux"))
         ia, ib = _imbalance(a), _imbalance(b)
-        dead = lambda s: int((s < 0.1 / s.shape[1]).sum())  # noqa: E731
+
+        def dead(share: np.ndarray) -> int:  # experts getting under a tenth of their fair share
+            return int((share < 0.1 / share.shape[1]).sum())
+
         L += [
             "## Expert load with and without the load-balancing loss",
             "",
@@ -393,9 +399,9 @@ def render(cfg: MoEStudyConfig, named: dict, results: dict, figs: dict, index: d
             "so the softmax stays in a range where bf16 round-off does not flip routing (ST-MoE).",
             "",
             "Note what the penalty's minimum is: logsumexp(logits) = 0, i.e. the logits sit near "
-            f"−log {cfg.n_expert} = {-math.log(cfg.n_expert):.2f} (a uniform softmax), not at 0. So early on the z-loss mostly "
-            "shifts all logits down together (the softmax does not change); it restrains their growth over long "
-            "runs. The table shows which of the two this run exhibits.",
+            f"−log {cfg.n_expert} = {-math.log(cfg.n_expert):.2f} (a uniform softmax), not at 0. "
+            "So early on the z-loss mostly shifts all logits down together (the softmax does not change); "
+            "it restrains their growth over long runs. The table shows which of the two this run exhibits.",
             "",
             "| run | mean logsumexp² per layer | mean logit | mean abs logit | max abs logit |",
             "|---|---|---|---|---|",

@@ -156,7 +156,8 @@ def markdown(summary: dict, figure_dir: str = "") -> str:
             lines.append(
                 f"IsoFLOP minima ({c}): "
                 + "; ".join(
-                    f"C={m['C']:.2g}: N_opt={m['N_opt']:.3g}, D_opt={m['D_opt']:.3g} ({m['tokens_per_param']:.1f} tokens/param)"
+                    f"C={m['C']:.2g}: N_opt={m['N_opt']:.3g}, D_opt={m['D_opt']:.3g} "
+                    f"({m['tokens_per_param']:.1f} tokens/param)"
                     for m in a2["minima"]
                 )
                 + "."

@@ -337,7 +337,10 @@ MOE_FIGURE = "scaling_moe_vs_dense.png"
 
 def pair_moe_dense(rows: list[dict]) -> list[tuple[dict, dict]]:
     """(dense, moe) rows trained at the same budget and size, so at equal active compute."""
-    key = lambda r: (float(r["budget"]), int(r["n_layer"]), int(r["d_model"]))  # noqa: E731
+
+    def key(r: dict) -> tuple[float, int, int]:
+        return float(r["budget"]), int(r["n_layer"]), int(r["d_model"])
+
     dense = {key(r): r for r in rows if r["kind"] == "dense"}
     return [(dense[key(r)], r) for r in rows if r["kind"] == "moe" and key(r) in dense]
 

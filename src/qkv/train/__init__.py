@@ -20,7 +20,7 @@ API (what SFT / reward / PPO / DPO call)::
 
     def get_batch(step: int, micro: int):
         # Deterministic in (step, micro) so resume sees the same data: the batch for this
-        # process (use trainer.rank / trainer.world, or qkv.train.distributed.rank_world()).
+        # process, rank trainer.rank of trainer.world.
         ...
 
     trainer = Trainer(model, cfg, loss_fn, get_batch,

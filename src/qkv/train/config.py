@@ -14,46 +14,51 @@ from pathlib import Path
 from typing import Any
 
 
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A TrainConfig field; `help` is its --option's help text in the `qkv` commands."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # --- model (pretraining; later stages pass their own model) ---
-    preset: str = "tiny"  # a qkv.config preset; vocab_size comes from the tokenizer
-    model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 2}
-    init_from: str | None = None  # start from a qkv checkpoint dir instead of random init
+    preset: str = knob("tiny", "a qkv.config preset; vocab_size comes from the tokenizer")
+    model: dict = knob(default_factory=dict, help='ModelConfig overrides, e.g. {"n_layer": 2}')
+    init_from: str | None = knob(None, "start from a qkv checkpoint dir instead of random init")
     # --- data (pretraining) ---
-    data_dir: str = "data/shakespeare"  # output of `qkv prepare`
-    seq_len: int = 128  # tokens per training window (<= model max_seq_len)
+    data_dir: str = knob("data/shakespeare", "output of `qkv prepare`")
+    seq_len: int = knob(128, "tokens per training window (<= model max_seq_len)")
     # --- batch ---
-    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-steps
-    grad_accum: int = 1  # micro-steps per optimizer step
+    batch_size: int = knob(16, "sequences per optimizer step, over all processes and micro-steps")
+    grad_accum: int = knob(1, "micro-steps per optimizer step")
     # --- optimizer ---
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    schedule: str = "cosine"  # cosine | wsd | constant (all after linear warmup)
-    warmup_steps: int = 20
-    decay_frac: float = 0.2  # wsd: fraction of steps spent decaying at the end
-    weight_decay: float = 0.1  # not applied to norms, biases, embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    lr: float = knob(3e-3, "peak learning rate, reached at the end of warmup")
+    min_lr_ratio: float = knob(0.1, "final lr = lr * min_lr_ratio")
+    schedule: str = knob("cosine", "cosine | wsd | constant (all after linear warmup)")
+    warmup_steps: int = knob(20, "steps of linear warmup to lr")
+    decay_frac: float = knob(0.2, "wsd: fraction of steps spent decaying at the end")
+    weight_decay: float = knob(0.1, "AdamW weight decay; not applied to norms, biases, embeddings")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    eps: float = knob(1e-8, "AdamW epsilon")
+    grad_clip: float = knob(1.0, "max global grad norm; 0 disables")
     # --- loop ---
-    max_steps: int = 300
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
-    compile: bool = False  # torch.compile the model
-    seed: int = 1337
-    eval_every: int = 100  # 0 disables periodic eval (a final eval still runs)
-    eval_steps: int = 8  # batches per eval
-    log_every: int = 10
+    max_steps: int = knob(300, "optimizer steps to train for")
+    dtype: str = knob("fp32", "fp32 | bf16 (autocast; weights and optimizer stay fp32)")
+    compile: bool = knob(False, "torch.compile the model")
+    seed: int = knob(1337, "seed of the initial weights, the data order and dropout")
+    eval_every: int = knob(100, "steps between evals; 0 disables periodic eval (a final eval still runs)")
+    eval_steps: int = knob(8, "batches per eval")
+    log_every: int = knob(10, "steps between logged metric lines")
     # --- checkpoints ---
-    out_dir: str = "runs/train"
-    save_every: int = 100  # 0: save only at the end
-    keep_last: int = 2  # step checkpoints kept
+    out_dir: str = knob("runs/train", "run directory: checkpoints, metrics, config")
+    save_every: int = knob(100, "steps between checkpoints; 0: save only at the end")
+    keep_last: int = knob(2, "step checkpoints kept")
     # --- system ---
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
-    progress: bool = True  # tqdm progress bar
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = knob(0, "torch CPU threads; 0 keeps torch's default")
+    parallel: str = knob("ddp", "under torchrun: ddp | fsdp (FSDP2 fully_shard)")
+    progress: bool = knob(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
         self.validate()

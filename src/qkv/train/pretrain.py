@@ -68,7 +68,6 @@ def make_trainer(cfg: TrainConfig, resume: bool = False) -> Trainer:
         resume=resume,
         dist=d,
     )
-    trainer.unigram_entropy = float(index.get("unigram_entropy", float("nan")))
     return trainer
 
 

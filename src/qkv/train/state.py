@@ -28,20 +28,17 @@ from safetensors.torch import load_file, save
 
 from qkv.checkpoint import CONFIG, WEIGHTS
 from qkv.io import atomic_write_bytes, atomic_write_text
+from qkv.wrappers import unwrap
 
 LATEST = "latest.json"
 TRAINER = "trainer"
+CPU = torch.device("cpu")
 
 
 def _sd_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -88,7 +85,7 @@ def save_checkpoint(
     tokenizer=None,
     extra: dict | None = None,
     keep_last: int = 2,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> Path | None:
     """Write out_dir/step_XXXXXX (atomic) and point latest.json at it; prune old ones."""
     model_sd = full_model_state(model)  # collective under FSDP: every rank calls

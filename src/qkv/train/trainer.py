@@ -28,6 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,6 @@ class Trainer:
                 f"batch_size={cfg.batch_size} / grad_accum={cfg.grad_accum} = {per_rank} sequences per micro-step "
                 f"cannot be split evenly over {self.dist.world} processes; change batch_size"
             )
-        self.micro_batch_size = per_rank // self.dist.world
 
         self.model = model.to(self.device)  # the plain module (loss_fn and checkpoints see this)
         self.step = 0
@@ -284,7 +284,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = _to_device(self.get_batch(step, micro), self.device)
             sync = micro == cfg.grad_accum - 1
-            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else _nullcontext()
+            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
             with ctx:
                 with self._autocast():
                     loss, metrics = self.wrapped(batch)
@@ -418,10 +418,3 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
             kept.append(record)
     return kept
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
