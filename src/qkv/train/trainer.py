@@ -417,4 +417,3 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
         if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
             kept.append(record)
     return kept
-
