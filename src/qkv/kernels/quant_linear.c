@@ -8,8 +8,9 @@
  * How, as ggml does: each row of x is rounded to int8 once per call, in blocks of 32
  * (a scale each) for the 32-weight formats and of 256 for the K-quants; each weight
  * block's integer dot product with a row's block is exact, and becomes float once, times
- * the two scales. Offsets (Q4_0's -8, Q5_0's -16, Q6_K's -32) and mins (Q4_1, Q5_1, Q4_K,
- * Q5_K) are applied through the sums of each activation block, computed once per row.
+ * the two scales. Q4_0's and Q5_0's offsets (-8, -16) are subtracted from the weights as
+ * they are unpacked; Q6_K's (-32) and the mins (Q4_1, Q5_1, Q4_K, Q5_K) are applied
+ * through the sums of each activation block, computed once per row.
  * F16 and BF16 weights multiply fp32 x directly. A weight block is unpacked once and used
  * for every row (rows inside, blocks outside); threads split the output rows.
  *
