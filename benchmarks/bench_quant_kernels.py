@@ -10,7 +10,7 @@ random bytes (gguf cannot quantize to them); the speed does not depend on the va
 K-quants need n_in to be a multiple of 256, so of these shapes they only fit down_proj
 (llama.cpp stores SmolLM2's 576-wide matrices as Q5_0 / Q8_0 in its K mixes).
 
-    python benchmarks/bench_quant_kernels.py [--threads 2] [--reps 5] [--isa avx2]
+    python benchmarks/bench_quant_kernels.py [--threads 2] [--reps 5] [--paths avx2 avx512]
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--isa", default=None, help="force a path: portable, avx2, avx512 (default: the best here)")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS))
+    ap.add_argument("--paths", nargs="+", default=[None], help="paths side by side: portable, avx2, avx512")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if ql.isa() == "off":
@@ -79,18 +80,21 @@ def main() -> None:
         # the fewest copies that make the smallest format (Q4_0: 0.14 of fp32) overflow the cache
         copies = max(1, -(-3 * CACHE_BYTES // (w.nbytes * 18 // 128)))
         mats = {"fp32": [w.clone() for _ in range(copies)]}
-        for qt in FORMATS:
+        for qt in args.formats:
             if n_in % ql.GGML_QUANT_SIZES[ql.qtype_of(qt)][0] == 0:  # K-quants need n_in % 256 == 0
                 b = blocks_for(qt, w, rng)
                 mats[qt] = [b.clone() for _ in range(copies)]
+        # contenders: (label, format, path)
+        runs = [("fp32", "fp32", None)]
+        runs += [(f"{f}/{p}" if len(args.paths) > 1 else f, f, p) for f in mats if f != "fp32" for p in args.paths]
         for rows in args.rows:
             x = torch.randn(rows, n_in)
-            fns = {name: runner(name, x, mats[name], args.isa) for name in mats} | {"read": read}
+            fns = {name: runner(fmt, x, mats[fmt], path) for name, fmt, path in runs} | {"read": read}
             with torch.inference_mode():
                 t = time_interleaved(fns, args.reps, stat=min)
             flop = 2 * rows * n_in * n_out * copies
-            for name in mats:
-                wb = sum(m.nbytes for m in mats[name])
+            for name, fmt, _ in runs:
+                wb = sum(m.nbytes for m in mats[fmt])
                 speedup = t["fp32"] / t[name]
                 ratios.setdefault((name, rows), []).append(speedup)
                 out.append(
@@ -98,18 +102,20 @@ def main() -> None:
                         f"{what} {n_out}x{n_in} x{copies}",
                         rows,
                         name,
-                        f"{mats['fp32'][0].nbytes / mats[name][0].nbytes:.2f}x",
+                        f"{mats['fp32'][0].nbytes / mats[fmt][0].nbytes:.2f}x",
                         f"{wb / t[name] / 1e9:.1f}",
                         f"{flop / t[name] / 1e9:.1f}",
                         f"{speedup:.2f}x",
                         f"{nbytes / t['read'] / 1e9:.1f}",
                     ]
                 )
-    print(f"threads {args.threads}, path {args.isa or ql.isa()}, min of {args.reps} interleaved samples\n")
+    paths = ", ".join(p or ql.isa() for p in args.paths)
+    print(f"threads {args.threads}, path {paths}, min of {args.reps} interleaved samples\n")
     header = ["matrix", "rows", "format", "fewer bytes", "GB/s", "GFLOP/s", "vs fp32", "read GB/s"]
     print(table(out, header))
-    print("\ngeometric mean speedup over fp32 across the shapes:\n")
-    summary = [[name, *[f"{statistics.geometric_mean(ratios[(name, r)]):.2f}x" for r in args.rows]] for name in FORMATS]
+    print("\ngeometric mean speedup over fp32 across the shapes (K-quants: down_proj only):\n")
+    names = [k for k in dict.fromkeys(n for n, _ in ratios) if k != "fp32"]
+    summary = [[n, *[f"{statistics.geometric_mean(ratios[(n, r)]):.2f}x" for r in args.rows]] for n in names]
     print(table(summary, ["format", *[f"{r} rows" for r in args.rows]]))
 
 

@@ -28,6 +28,7 @@ _args += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 _linear = native.Kernel("quant_linear", "qkv_quant_linear", _args, ctypes.c_int)
 _linear_isa = native.Kernel("quant_linear", "qkv_quant_linear_isa", _args + [ctypes.c_int], ctypes.c_int)
 _best_isa = native.Kernel("quant_linear", "qkv_quant_isa", [], ctypes.c_int)
+_path = native.Kernel("quant_linear", "qkv_quant_path", [ctypes.c_int], ctypes.c_int)
 _ERRORS = {
     1: "unsupported quantization type",
     2: "bad shape: n_in must be a multiple of the block size and rows at most 64",
@@ -54,11 +55,14 @@ def supported(qtype: str | int | GGMLQuantizationType) -> bool:
         return False
 
 
-def isa() -> str:
-    """The path the kernel takes on this machine: 'avx512', 'avx2', or 'off' (kernels
-    disabled, no compiler or no AVX2)."""
-    best = _best_isa.get()
-    return "off" if best is None else ISAS[best()]
+def isa(qtype: str | int | GGMLQuantizationType | None = None) -> str:
+    """The newest path this CPU runs ('avx512', 'avx2'), or with a format the path `linear`
+    takes for it (the 32-weight formats stay on AVX2 code: it is faster there); 'off' where
+    the kernels are disabled, unbuilt or the CPU lacks AVX2."""
+    best, path = _best_isa.get(), _path.get()
+    if best is None or path is None:
+        return "off"
+    return ISAS[best() if qtype is None else path(int(qtype_of(qtype)))]
 
 
 def row_bytes(n_in: int, qtype: str | int | GGMLQuantizationType) -> int:
