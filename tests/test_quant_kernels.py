@@ -12,9 +12,9 @@ The error bound, per output y[r, o] = sum_j w[o, j] x[r, j] (w as gguf dequantiz
 2. Float rounding. Integer block dots are exact; each float operation after them adds at
    most 2^-24 of the running magnitude, and an output takes fewer than n_in + 64 of them
    (the portable path sums F16 one weight at a time). The terms are split as the kernel
-   splits them (Q4_0: d*q - 8d, Q4_K: d*sc*q - dmin*m, ...), so each term's size is
+   splits them (Q4_1: d*q + m, Q4_K: d*sc*q - dmin*m, ...), so each term's size is
    bounded by U_b, the largest part a weight of block b can have given its scales
-   (Q8_0: 128|d|; Q4_0: (15 + 8)|d|; Q4_1: 15|d| + |m|; Q5_0: (31 + 16)|d|; Q5_1:
+   (Q8_0: 128|d|; Q4_0: 8|d|; Q4_1: 15|d| + |m|; Q5_0: 16|d|; Q5_1:
    31|d| + |m|; Q4_K: 15*63|d| + 63|dmin|; Q5_K: 31*63|d| + 63|dmin|; Q6_K: (63 + 32)*128|d|;
    F16/BF16: |w_j|), times |q_j dx_b| <= |x_j| + dx_b:
        flt[r, o] = (n_in + 64) 2^-24 sum_j U_b(j) (|x[r, j]| + dx_b(j)).
@@ -43,9 +43,9 @@ K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)
 # where each format keeps its fp16 scale d and its min/dmin (None: none), and U_b's factors
 _SCALES = {
     T.Q8_0: (0, None, 128, 0),
-    T.Q4_0: (0, None, 23, 0),
+    T.Q4_0: (0, None, 8, 0),
     T.Q4_1: (0, 2, 15, 1),
-    T.Q5_0: (0, None, 47, 0),
+    T.Q5_0: (0, None, 16, 0),
     T.Q5_1: (0, 2, 31, 1),
     T.Q4_K: (0, 2, 15 * 63, 63),
     T.Q5_K: (0, 2, 31 * 63, 63),
@@ -160,7 +160,9 @@ def test_smollm2_shapes_leading_dims_and_the_best_path():
     assert y.shape == (2, 3, 576)
     ref, bound, _ = oracle_and_bound(x.reshape(6, 1536), blocks, T.Q4_0, None)
     assert ((y.reshape(6, 576).double() - ref).abs() <= bound).all()
-    assert torch.equal(y, run(x, blocks, T.Q4_0, None, ql.isa()))
+    assert torch.equal(y, run(x, blocks, T.Q4_0, None, ql.isa("q4_0")))
+    expected = {"avx512": "avx2", "avx2": "avx2", "off": "off"}[ql.isa()]  # 32-weight formats stay on AVX2 code
+    assert ql.isa("q4_0") == expected and ql.isa("q4_k") == ql.isa()
 
 
 @needs_native

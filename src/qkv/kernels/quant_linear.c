@@ -8,13 +8,15 @@
  * How, as ggml does: each row of x is rounded to int8 once per call, in blocks of 32
  * (a scale each) for the 32-weight formats and of 256 for the K-quants; each weight
  * block's integer dot product with a row's block is exact, and becomes float once, times
- * the two scales. Offsets (Q4_0's -8, Q5_0's -16, Q6_K's -32) and mins (Q4_1, Q5_1, Q4_K,
- * Q5_K) are applied through the sums of each activation block, computed once per row.
+ * the two scales. Q4_0's and Q5_0's offsets (-8, -16) are subtracted from the weights as
+ * they are unpacked; Q6_K's (-32) and the mins (Q4_1, Q5_1, Q4_K, Q5_K) are applied
+ * through the sums of each activation block, computed once per row.
  * F16 and BF16 weights multiply fp32 x directly. A weight block is unpacked once and used
  * for every row (rows inside, blocks outside); threads split the output rows.
  *
- * Three paths, picked at run time: AVX-512 (F, BW, VL), AVX2 (+FMA, F16C; the build's
- * baseline), and a portable scalar reference the tests check the others against. Within
+ * Three paths, picked at run time per format (qkv_quant_path): AVX-512 (F, BW, VL), AVX2
+ * (+FMA, F16C; the build's baseline), and a portable scalar reference the tests check the
+ * others against. Within
  * one path a row's result is bitwise the same alone or in any batch: its sums run in one
  * fixed order whatever n_rows is.
  *
@@ -274,8 +276,18 @@ static int ql_best_isa(void) {
   return best;
 }
 
-/* The fastest path this CPU runs: 0 portable, 1 AVX2, 2 AVX-512. */
+/* The newest path this CPU runs: 0 portable, 1 AVX2, 2 AVX-512. */
 int qkv_quant_isa(void) { return ql_best_isa(); }
+
+/* The path qkv_quant_linear takes for a format. The 32-weight formats keep the AVX2 code
+ * on AVX-512 CPUs: assembling 512-bit pairs of blocks (inserts, a scale permute) cost more
+ * than the wider multiply saved at 1-4 rows on Skylake-SP (bench_quant_kernels.py --paths
+ * avx2 avx512: Q4_0 at 1 row 2.27x fp32 vs 1.96x); the K-quants and F16/BF16 gain from it.
+ * The choice is per format, never per batch size, so rows stay batch-invariant. */
+int qkv_quant_path(int qtype) {
+  const int best = ql_best_isa();
+  return ql_family(qtype) == QL_FAMILY_32 && best == QL_ISA_AVX512 ? QL_ISA_AVX2 : best;
+}
 
 /* y = x W^T + bias through one path (isa as qkv_quant_isa numbers it). x: (n_rows, n_in)
  * fp32; w: n_out rows of n_in / block_size blocks of format qtype (a gguf
@@ -306,8 +318,8 @@ int qkv_quant_linear_isa(const float* x, int64_t n_rows, int64_t n_in, const voi
   return QL_OK;
 }
 
-/* The same through the fastest path here. */
+/* The same through the path qkv_quant_path picks for the format. */
 int qkv_quant_linear(const float* x, int64_t n_rows, int64_t n_in, const void* w, int qtype, int64_t n_out,
                      const float* bias, float* y, int n_threads) {
-  return qkv_quant_linear_isa(x, n_rows, n_in, w, qtype, n_out, bias, y, n_threads, ql_best_isa());
+  return qkv_quant_linear_isa(x, n_rows, n_in, w, qtype, n_out, bias, y, n_threads, qkv_quant_path(qtype));
 }

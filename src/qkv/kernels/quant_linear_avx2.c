@@ -34,68 +34,65 @@ QL_AVX2 QL_INLINE __m256i ql_fifth_bits(const uint8_t* p) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-/* One 32-weight block: values d * q + c, except Q8_0, whose q is signed and c = 0. */
+/* One 32-weight block: weights d * q + m. For the symmetric formats (Q8_0, Q4_0 and Q5_0,
+ * their offsets 8 and 16 subtracted here) q is signed, and maddubs, which wants one
+ * unsigned operand, gets |q| (qa, once per block) and each row's y with q's sign; for
+ * Q4_1/Q5_1 q is unsigned (qa = q) and m is applied through the row's block sums. */
 typedef struct {
-  __m256i q;
-  float d, c;
+  __m256i q, qa;
+  float d, m;
 } ql_blk32;
+
+static inline int ql_signed32(int fmt) { return fmt == QL_Q8_0 || fmt == QL_Q4_0 || fmt == QL_Q5_0; }
 
 QL_AVX2 QL_INLINE ql_blk32 ql_decode32(const int fmt, const uint8_t* p) {
   ql_blk32 k;
-  k.d = ql_h2f(p);
+  k.d = ql_h2f(p), k.m = 0.0f;
   switch (fmt) {
-    case QL_Q8_0:
-      k.q = _mm256_loadu_si256((const __m256i*)(p + 2)), k.c = 0.0f;
-      break;
-    case QL_Q4_0:
-      k.q = ql_nibbles(p + 2), k.c = -8.0f * k.d;
-      break;
-    case QL_Q4_1:
-      k.q = ql_nibbles(p + 4), k.c = ql_h2f(p + 2);
-      break;
+    case QL_Q8_0: k.q = _mm256_loadu_si256((const __m256i*)(p + 2)); break;
+    case QL_Q4_0: k.q = _mm256_sub_epi8(ql_nibbles(p + 2), _mm256_set1_epi8(8)); break;
+    case QL_Q4_1: k.q = ql_nibbles(p + 4), k.m = ql_h2f(p + 2); break;
     case QL_Q5_0:
-      k.q = _mm256_or_si256(ql_nibbles(p + 6), ql_fifth_bits(p + 2)), k.c = -16.0f * k.d;
+      k.q = _mm256_sub_epi8(_mm256_or_si256(ql_nibbles(p + 6), ql_fifth_bits(p + 2)), _mm256_set1_epi8(16));
       break;
     default: /* QL_Q5_1 */
-      k.q = _mm256_or_si256(ql_nibbles(p + 8), ql_fifth_bits(p + 4)), k.c = ql_h2f(p + 2);
+      k.q = _mm256_or_si256(ql_nibbles(p + 8), ql_fifth_bits(p + 4)), k.m = ql_h2f(p + 2);
       break;
   }
+  k.qa = ql_signed32(fmt) ? _mm256_sign_epi8(k.q, k.q) : k.q;
   return k;
 }
 
 /* sum q_j y_j as 8 partial sums (in float: exact, they are < 2^24). */
-QL_AVX2 QL_INLINE __m256 ql_dot32(const int fmt, __m256i q, __m256i y) {
-  if (fmt == QL_Q8_0) { /* maddubs wants an unsigned operand: |q| times y with q's sign */
-    y = _mm256_sign_epi8(y, q);
-    q = _mm256_sign_epi8(q, q);
-  }
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, y), _mm256_set1_epi16(1)));
+QL_AVX2 QL_INLINE __m256 ql_dot32(const int fmt, const ql_blk32* k, __m256i y) {
+  if (ql_signed32(fmt)) y = _mm256_sign_epi8(y, k->q);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(k->qa, y), _mm256_set1_epi16(1)));
 }
 
-/* Block b of one weight row times nr activation rows into acc (and the offset/min term into accs). */
+/* Block b of one weight row times nr activation rows into acc (and Q4_1/Q5_1's min term into accs). */
 QL_AVX2 QL_INLINE void ql_step32_avx2(const int fmt, const uint8_t* w, int64_t b, const ql_act* a, const int64_t nr,
                                       __m256* acc, float* accs) {
   const ql_blk32 k = ql_decode32(fmt, w + b * ql_block_bytes(fmt));
   for (int64_t r = 0; r < nr; ++r) {
     const __m256i y = _mm256_loadu_si256((const __m256i*)(a->q + r * a->n_in + b * 32));
-    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(k.d * a->d[r * a->nb + b]), ql_dot32(fmt, k.q, y), acc[r]);
-    if (fmt != QL_Q8_0) accs[r] = fmaf(k.c, a->s[r * a->nb + b], accs[r]);
+    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(k.d * a->d[r * a->nb + b]), ql_dot32(fmt, &k, y), acc[r]);
+    if (!ql_signed32(fmt)) accs[r] = fmaf(k.m, a->s[r * a->nb + b], accs[r]);
   }
 }
 
 /* out[r] = (row r of x) . (one weight row) for the 32-weight block formats. Even and odd
- * blocks go to two accumulators so one row has two independent FMA chains. */
+ * blocks go to separate accumulators so one row has two independent FMA chains. */
 QL_AVX2 QL_INLINE void ql_row32_avx2(const int fmt, const uint8_t* w, const ql_act* a, const int64_t nr, float* out) {
   __m256 acc0[QL_MAX_ROWS], acc1[QL_MAX_ROWS];
-  float accs[QL_MAX_ROWS];
-  for (int64_t r = 0; r < nr; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps(), accs[r] = 0.0f;
+  float accs0[QL_MAX_ROWS], accs1[QL_MAX_ROWS];
+  for (int64_t r = 0; r < nr; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps(), accs0[r] = accs1[r] = 0.0f;
   int64_t b = 0;
   for (; b + 2 <= a->nb; b += 2) {
-    ql_step32_avx2(fmt, w, b, a, nr, acc0, accs);
-    ql_step32_avx2(fmt, w, b + 1, a, nr, acc1, accs);
+    ql_step32_avx2(fmt, w, b, a, nr, acc0, accs0);
+    ql_step32_avx2(fmt, w, b + 1, a, nr, acc1, accs1);
   }
-  if (b < a->nb) ql_step32_avx2(fmt, w, b, a, nr, acc0, accs);
-  for (int64_t r = 0; r < nr; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + accs[r];
+  if (b < a->nb) ql_step32_avx2(fmt, w, b, a, nr, acc0, accs0);
+  for (int64_t r = 0; r < nr; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (accs0[r] + accs1[r]);
 }
 
 /* One 256-weight K-quant superblock unpacked: 8 chunks of 32 bytes q, each chunk's integer

@@ -12,39 +12,38 @@ QL_AVX512 QL_INLINE __m512i ql_pair(__m256i lo, __m256i hi) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* Two blocks' sums q_j y_j, 8 partial sums each (lanes 0-7 the first block). */
-QL_AVX512 QL_INLINE __m512 ql_dot64(const int fmt, __m512i q, __m512i y) {
-  if (fmt == QL_Q8_0) { /* |q| times y with q's sign (AVX-512 has no vpsignb) */
-    y = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(q), _mm512_setzero_si512(), y);
-    q = _mm512_abs_epi8(q);
-  }
-  return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(q, y), _mm512_set1_epi16(1)));
+/* Two blocks' sums q_j y_j, 8 partial sums each (lanes 0-7 the first block); qa = |q|, and
+ * y takes q's sign (a masked negation: AVX-512 has no vpsignb; where q = 0, qa = 0). */
+QL_AVX512 QL_INLINE __m512 ql_dot64(const int fmt, __m512i q, __m512i qa, __m512i y) {
+  if (ql_signed32(fmt)) y = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(q), _mm512_setzero_si512(), y);
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(qa, y), _mm512_set1_epi16(1)));
 }
 
 QL_AVX512 QL_INLINE void ql_row32_avx512(const int fmt, const uint8_t* w, const ql_act* a, const int64_t nr,
                                          float* out) {
   __m512 acc[QL_MAX_ROWS];
   __m256 tail[QL_MAX_ROWS];
-  float accs[QL_MAX_ROWS];
-  for (int64_t r = 0; r < nr; ++r) acc[r] = _mm512_setzero_ps(), tail[r] = _mm256_setzero_ps(), accs[r] = 0.0f;
+  float accs0[QL_MAX_ROWS], accs1[QL_MAX_ROWS];
+  for (int64_t r = 0; r < nr; ++r)
+    acc[r] = _mm512_setzero_ps(), tail[r] = _mm256_setzero_ps(), accs0[r] = accs1[r] = 0.0f;
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const int64_t bytes = ql_block_bytes(fmt);
   int64_t b = 0;
   for (; b + 2 <= a->nb; b += 2) {
     const ql_blk32 k0 = ql_decode32(fmt, w + b * bytes), k1 = ql_decode32(fmt, w + (b + 1) * bytes);
-    const __m512i q = ql_pair(k0.q, k1.q);
+    const __m512i q = ql_pair(k0.q, k1.q), qa = ql_pair(k0.qa, k1.qa);
     const __m128 wd = _mm_setr_ps(k0.d, k1.d, 0.0f, 0.0f);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t at = r * a->nb + b;
       const __m128 dd = _mm_mul_ps(wd, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(a->d + at))));
       const __m512 scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(dd));
       const __m512i y = _mm512_loadu_si512((const void*)(a->q + r * a->n_in + b * 32));
-      acc[r] = _mm512_fmadd_ps(scale, ql_dot64(fmt, q, y), acc[r]);
-      if (fmt != QL_Q8_0) accs[r] = fmaf(k1.c, a->s[at + 1], fmaf(k0.c, a->s[at], accs[r]));
+      acc[r] = _mm512_fmadd_ps(scale, ql_dot64(fmt, q, qa, y), acc[r]);
+      if (!ql_signed32(fmt)) accs0[r] = fmaf(k0.m, a->s[at], accs0[r]), accs1[r] = fmaf(k1.m, a->s[at + 1], accs1[r]);
     }
   }
-  if (b < a->nb) ql_step32_avx2(fmt, w, b, a, nr, tail, accs); /* an odd last block */
-  for (int64_t r = 0; r < nr; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]) + accs[r];
+  if (b < a->nb) ql_step32_avx2(fmt, w, b, a, nr, tail, accs0); /* an odd last block */
+  for (int64_t r = 0; r < nr; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]) + (accs0[r] + accs1[r]);
 }
 
 /* The integer sums land in the same 8 lanes as on the AVX2 path, so K-quant results are
