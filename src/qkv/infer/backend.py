@@ -19,7 +19,7 @@ dtype or device, or torch.compile is involved, so a prepared model can still be 
 from __future__ import annotations
 
 import weakref
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ from qkv.model.layers import RMSNorm
 from qkv.quant.modules import QuantEmbedding, QuantLinear
 
 Backend = Literal["native", "torch"]
+M = TypeVar("M", bound=nn.Module)
 
 
 class NativeLinear(nn.Linear):
@@ -61,7 +62,7 @@ def default_backend() -> Backend:
     return "native" if native.enabled() else "torch"
 
 
-def prepare_for_inference(model: nn.Module, backend: Backend | None = None) -> nn.Module:
+def prepare_for_inference(model: M, backend: Backend | None = None) -> M:
     """Install `backend`'s implementations behind the model's modules (in place) and
     return the model. Parameters are shared, never copied. backend=None keeps the one the
     model was prepared with, or takes `default_backend()` for a model not prepared yet."""

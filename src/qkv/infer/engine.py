@@ -205,7 +205,9 @@ class Engine:
                 self.scheduler.remove(seq)
                 st = self._text[seq.seq_id]
                 st.finish_reason = "abort"
-                self._pending.append(self._output(req, seq, st, final=True))
+                out = self._output(req, seq, st, final=True)
+                if out is not None:  # a final output always is
+                    self._pending.append(out)
             self._text.pop(seq.seq_id, None)
         for i in range(len(req.seqs), req.params.n):  # samples not forked yet
             self._pending.append(
@@ -451,7 +453,7 @@ class Engine:
                 r = acc[o.request_id][o.index]
                 r.token_ids += o.new_token_ids
                 r.text += o.new_text
-                if o.logprobs is not None:
+                if o.logprobs is not None and r.logprobs is not None:
                     r.logprobs += o.logprobs
                 if o.finished:
                     r.finish_reason = o.finish_reason

@@ -82,7 +82,9 @@ class BlockAllocator:
             b = self.free_ids.popleft()
         elif self.evictable:
             b, _ = self.evictable.popitem(last=False)  # least recently used cached block
-            del self.cached[self.hash_of[b]]
+            name = self.hash_of[b]
+            if name is not None:  # an evictable block is a cached one, so it has a name
+                del self.cached[name]
             self.hash_of[b] = self.content_of[b] = None
         else:
             raise NoFreeBlocks("KV block pool exhausted")
@@ -114,8 +116,9 @@ class BlockAllocator:
         """Copy-on-write: a block shared with another sequence is replaced by a private
         copy before it is written. Returns (block to write, whether data must be copied)."""
         if self.refcount[b] == 1:
-            if self.hash_of[b] is not None:  # content is about to change: forget its name
-                del self.cached[self.hash_of[b]]
+            name = self.hash_of[b]
+            if name is not None:  # content is about to change: forget its name
+                del self.cached[name]
                 self.hash_of[b] = self.content_of[b] = None
             return b, False
         new = self.allocate()
@@ -210,7 +213,8 @@ class PagedKVCache:
             self.write_rows = valid.reshape(-1).nonzero().squeeze(1)
             self.write_slots = slots[self.write_rows]
         self.tables, self.total = tables, start + lens  # keys each row sees after this step
-        self.buckets = None  # built on first use: decode steps on CPU read blocks in place
+        # built on first use: decode steps on CPU read blocks in place
+        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
         self.decode_index = (tables.to(torch.int32), self.total.to(torch.int32)) if T == 1 else None
 
     def _buckets(self) -> list:
@@ -227,7 +231,7 @@ class PagedKVCache:
                 groups[-1].append(b)
             else:
                 groups.append([b])
-        self.buckets = []
+        buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
         for g in groups:
             rows = None if len(groups) == 1 else torch.tensor(g, device=dev)
             nb = need[g[0]]
@@ -236,8 +240,9 @@ class PagedKVCache:
                 if rows is None
                 else (t.index_select(0, rows) for t in (self.tables, self.pos, self.total))
             )
-            self.buckets.append((rows, tables[:, :nb].reshape(-1), self._mask(pos, total, nb * bs)))
-        return self.buckets
+            buckets.append((rows, tables[:, :nb].reshape(-1), self._mask(pos, total, nb * bs)))
+        self.buckets = buckets
+        return buckets
 
     def _mask(self, pos: torch.Tensor, total: torch.Tensor, S: int) -> torch.Tensor:
         j = torch.arange(S, device=pos.device)
@@ -278,14 +283,15 @@ class PagedKVCache:
             )
         gqa = q.shape[1] != k.shape[1]
         buckets = self._buckets()
-        out = None if len(buckets) == 1 else torch.empty_like(q)
+        out = torch.empty_like(q) if len(buckets) > 1 else None
         for rows, blocks, mask in buckets:
             qb = q if rows is None else q.index_select(0, rows)
             kb, vb = self._gather(layer, blocks, qb.shape[0], q.dtype)
             y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
-            if rows is None:
+            if rows is None or out is None:  # one bucket holds every row
                 return y
             out.index_copy_(0, rows, y)
+        assert out is not None
         return out
 
     def copy_block(self, src: int, dst: int) -> None:

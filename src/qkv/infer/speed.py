@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from qkv.infer.generate import forward_step
 from qkv.infer.kv_cache import KVCache
+from qkv.model.transformer import Transformer
 
 
 @dataclass
@@ -45,7 +45,7 @@ def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
     return buf.numel() * 4 / best
 
 
-def decode_bytes_per_token(model: nn.Module, context: int = 0) -> int:
+def decode_bytes_per_token(model: Transformer, context: int = 0) -> int:
     """Bytes one decode step reads: every parameter and weight buffer once (a tied
     embedding in full, by the output head; an untied input embedding one row), plus the
     K/V of `context` earlier tokens."""
@@ -74,7 +74,7 @@ def _rates(setup: Callable[[], Any], timed: Callable[[Any], None], n_tokens: int
 
 
 @torch.inference_mode()
-def prompt_speed(model: nn.Module, n_prompt: int, reps: int = 3, seed: int = 0) -> SpeedResult:
+def prompt_speed(model: Transformer, n_prompt: int, reps: int = 3, seed: int = 0) -> SpeedResult:
     """pp<n_prompt>: one forward over a prompt of n_prompt random tokens."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +89,7 @@ def prompt_speed(model: nn.Module, n_prompt: int, reps: int = 3, seed: int = 0) 
 
 
 @torch.inference_mode()
-def decode_speed(model: nn.Module, n_gen: int, reps: int = 3, seed: int = 0) -> SpeedResult:
+def decode_speed(model: Transformer, n_gen: int, reps: int = 3, seed: int = 0) -> SpeedResult:
     """tg<n_gen>: n_gen greedy decode steps after a one-token prompt."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)

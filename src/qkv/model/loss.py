@@ -59,9 +59,9 @@ def _loss_and_grads(
         total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
         if want_h or want_w:
             g = _logits_grad(logits, lse, tc, vc).to(h.dtype)
-            if want_h:
+            if grad_h is not None:
                 torch.mm(g, w, out=grad_h[s : s + chunk])
-            if want_w:
+            if grad_w is not None:
                 grad_w.addmm_(g.t().float(), hc.float())  # fp32 accumulation under bf16
     return total, n_valid, grad_h, grad_w
 

@@ -16,32 +16,20 @@ nn.Linear / nn.Embedding as gpt-fast does for int8/int4 (`quantize_model`).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qkv.kernels import quant_linear
 from qkv.quant.formats import block_format, dequantize, quantize
-
-_native: Callable | None = None
-_native_looked_up = False
-
-
-def _native_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None):
-    """The native kernel's result, or None when it is not built into this tree or does not apply."""
-    global _native, _native_looked_up
-    if not _native_looked_up:  # looked up once: a failed import is not cached by Python
-        try:
-            from qkv.kernels.quant_linear import linear
-        except ImportError:
-            linear = None
-        _native, _native_looked_up = linear, True
-    return None if _native is None else _native(x, blocks, qtype, bias)
 
 
 class QuantLinear(nn.Module):
     """y = x @ W.T + b with W held as GGUF blocks of format `qtype`."""
+
+    blocks: torch.Tensor
 
     def __init__(
         self, in_features: int, out_features: int, qtype: str, bias: bool = False, device: torch.device | None = None
@@ -57,14 +45,14 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, qtype: str) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, qtype, linear.bias is not None, linear.weight.device)
         q.blocks.copy_(quantize(linear.weight, q.qtype))
-        if linear.bias is not None:
+        if linear.bias is not None and q.bias is not None:
             q.bias.data.copy_(linear.bias.detach().float())
         return q
 
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None):
         """Wrap GGUF bytes (out_features, row_bytes) as they are (no copy)."""
-        q = cls(in_features, blocks.shape[0], qtype, bias=False, device="meta")
+        q = cls(in_features, blocks.shape[0], qtype, bias=False, device=torch.device("meta"))
         q.blocks = blocks
         q.bias = None if bias is None else nn.Parameter(bias.float())
         dequantize(blocks[:0], q.qtype, in_features)  # the row width check
@@ -79,7 +67,7 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _native_linear(x, self.blocks, self.qtype, self.bias)
+        y = quant_linear.linear(x, self.blocks, self.qtype, self.bias)
         if y is not None:
             return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -92,6 +80,8 @@ class QuantLinear(nn.Module):
 
 class QuantEmbedding(nn.Module):
     """Token embedding table held as GGUF blocks; a lookup dequantizes only the rows it reads."""
+
+    blocks: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, qtype: str, device: torch.device | None = None):
         super().__init__()
@@ -109,7 +99,7 @@ class QuantEmbedding(nn.Module):
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, qtype: str, embedding_dim: int) -> QuantEmbedding:
         """Wrap GGUF bytes (num_embeddings, row_bytes) as they are (no copy)."""
-        q = cls(blocks.shape[0], embedding_dim, qtype, device="meta")
+        q = cls(blocks.shape[0], embedding_dim, qtype, device=torch.device("meta"))
         q.blocks = blocks
         dequantize(blocks[:0], q.qtype, embedding_dim)  # the row width check
         return q
@@ -145,10 +135,11 @@ def quantize_model(
     ]
     for name, m in targets:
         try:
-            if isinstance(m, nn.Linear):
-                q = QuantLinear.from_linear(m, qtype)
-            else:
-                q = QuantEmbedding.from_embedding(m, qtype)
+            q: nn.Module = (
+                QuantLinear.from_linear(m, qtype)
+                if isinstance(m, nn.Linear)
+                else QuantEmbedding.from_embedding(m, qtype)
+            )
         except ValueError as e:
             raise ValueError(f"{name}: {e}; or leave it out with exclude=[{name!r}]") from None
         parent_name, _, attr = name.rpartition(".")
