@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qkv.cli import main as qkv_main
+from qkv.commands.info import gguf_weight_formats
 from qkv.infer.generate import generate
 from qkv.infer.sampling import SamplingParams
 from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, detect_format, load, load_config
@@ -203,10 +204,13 @@ def tensor_bytes(model) -> int:
 @needs_smol
 @pytest.mark.slow
 def test_smollm2_quantized_load_matches_dequantized(smol_qkv, smol_quantized):
-    """Kept as Q4_1 / Q8_0 blocks the model computes what the fp32 load does: its dequantized
-    weights are the same numbers (Q/K rows un-permuted as whole blocks), logits agree to 1e-3
-    (only the order of fp32 sums differs), greedy decoding picks the same 16 tokens, and the
-    weights take about the file's size (96.6 MB of tensors in a 98.4 MB file, vs 542 MB fp32)."""
+    """Kept as Q4_1 / Q8_0 blocks the model holds what the fp32 load holds: its dequantized
+    weights are the same numbers (Q/K rows un-permuted as whole blocks) and take about the
+    file's size (96.6 MB of tensors in a 98.4 MB file, vs 542 MB fp32). Computed through the
+    native kernels, which round activations to int8 blocks as ggml does, the logits move by
+    up to ~3 (of ~38) at the template's first tokens and ~1 at the last; greedy decoding keeps
+    the fp32 model's tokens for 35-61 steps on prompts like these (measured), and diverges
+    sooner where the top two logits are close."""
     ref, tok = smol_qkv
     model, qtok = smol_quantized
     assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.qtype == "q8_0"
@@ -217,14 +221,22 @@ def test_smollm2_quantized_load_matches_dequantized(smol_qkv, smol_quantized):
     assert torch.equal(model.output_weight, ref.output_weight)  # the tied head
     size = SMOL.stat().st_size
     assert tensor_bytes(model) <= 1.25 * size and tensor_bytes(ref) > 5 * size
-    for prompt in PROMPTS:
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    for prompt in AGREEING_PROMPTS:
         ids = tok.encode(tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
         assert qtok.encode(prompt) == tok.encode(prompt)
         with torch.no_grad():
-            diff = (model(torch.tensor([ids])) - ref(torch.tensor([ids]))).abs().max().item()
-        assert diff <= 1e-3, (prompt, diff)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    assert generate(model, ids, params) == generate(ref, ids, params)
+            ours, theirs = model(torch.tensor([ids])), ref(torch.tensor([ids]))
+        assert (ours - theirs).abs().max().item() <= 0.1 * theirs.abs().max().item(), prompt
+        assert generate(model, ids, params) == generate(ref, ids, params), prompt
+
+
+# prompts whose greedy continuations the int8-activation kernels keep for 32+ steps
+AGREEING_PROMPTS = [
+    "Name the planets of the solar system in order.",
+    "What is 2 + 2?",
+    "Write the alphabet in capital letters.",
+]
 
 
 def write_quantized_llama_gguf(model, path: Path, qtype: str) -> None:
@@ -292,6 +304,8 @@ def test_tiny_quantized_gguf_keeps_its_blocks(qtype, tmp_path):
     write_quantized_llama_gguf(src, path, qtype)
     model, _ = load(path)
     ref, _ = load(path, dequantize=True)
+    weights = gguf_weight_formats(str(path))  # what `qkv info` shows
+    assert weights[qtype]["tensors"] == 8 and "kept as" in weights[qtype]["path"]
     assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.qtype == qtype
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 7 and all(m.qtype == qtype for m in linears)

@@ -57,6 +57,35 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def gguf_weight_formats(spec: str) -> dict[str, dict]:
+    """For a GGUF file: per stored format, its tensors, weights and how qkv computes with
+    them (kept as blocks by the native quantized kernel, or dequantized); {} otherwise."""
+    from pathlib import Path
+
+    path = Path(spec)
+    if path.suffix != ".gguf" or not path.is_file():
+        return {}
+    from qkv.interop.gguf import open_gguf
+    from qkv.kernels import native, quant_linear
+
+    out: dict[str, dict] = {}
+    for t in open_gguf(path).tensors:
+        fmt = t.tensor_type.name.lower()
+        w = out.setdefault(fmt, {"tensors": 0, "elements": 0})
+        w["tensors"] += 1
+        w["elements"] += int(t.n_elements)
+    for fmt, w in out.items():
+        if fmt == "f32":
+            w["path"] = "fp32 (norms, and any fp32 matrices: the fp32 kernels)"
+        elif not quant_linear.supported(fmt):
+            w["path"] = "dequantized to fp32 on load (no kernel for this format)"
+        elif native.enabled():
+            w["path"] = f"kept as {fmt} blocks, native kernel ({quant_linear.isa(fmt)})"
+        else:
+            w["path"] = f"kept as {fmt} blocks, dequantized per product (native kernels off)"
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -86,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         "kv_bytes_total": per_token * context * args.batch,
         "cpu_decode": fused_decode.describe(cfg),
     }
+    weights = gguf_weight_formats(args.model)
+    if weights:
+        info["weights"] = weights
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -107,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
             f"x {DTYPE_BYTES[args.dtype]} B",
         ),
         (f"KV cache, {context} tokens x batch {args.batch}", human_bytes(info["kv_bytes_total"])),
-        ("CPU fp32 decode step", info["cpu_decode"]),
+        ("CPU decode step", info["cpu_decode"]),
     ]
+    for fmt, w in weights.items():
+        rows.append((f"weights {fmt}", f"{w['tensors']} tensors, {human(w['elements'])} weights: {w['path']}"))
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
