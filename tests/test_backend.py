@@ -85,7 +85,7 @@ def test_struct_mirrors_match_the_c_structs():
 
 
 @pytest.mark.skipif(not native.enabled(), reason="native kernels are off here (QKV_NATIVE=0 or no AVX2 CPU)")
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k", "q6_k", "bf16"])
 def test_fused_block_runs_quantized_projections_like_the_modules(qtype):
     """The fused decode step over QuantLinear blocks computes what the modules compute one by
     one (the same quantized kernel), and the cache it fills matches."""

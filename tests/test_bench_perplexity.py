@@ -59,3 +59,13 @@ def test_bench_and_perplexity_commands(tmp_path, capsys):
     assert result["windows"] >= 2 and result["ppl"] > 1
     assert main(["perplexity", "--model", str(ckpt), "--text", str(tmp_path / "missing.txt")]) == 1
     assert "no such text file" in capsys.readouterr().err
+
+
+def test_bf16_weights_halve_the_bytes_a_decode_step_reads(tmp_path, capsys):
+    ckpt = save_model(tmp_path / "ckpt", tiny_model(), make_tokenizer())
+    rows = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(["bench", "--model", str(ckpt), "-p", "0", "-n", "4", "-r", "1", "--dtype", dtype, "--json"]) == 0
+        rows[dtype] = json.loads(capsys.readouterr().out)[0]
+    ratio = rows["bf16"]["bytes_per_token"] / rows["fp32"]["bytes_per_token"]
+    assert 0.5 <= ratio < 0.52  # every projection and the embedding in 2 bytes; norms stay fp32

@@ -20,6 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend", choices=["native", "torch"], default=None, help="inference backend (default: native if possible)"
     )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weights: auto keeps the file's format (a quantized GGUF stays quantized), fp32 dequantizes, bf16 stores "
+        "projections and embeddings as bf16",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -31,14 +38,14 @@ def run(args: argparse.Namespace) -> int:
 
     from qkv.infer import speed
     from qkv.infer.backend import backend_of, prepare_for_inference
-    from qkv.interop import load
+    from qkv.interop.load import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("n_prompt", "n_gen", "reps"):
         if getattr(args, name) < 0 or (name == "reps" and args.reps < 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    model, _ = load(args.model)
+    model, _ = load_for_inference(args.model, args.dtype)
     model = prepare_for_inference(model.eval(), args.backend)
     if args.n_prompt + 1 > model.cfg.max_seq_len or args.n_gen + 1 > model.cfg.max_seq_len:
         raise ValueError(f"-p/-n must stay below the model's context of {model.cfg.max_seq_len} tokens")
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         row = {
             "model": os.path.basename(str(args.model).rstrip("/")),
             "backend": backend_of(model),
+            "weights": args.dtype,
             "threads": torch.get_num_threads(),
             "test": r.test,
             "tokens_per_s": round(r.tokens_per_s, 2),

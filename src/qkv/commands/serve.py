@@ -37,7 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: localhost, 127.0.0.1, ::1 and --host)",
     )
     p.add_argument("--metrics-auth", action="store_true", help="require the API key on /metrics too (default: public)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weights to decode with: auto keeps the file's format (a quantized GGUF stays quantized), fp32 "
+        "dequantizes, bf16 stores projections and embeddings as bf16",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -54,21 +60,19 @@ def allowed_hosts(args: argparse.Namespace) -> list[str]:
     return hosts
 
 
-def load_for_serving(path: str, dtype: str = "fp32"):
-    """(model, tokenizer) for a checkpoint dir, HF dir or GGUF file, in eval mode."""
+def load_for_serving(path: str, dtype: str = "auto"):
+    """(model, tokenizer) for a checkpoint dir, HF dir or GGUF file, in eval mode, its
+    weights stored as `dtype` says (qkv.interop.load.load_for_inference)."""
     from pathlib import Path
 
-    import torch
-
-    from qkv.interop import load
+    from qkv.interop.load import load_for_inference
 
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such model file or directory; pass a checkpoint dir, HF dir or .gguf")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    model, tokenizer = load(path)
+    model, tokenizer = load_for_inference(path, dtype)
     if tokenizer is None:
         raise ValueError(f"{path}: has no tokenizer; save one beside the weights (tokenizer.json)")
-    return model.to(dtype=torch_dtype).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

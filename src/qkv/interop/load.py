@@ -82,6 +82,25 @@ def load(
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
+WEIGHT_FORMATS = ("auto", "fp32", "bf16")
+
+
+def load_for_inference(path: str | Path, weights: str = "auto") -> tuple[Transformer, Tokenizer | None]:
+    """Load a model to decode with, its weights stored as `weights` says: "auto" keeps them
+    as the source stores them (a quantized GGUF stays in its blocks, fp32 stays fp32),
+    "fp32" dequantizes everything, "bf16" stores every projection and embedding as bf16
+    (half fp32's bytes per decode step; activations, norms and the KV cache stay fp32, and
+    the native kernels read bf16 on any AVX2 CPU)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    model, tokenizer = load(path, dequantize=weights != "auto")
+    if weights == "bf16":
+        from qkv.quant import quantize_model
+
+        quantize_model(model, "bf16")
+    return model, tokenizer
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Only the ModelConfig of a model source (no weights are read)."""
     path = Path(path)
