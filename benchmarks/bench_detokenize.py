@@ -13,18 +13,15 @@ and their ratio (1.0 = constant cost per token; a quadratic path grows with the 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import table, time_interleaved  # noqa: E402
-from qkv.config import preset  # noqa: E402
-from qkv.data.corpus import load_documents  # noqa: E402
-from qkv.infer.engine import Engine  # noqa: E402
-from qkv.infer.sampling import SamplingParams  # noqa: E402
-from qkv.model import build_model  # noqa: E402
+from common import table, time_interleaved
+from qkv.config import preset
+from qkv.data.corpus import load_documents
+from qkv.infer.engine import Engine
+from qkv.infer.sampling import SamplingParams
+from qkv.model import build_model
 
 LENGTHS = (100, 2000)
 

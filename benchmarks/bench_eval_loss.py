@@ -14,17 +14,14 @@ Then the whole evaluation step, model.loss(x, y) vs plain, for the share of it i
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import table, time_interleaved  # noqa: E402
-from qkv.config import preset  # noqa: E402
-from qkv.model import build_model  # noqa: E402
-from qkv.model.loss import _FusedLinearCrossEntropy, fused_linear_cross_entropy  # noqa: E402
+from common import table, time_interleaved
+from qkv.config import preset
+from qkv.model import build_model
+from qkv.model.loss import _FusedLinearCrossEntropy, fused_linear_cross_entropy
 
 
 def main() -> None:

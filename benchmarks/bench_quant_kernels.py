@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import table, time_interleaved  # noqa: E402
-from qkv.kernels import linear  # noqa: E402
-from qkv.kernels import quant_linear as ql  # noqa: E402
+from common import table, time_interleaved
+from qkv.kernels import linear
+from qkv.kernels import quant_linear as ql
 
 SHAPES = [  # (n_out, n_in, what) of SmolLM2-135M
     (576, 576, "q/o_proj"),

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from qkv.quant import FORMATS, block_format, dequantize, quantize
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+GGML_QUANT_SIZES, GGMLQuantizationType = gguf.GGML_QUANT_SIZES, gguf.GGMLQuantizationType
 
 GGUF_QUANTIZES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "bf16", "f16", "f32")
 K_QUANTS = ("q4_k", "q5_k", "q6_k")
@@ -42,7 +42,10 @@ def random_blocks(name: str, rows: int, blocks_per_row: int, gen: torch.Generato
     """Random bytes; fp16 fields (scales, or f16 values) replaced by finite halves."""
     f = block_format(name)
     b = torch.randint(0, 256, (rows * blocks_per_row, f.type_size), dtype=torch.uint8, generator=gen)
-    finite = lambda n: (torch.randn(n, 1, generator=gen) * 0.1).half().view(torch.uint8)  # noqa: E731
+
+    def finite(n):
+        return (torch.randn(n, 1, generator=gen) * 0.1).half().view(torch.uint8)
+
     if name == "f16":
         b = finite(b.shape[0])
     for off in F16_FIELDS.get(name, ()):

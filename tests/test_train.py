@@ -185,7 +185,10 @@ def test_metrics_lines_are_appended_not_rewritten(data, tmp_path, threads, monke
 def test_evaluate_leaves_the_model_in_its_mode(data, tmp_path, threads):
     t = make_trainer(cfg_for(data, tmp_path / "r"))
     seen = []
-    hook = lambda m, args: seen.append((m.training, torch.is_grad_enabled()))  # noqa: E731
+
+    def hook(m, args):
+        seen.append((m.training, torch.is_grad_enabled()))
+
     t.model.blocks[0].register_forward_pre_hook(hook)
     for mode in (False, True, False):
         t.model.train(mode)

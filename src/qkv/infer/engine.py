@@ -12,7 +12,26 @@ then forked into n sequences that share its blocks (copy-on-write).
 
 from __future__ import annotations
 
+import itertools
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import torch
+
+from qkv.infer import backend
+from qkv.infer.detokenize import IncrementalDetokenizer
+from qkv.infer.paged import BlockAllocator, PagedKVCache
+from qkv.infer.sampling import (
+    SamplingError,
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    sample_seed,
+    warp,
+)
+from qkv.infer.scheduler import Scheduler, Sequence
+from qkv.infer.stop_strings import StopStrings
 
 
 @dataclass
@@ -49,26 +68,6 @@ class GenerationResult:
 
 
 # --- the engine ------------------------------------------------------------------------
-
-import itertools  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
-import torch  # noqa: E402
-
-from qkv.infer import backend  # noqa: E402
-from qkv.infer.detokenize import IncrementalDetokenizer  # noqa: E402
-from qkv.infer.paged import BlockAllocator, PagedKVCache  # noqa: E402
-from qkv.infer.sampling import (  # noqa: E402
-    SamplingError,
-    SamplingParams,
-    apply_penalties,
-    make_generator,
-    sample_seed,
-    warp,
-)
-from qkv.infer.scheduler import Scheduler, Sequence  # noqa: E402
-from qkv.infer.stop_strings import StopStrings  # noqa: E402
 
 
 class _Request:

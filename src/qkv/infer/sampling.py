@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 # Below this temperature sampling is greedy (vLLM's rule): dividing logits by a tinier
 # number overflows fp32 and leaves nothing to sample from.
 GREEDY_BELOW = 1e-5
@@ -122,8 +124,6 @@ def _is_num(x: object) -> bool:
 # --- logits -> token ---------------------------------------------------------------------
 # Order (as transformers' logits processors): penalties, temperature, top-k, top-p, min-p.
 # Everything works on one request's row so batching never changes a seeded request.
-
-import torch  # noqa: E402
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:

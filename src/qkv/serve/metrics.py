@@ -26,7 +26,10 @@ class _EngineCollector:
     def collect(self):
         s = self.aengine.stats
         lab = ["model"]
-        g = lambda name, doc, value: _gauge(name, doc, lab, [self.model_name], value)  # noqa: E731
+
+        def g(name, doc, value):
+            return _gauge(name, doc, lab, [self.model_name], value)
+
         yield g("qkv_queue_depth", "Requests waiting to be scheduled", s.get("num_waiting", 0))
         yield g("qkv_requests_running", "Requests in the running batch", s.get("num_running", 0))
         yield g("qkv_requests_in_flight", "Requests admitted by the server and not finished", self.aengine.in_flight)
