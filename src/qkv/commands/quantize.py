@@ -4,8 +4,9 @@ MODEL is anything `qkv.interop.load` reads: a qkv checkpoint directory, a Huggin
 directory or a GGUF file. Embedding, head and projection weights are written in --type;
 norms and biases stay f32; a tensor whose row width the format's blocks do not divide falls
 back to a format that fits (q4_k -> q5_0, q6_k -> q8_0, 32-weight formats -> f16), as
-llama-quantize does, and the fallback is printed. Weights a GGUF source already holds in
---type are copied byte for byte; the rest are dequantized and quantized again. For example:
+llama-quantize does, and the fallback is printed. A GGUF source is loaded with its blocks kept
+(about the file's size in memory): weights it already holds in --type are copied byte for
+byte, the rest are dequantized one at a time and quantized again. For example:
 `qkv quantize runs/tiny runs/tiny-q4_0.gguf --type q4_0`.
 """
 
@@ -24,21 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
-def source_holds(model: str, qtype: str) -> bool:
-    """Whether `model` is a GGUF file with any tensor already in `qtype` (then it is loaded with
-    its blocks kept, so those bytes are written unchanged)."""
-    from pathlib import Path
-
-    from qkv.interop import detect_format
-    from qkv.interop.gguf import open_gguf
-
-    if detect_format(model) != "gguf":
-        return False
-    path = Path(model)
-    path = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
-    return any(t.tensor_type.name.lower() == qtype for t in open_gguf(path).tensors)
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -50,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{out.parent}: output directory does not exist; create it first")
     if out.is_dir():
         raise ValueError(f"{out}: is a directory; give the path of the .gguf file to write")
-    model, tokenizer = load(args.model, dequantize=not source_holds(args.model, args.qtype))
+    # GGUF blocks stay as they are: dequantizing them here or in the writer gives the same numbers
+    model, tokenizer = load(args.model, dequantize=False)
     written = export_gguf(model, tokenizer, out, args.qtype, name=args.name)
     print(written.describe() + ("" if tokenizer is not None else "; no tokenizer"))
     return 0
