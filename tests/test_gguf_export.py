@@ -1,7 +1,8 @@
 """GGUF export (qkv.interop.gguf_export, `qkv quantize`, `qkv convert --to gguf`) against
 three readers: qkv's own importer, the `gguf` package, and transformers' GGUF loader.
 
-- f32: qkv reads back the same weights, config and tokenizer; transformers' logits agree to 1e-4.
+- f32: qkv reads back the same weights, config and tokenizer; transformers' logits agree to
+  1e-4 and its tokenizer (built from the file) encodes and renders the chat template as qkv's.
 - Block formats: the weights read back are exactly qkv.quant's in-memory quantization of the
   source (the file adds no error of its own), and the logits stay within the format's
   rounding of the source's: relative RMS error (rms(Δlogits) / rms(logits)) at most
@@ -110,6 +111,12 @@ def test_f32_export_reads_back_identical_in_qkv_and_transformers(tie, tok, tmp_p
     hf = hf_gguf(path).eval()
     with torch.no_grad():
         assert (hf(ids).logits - src(ids)).abs().max().item() <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for s in STRINGS:
+        assert hf_tok(s, add_special_tokens=False)["input_ids"] == tok.encode(s), s
+    assert hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == tok.render_chat(
+        MESSAGES, True
+    )
 
 
 def test_qwen2_for_qkv_bias_and_llama_with_its_own_head_dim(tok, tmp_path):

@@ -307,7 +307,8 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     n = max(vocab.values()) + 1
     if n > vocab_size:
         raise ValueError(
-            f"cannot export to GGUF: the tokenizer has ids up to {n - 1} but the model's vocab_size is {vocab_size}"
+            f"cannot export to GGUF: the tokenizer has ids up to {n - 1} but the model's vocab_size is {vocab_size}; "
+            "give the model a vocab_size that covers the tokenizer"
         )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # as llama.cpp's converter pads a vocabulary
     types = [UNUSED] * vocab_size
@@ -329,6 +330,12 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 # --- the file --------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _stderr(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
@@ -382,6 +389,7 @@ def export_gguf(
         writer.flush()
         os.fsync(writer.fout[0].fileno())
         writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if writer is not None:
