@@ -1,5 +1,6 @@
 """qkv.interop: models in and out of qkv — Hugging Face directories (llama, mistral, qwen2,
-mixtral, gpt2) both ways, GGUF files in. `load(path)` takes any of them or a qkv checkpoint."""
+mixtral, gpt2) both ways, GGUF files in and out (gguf.py, gguf_export.py). `load(path)` takes any of
+them or a qkv checkpoint."""
 
 from pathlib import Path
 
