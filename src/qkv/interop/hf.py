@@ -481,10 +481,11 @@ def export_hf(
         hf_cfg.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # config.json last: a crash part way never leaves a new config beside old weights
     atomic_write_bytes(directory / WEIGHTS, save(hf_state, metadata={"format": "pt"}))
-    atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(directory)
+    atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     return directory
 
 
