@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--metrics-auth", action="store_true", help="require the API key on /metrics too (default: public)")
     p.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="read special-token text inside chat messages (e.g. <|im_start|>) as control tokens, letting clients "
+        "write whole turns (default: it is plain text, so a message cannot forge a system turn)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["auto", "fp32", "bf16"],
         default="auto",
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         allowed_hosts=allowed_hosts(args),
         metrics_auth=args.metrics_auth,
+        allow_special_in_content=args.allow_special_tokens_in_content,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")
