@@ -29,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunking)")
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: the engine's choice)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="largest context served, in tokens: lowers the model's own (a smaller KV cache; default: the model's)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted (413 above)")
     p.add_argument(
         "--allowed-hosts",
@@ -81,6 +87,16 @@ def load_for_serving(path: str, dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
+def cap_context(model, max_model_len: int | None) -> int:
+    """Lower the model's context to `max_model_len` (never raise it) before the engine sizes
+    its KV cache from it; returns the context served."""
+    if max_model_len is not None:
+        if max_model_len < 1:
+            raise ValueError(f"--max-model-len {max_model_len} must be >= 1")
+        model.cfg.max_seq_len = min(model.cfg.max_seq_len, max_model_len)
+    return model.cfg.max_seq_len
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -93,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)
+    cap_context(model, args.max_model_len)
     engine_kwargs = dict(
         block_size=args.block_size, max_num_seqs=args.max_concurrency, max_batch_tokens=args.max_batch_tokens
     )
