@@ -168,3 +168,81 @@ def test_gguf_tensor_larger_than_its_bytes(tmp_path, capsys):
         with pytest.raises(ValueError, match=message):
             load(path, dequantize=dequantize)
     assert "token_embd.weight" in convert_fails(capsys, path)
+
+
+# --- hostile sizes and shard names ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("num_attention_heads", 0, r"n_head=0 is out of range"),
+        ("max_position_embeddings", 2**34, r"max_seq_len=17179869184 is out of range"),
+        ("hidden_size", -32, r"d_model=-32 is out of range"),
+        ("num_hidden_layers", "2", r"n_layer='2' is out of range"),
+    ],
+)
+def test_hostile_sizes_in_a_transformers_config(hf_dir, capsys, key, value, message):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=r"config\.json: " + message):
+        load(hf_dir)
+    assert message.split(" is")[0].replace("\\", "") in convert_fails(capsys, hf_dir)
+
+
+def test_hostile_sizes_in_a_qkv_checkpoint(tmp_path, capsys):
+    d = save_model(tmp_path / "ck", build_model(CFG))
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "n_head": 0}))
+    with pytest.raises(ValueError, match=r"config\.json: n_head=0 is out of range"):
+        load(d)
+    assert "n_head=0" in convert_fails(capsys, d)
+
+
+def test_hostile_sizes_in_a_gguf(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    for name, heads, context, message in [
+        ("noheads.gguf", 0, 32, "n_head=0 is out of range"),
+        ("huge.gguf", 4, 2**34, "max_seq_len=17179869184 is out of range"),
+    ]:
+        path = tmp_path / name
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_block_count(1)
+        w.add_embedding_length(32)
+        w.add_head_count(heads)
+        w.add_feed_forward_length(64)
+        w.add_uint64("llama.context_length", context)  # add_context_length writes 32 bits
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_tensor("token_embd.weight", torch.randn(64, 32).numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(ValueError, match=f"{name}: {message}"):
+            load(path)
+
+
+def test_a_shard_name_outside_the_model_directory_is_refused(hf_dir, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    (hf_dir / "model.safetensors").rename(outside)
+    index = {"weight_map": {"a": "../outside.safetensors"}}
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"shard '\.\./outside\.safetensors' lies outside"):
+        load(hf_dir)
+
+
+def test_serve_max_model_len_caps_the_context_and_the_cache(tmp_path):
+    import argparse
+
+    from qkv.commands.serve import add_arguments, cap_context
+    from qkv.infer.engine import Engine
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--model", "m", "--max-model-len", "16"]).max_model_len == 16
+    assert p.parse_args(["--model", "m"]).max_model_len is None
+    model = build_model(CFG.replace())  # its own config (capping changes it); max_seq_len 32
+    assert cap_context(model, None) == 32 and cap_context(model, 100) == 32  # never raised
+    assert cap_context(model, 16) == 16 and model.cfg.max_seq_len == 16
+    engine = Engine(model, None, block_size=4, max_num_seqs=1)
+    assert engine.max_len == 16 and engine.allocator.num_blocks * 4 == 16  # one capped context of KV cache
+    with pytest.raises(ValueError, match="--max-model-len 0 must be >= 1"):
+        cap_context(model, 0)

@@ -368,17 +368,17 @@ def test_tokenizing_does_not_freeze_the_event_loop(srv, monkeypatch):
     stream) still answers: here the tokenizer itself asks the server for /health."""
     marker = "please hold this prompt"
     answers: list[object] = []
-    encode = srv.tokenizer.encode
+    encode_chat = srv.tokenizer.encode_chat
 
-    def encode_and_probe(text, **kw):
-        if marker in text:
+    def encode_and_probe(messages, **kw):
+        if any(marker in m["content"] for m in messages):
             try:
                 answers.append(httpx.get(srv.url + "/health", timeout=5).status_code)
             except httpx.TimeoutException as e:  # the loop is stuck in this very call
                 answers.append(e)
-        return encode(text, **kw)
+        return encode_chat(messages, **kw)
 
-    monkeypatch.setattr(srv.tokenizer, "encode", encode_and_probe)
+    monkeypatch.setattr(srv.tokenizer, "encode_chat", encode_and_probe)
     r = post(srv, chat(messages=[{"role": "user", "content": marker}]))
     assert r.status_code == 200
     assert answers == [200]

@@ -29,14 +29,27 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(directory: str | Path, model: Transformer, tokenizer=None, metadata: dict | None = None) -> Path:
+    return write_model_files(directory, unwrap(model).cfg, state_dict_for_save(model), tokenizer, metadata)
+
+
+def write_model_files(
+    directory: str | Path,
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer=None,
+    metadata: dict | None = None,
+) -> Path:
+    """Weights, then tokenizer files, then config.json: the config is what makes a directory a
+    checkpoint, so a crash part way leaves the previous config beside the previous weights (or
+    no checkpoint at all), never a new config describing old weights."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    unwrap(model).cfg.save(directory / CONFIG)
     meta = {"format": "qkv"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(directory / WEIGHTS, save(state_dict_for_save(model), metadata=meta))
+    atomic_write_bytes(directory / WEIGHTS, save(state, metadata=meta))
     if tokenizer is not None:
         tokenizer.save(directory)
+    cfg.save(directory / CONFIG)
     return directory
 
 

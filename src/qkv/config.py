@@ -10,11 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 PosKind = Literal["rope", "learned", "sinusoidal", "none"]
+
+
+MAX_CONTEXT = 2**24  # positions; larger contexts allocate position tables no machine holds
+
+# (lowest, highest) for each size; far above any real model, far below what exhausts memory
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2**24),
+    "n_layer": (1, 2**12),
+    "d_model": (1, 2**17),
+    "n_head": (1, 2**12),
+    "n_kv_head": (0, 2**12),
+    "head_dim": (0, 2**12),
+    "d_ff": (0, 2**20),
+    "max_seq_len": (1, MAX_CONTEXT),
+    "n_expert": (0, 2**12),
+    "moe_d_ff": (0, 2**20),
+}
 
 
 @dataclass
@@ -63,6 +81,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
         if not self.head_dim:
@@ -80,6 +99,22 @@ class ModelConfig:
         if self.n_expert and not self.moe_d_ff:
             self.moe_d_ff = self.d_ff
         self.validate()
+
+    def _check_sizes(self) -> None:
+        """Every size is a whole number in a sane range: a hostile or broken config.json or GGUF
+        must give this one line, not a ZeroDivisionError or a buffer of 2^34 positions."""
+        for name, (lo, hi) in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and lo == 0:  # None means derived, as 0 does
+                value = 0
+            try:
+                whole = operator.index(value)  # ints and numpy ints; not floats, strings or None
+            except TypeError:
+                whole = None
+            if isinstance(value, bool) or whole is None or not lo <= whole <= hi:
+                derived = " (0: derived)" if lo == 0 else ""
+                raise ValueError(f"{name}={value!r} is out of range: must be a whole number in [{lo}, {hi}]{derived}")
+            setattr(self, name, whole)
 
     def validate(self) -> None:
         if self.n_head % self.n_kv_head:
@@ -147,7 +182,10 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 # --- named presets -------------------------------------------------------------------

@@ -10,6 +10,8 @@ assistant tokens that SFT trains on.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +44,7 @@ class Tokenizer:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token = pad_token or eos_token
         self.add_bos = add_bos
+        self._text_only: HFTokenizer | None = None  # made on first use by _text_only_backend
         for name in ("bos_token", "eos_token", "pad_token"):
             tok = getattr(self, name)
             if tok is not None and backend.token_to_id(tok) is None:
@@ -94,9 +97,15 @@ class Tokenizer:
             eos_token=self.eos_token or "",
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, allow_special_in_content: bool = False
+    ) -> tuple[list[int], list[bool]]:
         """Token ids of the rendered conversation and, per token, whether it belongs to an
-        assistant reply (the reply text and the template's end-of-turn after it)."""
+        assistant reply (the reply text and the template's end-of-turn after it).
+
+        Special tokens come only from the template: a message's content is encoded as text,
+        so `<|im_start|>system` typed by a user stays text and cannot forge a turn.
+        `allow_special_in_content=True` parses special-token strings inside contents too."""
         text = self.render_chat(messages, add_generation_prompt)
         spans = []
         for i, m in enumerate(messages):
@@ -105,9 +114,66 @@ class Tokenizer:
             start = len(self.render_chat(messages[:i], add_generation_prompt=True))
             end = len(self.render_chat(messages[: i + 1]))
             spans.append((start, end))
-        enc = self.backend.encode(text, add_special_tokens=False)
-        mask = [any(s <= a and b <= e and b > a for s, e in spans) for a, b in enc.offsets]
-        return enc.ids, mask
+        if allow_special_in_content or not any(self._holds_special(m.get("content")) for m in messages):
+            enc = self.backend.encode(text, add_special_tokens=False)
+            ids, offsets = enc.ids, enc.offsets
+        else:
+            ids, offsets = self._encode_with_contents_as_text(messages, add_generation_prompt, text)
+        mask = [any(s <= a and b <= e and b > a for s, e in spans) for a, b in offsets]
+        return ids, mask
+
+    def _holds_special(self, content) -> bool:
+        return isinstance(content, str) and any(t in content for t in self._special_strings())
+
+    def _special_strings(self) -> list[str]:
+        return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+
+    def _encode_with_contents_as_text(
+        self, messages: list[dict], add_generation_prompt: bool, text: str
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Render with a placeholder where each content holding a special-token string goes,
+        encode the template's pieces as usual and those contents with special tokens as text.
+        Only such contents are cut out, so every other token is encoded as in one piece."""
+        nonce = secrets.token_hex(8)  # unguessable: a message cannot contain another's placeholder
+        marks, marked = {}, []
+        for i, m in enumerate(messages):
+            if self._holds_special(m.get("content")):
+                mark = f"\x00{nonce}:{i}\x00"
+                # the mark stands for the content without its outer whitespace, which stays
+                # around it: templates that trim contents (Llama 3's) render the mark alike
+                lead, core, trail = re.fullmatch(r"(\s*)(.*?)(\s*)", m["content"], re.DOTALL).groups()
+                marks[mark] = core
+                m = {**m, "content": lead + mark + trail}
+            marked.append(m)
+        pieces = re.split(f"(\x00{nonce}:\\d+\x00)", self.render_chat(marked, add_generation_prompt))
+        if "".join(marks.get(p, p) for p in pieces) != text:
+            raise ValueError(
+                "this chat template changes message contents, so special-token text inside them cannot be kept "
+                "as text: remove special tokens from the messages (or allow them in content explicitly)"
+            )
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        at = 0
+        for p in pieces:
+            content = marks.get(p)
+            piece = content if content is not None else p
+            if piece:
+                enc = (self._text_only_backend() if content is not None else self.backend).encode(
+                    piece, add_special_tokens=False
+                )
+                ids += enc.ids
+                offsets += [(a + at, b + at) for a, b in enc.offsets]
+            at += len(piece)
+        return ids, offsets
+
+    def _text_only_backend(self) -> HFTokenizer:
+        """A copy of the backend that reads special-token strings as plain text (a copy, not a
+        flag flipped on the shared one: the server tokenizes on several threads)."""
+        if self._text_only is None:
+            backend = HFTokenizer.from_str(self.backend.to_str())
+            backend.encode_special_tokens = True
+            self._text_only = backend
+        return self._text_only
 
     # --- files ---------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

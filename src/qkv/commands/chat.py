@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = tok.encode(tok.render_chat(messages, add_generation_prompt=True))
+        prompt = tok.encode_chat(messages, add_generation_prompt=True)[0]  # typed special tokens stay text
         if len(prompt) >= engine.max_len:
             print(f"[conversation is {len(prompt)} tokens, over the context of {engine.max_len}; /reset]")
             messages.pop()

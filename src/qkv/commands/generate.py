@@ -81,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args, n=args.n)  # bad options fail before the model loads
     model, tok = load(args.model, args.dtype)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.chat:
-        text = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    prompt = tok.encode(text, add_special=not args.chat)
+    if args.chat:  # the prompt is the user turn's content: special-token text in it stays text
+        prompt = tok.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)[0]
+    else:
+        prompt = tok.encode(text, add_special=True)
     t0 = time.perf_counter()
     n_out = 0
     if args.draft:

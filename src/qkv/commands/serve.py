@@ -29,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunking)")
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: the engine's choice)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="largest context served, in tokens: lowers the model's own (a smaller KV cache; default: the model's)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted (413 above)")
     p.add_argument(
         "--allowed-hosts",
@@ -37,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: localhost, 127.0.0.1, ::1 and --host)",
     )
     p.add_argument("--metrics-auth", action="store_true", help="require the API key on /metrics too (default: public)")
+    p.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="read special-token text inside chat messages (e.g. <|im_start|>) as control tokens, letting clients "
+        "write whole turns (default: it is plain text, so a message cannot forge a system turn)",
+    )
     p.add_argument(
         "--dtype",
         choices=["auto", "fp32", "bf16"],
@@ -75,6 +87,16 @@ def load_for_serving(path: str, dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
+def cap_context(model, max_model_len: int | None) -> int:
+    """Lower the model's context to `max_model_len` (never raise it) before the engine sizes
+    its KV cache from it; returns the context served."""
+    if max_model_len is not None:
+        if max_model_len < 1:
+            raise ValueError(f"--max-model-len {max_model_len} must be >= 1")
+        model.cfg.max_seq_len = min(model.cfg.max_seq_len, max_model_len)
+    return model.cfg.max_seq_len
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -87,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)
+    cap_context(model, args.max_model_len)
     engine_kwargs = dict(
         block_size=args.block_size, max_num_seqs=args.max_concurrency, max_batch_tokens=args.max_batch_tokens
     )
@@ -105,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         allowed_hosts=allowed_hosts(args),
         metrics_auth=args.metrics_auth,
+        allow_special_in_content=args.allow_special_tokens_in_content,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")

@@ -92,7 +92,8 @@ def config_from_gguf(reader, source: Path) -> ModelConfig:
 
     n_head = int(key("attention.head_count"))
     d = int(key("embedding_length"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or d // n_head)
+    derived = d // n_head if n_head > 0 else 0  # n_head <= 0 is refused by ModelConfig with the file named
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or derived)
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if emb is None:
         raise ValueError(f"{source}: GGUF tensor 'token_embd.weight' is missing")
@@ -124,7 +125,10 @@ def config_from_gguf(reader, source: Path) -> ModelConfig:
     )
     if n_expert:
         cfg.update(n_expert=n_expert, n_expert_per_token=int(key("expert_used_count")), moe_renormalize=True)
-    return ModelConfig(**cfg)
+    try:
+        return ModelConfig(**cfg)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 @dataclass

@@ -66,7 +66,15 @@ def _rope(hf: dict, source: Path) -> tuple[float, dict | None]:
 
 
 def config_from_hf(hf: dict, source: Path = Path("config.json")) -> ModelConfig:
-    """A qkv ModelConfig from a transformers config.json dict."""
+    """A qkv ModelConfig from a transformers config.json dict; a bad size names the file."""
+    try:
+        return _config_from_hf(hf, source)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(str(source)) else f"{source}: {message}") from None
+
+
+def _config_from_hf(hf: dict, source: Path) -> ModelConfig:
     arch = hf.get("model_type")
     if arch not in SUPPORTED:
         raise ValueError(f"{source}: unsupported architecture model_type={arch!r}; qkv imports {', '.join(SUPPORTED)}")
@@ -116,7 +124,7 @@ def config_from_hf(hf: dict, source: Path = Path("config.json")) -> ModelConfig:
         d_model=hf["hidden_size"],
         n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        head_dim=hf.get("head_dim") or (hf["hidden_size"] // n_head if isinstance(n_head, int) and n_head > 0 else 0),
         d_ff=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
         pos="rope",
@@ -413,6 +421,9 @@ def weight_files(directory: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        for n in names:
+            if not (directory / n).resolve().is_relative_to(directory.resolve()):
+                raise ValueError(f"{index}: shard {n!r} lies outside {directory}; shard names must be files in it")
         files = [directory / n for n in names]
         for f in files:
             if not f.exists():
@@ -481,10 +492,11 @@ def export_hf(
         hf_cfg.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # config.json last: a crash part way never leaves a new config beside old weights
     atomic_write_bytes(directory / WEIGHTS, save(hf_state, metadata={"format": "pt"}))
-    atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(directory)
+    atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     return directory
 
 

@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -86,6 +87,14 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def cached_library(name: str) -> Path:
+    """Where the compiled `kernels/<name>.c` is cached: named by a hash of the sources and flags."""
+    # a kernel may #include its neighbours: the hash covers them all
+    texts = b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.[ch]")))
+    digest = hashlib.sha256(texts + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / f"{name}-{digest}.so"
+
+
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled `kernels/<name>.c` as a ctypes library, or None (with one warning) if
     it cannot be built here."""
@@ -95,7 +104,14 @@ def load(name: str) -> ctypes.CDLL | None:
         return _loaded[name]
 
 
+_warned_private = False  # the private-build warning is said once per process
+_library_fds: list[int] = []  # descriptors the cached libraries were loaded through
+
+
 def _build_and_load(name: str) -> ctypes.CDLL | None:
+    """Load the cached library if it is trustworthy, building it there first if it is missing.
+    A cache that cannot be written, or that holds a library someone else could have written,
+    gives a build in a private temporary directory instead: loading a library runs its code."""
     source = _HERE / f"{name}.c"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -104,18 +120,24 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    # a kernel may #include its neighbours: the hash covers them all
-    texts = b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.[ch]")))
-    digest = hashlib.sha256(texts + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{name}-{digest}.so"
+    target = cached_library(name)
     try:
-        if not target.exists():
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except OSError:  # no writable cache (read-only home): a private directory for this process
-                target = Path(tempfile.mkdtemp(prefix="qkv-kernels-")) / target.name
-            _compile(cc, source, target)
-        return ctypes.CDLL(str(target))
+        if not os.path.lexists(target) and not _build_into_cache(cc, source, target):
+            _warn_private(f"the kernel cache {target.parent} is not writable")
+            return _build_privately(cc, source, target.name)
+        fd, problem = _open_trusted(target)
+        if fd is None:
+            _warn_private(f"{target} is {problem}, so it is not loaded")
+            return _build_privately(cc, source, target.name)
+        try:
+            lib = ctypes.CDLL(_fd_path(fd, target))
+        except OSError:
+            os.close(fd)
+            raise
+        # kept open: dlopen knows a library by its name, and a closed /proc/self/fd/N reused
+        # for the next library would hand back this one
+        _library_fds.append(fd)
+        return lib
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
         warnings.warn(
@@ -124,12 +146,81 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
         return None
 
 
-def _compile(cc: str, source: Path, target: Path) -> None:
-    """Compile into a temporary file beside the target, then rename: another process never
-    sees (or loads) a half-written library."""
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+def _build_into_cache(cc: str, source: Path, target: Path) -> bool:
+    """Compile into a temporary directory beside the target, then rename: another process never
+    sees (or loads) a half-written library. False if the cache directory cannot be written."""
+    try:
+        _make_private_directory(target.parent)
+        tmp = tempfile.mkdtemp(dir=target.parent)  # mode 0700
+    except OSError:
+        return False
+    try:
         out = Path(tmp) / target.name
-        subprocess.run(
-            [cc, *_FLAGS, f"-I{_HERE}", str(source), "-o", str(out)], check=True, capture_output=True, text=True
-        )
+        _compile(cc, source, out)
         os.replace(out, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _make_private_directory(directory: Path) -> None:
+    """Create the cache directory readable and writable by this user alone (its parents as usual)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode passes through the umask
+
+
+def _open_trusted(path: Path) -> tuple[int | None, str]:
+    """A read-only descriptor of `path` if it is a regular file (not a symlink) owned by this user
+    and writable by no one else, else (None, what is wrong with it). The library is then loaded
+    through this descriptor, so the file checked is the file loaded."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"not openable as a plain file ({e.strerror})"
+    st = os.fstat(fd)
+    problem = (
+        "not a regular file"
+        if not stat.S_ISREG(st.st_mode)
+        else "not owned by you"
+        if st.st_uid != os.geteuid()
+        else "writable by others (group or world)"
+        if st.st_mode & 0o022
+        else ""
+    )
+    if problem:
+        os.close(fd)
+        return None, problem
+    return fd, ""
+
+
+def _fd_path(fd: int, path: Path) -> str:
+    """A path that names the open file itself (Linux), or the path where /proc is missing."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
+
+
+def _build_privately(cc: str, source: Path, filename: str) -> ctypes.CDLL:
+    """Compile into a fresh temporary directory only this user can enter, load, and delete it
+    (the loaded library stays mapped)."""
+    with tempfile.TemporaryDirectory(prefix="qkv-kernels-") as tmp:
+        out = Path(tmp) / filename
+        _compile(cc, source, out)
+        return ctypes.CDLL(str(out))
+
+
+def _warn_private(reason: str) -> None:
+    global _warned_private
+    if not _warned_private:
+        _warned_private = True
+        warnings.warn(
+            f"qkv: {reason}; building the native kernels in a private temporary directory for this process "
+            f"(a slower start): set QKV_CACHE to a directory of your own",
+            stacklevel=4,
+        )
+
+
+def _compile(cc: str, source: Path, out: Path) -> None:
+    subprocess.run([cc, *_FLAGS, f"-I{_HERE}", str(source), "-o", str(out)], check=True, capture_output=True, text=True)
+    os.chmod(out, 0o700)  # the compiler follows the umask; the loader accepts no group/world write

@@ -65,6 +65,7 @@ class _Served:
     max_queue: int
     metrics: Metrics
     created: int
+    allow_special_in_content: bool = False
 
 
 def create_app(
@@ -78,11 +79,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     allowed_hosts: Iterable[str] | None = None,
     metrics_auth: bool = False,
+    allow_special_in_content: bool = False,
 ) -> FastAPI:
     """Wrap `engine` (a qkv.infer.Engine) in the OpenAI API. The engine loop starts with the
     app (lifespan) and stops with it. `tokenizer`/`max_model_len` default to the engine's;
     `allowed_hosts` (Host header names served; "*" = any) defaults to the loopback names;
-    `metrics_auth` makes /metrics require the API key too."""
+    `metrics_auth` makes /metrics require the API key too; `allow_special_in_content` lets
+    special-token text inside chat messages act as control tokens (off: clients cannot forge turns)."""
     if metrics_auth and not api_key:
         raise ValueError("metrics_auth needs an API key to check: pass api_key (qkv serve --api-key)")
     aengine = AsyncEngine(engine, max_queue=max_queue)
@@ -94,6 +97,7 @@ def create_app(
         max_queue=max_queue,
         metrics=Metrics(aengine, model_name),
         created=now(),
+        allow_special_in_content=allow_special_in_content,
     )
     app = FastAPI(title="qkv", lifespan=_engine_running(aengine), docs_url=None, redoc_url=None)
     app.state.engine, app.state.aengine, app.state.tokenizer = engine, aengine, served.tokenizer
@@ -206,7 +210,8 @@ def _generation_routes(served: _Served) -> APIRouter:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _check_model(req.model, model_name)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-        prompt = await run_in_threadpool(_chat_prompt, tokenizer, messages)  # off the loop: streams keep flowing
+        # off the loop: streams keep flowing
+        prompt = await run_in_threadpool(_chat_prompt, tokenizer, messages, served.allow_special_in_content)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -328,12 +333,13 @@ def _params(req, max_tokens: int, logprobs: int | None):
         raise APIError(400, str(e), param=e.param) from None
 
 
-def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def _chat_prompt(tokenizer, messages: list[dict], allow_special_in_content: bool = False) -> list[int]:
     try:
-        text = tokenizer.render_chat(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(
+            messages, add_generation_prompt=True, allow_special_in_content=allow_special_in_content
+        )[0]
     except Exception as e:  # template errors (raise_exception, bad roles) are the request's fault
         raise APIError(400, f"could not apply the chat template to messages: {e}", param="messages") from None
-    return tokenizer.encode(text)
 
 
 def _check_prompt_count(prompt, max_queue: int, in_flight: int) -> None:

@@ -41,6 +41,7 @@ Files in cfg.out_dir (the run directory; only rank 0 writes):
     step_000100/             a full qkv checkpoint (config.json, model.safetensors, tokenizer files)
       trainer/               optimizer.safetensors + state.json (step, RNG states, data position, config)
     latest.json              {"step": 100, "dir": "step_000100"}   (written last, atomically)
+    run.lock                 locked (flock) while a run writes here: a second run in out_dir is refused
     config.json, model.safetensors, tokenizer.json ...   the final model (qkv.checkpoint.load_model(out_dir))
 
 Other pieces: qkv.train.config (TrainConfig, load/overrides), qkv.train.optim (AdamW param

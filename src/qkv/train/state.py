@@ -5,6 +5,7 @@
         trainer/optimizer.safetensors   AdamW moments and step counts, keyed by parameter name
         trainer/state.json              step, data position, RNG states, param groups, run config
     out_dir/latest.json             {"step": 100, "dir": "step_000100"}
+    out_dir/run.lock                held (flock) by the run writing out_dir; a second run is refused
 
 A checkpoint is written into a temporary directory and renamed into place, and
 latest.json is replaced only afterwards, so a kill at any moment leaves the previous
@@ -16,9 +17,12 @@ or FSDP; every rank calls save (the gathers are collective), rank 0 writes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from qkv.io import atomic_write_bytes, atomic_write_text
 from qkv.wrappers import unwrap
 
 LATEST = "latest.json"
+RUN_LOCK = "run.lock"  # held by the run writing this out_dir
 TRAINER = "trainer"
 CPU = torch.device("cpu")
 
@@ -120,10 +125,49 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     atomic_write_text(out_dir / LATEST, json.dumps({"step": step, "dir": name}) + "\n")
-    steps = sorted(p for p in out_dir.glob("step_*") if p.is_dir())
-    for p in steps[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+    prune_checkpoints(out_dir, keep_last, latest=name)
     return final
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int, latest: str) -> None:
+    """Remove all but the `keep_last` highest-numbered step dirs, ordered by number (names
+    outgrow their zero padding after step 999999), never the one latest.json names."""
+    steps = sorted(
+        (int(m[1]), p)
+        for p in out_dir.iterdir()
+        if (m := re.fullmatch(r"step_(\d+)", p.name)) is not None and p.is_dir()
+    )
+    for _, p in steps[:-keep_last]:
+        if p.name != latest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on out_dir for one run: a second run there would write the same
+    step dirs and prune the first one's checkpoints. The lock goes with the process, so a
+    killed run never leaves the directory locked."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: runs are not guarded
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RUN_LOCK
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise RuntimeError(
+                f"{out_dir} is in use by another run{f' (process {holder})' if holder else ''}: "
+                "wait for it to finish or choose another out_dir"
+            ) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

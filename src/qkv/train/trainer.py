@@ -250,19 +250,12 @@ class Trainer:
 
     def save_final(self) -> None:
         """The trained model at the top of out_dir: a qkv checkpoint load_model reads."""
-        from safetensors.torch import save
-
-        from qkv.checkpoint import CONFIG, WEIGHTS
-        from qkv.io import atomic_write_bytes
+        from qkv.checkpoint import write_model_files
 
         sd = S.full_model_state(self.model)
         if not self.dist.is_main:
             return
-        if hasattr(self.model, "cfg"):
-            self.model.cfg.save(self.out_dir / CONFIG)
-        atomic_write_bytes(self.out_dir / WEIGHTS, save(sd, metadata={"format": "qkv", "step": str(self.step)}))
-        if self.tokenizer is not None:
-            self.tokenizer.save(self.out_dir)
+        write_model_files(self.out_dir, self.model.cfg, sd, self.tokenizer, {"step": self.step})
 
     def _train_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -320,6 +313,11 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to cfg.max_steps, holding out_dir against a second run (rank 0 holds the lock)."""
+        with S.run_lock(self.out_dir) if self.dist.is_main else nullcontext():
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
