@@ -23,7 +23,6 @@ from typing import Literal, TypeVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from qkv.infer import fused_decode
 from qkv.kernels import cpu_linear, decode_ops, native, quant_linear
@@ -117,7 +116,7 @@ def logits(model, h: torch.Tensor) -> torch.Tensor:
         return head(h)
     if isinstance(head, QuantEmbedding):  # a tied, quantized embedding
         y = quant_linear.linear(h, head.blocks, head.qtype) if _prepared.get(model) == "native" else None
-        return y if y is not None else F.linear(h, head.dequantized_weight().to(h.dtype))
+        return y if y is not None else head.project(h)
     if _prepared.get(model) == "native":
         return cpu_linear.linear(h, model.output_weight.to(h.dtype))
     return model.head(h)

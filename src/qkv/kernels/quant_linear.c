@@ -20,6 +20,12 @@
  * one path a row's result is bitwise the same alone or in any batch: its sums run in one
  * fixed order whatever n_rows is.
  *
+ * qkv_quant_dequantize expands rows of blocks to fp32 for the many rows of a prefill,
+ * where a tile of dequantized weights is reused by every row of x (a GEMM) and the int8
+ * matvec would be slower. Each weight is gguf.quants.dequantize's value bit for bit: its
+ * products (d * q, d * sc * q, dmin * m) are exact in fp32, so the one rounding step left,
+ * the sum with the min, gives the same float in any order and with or without FMA.
+ *
  * Another C file may #include this one (as decode_layer_f32.c includes linear_f32.c):
  * everything but the qkv_quant_* functions is static and prefixed ql_ / QL_.
  */
@@ -33,7 +39,7 @@
 
 /* gguf.GGMLQuantizationType values */
 enum {
-  QL_F16 = 1, QL_Q4_0 = 2, QL_Q4_1 = 3, QL_Q5_0 = 6, QL_Q5_1 = 7, QL_Q8_0 = 8,
+  QL_F32 = 0, QL_F16 = 1, QL_Q4_0 = 2, QL_Q4_1 = 3, QL_Q5_0 = 6, QL_Q5_1 = 7, QL_Q8_0 = 8,
   QL_Q4_K = 12, QL_Q5_K = 13, QL_Q6_K = 14, QL_BF16 = 30,
 };
 enum { QL_ISA_REF = 0, QL_ISA_AVX2 = 1, QL_ISA_AVX512 = 2 };
@@ -256,6 +262,39 @@ static void ql_row_ref(int fmt, const uint8_t* w, const ql_act* a, const float* 
   }
 }
 
+/* One weight row of n_in weights as fp32, as gguf.quants.dequantize computes them. The
+ * symmetric formats never add their (zero) min: -0.0 + 0.0 would turn d * 0 with d < 0 into +0. */
+static void ql_deq_row_ref(int fmt, const uint8_t* w, int64_t n_in, float* out) {
+  const int f = ql_family(fmt);
+  const int64_t bytes = ql_block_bytes(fmt);
+  if (fmt == QL_F32) {
+    memcpy(out, w, (size_t)n_in * sizeof(float));
+  } else if (f == QL_FAMILY_F) {
+    for (int64_t i = 0; i < n_in; ++i) out[i] = ql_wide_ref(fmt, w + 2 * i);
+  } else if (f == QL_FAMILY_32) {
+    const int asym = fmt == QL_Q4_1 || fmt == QL_Q5_1;
+    for (int64_t b = 0; b < n_in / 32; ++b) {
+      int q[32];
+      float d, m;
+      ql_ints32_ref(fmt, w + b * bytes, q, &d, &m);
+      for (int j = 0; j < 32; ++j) out[32 * b + j] = asym ? d * (float)q[j] + m : d * (float)q[j];
+    }
+  } else {
+    for (int64_t B = 0; B < n_in / 256; ++B) {
+      int q[256], sc[16], mn[16];
+      float d, dmin;
+      ql_intsK_ref(fmt, w + B * bytes, q, sc, mn, &d, &dmin);
+      for (int e = 0; e < 256; ++e) {
+        const float step = d * (float)sc[e / 16];
+        out[256 * B + e] = fmt == QL_Q6_K ? step * (float)q[e] : step * (float)q[e] - dmin * (float)mn[e / 16];
+      }
+    }
+  }
+}
+
+/* One weight row of n_in weights (w) into n_in floats (out). */
+typedef void (*ql_deq_fn)(int fmt, const uint8_t* w, int64_t n_in, float* out);
+
 /* One weight row (w) times rows 0..nr-1 of x (or of its int8 form a) into out[0..nr). */
 typedef void (*ql_row_fn)(int fmt, const uint8_t* w, const ql_act* a, const float* x, int64_t nr, float* out);
 
@@ -322,4 +361,30 @@ int qkv_quant_linear_isa(const float* x, int64_t n_rows, int64_t n_in, const voi
 int qkv_quant_linear(const float* x, int64_t n_rows, int64_t n_in, const void* w, int qtype, int64_t n_out,
                      const float* bias, float* y, int n_threads) {
   return qkv_quant_linear_isa(x, n_rows, n_in, w, qtype, n_out, bias, y, n_threads, qkv_quant_path(qtype));
+}
+
+/* n_rows weight rows of n_in weights each (w: n_rows * row_bytes bytes of format qtype) as
+ * fp32 into out (n_rows, n_in), through one path (isa as qkv_quant_isa numbers it; AVX-512
+ * CPUs take the AVX2 code: storing the floats, not decoding, bounds this). Bitwise the same
+ * on every path and as gguf.quants.dequantize. Returns 0, or QL_ERR_QTYPE, QL_ERR_SHAPE
+ * (n_rows < 0, or n_in not a positive multiple of the block size), QL_ERR_ISA. */
+int qkv_quant_dequantize_isa(const void* w, int qtype, int64_t n_rows, int64_t n_in, float* out, int n_threads,
+                             int isa) {
+  if (ql_family(qtype) == QL_FAMILY_NONE && qtype != QL_F32) return QL_ERR_QTYPE;
+  const int64_t block = qtype == QL_F32 ? 1 : ql_block_size(qtype);
+  if (n_rows < 0 || n_in <= 0 || n_in % block != 0) return QL_ERR_SHAPE;
+  if (isa < QL_ISA_REF || isa > ql_best_isa()) return QL_ERR_ISA;
+  const ql_deq_fn deq = isa == QL_ISA_REF || qtype == QL_F32 ? ql_deq_row_ref : ql_pick_deq_avx2(qtype);
+  const int64_t row_bytes = n_in / block * (qtype == QL_F32 ? 4 : ql_block_bytes(qtype));
+  const uint8_t* wb = (const uint8_t*)w;
+  /* a thread per few rows only where there is enough work to pay for waking the team */
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_rows * n_in >= 65536)
+  for (int64_t r = 0; r < n_rows; ++r) deq(qtype, wb + r * row_bytes, n_in, out + r * n_in);
+  return QL_OK;
+}
+
+/* The same through the fastest path this CPU runs. */
+int qkv_quant_dequantize(const void* w, int qtype, int64_t n_rows, int64_t n_in, float* out, int n_threads) {
+  const int isa = ql_best_isa() >= QL_ISA_AVX2 ? QL_ISA_AVX2 : QL_ISA_REF;
+  return qkv_quant_dequantize_isa(w, qtype, n_rows, n_in, out, n_threads, isa);
 }

@@ -7,6 +7,10 @@ reads 8.5 bits (3.8x fewer than fp32, 1.9x fewer than bf16), Q6_K 6.56, Q4_0 and
 (per block, as llama.cpp does) and multiplies it with the blocks as they lie on disk.
 Where it does not apply (autograd, torch.compile, more than 64 rows, not fp32 CPU x,
 kernels off or unbuilt) `linear` returns None and the caller dequantizes instead.
+
+`dequantize(blocks, qtype, n_in, rows)`: rows of blocks as fp32, bit for bit what
+gguf.quants.dequantize gives, in native code. A prefill's many rows are a GEMM: QuantLinear
+dequantizes a tile of weight rows at a time with it and multiplies the tile with torch.mm.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from qkv.kernels import native
 
 MAX_ROWS = 64  # the C side's limit: its per-row accumulators are sized for it
+# weight rows dequantized at a time by `tiled_linear`: 256 to 2048 ran alike on one core
+# (bench_quant_prefill.py; a tile stays in L2), the whole 49152-row head at half the speed;
+# the fewer tiles, the fewer thread hand-offs, which a loaded machine makes costly
+TILE_ROWS = 1024
 _NAMES = ("Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "F16", "BF16")
 FORMATS = tuple(GGMLQuantizationType[name] for name in _NAMES)
 ISAS = ("portable", "avx2", "avx512")  # as the C side numbers its paths
@@ -29,6 +37,10 @@ _linear = native.Kernel("quant_linear", "qkv_quant_linear", _args, ctypes.c_int)
 _linear_isa = native.Kernel("quant_linear", "qkv_quant_linear_isa", _args + [ctypes.c_int], ctypes.c_int)
 _best_isa = native.Kernel("quant_linear", "qkv_quant_isa", [], ctypes.c_int)
 _path = native.Kernel("quant_linear", "qkv_quant_path", [ctypes.c_int], ctypes.c_int)
+_deq_args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+_dequantize = native.Kernel("quant_linear", "qkv_quant_dequantize", _deq_args, ctypes.c_int)
+_dequantize_isa = native.Kernel("quant_linear", "qkv_quant_dequantize_isa", _deq_args + [ctypes.c_int], ctypes.c_int)
+DEQUANTIZE_FORMATS = (*FORMATS, GGMLQuantizationType.F32)
 _ERRORS = {
     1: "unsupported quantization type",
     2: "bad shape: n_in must be a multiple of the block size and rows at most 64",
@@ -126,3 +138,115 @@ def _run(x, blocks, qtype, bias, isa: str | None) -> torch.Tensor | None:
     if status:
         raise RuntimeError(f"qkv_quant_linear failed: {_ERRORS.get(status, status)}")
     return y
+
+
+def dequantize(
+    blocks: torch.Tensor,
+    qtype: str | int | GGMLQuantizationType,
+    n_in: int,
+    rows: slice | range | None = None,
+    out: torch.Tensor | None = None,
+    isa: str | None = None,
+) -> torch.Tensor | None:
+    """Weight rows `rows` (a step-1 slice or range; None: all) of `blocks`, uint8 (n_out,
+    row_bytes), as fp32 (len(rows), n_in), bit for bit gguf.quants.dequantize's values,
+    written into `out` when given (a contiguous fp32 tensor of at least that many elements;
+    the result is a view of it). `isa` picks a path ('portable', 'avx2'; None: the best here).
+    None where the native kernels are off or the format is one they do not read."""
+    info, fn = _deq_format(qtype), (_dequantize if isa is None else _dequantize_isa).get()
+    if fn is None or info is None:
+        return None
+    qt, _, _ = info
+    _check_blocks(blocks, info, n_in)
+    if isinstance(rows, range):
+        start, stop, step = rows.start, rows.stop, rows.step
+    else:
+        start, stop, step = (rows or slice(None)).indices(blocks.shape[0])
+    if step != 1 or not 0 <= start <= stop <= blocks.shape[0]:
+        raise ValueError(f"rows {rows} are not a step-1 range inside 0..{blocks.shape[0]}: pass slice(start, stop)")
+    n = stop - start
+    if out is None:
+        out = torch.empty(n * n_in)
+    elif out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n * n_in:
+        raise ValueError(f"out must be a contiguous fp32 CPU tensor of at least {n * n_in} elements")
+    result = out.view(-1)[: n * n_in].view(n, n_in)
+    _dequantize_rows(fn, blocks, qt, n_in, start, result, None if isa is None else ISAS.index(isa))
+    return result
+
+
+_deq_formats: dict = {}  # the caller's qtype -> (enum, block size, block bytes), or None: what dequantize reads
+
+
+def _deq_format(qtype) -> tuple[GGMLQuantizationType, int, int] | None:
+    """A prefill calls this for every matrix: look the type up once."""
+    info = _deq_formats.get(qtype, False)
+    if info is False:
+        qt = qtype_of(qtype)
+        info = _deq_formats[qtype] = (qt, *GGML_QUANT_SIZES[qt]) if qt in DEQUANTIZE_FORMATS else None
+    return info
+
+
+def _check_blocks(blocks: torch.Tensor, info: tuple[GGMLQuantizationType, int, int], n_in: int) -> None:
+    if blocks.dtype != torch.uint8 or blocks.device.type != "cpu" or blocks.dim() != 2 or not blocks.is_contiguous():
+        got = f"{blocks.dtype} {tuple(blocks.shape)} on {blocks.device}"
+        raise ValueError(f"blocks must be a contiguous uint8 CPU tensor (n_out, row_bytes), got {got}")
+    qt, block, size = info
+    if n_in % block or blocks.shape[1] != n_in // block * size:
+        raise ValueError(
+            f"weight rows of {blocks.shape[1]} bytes do not hold {n_in} {qt.name} weights "
+            f"({n_in / block * size:g} bytes): pass blocks shaped (n_out, row_bytes)"
+        )
+
+
+def _dequantize_rows(fn, blocks, qt: GGMLQuantizationType, n_in: int, start: int, out: torch.Tensor, isa: int | None):
+    """Rows start..start + len(out) of checked blocks into out (n, n_in) through the C function fn."""
+    if not out.shape[0]:
+        return
+    at = blocks.data_ptr() + start * blocks.shape[1]  # contiguous uint8: a row is shape[1] bytes
+    args = [at, int(qt), out.shape[0], n_in, out.data_ptr(), torch.get_num_threads()]
+    status = fn(*args) if isa is None else fn(*args, isa)
+    if status:
+        raise RuntimeError(f"qkv_quant_dequantize failed: {_ERRORS.get(status, status)}")
+
+
+def tiled_linear(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    qtype: str | int | GGMLQuantizationType,
+    bias: torch.Tensor | None = None,
+    tile_rows: int = TILE_ROWS,
+) -> torch.Tensor | None:
+    """x @ W.T + bias for many rows of x (a prefill): `tile_rows` weight rows at a time are
+    dequantized natively into one scratch tile and multiplied by torch.mm straight into their
+    columns of the output, so memory stays at the blocks plus one fp32 tile. Unlike `linear`
+    x is not rounded to int8: the result is F.linear(x, dequantized W, bias) up to the GEMM's
+    float rounding. None where it does not apply (autograd through x or the bias,
+    torch.compile, not fp32 CPU x, kernels off or unbuilt, a format they do not read)."""
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return None
+    info, fn = _deq_format(qtype), _dequantize.get()
+    if fn is None or info is None:
+        return None
+    if tile_rows < 1:
+        raise ValueError(f"tile_rows must be positive, got {tile_rows}")
+    qt, n_in, n_out = info[0], x.shape[-1], blocks.shape[0]
+    _check_blocks(blocks, info, n_in)
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not match {n_out} outputs")
+    rows = x.reshape(-1, n_in)
+    y = torch.empty(rows.shape[0], n_out)
+    if y.numel():
+        scratch = torch.empty(min(tile_rows, n_out) * n_in)
+        for start in range(0, n_out, tile_rows):
+            stop = min(start + tile_rows, n_out)
+            w = scratch[: (stop - start) * n_in].view(stop - start, n_in)
+            _dequantize_rows(fn, blocks, qt, n_in, start, w, None)
+            if bias is None:
+                torch.mm(rows, w.t(), out=y[:, start:stop])
+            else:
+                torch.addmm(bias[start:stop], rows, w.t(), out=y[:, start:stop])
+    return y.reshape(*x.shape[:-1], n_out)

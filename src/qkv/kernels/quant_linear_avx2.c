@@ -252,3 +252,94 @@ static ql_row_fn ql_pick_avx2(int fmt) {
     default: return 0;
   }
 }
+
+/* ---- dequantization to fp32 (qkv_quant_dequantize) ---- */
+
+/* 32 int8 values (q) as fp32 times scale (plus m where asym), stored to out[0..32). The
+ * products are exact, so fmadd rounds d * q + m exactly as the separate mul and add do. */
+QL_AVX2 QL_INLINE void ql_store32_scaled(__m256i q, __m256 d, __m256 m, const int asym, float* out) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; ++i) {
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[i]));
+    _mm256_storeu_ps(out + 8 * i, asym ? _mm256_fmadd_ps(v, d, m) : _mm256_mul_ps(v, d));
+  }
+}
+
+/* Q6_K's 16-weight groups have their own scales: the same store with two. */
+QL_AVX2 QL_INLINE void ql_store32_two_scales(__m256i q, __m256 d0, __m256 d1, float* out) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d0));
+  _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d0));
+  _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d1));
+  _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d1));
+}
+
+QL_AVX2 QL_INLINE void ql_deq32_avx2(const int fmt, const uint8_t* w, int64_t n_in, float* out) {
+  const int asym = fmt == QL_Q4_1 || fmt == QL_Q5_1;
+  for (int64_t b = 0; b < n_in / 32; ++b) {
+    const ql_blk32 k = ql_decode32(fmt, w + b * ql_block_bytes(fmt));
+    ql_store32_scaled(k.q, _mm256_set1_ps(k.d), _mm256_set1_ps(k.m), asym, out + 32 * b);
+  }
+}
+
+/* Chunk c of a superblock is weights 32c..32c+31 (ql_decodeK's order): Q4_K/Q5_K weight
+ * (d * sc_c) * q - dmin * m_c, Q6_K (d * sc_g) * (q - 32) per 16-weight group g. */
+QL_AVX2 QL_INLINE void ql_deqK_avx2(const int fmt, const uint8_t* w, int64_t n_in, float* out) {
+  ql_blkK k;
+  for (int64_t B = 0; B < n_in / 256; ++B) {
+    const uint8_t* p = w + B * ql_block_bytes(fmt);
+    ql_decodeK(fmt, p, &k);
+    float* o = out + 256 * B;
+    for (int c = 0; c < 8; ++c) {
+      if (fmt == QL_Q6_K) {
+        const int8_t* sc = (const int8_t*)(p + 192);
+        ql_store32_two_scales(_mm256_sub_epi8(k.q[c], _mm256_set1_epi8(32)), _mm256_set1_ps(k.d * (float)sc[2 * c]),
+                              _mm256_set1_ps(k.d * (float)sc[2 * c + 1]), o + 32 * c);
+      } else {
+        uint8_t sc, m;
+        ql_scale_min_k4(c, p + 4, &sc, &m);
+        /* q * step - dm: fmadd with -dm is the rounded difference of an exact product */
+        ql_store32_scaled(k.q[c], _mm256_set1_ps(k.d * (float)sc), _mm256_set1_ps(-(k.dmin * (float)m)), 1, o + 32 * c);
+      }
+    }
+  }
+}
+
+QL_AVX2 QL_INLINE void ql_deqF_avx2(const int fmt, const uint8_t* w, int64_t n_in, float* out) {
+  const int64_t n8 = n_in & ~(int64_t)7;
+  for (int64_t i = 0; i < n8; i += 8) _mm256_storeu_ps(out + i, ql_widen8(fmt, w + 2 * i));
+  for (int64_t i = n8; i < n_in; ++i) out[i] = ql_wide_ref(fmt, w + 2 * i);
+}
+
+#define QL_DEQ_FN(name, fmt, body) \
+  QL_AVX2 static void name(int qtype, const uint8_t* w, int64_t n_in, float* out) { \
+    (void)qtype;                                                                   \
+    body(fmt, w, n_in, out);                                                       \
+  }
+QL_DEQ_FN(ql_deq_q8_0_avx2, QL_Q8_0, ql_deq32_avx2)
+QL_DEQ_FN(ql_deq_q4_0_avx2, QL_Q4_0, ql_deq32_avx2)
+QL_DEQ_FN(ql_deq_q4_1_avx2, QL_Q4_1, ql_deq32_avx2)
+QL_DEQ_FN(ql_deq_q5_0_avx2, QL_Q5_0, ql_deq32_avx2)
+QL_DEQ_FN(ql_deq_q5_1_avx2, QL_Q5_1, ql_deq32_avx2)
+QL_DEQ_FN(ql_deq_q4_k_avx2, QL_Q4_K, ql_deqK_avx2)
+QL_DEQ_FN(ql_deq_q5_k_avx2, QL_Q5_K, ql_deqK_avx2)
+QL_DEQ_FN(ql_deq_q6_k_avx2, QL_Q6_K, ql_deqK_avx2)
+QL_DEQ_FN(ql_deq_f16_avx2, QL_F16, ql_deqF_avx2)
+QL_DEQ_FN(ql_deq_bf16_avx2, QL_BF16, ql_deqF_avx2)
+
+static ql_deq_fn ql_pick_deq_avx2(int fmt) {
+  switch (fmt) {
+    case QL_Q8_0: return ql_deq_q8_0_avx2;
+    case QL_Q4_0: return ql_deq_q4_0_avx2;
+    case QL_Q4_1: return ql_deq_q4_1_avx2;
+    case QL_Q5_0: return ql_deq_q5_0_avx2;
+    case QL_Q5_1: return ql_deq_q5_1_avx2;
+    case QL_Q4_K: return ql_deq_q4_k_avx2;
+    case QL_Q5_K: return ql_deq_q5_k_avx2;
+    case QL_Q6_K: return ql_deq_q6_k_avx2;
+    case QL_F16: return ql_deq_f16_avx2;
+    case QL_BF16: return ql_deq_bf16_avx2;
+    default: return ql_deq_row_ref;
+  }
+}

@@ -3,14 +3,17 @@ nn.Linear / nn.Embedding as gpt-fast does for int8/int4 (`quantize_model`).
 
 - `QuantLinear.blocks`: uint8 (out_features, row_bytes), each row the weight row's blocks as
   they lie in a GGUF file; the bias, when there is one, stays an fp32 Parameter.
-  forward(x) asks the native quantized matvec (qkv.kernels.quant_linear.linear) first and
+  forward(x) asks the native quantized matvec (qkv.kernels.quant_linear.linear, int8
+  activations, up to 64 rows: decode) first, then the native tiled product (tiled_linear: a
+  tile of weight rows dequantized at a time, then torch.mm; a prefill's many rows), and
   otherwise dequantizes the whole weight and calls F.linear; nothing is cached, so memory stays
-  at the quantized size.
+  at the quantized size plus one tile.
 - `QuantEmbedding.blocks`: the (vocab, row_bytes) table; forward(idx) dequantizes only the rows
-  asked for.
+  asked for, and project(h) is h @ table.T (a tied output head) through the tiled product.
 - Both expose `weight`, the dequantized fp32 matrix, for code that reads a module's weight
   instead of calling it (the model's fused q/k/v and gate/up products, the tied output head).
-  It is the slow path: every access dequantizes the whole matrix into a new tensor.
+  It is the slow path: every access dequantizes the whole matrix into a new tensor (natively
+  where the kernels are on; the values are the same bit for bit).
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ import torch.nn.functional as F
 
 from qkv.kernels import quant_linear
 from qkv.quant.formats import block_format, dequantize, quantize
+
+
+def _dequantize_all(blocks: torch.Tensor, qtype: str, n_cols: int) -> torch.Tensor:
+    """The whole (rows, n_cols) fp32 matrix: the native kernel where it reads these blocks, else torch."""
+    if blocks.device.type == "cpu" and blocks.is_contiguous() and blocks.dim() == 2:
+        w = quant_linear.dequantize(blocks, qtype, n_cols)
+        if w is not None:
+            return w
+    return dequantize(blocks, qtype, n_cols)
 
 
 class QuantLinear(nn.Module):
@@ -59,7 +71,7 @@ class QuantLinear(nn.Module):
         return q
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.blocks, self.qtype, self.in_features)
+        return _dequantize_all(self.blocks, self.qtype, self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,7 +79,9 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_linear.linear(x, self.blocks, self.qtype, self.bias)
+        y = quant_linear.linear(x, self.blocks, self.qtype, self.bias)  # decode: <= 64 rows, int8 x
+        if y is None:
+            y = quant_linear.tiled_linear(x, self.blocks, self.qtype, self.bias)  # prefill: fp32 GEMM per tile
         if y is not None:
             return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -105,7 +119,7 @@ class QuantEmbedding(nn.Module):
         return q
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.blocks, self.qtype, self.embedding_dim)
+        return _dequantize_all(self.blocks, self.qtype, self.embedding_dim)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -115,6 +129,14 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return dequantize(self.blocks[idx], self.qtype, self.embedding_dim)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """h @ table.T, the logits of a tied output head, for any number of rows: a tile of the
+        table dequantized at a time (quant_linear.tiled_linear), or the whole table where that
+        does not apply. Never rounds h to int8, so a row's logits depend on its batch only
+        through the GEMM's float rounding; decode's few rows take quant_linear.linear instead."""
+        y = quant_linear.tiled_linear(h, self.blocks, self.qtype)
+        return y if y is not None else F.linear(h, self.dequantized_weight().to(h.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
