@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from qkv.commands._weights import add_dtype_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="qkv checkpoint dir, Hugging Face dir, GGUF file or bundled name")
@@ -20,13 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend", choices=["native", "torch"], default=None, help="inference backend (default: native if possible)"
     )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="weights: auto keeps the file's format (a quantized GGUF stays quantized), fp32 dequantizes, bf16 stores "
-        "projections and embeddings as bf16",
-    )
+    add_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

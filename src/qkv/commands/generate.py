@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 
+from qkv.commands._weights import add_dtype_argument
+
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
@@ -24,13 +26,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, in [-2, 2]")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="weights to decode with: auto keeps the file's format (a quantized GGUF stays quantized), fp32 "
-        "dequantizes, bf16 stores projections and embeddings as bf16",
-    )
+    add_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 

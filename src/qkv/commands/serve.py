@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from qkv.commands._weights import add_dtype_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="qkv checkpoint dir, Hugging Face dir or .gguf file")
@@ -49,13 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="read special-token text inside chat messages (e.g. <|im_start|>) as control tokens, letting clients "
         "write whole turns (default: it is plain text, so a message cannot forge a system turn)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="weights to decode with: auto keeps the file's format (a quantized GGUF stays quantized), fp32 "
-        "dequantizes, bf16 stores projections and embeddings as bf16",
-    )
+    add_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
