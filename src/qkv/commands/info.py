@@ -10,6 +10,7 @@ the meta device, so even Mixtral-8x7B costs no memory.
 from __future__ import annotations
 
 import argparse
+import functools
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,9 +46,23 @@ def resolve_config(spec: str):
 
     if path.is_dir() and is_qkv_checkpoint(path):
         return ModelConfig.load(path / "config.json")
-    from qkv.interop import load_config  # HF config.json or GGUF metadata
+    from qkv.interop import detect_format, load_config  # HF config.json or GGUF metadata
 
+    if detect_format(path) == "gguf":
+        from qkv.interop.gguf import config_from_gguf
+        from qkv.interop.load import _gguf_file
+
+        return config_from_gguf(gguf_reader(_gguf_file(path)), _gguf_file(path))
     return load_config(path)
+
+
+@functools.lru_cache(maxsize=2)
+def gguf_reader(path):
+    """One parse of a GGUF file's header for all of `qkv info` (reading a large vocabulary
+    takes seconds)."""
+    from qkv.interop.gguf import open_gguf
+
+    return open_gguf(path)
 
 
 def human(n: float, unit: str = "") -> str:
@@ -80,9 +95,7 @@ def model_file_facts(spec: str) -> dict:
     if fmt == "gguf":
         import gguf
 
-        from qkv.interop.gguf import open_gguf
-
-        reader = open_gguf(_gguf_file(path))
+        reader = gguf_reader(_gguf_file(path))
 
         def value(key: str):
             f = reader.fields.get(key)
@@ -127,11 +140,10 @@ def gguf_weight_formats(spec: str) -> dict[str, dict]:
     path = resolve_model(spec) if spec in MODELS else Path(spec)
     if path.suffix != ".gguf" or not path.is_file():
         return {}
-    from qkv.interop.gguf import open_gguf
     from qkv.kernels import native, quant_linear
 
     out: dict[str, dict] = {}
-    for t in open_gguf(path).tensors:
+    for t in gguf_reader(path).tensors:
         fmt = t.tensor_type.name.lower()
         w = out.setdefault(fmt, {"tensors": 0, "elements": 0})
         w["tensors"] += 1

@@ -124,6 +124,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_port_free(args.host, args.port)  # before the slow imports and the model load
     from pathlib import Path
 
     import torch
@@ -133,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
     from qkv.interop.registry import MODELS
     from qkv.serve.app import create_app
 
-    check_port_free(args.host, args.port)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)

@@ -82,7 +82,10 @@ def load(
         from qkv.interop.gguf import import_gguf
 
         model, tokenizer = import_gguf(_gguf_file(path), dequantize=dequantize)
-    model.generation_defaults = sampling_defaults(path)
+    if fmt != "gguf":  # a GGUF's sampling keys cost another header parse: sampling_defaults() reads them
+        from qkv.interop.hf import read_generation_config
+
+        model.generation_defaults = read_generation_config(path if path.is_dir() else path.parent)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
