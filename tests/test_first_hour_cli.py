@@ -114,6 +114,11 @@ def test_the_model_s_generation_config_overrides_the_defaults_and_survives_expor
     written = json.loads((out / "generation_config.json").read_text())
     assert (written["temperature"], written["top_p"], written["eos_token_id"]) == (0.2, 0.9, tok.eos_id)
     assert model_sampling_defaults(str(out)).top_p == 0.9  # read back on HF import
+    from qkv.serve.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], top_p=0.5)
+    served = request.sampling_params(16, None, defaults)  # `qkv serve` passes the model's defaults
+    assert (served.temperature, served.top_p, served.top_k) == (0.2, 0.5, 40)
     transformers = pytest.importorskip("transformers")
     oracle = transformers.GenerationConfig.from_pretrained(out)
     assert (oracle.do_sample, oracle.temperature, oracle.top_k, oracle.min_p) == (True, 0.2, 40, 0.05)

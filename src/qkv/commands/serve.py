@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from qkv.commands.generate import model_sampling_defaults
     from qkv.infer.engine import Engine
     from qkv.interop.registry import MODELS
     from qkv.serve.app import create_app
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts(args),
         metrics_auth=args.metrics_auth,
         allow_special_in_content=args.allow_special_tokens_in_content,
+        sampling_defaults=model_sampling_defaults(args.model),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")
