@@ -97,16 +97,12 @@ def model_file_facts(spec: str) -> dict:
 
         reader = gguf_reader(_gguf_file(path))
 
-        def value(key: str):
-            f = reader.fields.get(key)
-            return None if f is None or not f.data else f.contents()
-
-        file_type = value("general.file_type")
+        file_type = reader.fields.get("general.file_type")
         try:
             facts["weight_format"] = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
         except ValueError:
             facts["weight_format"] = f"file type {file_type}"
-        facts["chat_template"] = bool(value("tokenizer.chat_template"))
+        facts["chat_template"] = bool(reader.fields.get("tokenizer.chat_template"))
     else:
         d = path if path.is_dir() else path.parent
         config = d / "config.json"

