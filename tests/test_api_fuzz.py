@@ -27,7 +27,7 @@ from qkv.serve.app import create_app
 MODEL = "tiny-fuzz"
 # per operation and mode; QKV_FUZZ_EXAMPLES=500 for a longer hunt
 EXAMPLES = int(os.environ.get("QKV_FUZZ_EXAMPLES", "12"))
-CTX = 48  # short context: a generated request without max_tokens still finishes quickly
+CTX = 32  # short context: a generated request without max_tokens still finishes quickly
 
 
 @pytest.fixture(scope="module")
