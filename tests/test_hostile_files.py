@@ -171,10 +171,8 @@ def test_shard_paths_outside_the_directory(hf_dir, capsys, shard):
 
 def test_pickled_weights_only(hf_dir, capsys):
     (hf_dir / "model.safetensors").unlink()
-    marker = hf_dir.parent / "pickle-ran"
     torch.save({"x": torch.zeros(1)}, hf_dir / "pytorch_model.bin")
     assert "pickled weights are refused" in generate_fails(capsys, hf_dir)
-    assert not marker.exists()
 
 
 # --- chat templates --------------------------------------------------------------------------
