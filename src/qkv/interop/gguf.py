@@ -329,7 +329,7 @@ def build_quantized(cfg: ModelConfig, state: dict[str, Weight], source: Path):
     device, swapped, allocated, then loaded with names and shapes checked)."""
     import torch.nn as nn
 
-    from qkv.checkpoint import load_state_into
+    from qkv.checkpoint import check_state, load_state_into
     from qkv.model import build_model
     from qkv.quant import QuantEmbedding, QuantLinear
 
@@ -347,6 +347,7 @@ def build_quantized(cfg: ModelConfig, state: dict[str, Weight], source: Path):
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
         state[name + ".blocks"] = state.pop(key).blocks
+    check_state(model, state, source)  # before to_empty: metadata that disagrees with the tensors allocates nothing
     model.to_empty(device="cpu")
     load_state_into(model, state, source)
     twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())

@@ -451,10 +451,12 @@ def build_with_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: P
     """A Transformer holding `state`, without paying for a random init of weights that are
     overwritten anyway: build on the meta device, allocate, load (names and shapes checked),
     then compute the non-persistent buffers (RoPE / sinusoidal tables) from a one-layer twin."""
-    from qkv.checkpoint import load_state_into
+    from qkv.checkpoint import check_state, load_state_into
     from qkv.model import build_model
 
-    model = build_model(cfg, device="meta").to_empty(device="cpu")
+    model = build_model(cfg, device="meta")
+    check_state(model, state, source)  # before to_empty: a config that disagrees with its weights allocates nothing
+    model = model.to_empty(device="cpu")
     load_state_into(model, state, source)
     twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())
     for name, buf in model.named_buffers():
