@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
                 f"done: step {result.step}, train loss {result.train_loss:.4f}{val}{bpb}, "
                 f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}"
             )
+            if result.disk:
+                from qkv.commands._align_args import disk_line
+
+                print(disk_line(result.disk))
     finally:
         D.teardown()
     return 0
