@@ -160,7 +160,9 @@ def _subparsers(parser):
 def test_every_option_of_every_verb_shows_its_default_once():
     train_fields = {f for f in TrainConfig.__dataclass_fields__}
     missing, twice = [], []
-    for verb, sub in _subparsers(build_parser()):
+    root = build_parser()
+    root = root[0] if isinstance(root, tuple) else root  # the parser, or (parser, {verb: parser})
+    for verb, sub in _subparsers(root):
         for action in sub._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS:
                 continue

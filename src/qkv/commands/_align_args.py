@@ -35,6 +35,7 @@ def add_stage_arguments(
         p.add_argument(
             "--epochs",
             type=float,
+            metavar="FLOAT",
             default=0.0,
             help="passes over --data (fractions allowed); > 0 sets the run's length to "
             "ceil(epochs x examples / batch_size) steps, capped by --max-steps when that is given too; "
@@ -99,9 +100,7 @@ def load_chat_tokenizer(source: str):
     from qkv.tokenizer import Tokenizer
 
     path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{source}: no such checkpoint directory, Hugging Face directory or GGUF file")
-    if detect_format(path) == "gguf":
+    if detect_format(path) == "gguf":  # a clear error when source is no model
         from qkv.interop.gguf import open_gguf, tokenizer_from_gguf
 
         f = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
