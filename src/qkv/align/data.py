@@ -233,3 +233,121 @@ def pack_sequences(
     if cur_ids:
         rows.append((cur_ids, cur_mask, cur_doc))
     return [{"ids": a, "mask": b, "doc": c} for a, b, c in rows]
+
+
+# --- what fits in the training window -------------------------------------------------
+@dataclass
+class Coverage:
+    """How much of a data set (or one side of a preference set) fits in max_len tokens:
+    the assistant tokens are the ones trained on (SFT) or scored (DPO, reward model)."""
+
+    examples: int = 0
+    tokens: int = 0  # whole rendered examples
+    assistant: int = 0  # assistant tokens of the whole examples
+    kept: int = 0  # assistant tokens within max_len
+    truncated: int = 0  # examples longer than max_len
+    emptied: int = 0  # examples that keep no assistant token
+    longest: int = 0  # tokens of the longest example
+
+    def add(self, mask: Sequence[bool], max_len: int) -> int:
+        """Count one example; returns its assistant tokens within max_len."""
+        kept = sum(mask[:max_len])
+        self.examples += 1
+        self.tokens += len(mask)
+        self.assistant += sum(mask)
+        self.kept += kept
+        self.truncated += len(mask) > max_len
+        self.emptied += kept == 0
+        self.longest = max(self.longest, len(mask))
+        return kept
+
+    def line(self) -> str:
+        return f"{self.tokens:,} tokens, {self.assistant:,} assistant tokens, {self.truncated:,} truncated"
+
+
+@dataclass
+class DataFit:
+    """Coverage of a data set at one window length; `usable` examples train on something."""
+
+    noun: str  # "conversations" or "pairs"
+    max_len: int
+    sides: dict[str, Coverage]
+    usable: int
+
+    @property
+    def examples(self) -> int:
+        return next(iter(self.sides.values())).examples
+
+    @property
+    def longest(self) -> int:
+        return max(c.longest for c in self.sides.values())
+
+    def summary(self) -> str:
+        sides = "; ".join(f"{k + ': ' if k else ''}{c.line()}" for k, c in self.sides.items())
+        return f"data: {self.examples:,} {self.noun}; {sides} at seq_len {self.max_len}"
+
+    def problem(self, limit: int | None = None) -> tuple[str | None, str | None]:
+        """(error, warning): an error when no example keeps an assistant token within max_len
+        (training would run on nothing), a warning when some are cut. `limit`: the model's
+        longest context, the largest seq_len worth suggesting."""
+        need = self.longest if limit is None else min(self.longest, limit)
+        fix = f"raise --seq-len to {need}" + (" (the model's longest context)" if need < self.longest else "")
+        if self.usable == 0:
+            return (
+                f"--seq-len {self.max_len} keeps no assistant token of any of the {self.examples:,} {self.noun} "
+                f"(the chat template's prompt fills the window; the longest example is {self.longest} tokens): {fix}",
+                None,
+            )
+        cut = max(c.truncated for c in self.sides.values())
+        if not cut:
+            return None, None
+        lost = sum(c.assistant - c.kept for c in self.sides.values())
+        total = sum(c.assistant for c in self.sides.values())
+        return None, (
+            f"warning: {cut:,} of {self.examples:,} {self.noun} are longer than --seq-len {self.max_len} and are cut "
+            f"({lost:,} of {total:,} assistant tokens lost; {self.examples - self.usable:,} keep none); "
+            f"{fix} to keep them whole"
+        )
+
+
+def sft_fit(tokenizer, conversations: list[list[dict]], max_len: int) -> DataFit:
+    """How the conversations fit in max_len tokens, rendered with the tokenizer's chat template."""
+    require_chat_template(tokenizer)
+    cov = Coverage()
+    usable = sum(cov.add(tokenizer.encode_chat(msgs)[1], max_len) > 0 for msgs in conversations)
+    return DataFit("conversations", max_len, {"": cov}, usable)
+
+
+def preference_fit(tokenizer, prefs: list[Preference], max_len: int) -> DataFit:
+    """How prompt + chosen and prompt + rejected fit in max_len tokens; a pair is usable when
+    both responses keep at least one token."""
+    require_chat_template(tokenizer)
+    sides = {"chosen": Coverage(), "rejected": Coverage()}
+    usable = 0
+    for p in prefs:
+        kept = [sides[k].add(encode_response(tokenizer, p.prompt, getattr(p, k), 1 << 30)[1], max_len) for k in sides]
+        usable += min(kept) > 0
+    return DataFit("pairs", max_len, sides, usable)
+
+
+def epochs_to_steps(cfg, epochs: float | None, n: int, cap: int | None = None):
+    """cfg with max_steps covering `epochs` passes over n examples (rows) at cfg.batch_size,
+    no more than `cap` steps; cfg unchanged when epochs is None or 0."""
+    import math
+
+    if not epochs:
+        return cfg
+    if epochs < 0:
+        raise ValueError(f"--epochs {epochs} must be > 0 (or 0 to train for --max-steps)")
+    steps = max(1, math.ceil(epochs * n / cfg.batch_size))
+    return cfg.replace(max_steps=min(steps, cap) if cap else steps)
+
+
+def require_trained_tokens(usable: int, n: int, max_len: int, noun: str) -> None:
+    """A clear error instead of a run that trains on nothing: none of the n examples keeps an
+    assistant token within max_len (`usable` is how many do)."""
+    if usable == 0:
+        raise ValueError(
+            f"seq_len {max_len} keeps no assistant token of any of the {n:,} {noun} "
+            "(the chat template's prompt fills the window): raise seq_len"
+        )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from qkv.align.data import IndexSampler, Preference, check_same_vocab
+from qkv.align.data import IndexSampler, Preference, check_same_vocab, epochs_to_steps, require_trained_tokens
 from qkv.align.losses import dpo_loss
 from qkv.align.policy import sequence_logprobs
 from qkv.align.reward import encode_pairs, pair_batch
@@ -69,18 +69,23 @@ def run_dpo(
     label_smoothing: float = 0.0,
     heldout=None,
     resume: bool = False,
+    epochs: float | None = None,
+    max_steps_cap: int | None = None,
 ):
     """Train `model` in place with DPO against `ref_model` (default: a frozen copy of `model`
-    as it is now). cfg: qkv.train.TrainConfig. Returns the TrainResult."""
+    as it is now). cfg: qkv.train.TrainConfig. Returns the TrainResult. epochs: that many
+    passes over the pairs instead of cfg.max_steps, but no more than max_steps_cap steps."""
     import copy
 
     from qkv.train import Trainer
 
+    max_len = min(cfg.seq_len, model.cfg.max_seq_len)
+    pairs = encode_pairs(tokenizer, prefs, max_len)
+    require_trained_tokens(sum(any(p[1]) and any(p[3]) for p in pairs), len(pairs), max_len, "pairs")
+    cfg = epochs_to_steps(cfg, epochs, len(pairs), max_steps_cap)
     if ref_model is None:
         ref_model = copy.deepcopy(model)
     check_same_vocab(model, ref_model, "the policy", "the reference model")
-    max_len = min(cfg.seq_len, model.cfg.max_seq_len)
-    pairs = encode_pairs(tokenizer, prefs, max_len)
     pad_id = tokenizer.pad_id
     ref = reference_logprobs(ref_model, pairs, pad_id, progress=cfg.progress)  # once, up front
     del ref_model

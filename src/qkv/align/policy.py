@@ -72,11 +72,16 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(("score.", "value_head."))}
 
 
-def save_reward_model(directory: str | Path, model: RewardModel, tokenizer=None, metrics: dict | None = None) -> Path:
+def save_reward_model(
+    directory: str | Path, model: RewardModel, tokenizer=None, metrics: dict | None = None, weights: bool = True
+) -> Path:
+    """The reward model as a checkpoint plus head.json; weights=False writes head.json only
+    (after training, whose final save already put the weights there)."""
     from qkv.checkpoint import save_model
     from qkv.io import atomic_write_text
 
-    save_model(directory, model, tokenizer)
+    if weights:
+        save_model(directory, model, tokenizer)
     atomic_write_text(Path(directory) / HEAD_FILE, json.dumps({"head": "score", **(metrics or {})}) + "\n")
     return Path(directory)
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from qkv.align.data import IndexSampler, Preference, batch_sequences, encode_response, require_chat_template
+from qkv.align.data import (
+    IndexSampler,
+    Preference,
+    batch_sequences,
+    encode_response,
+    epochs_to_steps,
+    require_chat_template,
+    require_trained_tokens,
+)
 from qkv.align.losses import reward_loss
 from qkv.align.policy import RewardModel
 
@@ -98,13 +106,18 @@ def run_reward(
     margin: float = 0.0,
     center_coef: float | None = None,
     resume: bool = False,
+    epochs: float | None = None,
+    max_steps_cap: int | None = None,
 ):
     """Train `model` (a RewardModel, e.g. policy.from_transformer(RewardModel, sft_model)) in
-    place; returns (TrainResult, held-out metrics or None). cfg: qkv.train.TrainConfig."""
+    place; returns (TrainResult, held-out metrics or None). cfg: qkv.train.TrainConfig.
+    epochs: that many passes over the pairs instead of cfg.max_steps, at most max_steps_cap."""
     from qkv.train import Trainer
 
     max_len = min(cfg.seq_len, model.cfg.max_seq_len)
     pairs = encode_pairs(tokenizer, prefs, max_len)
+    require_trained_tokens(sum(any(p[1]) and any(p[3]) for p in pairs), len(pairs), max_len, "pairs")
+    cfg = epochs_to_steps(cfg, epochs, len(pairs), max_steps_cap)
     micro = cfg.batch_size // cfg.grad_accum
     sampler = IndexSampler(len(pairs), micro, cfg.grad_accum, cfg.seed)
     pad_id = tokenizer.pad_id
@@ -137,5 +150,6 @@ def run_reward(
     metrics = evaluate_pairs(model, tokenizer, heldout) if heldout else None
     from qkv.align.policy import save_reward_model
 
-    save_reward_model(cfg.out_dir, model, tokenizer, {"heldout": metrics} if metrics else None)
+    # the trainer's final save wrote these weights (score head included) once; add the head marker
+    save_reward_model(cfg.out_dir, model, tokenizer, {"heldout": metrics} if metrics else None, weights=False)
     return result, metrics

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from qkv.align.data import IndexSampler, batch_sequences, pack_sequences, pad, require_chat_template
+from qkv.align.data import (
+    IndexSampler,
+    batch_sequences,
+    epochs_to_steps,
+    pack_sequences,
+    pad,
+    require_chat_template,
+    require_trained_tokens,
+)
 from qkv.model.loss import fused_linear_cross_entropy
 
 
@@ -89,22 +97,29 @@ def run_sft(
     eval_conversations=None,
     packing: bool = False,
     resume: bool = False,
+    epochs: float | None = None,
+    max_steps_cap: int | None = None,
 ):
     """Fine-tune `model` in place on `conversations` with the shared Trainer; returns its TrainResult.
-    cfg is a qkv.train.TrainConfig (seq_len = the maximum conversation length in tokens)."""
+    cfg is a qkv.train.TrainConfig (seq_len = the maximum conversation length in tokens).
+    epochs: train for that many passes over the data (rows when packing) instead of
+    cfg.max_steps, but no more than max_steps_cap steps."""
     from qkv.train import Trainer
 
     max_len = min(cfg.seq_len, model.cfg.max_seq_len)
     ids, masks = encode_conversations(tokenizer, conversations, max_len)
+    require_trained_tokens(sum(any(m[1:]) for m in masks), len(masks), max_len, "conversations")
     micro = cfg.batch_size // cfg.grad_accum
     pad_id = tokenizer.pad_id
     if packing:
         rows = pack_sequences(ids, masks, max_len, pad_id)
+        cfg = epochs_to_steps(cfg, epochs, len(rows), max_steps_cap)
         sampler = IndexSampler(len(rows), micro, cfg.grad_accum, cfg.seed)
 
         def get_batch(step, m):
             return collate_packed([rows[i] for i in sampler(step, m)], max_len, pad_id)
     else:
+        cfg = epochs_to_steps(cfg, epochs, len(ids), max_steps_cap)
         sampler = IndexSampler(len(ids), micro, cfg.grad_accum, cfg.seed)
 
         def get_batch(step, m):

@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 
 
-def add_stage_arguments(p: argparse.ArgumentParser, data_help: str, heldout: bool = True) -> None:
+def add_stage_arguments(
+    p: argparse.ArgumentParser, data_help: str, heldout: bool = True, epochs: bool = False, **defaults
+) -> None:
+    """The options every stage shares; `epochs` adds --epochs (stages that walk --data);
+    `defaults`: the stage's own TrainConfig defaults beyond STAGE_DEFAULTS (shown in --help)."""
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="TrainConfig overrides, applied last (e.g. max_steps=100)"
     )
@@ -27,24 +31,41 @@ def add_stage_arguments(p: argparse.ArgumentParser, data_help: str, heldout: boo
     p.add_argument("--config", default=None, help="YAML or TOML file of TrainConfig keys")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    _add_train_options(p)
+    if epochs:
+        p.add_argument(
+            "--epochs",
+            type=float,
+            metavar="FLOAT",
+            default=0.0,
+            help="passes over --data (fractions allowed); > 0 sets the run's length to "
+            "ceil(epochs x examples / batch_size) steps, capped by --max-steps when that is given too; "
+            "0: train for --max-steps",
+        )
+    _add_train_options(p, stage_base(p.prog.split()[-1], **defaults))
 
 
 # TrainConfig fields that belong to pretraining only (the stage's model is --model)
 _SKIP = {"preset", "model", "init_from", "data_dir"}
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """`qkv train`'s --options for every TrainConfig field an alignment stage uses. Their help
-    shows no default: a stage starts from STAGE_DEFAULTS and its own, not TrainConfig's."""
+def _add_train_options(p: argparse.ArgumentParser, base) -> None:
+    """`qkv train`'s --options for every TrainConfig field an alignment stage uses, their help
+    showing the stage's defaults (STAGE_DEFAULTS and its own), not `qkv train`'s."""
     from qkv.commands.train import add_config_arguments
 
-    add_config_arguments(p, skip=frozenset(_SKIP), show_defaults=False)
+    add_config_arguments(p, skip=frozenset(_SKIP), defaults=base)
 
 
 STAGE_DEFAULTS = dict(
     lr=1e-4, warmup_steps=10, max_steps=300, batch_size=16, seq_len=256, eval_every=100, save_every=100
 )
+
+
+def stage_base(stage: str, **defaults):
+    """The TrainConfig a stage starts from: STAGE_DEFAULTS, out_dir runs/<stage>, its own."""
+    from qkv.train.config import TrainConfig
+
+    return TrainConfig(**{**STAGE_DEFAULTS, "out_dir": f"runs/{stage}", **defaults})
 
 
 def stage_config(args: argparse.Namespace, stage: str, **defaults):
@@ -53,11 +74,64 @@ def stage_config(args: argparse.Namespace, stage: str, **defaults):
 
     from qkv.train.config import TrainConfig, load_train_config
 
-    base = TrainConfig(**{**STAGE_DEFAULTS, "out_dir": f"runs/{stage}", **defaults})
+    base = stage_base(stage, **defaults)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - _SKIP
     flags = {k: v for k, v in vars(args).items() if k in names}
     cfg = load_train_config(args.config, flags, base=base)
     return load_train_config(None, args.overrides, base=cfg)
+
+
+def max_steps_given(args: argparse.Namespace) -> bool:
+    """Whether the user set max_steps (--max-steps, a key=value override or the --config file)."""
+    from qkv.train.config import read_config_file
+
+    if "max_steps" in vars(args) or any(o.split("=", 1)[0].strip() == "max_steps" for o in args.overrides):
+        return True
+    return bool(args.config) and "max_steps" in read_config_file(args.config)
+
+
+def load_chat_tokenizer(source: str):
+    """The tokenizer of a model source without reading its weights (a qkv checkpoint, Hugging
+    Face directory or GGUF file), so the data can be checked before the model loads."""
+
+    from qkv.align.data import require_chat_template
+    from qkv.interop.load import _gguf_file, detect_format
+    from qkv.interop.registry import resolve_model
+    from qkv.tokenizer import Tokenizer
+
+    path = resolve_model(source)
+    if detect_format(path) == "gguf":  # a clear error when source is no model
+        from qkv.interop.gguf import open_gguf, tokenizer_from_gguf
+
+        f = _gguf_file(path)
+        tok = tokenizer_from_gguf(open_gguf(f), f)
+    else:
+        d = path if path.is_dir() else path.parent
+        tok = Tokenizer.load(d) if (d / "tokenizer.json").exists() else None
+    if tok is None:
+        raise ValueError(
+            f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "
+            "tokenizer with a chat template (tokenizer.json + tokenizer_config.json)"
+        )
+    require_chat_template(tok, source)
+    return tok
+
+
+def check_data(source: str, cfg, fit_fn, tokenizer, data) -> None:
+    """Print the data summary at the run's window (seq_len, at most the model's context);
+    one-line error when no example keeps an assistant token, a warning when some are cut."""
+    import sys
+
+    from qkv.interop.load import load_config
+
+    limit = load_config(source).max_seq_len  # the config only: no weights are read
+    fit = fit_fn(tokenizer, data, min(cfg.seq_len, limit))
+    error, warning = fit.problem(limit)
+    if error:
+        raise ValueError(error)
+    print(fit.summary())
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def load_policy(source: str):
@@ -82,6 +156,20 @@ def report(result, what: str) -> None:
     print(
         f"{what}: step {result.step}, train loss {result.train_loss:.4f}{val}, "
         f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}"
+    )
+    if result.disk:
+        print(disk_line(result.disk))
+
+
+def disk_line(disk: dict) -> str:
+    """The run directory's size on disk, in one line."""
+
+    def mb(n: int) -> str:
+        return f"{n / 1e6:,.1f} MB"
+
+    return (
+        f"run dir on disk: {mb(disk['total'])} (weights {mb(disk['weights'])}, final weights stored once; "
+        f"optimizer state {mb(disk['optimizer'])}, kept for --resume per --save-optimizer)"
     )
 
 

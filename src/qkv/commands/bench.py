@@ -18,9 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens for the pp test (0 skips it)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="decode steps for the tg test (0 skips it)")
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions of each test; the best is reported")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads; None: torch's own choice")
     p.add_argument(
-        "--backend", choices=["native", "torch"], default=None, help="inference backend (default: native if possible)"
+        "--backend", choices=["native", "torch"], default=None, help="inference backend; None: native where possible"
     )
     add_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

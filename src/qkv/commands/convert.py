@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="gguf_type",
         choices=list(GGUF_TYPES.values()),
         default=None,
-        help="GGUF weight type for --to gguf (default: --dtype's)",
+        help="GGUF weight type for --to gguf; None: --dtype's",
     )
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 

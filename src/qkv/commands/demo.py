@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's own choice)")
     p.add_argument("--sft-steps", type=int, default=300, help="SFT steps (0 skips SFT and DPO)")
     p.add_argument("--dpo-steps", type=int, default=100, help="DPO steps after SFT (0 skips DPO)")
     p.add_argument("--samples", type=int, default=3, help="samples to generate")

@@ -12,8 +12,8 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.commands._align_args import add_stage_arguments
 
-    add_stage_arguments(p, 'JSONL of {"prompt", "chosen", "rejected"}')
-    p.add_argument("--ref", default=None, help="reference checkpoint (default: --model)")
+    add_stage_arguments(p, 'JSONL of {"prompt", "chosen", "rejected"}', epochs=True)
+    p.add_argument("--ref", default=None, help="reference checkpoint; None: a frozen copy of --model")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     p.add_argument(
         "--loss-type",
@@ -25,15 +25,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv.align.data import load_preferences
+    from qkv.align.data import load_preferences, preference_fit
     from qkv.align.dpo import run_dpo
-    from qkv.commands._align_args import load_policy, report, stage_config
+    from qkv.commands._align_args import (
+        check_data,
+        load_chat_tokenizer,
+        load_policy,
+        max_steps_given,
+        report,
+        stage_config,
+    )
 
     cfg = stage_config(args, "dpo")
-    model, tok = load_policy(args.model)
-    ref = load_policy(args.ref)[0] if args.ref else None
     prefs = load_preferences(args.data)
     heldout = load_preferences(args.heldout) if args.heldout else None
+    check_data(args.model, cfg, preference_fit, load_chat_tokenizer(args.model), prefs)  # before the weights load
+    model, tok = load_policy(args.model)
+    ref = load_policy(args.ref)[0] if args.ref else None
     result = run_dpo(
         model,
         tok,
@@ -45,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         heldout=heldout,
         resume=args.resume,
+        epochs=args.epochs,
+        max_steps_cap=cfg.max_steps if max_steps_given(args) else None,
     )
     report(result, "dpo done")
     return 0

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 
+STAGE_OVERRIDES = dict(lr=1e-5)  # RL fine-tuning steps are small: TrainConfig defaults the stage changes
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.align.grpo import GRPOConfig
     from qkv.commands._align_args import add_dataclass_arguments, add_stage_arguments
 
-    add_stage_arguments(p, 'JSONL of {"prompt": ...}', heldout=False)
+    add_stage_arguments(p, 'JSONL of {"prompt": ...}', heldout=False, **STAGE_OVERRIDES)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--gold-judge", action="store_true", help="reward = the bundled task's programmatic judge")
     src.add_argument("--reward-model", default=None, help="reward = this reward model's score")
-    p.add_argument("--ref", default=None, help="reference checkpoint (default: --model)")
+    p.add_argument("--ref", default=None, help="reference checkpoint; None: --model")
     p.add_argument("--iterations", type=int, default=None, help="GRPO iterations; sets max_steps")
     add_dataclass_arguments(p, GRPOConfig)
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         task_gold_fn,
     )
 
-    cfg = stage_config(args, "grpo", lr=1e-5)
+    cfg = stage_config(args, "grpo", **STAGE_OVERRIDES)
     grpo = dataclass_from_args(args, GRPOConfig)
     policy, tok = load_policy(args.model)
     ref = load_policy(args.ref or args.model)[0]

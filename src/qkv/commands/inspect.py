@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--analogy", nargs=3, metavar=("A", "B", "C"), default=None, help="a - b + c, e.g. ' king' ' man' ' woman'"
     )
     p.add_argument("--pca", nargs="*", default=None, help="words to place on a 2-D PCA plot")
-    p.add_argument("--context", type=int, default=None, help="KV: context length (default: each model's own)")
+    p.add_argument("--context", type=int, default=None, help="KV: context length; None: each model's own")
     p.add_argument("--batch", type=int, default=1, help="KV: batch size")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "fp8"], help="KV: element type")
     p.add_argument(
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--law",
         default=None,
-        help="calc: a `qkv scale fit` fit.json or a JSON {E, A, B, alpha, beta} (default: Epoch AI's refit)",
+        help="calc: a `qkv scale fit` fit.json or a JSON {E, A, B, alpha, beta}; None: Epoch AI's refit",
     )
     p.add_argument("--steps", type=int, default=1200, help="induction: training steps of the toy")
     p.add_argument("--seed", type=int, default=0, help="induction: seed of the toy's weights and data")

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads; None: torch's own choice")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

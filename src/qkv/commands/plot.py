@@ -11,7 +11,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="output folder for the PNGs (default: the run dir)")
+    p.add_argument("--out", default=None, help="output folder for the PNGs; None: the run dir")
 
 
 def plot_run(run_dir, out_dir=None) -> list:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 
+STAGE_OVERRIDES = dict(lr=1e-5)  # RL fine-tuning steps are small: TrainConfig defaults the stage changes
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.align.ppo import PPOConfig
     from qkv.commands._align_args import add_dataclass_arguments, add_stage_arguments
 
-    add_stage_arguments(p, 'JSONL of {"prompt": ...}', heldout=False)
+    add_stage_arguments(p, 'JSONL of {"prompt": ...}', heldout=False, **STAGE_OVERRIDES)
     p.add_argument("--reward-model", required=True, help="reward model directory (from `qkv reward`)")
-    p.add_argument("--ref", default=None, help="reference checkpoint (default: --model)")
+    p.add_argument("--ref", default=None, help="reference checkpoint; None: --model")
     p.add_argument("--iterations", type=int, default=None, help="PPO iterations (rollout batches); sets max_steps")
     p.add_argument("--ptx-data", default=None, help="plain-text file for PPO-ptx (with --ptx-coef > 0)")
     p.add_argument("--gold-judge", action="store_true", help="also log the bundled task's gold reward per rollout")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         task_gold_fn,
     )
 
-    cfg = stage_config(args, "ppo", lr=1e-5)
+    cfg = stage_config(args, "ppo", **STAGE_OVERRIDES)
     ppo = dataclass_from_args(args, PPOConfig)
     policy, tok = load_policy(args.model)
     ref = load_policy(args.ref or args.model)[0]

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="source: qkv checkpoint dir, HF model dir, or .gguf file")
     p.add_argument("out", help="the GGUF file to write (its directory must exist)")
     p.add_argument("--type", dest="qtype", choices=TYPES, default="q8_0", help="format of the weight matrices")
-    p.add_argument("--name", default=None, help="general.name in the file (default: the output file's stem)")
+    p.add_argument("--name", default=None, help="general.name in the file; None: the output file's stem")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 

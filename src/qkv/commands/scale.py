@@ -29,12 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     f = sub.add_parser("fit", help="fit L = E + A/N^a + B/D^b to a runs table", formatter_class=fmt)
     f.add_argument("runs", help="CSV with N, D and loss columns (or a sweep directory holding runs.csv)")
-    f.add_argument("--out", default=None, help="where fit.json, report.md and the PNGs go (default: next to the CSV)")
+    f.add_argument("--out", default=None, help="where fit.json, report.md and the PNGs go; None: next to the CSV")
     f.add_argument(
         "--n-column",
         action="append",
         default=None,
-        help="parameter column(s) to fit (repeatable; default N and N_nonembed when present)",
+        help="parameter column(s) to fit (repeatable); None: N and N_nonembed when present",
     )
     f.add_argument("--where", action="append", default=[], metavar="COL=VALUE", help="keep only rows with COL == VALUE")
     f.add_argument("--boot", type=int, default=100, help="bootstrap refits for 95%% intervals (0: none)")
@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("sweep", help="train an IsoFLOP grid of small models, then fit", formatter_class=fmt)
     _sweep_args(s)
     s.add_argument("--boot", type=int, default=100, help="bootstrap refits in the fit")
-    s.add_argument("--report", default=None, help="write the Markdown report here (default OUT/report.md)")
-    s.add_argument("--figures", default=None, help="write the figures here (default OUT)")
+    s.add_argument("--report", default=None, help="write the Markdown report here; None: OUT/report.md")
+    s.add_argument("--figures", default=None, help="write the figures here; None: OUT")
     s.add_argument("--fit-only", action="store_true", help="do not train; fit what runs.csv holds")
     s.add_argument("--dry-run", action="store_true", help="print the plan and exit")
 
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.scaling.optimal import DEFAULT_LAW
 
     for k, v in DEFAULT_LAW.to_dict().items():
-        o.add_argument(f"--{k}", type=float, default=v, help=f"law parameter {k} (default: Epoch AI's refit)")
+        o.add_argument(f"--{k}", type=float, default=v, help=f"law parameter {k} (Epoch AI's refit)")
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +90,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--min-steps", type=int, default=d.min_steps)
     p.add_argument("--eval-steps", type=int, default=d.eval_steps)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's own choice)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 

@@ -11,21 +11,39 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.commands._align_args import add_stage_arguments
 
-    add_stage_arguments(p, 'JSONL of {"messages": [{"role", "content"}, ...]}')
+    add_stage_arguments(p, 'JSONL of {"messages": [{"role", "content"}, ...]}', epochs=True)
     p.add_argument(
         "--packing", action="store_true", help="pack several conversations per row (block-diagonal attention)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv.align.data import load_sft
+    from qkv.align.data import load_sft, sft_fit
     from qkv.align.sft import run_sft
-    from qkv.commands._align_args import load_policy, report, stage_config
+    from qkv.commands._align_args import (
+        check_data,
+        load_chat_tokenizer,
+        load_policy,
+        max_steps_given,
+        report,
+        stage_config,
+    )
 
     cfg = stage_config(args, "sft")
-    model, tok = load_policy(args.model)
     data = load_sft(args.data)
     heldout = load_sft(args.heldout) if args.heldout else None
-    result = run_sft(model, tok, data, cfg, eval_conversations=heldout, packing=args.packing, resume=args.resume)
+    check_data(args.model, cfg, sft_fit, load_chat_tokenizer(args.model), data)  # before the weights load
+    model, tok = load_policy(args.model)
+    result = run_sft(
+        model,
+        tok,
+        data,
+        cfg,
+        eval_conversations=heldout,
+        packing=args.packing,
+        resume=args.resume,
+        epochs=args.epochs,
+        max_steps_cap=cfg.max_steps if max_steps_given(args) else None,
+    )
     report(result, "sft done")
     return 0

@@ -11,23 +11,20 @@ import argparse
 import dataclasses
 
 
-def add_config_arguments(
-    p: argparse.ArgumentParser, skip: frozenset[str] = frozenset(), show_defaults: bool = True
-) -> None:
-    """One --option per TrainConfig field (but `skip`), its help from the field's metadata and,
-    with show_defaults, its default. Unset options stay unset so that a --config file's values
-    are not overridden by defaults."""
+def add_config_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozenset(), defaults=None) -> None:
+    """One --option per TrainConfig field (but `skip`), its help from the field's metadata and
+    its default from `defaults` (a TrainConfig; TrainConfig() when None), written into the help
+    because the option's own default is SUPPRESS: unset options stay unset so that a --config
+    file's values are not overridden by defaults."""
     from qkv.train.config import TrainConfig
 
-    defaults = TrainConfig()
+    defaults = defaults or TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if show_defaults:
-            help_text = f"{help_text} (default: {default!r})".strip()
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".strip()
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%") or None)
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -98,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
                 f"done: step {result.step}, train loss {result.train_loss:.4f}{val}{bpb}, "
                 f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}"
             )
+            if result.disk:
+                from qkv.commands._align_args import disk_line
+
+                print(disk_line(result.disk))
     finally:
         D.teardown()
     return 0

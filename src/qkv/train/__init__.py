@@ -39,10 +39,14 @@ Files in cfg.out_dir (the run directory; only rank 0 writes):
     metrics.jsonl            one JSON line per logged step / eval (step, loss, lr, tokens_per_s, mfu, val_loss, val_bpb)
     run_config.json          the TrainConfig
     step_000100/             a full qkv checkpoint (config.json, model.safetensors, tokenizer files)
-      trainer/               optimizer.safetensors + state.json (step, RNG states, data position, config)
+      trainer/               state.json (step, RNG states, data position, config) and
+                             optimizer.safetensors: in the newest checkpoint only (save_optimizer="last",
+                             what resume reads), in every one ("all") or in none ("never": not resumable)
     latest.json              {"step": 100, "dir": "step_000100"}   (written last, atomically)
     run.lock                 locked (flock) while a run writes here: a second run in out_dir is refused
-    config.json, model.safetensors, tokenizer.json ...   the final model (qkv.checkpoint.load_model(out_dir))
+    config.json, model.safetensors, tokenizer.json ...   the final model (qkv.checkpoint.load_model(out_dir));
+                             its model.safetensors is a hard link to the last checkpoint's when that holds
+                             the same weights, so they are stored once
 
 Other pieces: qkv.train.config (TrainConfig, load/overrides), qkv.train.optim (AdamW param
 groups, lr schedules), qkv.train.state (trainer checkpoints), qkv.train.distributed

@@ -54,6 +54,9 @@ class TrainConfig:
     out_dir: str = knob("runs/train", "run directory: checkpoints, metrics, config")
     save_every: int = knob(100, "steps between checkpoints; 0: save only at the end")
     keep_last: int = knob(2, "step checkpoints kept")
+    save_optimizer: str = knob(
+        "last", "optimizer state in step checkpoints: last (the newest only, what --resume needs) | all | never"
+    )
     # --- system ---
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
     threads: int = knob(0, "torch CPU threads; 0 keeps torch's default")
@@ -71,6 +74,10 @@ class TrainConfig:
             ),
             (self.dtype in ("fp32", "bf16"), f"dtype={self.dtype!r}: choose fp32 or bf16"),
             (self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: choose ddp or fsdp"),
+            (
+                self.save_optimizer in ("last", "all", "never"),
+                f"save_optimizer={self.save_optimizer!r}: choose last, all or never",
+            ),
             (self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (

@@ -3,6 +3,8 @@
     out_dir/step_000100/            a complete qkv checkpoint (load_model works on it)
         config.json  model.safetensors  tokenizer.json  tokenizer_config.json
         trainer/optimizer.safetensors   AdamW moments and step counts, keyed by parameter name
+                                        (save_optimizer: "last" keeps it in the newest checkpoint
+                                        only, the one --resume reads; "all" in every one; "never")
         trainer/state.json              step, data position, RNG states, param groups, run config
     out_dir/latest.json             {"step": 100, "dir": "step_000100"}
     out_dir/run.lock                held (flock) by the run writing out_dir; a second run is refused
@@ -37,6 +39,7 @@ from qkv.wrappers import unwrap
 LATEST = "latest.json"
 RUN_LOCK = "run.lock"  # held by the run writing this out_dir
 TRAINER = "trainer"
+OPTIMIZER = "optimizer.safetensors"
 CPU = torch.device("cpu")
 
 
@@ -91,10 +94,14 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int = 2,
     device: torch.device = CPU,
+    save_optimizer: str = "all",
 ) -> Path | None:
-    """Write out_dir/step_XXXXXX (atomic) and point latest.json at it; prune old ones."""
+    """Write out_dir/step_XXXXXX (atomic) and point latest.json at it; prune old ones. The
+    optimizer state (twice the weights' bytes under AdamW) is written unless save_optimizer is
+    "never", and with "last" removed from the older checkpoints once latest.json names this one."""
     model_sd = full_model_state(model)  # collective under FSDP: every rank calls
-    opt_tensors, groups = full_optimizer_state(model, opt)
+    with_opt = save_optimizer != "never"
+    opt_tensors, groups = full_optimizer_state(model, opt) if with_opt else ({}, [])
     if not is_main:
         return None
     out_dir = Path(out_dir)
@@ -108,9 +115,11 @@ def save_checkpoint(
     atomic_write_bytes(tmp / WEIGHTS, save(model_sd, metadata={"format": "qkv", "step": str(step)}))
     if tokenizer is not None:
         tokenizer.save(tmp)
-    atomic_write_bytes(tmp / TRAINER / "optimizer.safetensors", save(opt_tensors))
+    if with_opt:
+        atomic_write_bytes(tmp / TRAINER / OPTIMIZER, save(opt_tensors))
     state = {
         "step": step,  # optimizer steps completed; the data loader resumes at this step
+        "optimizer": with_opt,
         "param_groups": groups,
         "rng": _rng_state(device),
         "run_config": run_config,
@@ -126,6 +135,10 @@ def save_checkpoint(
         os.replace(tmp, final)
     atomic_write_text(out_dir / LATEST, json.dumps({"step": step, "dir": name}) + "\n")
     prune_checkpoints(out_dir, keep_last, latest=name)
+    if save_optimizer == "last":  # only latest.json's checkpoint is ever resumed from
+        for p in out_dir.glob(f"step_*/{TRAINER}/{OPTIMIZER}"):
+            if p.parent.parent.name != name:
+                p.unlink(missing_ok=True)
     return final
 
 
@@ -197,8 +210,6 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
                 f"{path}: corrupt or truncated ({str(e).splitlines()[0]}); cannot resume from {ckpt}"
             ) from None
 
-    model_sd = tensors(ckpt / WEIGHTS)
-    opt = tensors(ckpt / TRAINER / "optimizer.safetensors")
     state_path = ckpt / TRAINER / "state.json"
     if not state_path.exists():
         raise FileNotFoundError(f"{state_path}: missing; the checkpoint {ckpt} is incomplete, cannot resume")
@@ -207,7 +218,46 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
         int(state["step"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{state_path}: corrupt ({e}); cannot resume from {ckpt}") from None
+    if state.get("optimizer", True) is False:
+        raise ValueError(
+            f"{ckpt}: saved without optimizer state (save_optimizer=never), so the run cannot be resumed "
+            f"exactly; start a new run from these weights instead (--init-from / --model {ckpt})"
+        )
+    model_sd = tensors(ckpt / WEIGHTS)
+    opt = tensors(ckpt / TRAINER / OPTIMIZER)
     return model_sd, opt, state
+
+
+def disk_usage(out_dir: Path) -> dict[str, int]:
+    """Bytes a run directory takes on disk, each file counted once however many hard links
+    name it: total, model weights (*.safetensors outside trainer/) and optimizer state."""
+    seen: set[tuple[int, int]] = set()
+    usage = {"total": 0, "weights": 0, "optimizer": 0}
+    for p in sorted(Path(out_dir).rglob("*")):
+        if not p.is_file() or p.is_symlink():
+            continue
+        st = p.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        usage["total"] += st.st_size
+        if p.name == OPTIMIZER:
+            usage["optimizer"] += st.st_size
+        elif p.suffix == ".safetensors":
+            usage["weights"] += st.st_size
+    return usage
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src (a hard link: no second copy on disk), replaced
+    atomically; a copy where the file system has no hard links."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load_model_state(model: torch.nn.Module, model_sd: dict[str, torch.Tensor], source: Path) -> None:

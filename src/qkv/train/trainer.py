@@ -46,6 +46,10 @@ METRICS = "metrics.jsonl"
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
 
+# metrics of a loss function shown on the progress bar and in log lines, by their short names
+# (DPO's implicit-reward margin and accuracy, the reward model's pairwise ones)
+SHOWN = {"rewards_margin": "margin", "rewards_accuracy": "acc", "margin": "margin", "accuracy": "acc"}
+
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; raised before the bad update is applied."""
@@ -60,6 +64,7 @@ class TrainResult:
     tokens_per_s: float
     run_dir: Path
     history: list
+    disk: dict | None = None  # bytes on disk: total, weights, optimizer (state.disk_usage)
 
 
 class _LossModule(nn.Module):
@@ -163,6 +168,7 @@ class Trainer:
             self.resumed_from: Path | None = ckpt
         else:
             self.resumed_from = None
+        self.saved_step = self.step if ckpt is not None else None  # the step of the newest checkpoint
 
         if cfg.compile:
             for block in getattr(self.model, "blocks", []):
@@ -235,6 +241,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         self._sync_metrics()
+        self.saved_step = self.step
         return S.save_checkpoint(
             self.out_dir,
             self.step,
@@ -246,12 +253,23 @@ class Trainer:
             extra={**self.extra_state, "data_step": self.step},
             keep_last=self.cfg.keep_last,
             device=self.device,
+            save_optimizer=self.cfg.save_optimizer,
         )
 
     def save_final(self) -> None:
-        """The trained model at the top of out_dir: a qkv checkpoint load_model reads."""
-        from qkv.checkpoint import write_model_files
+        """The trained model at the top of out_dir: a qkv checkpoint load_model reads. When the
+        newest step checkpoint holds these very weights, the top-level file is a hard link to
+        its model.safetensors, so the weights are stored once."""
+        from qkv.checkpoint import CONFIG, WEIGHTS, write_model_files
 
+        if self.saved_step == self.step:  # same on every rank: no collective gather needed
+            if self.dist.is_main:
+                step_dir = S.latest_checkpoint(self.out_dir)
+                S.link_or_copy(step_dir / WEIGHTS, self.out_dir / WEIGHTS)
+                if self.tokenizer is not None:
+                    self.tokenizer.save(self.out_dir)
+                self.model.cfg.save(self.out_dir / CONFIG)  # last: the config makes it a checkpoint
+            return
         sd = S.full_model_state(self.model)
         if not self.dist.is_main:
             return
@@ -302,6 +320,13 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens * self.world, **extra}
+
+    def _log_line(self, m: dict, shown: dict) -> str:
+        extra = "".join(f", {k} {v}" for k, v in shown.items())
+        return (
+            f"step {self.step}/{self.cfg.max_steps}: loss {m['loss']:.4f}{extra}, lr {m['lr']:.2e}, "
+            f"grad norm {m['grad_norm']:.3f}, {m['tokens_per_s']:,.0f} tok/s"
+        )
 
     def _diverged(self, step: int, what: str) -> None:
         last = S.latest_checkpoint(self.out_dir) if self.out_dir.exists() else None
@@ -357,7 +382,10 @@ class Trainer:
                     m["mfu"] = tps / self.world * self.flops_per_token / self.peak_flops
             last = m
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m.get('mfu', 0):.0%}", refresh=False)
+            shown = {short: f"{m[k]:.3f}" for k, short in SHOWN.items() if k in m}
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}", **shown, tok_s=f"{tps:,.0f}", mfu=f"{m.get('mfu', 0):.0%}", refresh=False
+            )
             if self.on_step is not None:
                 self.on_step(self, self.step, m)
             do_eval = self.eval_batch is not None and (
@@ -371,6 +399,8 @@ class Trainer:
                 ) if self.dist.is_main else None
             if self.step % cfg.log_every == 0 or do_eval or self.step == cfg.max_steps:
                 self._log({"step": self.step, **{k: v for k, v in m.items()}, **(val if do_eval else {})})
+                if bar.disable and self.dist.is_main:  # no bar to watch: one line per logged step
+                    print(self._log_line(m, shown), flush=True)
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
                 self.save()
             t0 = time.perf_counter()  # eval and checkpoint time is not training time
@@ -398,6 +428,7 @@ class Trainer:
             else (sum(r.get("tokens_per_s", 0) for r in self.history) / max(1, len(self.history))),
             run_dir=self.out_dir,
             history=self.history,
+            disk=S.disk_usage(self.out_dir) if self.dist.is_main else None,
         )
 
 
