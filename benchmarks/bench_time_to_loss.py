@@ -50,7 +50,7 @@ def prepare_data(steps: int) -> Path:
     from qkv.data.prepare import prepare
     from qkv.data.shards import TokenShards
 
-    data = CACHE / "shakespeare-1024"
+    data = CACHE / f"shakespeare-{VOCAB}"
     if not (data / "index.json").exists():
         prepare("shakespeare", data, vocab_size=VOCAB, log=lambda s: None)
     train = WindowSampler(TokenShards(data, "train"), T, SEED)
@@ -70,7 +70,7 @@ def run_qkv(optimizer: str, steps: int, eval_every: int, out: Path) -> list[dict
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(
-        data_dir=str(CACHE / "shakespeare-1024"),
+        data_dir=str(CACHE / f"shakespeare-{VOCAB}"),
         out_dir=str(out),
         preset="tiny",
         model=dict(
@@ -217,6 +217,7 @@ def time_to(trace: list[dict], target: float) -> float | None:
 
 
 def main() -> None:
+    global B, T, WARMUP, EVAL_BATCHES  # the run's shape, also in the worker processes
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=20)
@@ -224,8 +225,14 @@ def main() -> None:
     p.add_argument("--litgpt-python", type=Path, default=LITGPT_PY)
     p.add_argument("--runs", default="litgpt,qkv-muon,qkv-adamw")
     p.add_argument("--litgpt-compile", action="store_true", help="keep litgpt's torch.compile (see above)")
+    p.add_argument("--batch", type=int, default=B)
+    p.add_argument("--context", type=int, default=T)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--eval-batches", type=int, default=EVAL_BATCHES)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    B, T, WARMUP, EVAL_BATCHES = args.batch, args.context, args.warmup, args.eval_batches
+    shape = ["--batch", str(B), "--context", str(T), "--warmup", str(WARMUP), "--eval-batches", str(EVAL_BATCHES)]
     if args.worker:  # one qkv run in this fresh process
         print("TRACE " + json.dumps(run_qkv(args.worker, args.steps, args.eval_every, CACHE / f"run-{args.worker}")))
         return
@@ -239,13 +246,14 @@ def main() -> None:
             run = CACHE / "run-litgpt"
             traces[name] = run_litgpt(args.litgpt_python, args.steps, args.eval_every, run, args.litgpt_compile)
         else:
-            cmd = [sys.executable, __file__, "--worker", name.split("-", 1)[1], "--steps", str(args.steps)]
+            cmd = [sys.executable, __file__, "--worker", name.split("-", 1)[1], "--steps", str(args.steps), *shape]
             proc = subprocess.run(cmd + ["--eval-every", str(args.eval_every)], capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("TRACE ")), None)
             if proc.returncode or line is None:
                 raise RuntimeError(f"{name} failed: {proc.stderr[-3000:]}")
             traces[name] = json.loads(line[len("TRACE ") :])
         last = traces[name][-1]
+        (CACHE / f"trace-{name}.json").write_text(json.dumps(traces[name]))
         print(
             f"{name}: {last['step']} steps, val loss {last['val_loss']:.4f}, {last['seconds']:.1f} s training "
             f"({time.perf_counter() - w0:.0f} s wall with evals and start-up)",
