@@ -32,6 +32,7 @@ class TrainConfig:
     batch_size: int = knob(16, "sequences per optimizer step, over all processes and micro-steps")
     grad_accum: int = knob(1, "micro-steps per optimizer step")
     # --- optimizer ---
+    optimizer: str = knob("adamw", "adamw | muon (Muon on hidden matrices, AdamW at lr on the rest); docs/training.md")
     lr: float = knob(3e-3, "peak learning rate, reached at the end of warmup")
     min_lr_ratio: float = knob(0.1, "final lr = lr * min_lr_ratio")
     schedule: str = knob("cosine", "cosine | wsd | constant (all after linear warmup)")
@@ -41,6 +42,11 @@ class TrainConfig:
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.95, "AdamW beta2")
     eps: float = knob(1e-8, "AdamW epsilon")
+    muon_lr: float = knob(0.02, "optimizer=muon: peak lr of the Muon matrices (scaled by sqrt(max(1, fan_out/fan_in)))")
+    muon_momentum: float = knob(0.95, "optimizer=muon: momentum of the Muon matrices")
+    muon_nesterov: bool = knob(True, "optimizer=muon: Nesterov momentum")
+    muon_weight_decay: float = knob(0.0, "optimizer=muon: decoupled weight decay of the Muon matrices")
+    muon_ns_steps: int = knob(5, "optimizer=muon: Newton-Schulz iterations per update")
     grad_clip: float = knob(1.0, "max global grad norm; 0 disables")
     # --- loop ---
     max_steps: int = knob(300, "optimizer steps to train for")
@@ -73,6 +79,7 @@ class TrainConfig:
                 f"schedule={self.schedule!r}: choose cosine, wsd or constant",
             ),
             (self.dtype in ("fp32", "bf16"), f"dtype={self.dtype!r}: choose fp32 or bf16"),
+            (self.optimizer in ("adamw", "muon"), f"optimizer={self.optimizer!r}: choose adamw or muon"),
             (self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: choose ddp or fsdp"),
             (
                 self.save_optimizer in ("last", "all", "never"),

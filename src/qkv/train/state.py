@@ -2,9 +2,9 @@
 
     out_dir/step_000100/            a complete qkv checkpoint (load_model works on it)
         config.json  model.safetensors  tokenizer.json  tokenizer_config.json
-        trainer/optimizer.safetensors   AdamW moments and step counts, keyed by parameter name
-                                        (save_optimizer: "last" keeps it in the newest checkpoint
-                                        only, the one --resume reads; "all" in every one; "never")
+        trainer/optimizer.safetensors   AdamW moments and step counts (Muon: momentum), keyed by
+                                        parameter name (save_optimizer: "last" keeps it in the newest
+                                        checkpoint only, the one --resume reads; "all" in every one; "never")
         trainer/state.json              step, data position, RNG states, param groups, run config
     out_dir/latest.json             {"step": 100, "dir": "step_000100"}
     out_dir/run.lock                held (flock) by the run writing out_dir; a second run is refused
@@ -59,7 +59,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, list]:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    sd = get_optimizer_state_dict(unwrap(model), opt, options=_sd_options(cpu_offload=True))
+    sd = get_optimizer_state_dict(unwrap(model), _optimizers(opt), options=_sd_options(cpu_offload=True))
     if "state" not in sd:  # ranks other than 0 get nothing with cpu_offload: they do not write
         return {}, []
     tensors = {f"{name}/{key}": t.detach().contiguous() for name, st in sd["state"].items() for key, t in st.items()}
@@ -277,7 +277,14 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, opt
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    set_optimizer_state_dict(unwrap(model), opt, {"state": per_param, "param_groups": groups}, options=_sd_options())
+    set_optimizer_state_dict(
+        unwrap(model), _optimizers(opt), {"state": per_param, "param_groups": groups}, options=_sd_options()
+    )
+
+
+def _optimizers(opt):
+    """The torch optimizer(s) behind `opt` (optim.Optimizers holds several, e.g. Muon + AdamW)."""
+    return getattr(opt, "optimizers", opt)
 
 
 def restore_rng(state: dict, device: torch.device) -> None:

@@ -2,7 +2,7 @@
 
     for each micro-batch:  loss = loss_fn(model, batch) / grad_accum;  loss.backward()
     (gradients all-reduced across processes by DDP, or reduce-scattered by FSDP)
-    clip the global gradient norm;  set lr from the schedule;  AdamW step;  zero grads
+    clip the global gradient norm;  set lr from the schedule;  AdamW (or Muon) step;  zero grads
 
 plus, around it: eval every N steps (val loss and bits per byte), metrics JSONL, a tqdm
 bar with tokens/s and MFU, atomic checkpoints every N steps, exact resume, and a stop
@@ -40,7 +40,7 @@ from qkv.io import atomic_write_text
 from qkv.train import distributed as D
 from qkv.train import state as S
 from qkv.train.config import TrainConfig, save_config
-from qkv.train.optim import lr_at, make_optimizer
+from qkv.train.optim import lr_at, make_optimizer, muon_options
 
 METRICS = "metrics.jsonl"
 
@@ -178,7 +178,15 @@ class Trainer:
             self.wrapped = _LossModule(self.model, loss_fn)
         else:
             self.wrapped = D.wrap(_LossModule(self.model, loss_fn), self.dist, "ddp")
-        self.opt = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.opt = make_optimizer(
+            self.model,
+            cfg.lr,
+            cfg.weight_decay,
+            (cfg.beta1, cfg.beta2),
+            cfg.eps,
+            optimizer=cfg.optimizer,
+            muon=muon_options(cfg),
+        )
         if loaded is not None:
             S.load_optimizer_state(self.model, self.opt, loaded[1], loaded[2])
             S.restore_rng(loaded[2], self.device)
@@ -278,8 +286,7 @@ class Trainer:
     def _train_step(self, step: int) -> dict:
         cfg = self.cfg
         self._seed_step(step)
-        lr = lr_at(
-            step,
+        schedule = dict(
             lr=cfg.lr,
             max_steps=cfg.max_steps,
             warmup_steps=cfg.warmup_steps,
@@ -287,8 +294,9 @@ class Trainer:
             min_lr_ratio=cfg.min_lr_ratio,
             decay_frac=cfg.decay_frac,
         )
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        lr = lr_at(step, **schedule)
+        for g in self.opt.param_groups:  # Muon's groups have their own peak lr
+            g["lr"] = lr if "peak_lr" not in g else lr_at(step, **{**schedule, "lr": g["peak_lr"]})
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         extra: dict[str, float] = {}
