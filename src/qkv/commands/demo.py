@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dpo-steps", type=int, default=100, help="DPO steps after SFT (0 skips DPO)")
     p.add_argument("--samples", type=int, default=3, help="samples to generate")
     p.add_argument("--max-tokens", type=int, default=60, help="tokens per sample")
+    p.add_argument("--eval-limit", type=int, default=20, help="items per benchmark in the closing `qkv eval` glance")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
@@ -150,6 +151,27 @@ def sample(model_dir: Path, prompts: list, max_tokens: int, seed: int = 0) -> li
     return outs
 
 
+def benchmark_glance(model_dir: Path, args: argparse.Namespace) -> None:
+    """A few items of two benchmarks on the pretrained model: where it stands against chance."""
+    from qkv.eval import data
+    from qkv.eval.harness import RANDOM_BASELINE, EvalOptions, evaluate
+    from qkv.interop.load import load_for_inference
+
+    tasks = ["arc_easy", "piqa"]
+    try:
+        data.data_root()
+    except FileNotFoundError as e:
+        print(f"\n(skipping the benchmark glance: {e})")
+        return
+    print(f"\n--- qkv eval --model {model_dir} --tasks {','.join(tasks)} --limit {args.eval_limit} ---")
+    model, tokenizer = load_for_inference(model_dir)
+    results = evaluate(model, tokenizer, tasks, EvalOptions(limit=args.eval_limit, progress=False))
+    for name, r in results.items():
+        score, err = r.metrics[r.primary], r.metrics[r.primary + "_stderr"]
+        print(f"{name:<9} {r.primary} {score:.2f} ± {err:.2f} on {r.n} items (chance {RANDOM_BASELINE[name]:.2f})")
+    print("a model this small trained for minutes sits near chance; `qkv eval` on SmolLM2 shows a real one")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -245,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'total time':<{w}}  {time.perf_counter() - t_start:.0f}s")
     for i, s in enumerate(samples, 1):
         print(f"\n--- sample {i} ---\n{s.strip()}")
+    benchmark_glance(run_dir, args)
     chat = f"qkv chat --model {final_dir}   |   " if final_dir != run_dir else ""
     print(f"\nnext: {chat}qkv generate --model {run_dir} --prompt 'ROMEO:'   |   qkv plot {run_dir}")
     return 0
