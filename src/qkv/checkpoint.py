@@ -63,6 +63,14 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    check_state(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Names and shapes of `state` match `model`'s; `model` may live on the meta device, so a
+    config that disagrees with its weights (a hostile one asking for terabytes) is refused
+    before anything of the config's size is allocated."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -78,7 +86,6 @@ def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: 
                 f"{source}: shape mismatch for {name}: file has {tuple(t.shape)}, "
                 f"config expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state, strict=True)
 
 
 def is_qkv_checkpoint(directory: str | Path) -> bool:
@@ -98,6 +105,7 @@ def load_model(directory: str | Path, device: str = "cpu", dtype: torch.dtype = 
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     cfg = ModelConfig.load(directory / CONFIG)
     state = read_safetensors(directory / WEIGHTS)
+    check_state(build_model(cfg, device="meta"), state, directory / WEIGHTS)  # before allocating the config's size
     model = build_model(cfg)  # real storage; init cost is small next to reading weights
     load_state_into(model, state, directory / WEIGHTS)
     return model.to(device=device, dtype=dtype).eval()

@@ -3,8 +3,9 @@
 Saved beside the weights in the Hugging Face layout (tokenizer.json and
 tokenizer_config.json with `chat_template`), so transformers' AutoTokenizer reads it and
 imported models keep their own tokenizer and template. Chat templates are jinja2,
-rendered in a sandbox the way transformers does. `encode_chat` also returns the mask of
-assistant tokens that SFT trains on.
+rendered in a sandbox the way transformers does, within a render budget
+(qkv.chat_template). `encode_chat` also returns the mask of assistant tokens that SFT
+trains on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from qkv.chat_template import render as render_template
 from qkv.io import atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -90,7 +92,8 @@ class Tokenizer:
                 "this tokenizer has no chat template; pass one (tokenizer_config.json "
                 "'chat_template') or use plain-text prompts"
             )
-        return _compile_template(self.chat_template).render(
+        return render_template(
+            self.chat_template,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
@@ -217,22 +220,6 @@ class Tokenizer:
             pad_token=_token_str(cfg.get("pad_token")),
             add_bos=bool(cfg.get("add_bos_token", False)),
         )
-
-
-_TEMPLATE_CACHE: dict[str, object] = {}
-
-
-def _compile_template(source: str):
-    if source not in _TEMPLATE_CACHE:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise ValueError(f"chat template error: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        _TEMPLATE_CACHE[source] = env.from_string(source)
-    return _TEMPLATE_CACHE[source]
 
 
 # --- training a byte-level BPE tokenizer (qkv-trained models) -------------------------------

@@ -64,13 +64,9 @@ def load_policy(source: str):
     """(model in train mode, tokenizer) from a qkv checkpoint, a Hugging Face directory or a
     GGUF file (an imported model is fine-tuned as it is, no conversion step); a clear error
     without a tokenizer or a chat template."""
-    from pathlib import Path
-
     from qkv.align.data import require_chat_template
     from qkv.interop import load
 
-    if not Path(source).exists():
-        raise FileNotFoundError(f"{source}: no such checkpoint directory, Hugging Face directory or GGUF file")
     model, tok = load(source, dequantize=True)  # training updates plain fp32 weights
     if tok is None:
         raise ValueError(

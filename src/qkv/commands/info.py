@@ -1,17 +1,20 @@
 """Show a model's parameter counts (total/active, with/without embeddings) and KV-cache size.
 
-MODEL is a preset name (e.g. tiny, mixtral-8x7b), a qkv checkpoint directory, a Hugging Face
-directory or config.json, or a GGUF file. Only the config is read; the model is built on
+MODEL is a preset name (e.g. tiny, mixtral-8x7b), a model name from `qkv models` (e.g.
+smollm2), a qkv checkpoint directory, a Hugging Face directory or config.json, or a GGUF file.
+For a model file it also shows the weight format, vocabulary, context length and whether a
+chat template comes with it. Only the config is read; the model is built on
 the meta device, so even Mixtral-8x7B costs no memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="preset name, checkpoint dir, HF dir/config.json or .gguf file")
+    p.add_argument("model", help="preset name, model name, checkpoint dir, HF dir/config.json or .gguf file")
     p.add_argument(
         "--context", type=int, default=None, help="context length for the KV-cache total (default: the model's)"
     )
@@ -28,19 +31,38 @@ def resolve_config(spec: str):
     from pathlib import Path
 
     from qkv.config import PRESETS, ModelConfig, preset
+    from qkv.interop.registry import MODELS, resolve_model
 
     if spec in PRESETS:
         return preset(spec)
     path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{spec}: not a preset ({', '.join(PRESETS)}) and no such file or directory")
+    if not path.exists() and spec not in MODELS:
+        raise FileNotFoundError(
+            f"{spec}: not a preset ({', '.join(PRESETS)}), not a model name ({', '.join(MODELS)}) "
+            "and no such file or directory"
+        )
+    path = resolve_model(spec)
     from qkv.checkpoint import is_qkv_checkpoint
 
     if path.is_dir() and is_qkv_checkpoint(path):
         return ModelConfig.load(path / "config.json")
-    from qkv.interop import load_config  # HF config.json or GGUF metadata
+    from qkv.interop import detect_format, load_config  # HF config.json or GGUF metadata
 
+    if detect_format(path) == "gguf":
+        from qkv.interop.gguf import config_from_gguf
+        from qkv.interop.load import _gguf_file
+
+        return config_from_gguf(gguf_reader(_gguf_file(path)), _gguf_file(path))
     return load_config(path)
+
+
+@functools.lru_cache(maxsize=2)
+def gguf_reader(path):
+    """One parse of a GGUF file's header for all of `qkv info` (reading a large vocabulary
+    takes seconds)."""
+    from qkv.interop.gguf import open_gguf
+
+    return open_gguf(path)
 
 
 def human(n: float, unit: str = "") -> str:
@@ -57,19 +79,67 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def model_file_facts(spec: str) -> dict:
+    """For a model on disk (not a preset): its weight format, vocabulary size, context length
+    and whether a chat template comes with it; {} for a preset."""
+
+    from qkv.config import PRESETS
+    from qkv.interop.load import _gguf_file, detect_format
+    from qkv.interop.registry import resolve_model
+
+    if spec in PRESETS:
+        return {}
+    path = resolve_model(spec)
+    fmt = detect_format(path)
+    facts: dict = {"path": str(path), "format": fmt}
+    if fmt == "gguf":
+        import gguf
+
+        reader = gguf_reader(_gguf_file(path))
+
+        file_type = reader.fields.get("general.file_type")
+        try:
+            facts["weight_format"] = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            facts["weight_format"] = f"file type {file_type}"
+        facts["chat_template"] = bool(reader.fields.get("tokenizer.chat_template"))
+    else:
+        d = path if path.is_dir() else path.parent
+        config = d / "config.json"
+        dtype = None
+        if config.is_file():
+            import json
+
+            hf = json.loads(config.read_text())
+            dtype = hf.get("torch_dtype") or hf.get("dtype")
+        facts["weight_format"] = f"safetensors ({dtype})" if dtype else "safetensors"
+        facts["chat_template"] = _has_chat_template(d)
+    return facts
+
+
+def _has_chat_template(directory) -> bool:
+    import json
+
+    if (directory / "chat_template.jinja").is_file():
+        return True
+    cfg = directory / "tokenizer_config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))
+
+
 def gguf_weight_formats(spec: str) -> dict[str, dict]:
     """For a GGUF file: per stored format, its tensors, weights and how qkv computes with
     them (kept as blocks by the native quantized kernel, or dequantized); {} otherwise."""
     from pathlib import Path
 
-    path = Path(spec)
+    from qkv.interop.registry import MODELS, resolve_model
+
+    path = resolve_model(spec) if spec in MODELS else Path(spec)
     if path.suffix != ".gguf" or not path.is_file():
         return {}
-    from qkv.interop.gguf import open_gguf
     from qkv.kernels import native, quant_linear
 
     out: dict[str, dict] = {}
-    for t in open_gguf(path).tensors:
+    for t in gguf_reader(path).tensors:
         fmt = t.tensor_type.name.lower()
         w = out.setdefault(fmt, {"tensors": 0, "elements": 0})
         w["tensors"] += 1
@@ -114,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
         "kv_batch": args.batch,
         "kv_bytes_total": per_token * context * args.batch,
         "cpu_decode": fused_decode.describe(cfg),
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_seq_len,
+        **model_file_facts(args.model),
     }
     weights = gguf_weight_formats(args.model)
     if weights:
@@ -121,7 +194,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    rows = [
+    rows = []
+    if "format" in info:
+        template = "yes" if info["chat_template"] else "no (use `qkv generate` without --chat)"
+        rows += [
+            ("file", f"{info['path']} ({info['format']})"),
+            ("weight format", info["weight_format"]),
+            ("chat template", template),
+        ]
+    rows += [
+        ("vocabulary", f"{cfg.vocab_size:,} tokens"),
+        ("context length", f"{cfg.max_seq_len:,} tokens"),
         (
             "architecture",
             f"{cfg.n_layer} layers, d={cfg.d_model}, {info['heads']}, head_dim {cfg.head_dim}, "

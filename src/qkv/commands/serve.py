@@ -1,6 +1,7 @@
 """Serve a model over the OpenAI API (chat + completions, streaming) with a chat page at /.
 
-Loads a qkv checkpoint directory, a Hugging Face directory or a GGUF file, wraps it in the
+Loads a qkv checkpoint directory, a Hugging Face directory, a GGUF file or a model name
+(`qkv models`), wraps it in the
 continuous-batching engine and serves it with uvicorn. Binds 127.0.0.1 unless --host says
 otherwise; with --api-key (or QKV_API_KEY) every API request must send
 `Authorization: Bearer KEY` (the chat page has a field for it). Answers only requests whose
@@ -16,10 +17,23 @@ import os
 from qkv.commands._weights import add_dtype_argument
 
 
+def port_number(text: str) -> int:
+    """argparse type of --port: a TCP port, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; choose one in 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port; choose one in 1-65535")
+    return port
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="qkv checkpoint dir, Hugging Face dir or .gguf file")
+    from qkv.commands.generate import MODEL_HELP
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535")
     p.add_argument(
         "--api-key", default=None, help="require this bearer key on the API (default: env QKV_API_KEY, else none)"
     )
@@ -71,12 +85,8 @@ def allowed_hosts(args: argparse.Namespace) -> list[str]:
 def load_for_serving(path: str, dtype: str = "auto"):
     """(model, tokenizer) for a checkpoint dir, HF dir or GGUF file, in eval mode, its
     weights stored as `dtype` says (qkv.interop.load.load_for_inference)."""
-    from pathlib import Path
-
     from qkv.interop.load import load_for_inference
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: no such model file or directory; pass a checkpoint dir, HF dir or .gguf")
     model, tokenizer = load_for_inference(path, dtype)
     if tokenizer is None:
         raise ValueError(f"{path}: has no tokenizer; save one beside the weights (tokenizer.json)")
@@ -93,13 +103,36 @@ def cap_context(model, max_model_len: int | None) -> int:
     return model.cfg.max_seq_len
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, before the model loads, when the address cannot be listened on (the port is
+    taken or the host is not this machine's), the way uvicorn would bind it."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror}); pass an address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OSError(
+                f"cannot listen on {host}:{port}: {e.strerror}; pass another --port or stop what uses this one"
+            ) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_port_free(args.host, args.port)  # before the slow imports and the model load
     from pathlib import Path
 
     import torch
     import uvicorn
 
+    from qkv.commands.generate import model_sampling_defaults
     from qkv.infer.engine import Engine
+    from qkv.interop.registry import MODELS
     from qkv.serve.app import create_app
 
     if args.threads:
@@ -112,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_blocks:
         engine_kwargs["num_blocks"] = args.num_blocks
     engine = Engine(model, tokenizer, **engine_kwargs)
-    name = args.served_model_name or Path(args.model).resolve().name.removesuffix(".gguf")
+    default_name = args.model if args.model in MODELS else Path(args.model).resolve().name.removesuffix(".gguf")
+    name = args.served_model_name or default_name
     api_key = args.api_key or os.environ.get("QKV_API_KEY") or None
     app = create_app(
         engine,
@@ -125,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts(args),
         metrics_auth=args.metrics_auth,
         allow_special_in_content=args.allow_special_tokens_in_content,
+        sampling_defaults=model_sampling_defaults(args.model),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")

@@ -12,7 +12,9 @@ template.
   `gguf.quants.dequantize`, as is everything with `dequantize=True`.
   A GGUF tensor of ne=[in, out] reads as a (out, in) array: already PyTorch's layout, and each
   quantized row is whole blocks, so rows can be reordered as bytes.
-- Every tensor's byte size is checked against its declared shape and type before use.
+- The file is read by qkv.interop.gguf_file (metadata as Python values, tensors as views of one
+  read-only map, every size checked against the bytes that remain); every tensor's byte size is
+  checked against its declared shape and type before use.
 - llama.cpp's converter permutes the rows of Q and K of llama models so its rope kernel can
   rotate adjacent pairs (x0, x1); qkv (like transformers) rotates halves (x_i, x_{i+d/2}).
   `unpermute` reverses it per head: rows [h, (i, pair)] -> [h, (pair, i)].
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from qkv.config import ModelConfig
+from qkv.interop.gguf_file import GGUFFile
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -56,25 +59,24 @@ _SPLITS = {
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def open_gguf(path: str | Path):
-    from gguf import GGUFReader
-
+def open_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    try:
-        return GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct/numpy errors on bad files
-        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+    return GGUFFile(path)
 
 
-def _fields(reader) -> dict:
-    return {
-        name: f.contents()
-        for name, f in reader.fields.items()
-        if name
-        not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-    }
+_VOCABULARY_ARRAYS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.scores",
+)
+
+
+def _fields(reader: GGUFFile) -> dict:
+    """The metadata without the vocabulary-sized arrays (the tokenizer reads those itself)."""
+    return {name: value for name, value in reader.fields.items() if name not in _VOCABULARY_ARRAYS}
 
 
 def config_from_gguf(reader, source: Path) -> ModelConfig:
@@ -260,11 +262,9 @@ def tokenizer_from_gguf(reader, source: Path):
             file=sys.stderr,
         )
         return None
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    types = (
-        reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields else []
-    )
-    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    types = reader.fields.get("tokenizer.ggml.token_type", [])
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"]]
 
     # a token outside the byte alphabet is respelled byte by byte, as transformers does
     spelling = pre_tokenizers.ByteLevel.alphabet()
@@ -329,7 +329,7 @@ def build_quantized(cfg: ModelConfig, state: dict[str, Weight], source: Path):
     device, swapped, allocated, then loaded with names and shapes checked)."""
     import torch.nn as nn
 
-    from qkv.checkpoint import load_state_into
+    from qkv.checkpoint import check_state, load_state_into
     from qkv.model import build_model
     from qkv.quant import QuantEmbedding, QuantLinear
 
@@ -347,6 +347,7 @@ def build_quantized(cfg: ModelConfig, state: dict[str, Weight], source: Path):
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
         state[name + ".blocks"] = state.pop(key).blocks
+    check_state(model, state, source)  # before to_empty: metadata that disagrees with the tensors allocates nothing
     model.to_empty(device="cpu")
     load_state_into(model, state, source)
     twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())

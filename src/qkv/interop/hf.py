@@ -451,16 +451,53 @@ def build_with_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: P
     """A Transformer holding `state`, without paying for a random init of weights that are
     overwritten anyway: build on the meta device, allocate, load (names and shapes checked),
     then compute the non-persistent buffers (RoPE / sinusoidal tables) from a one-layer twin."""
-    from qkv.checkpoint import load_state_into
+    from qkv.checkpoint import check_state, load_state_into
     from qkv.model import build_model
 
-    model = build_model(cfg, device="meta").to_empty(device="cpu")
+    model = build_model(cfg, device="meta")
+    check_state(model, state, source)  # before to_empty: a config that disagrees with its weights allocates nothing
+    model = model.to_empty(device="cpu")
     load_state_into(model, state, source)
     twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())
     for name, buf in model.named_buffers():
         if name not in state:
             buf.copy_(twin[name])
     return model.eval()
+
+
+GENERATION_CONFIG = "generation_config.json"
+# generation_config.json keys that are sampling defaults qkv applies (transformers' names = qkv's)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def read_generation_config(directory: str | Path) -> dict:
+    """The sampling defaults a model directory's generation_config.json carries ({} when it has
+    none). An explicit `do_sample: false` is transformers' greedy decoding: temperature 0."""
+    path = Path(directory) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    out = {k: gen[k] for k in SAMPLING_KEYS if isinstance(gen.get(k), (int, float)) and not isinstance(gen[k], bool)}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def generation_config(sampling: dict, tokenizer=None) -> dict:
+    """generation_config.json for an export: the model's sampling defaults (`sampling` over qkv's
+    shared set) so transformers' `generate` samples as `qkv generate` does, plus special tokens."""
+    from dataclasses import asdict
+
+    from qkv.infer.sampling import DEFAULT_SAMPLING
+
+    values = asdict(DEFAULT_SAMPLING.merged(sampling))
+    gen: dict = {"do_sample": values["temperature"] > 0, **values}
+    if tokenizer is not None:
+        gen.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return gen
 
 
 def import_hf(directory: str | Path):
@@ -476,6 +513,7 @@ def import_hf(directory: str | Path):
     state = state_from_hf(read_hf_weights(directory), hf["model_type"], cfg, files[0] if len(files) == 1 else directory)
     model = build_with_state(cfg, state, files[0] if len(files) == 1 else directory)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
+    model.generation_defaults = read_generation_config(directory)  # kept through a re-export
     return model.eval(), tokenizer
 
 
@@ -496,6 +534,8 @@ def export_hf(
     atomic_write_bytes(directory / WEIGHTS, save(hf_state, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save(directory)
+    gen = generation_config(getattr(unwrap(model), "generation_defaults", {}), tokenizer)
+    atomic_write_text(directory / GENERATION_CONFIG, json.dumps(gen, indent=2) + "\n")
     atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     return directory
 

@@ -1,7 +1,8 @@
 """One entry point for every model source: `load(path)` -> (Transformer, Tokenizer | None).
 
 `path` may be a qkv checkpoint directory (config.json without `model_type`), a Hugging Face
-directory (config.json with `model_type`), or a `.gguf` file. The format is detected from
+directory (config.json with `model_type`), a `.gguf` file (or a directory holding exactly one),
+or a registered model name such as `smollm2` (qkv.interop.registry). The format is detected from
 what is on disk, so callers (engine, server, alignment, inspect) never need to know.
 
 A GGUF model keeps its quantized weights as the file's blocks (qkv.quant's QuantLinear /
@@ -17,6 +18,7 @@ from typing import Literal
 import torch
 
 from qkv.config import ModelConfig
+from qkv.interop.registry import resolve_model
 from qkv.model import Transformer
 from qkv.tokenizer import Tokenizer
 
@@ -27,9 +29,7 @@ def detect_format(path: str | Path) -> Format:
     """'qkv', 'hf' or 'gguf' for what is at `path`; a clear error when it is none of them."""
     from qkv.checkpoint import is_qkv_checkpoint
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+    path = resolve_model(path)
     if path.is_file():
         if path.suffix == ".gguf" or _magic(path) == b"GGUF":
             return "gguf"
@@ -43,6 +43,9 @@ def detect_format(path: str | Path) -> Format:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return "gguf"
+    if ggufs:  # picking one would be a guess: say which are there
+        names = ", ".join(g.name for g in ggufs)
+        raise ValueError(f"{path}: holds {len(ggufs)} GGUF files ({names}); pass one of them as --model")
     raise FileNotFoundError(f"{path / 'config.json'}: no config.json here; not a qkv or Hugging Face model directory")
 
 
@@ -64,7 +67,7 @@ def load(
     """Load a model and its tokenizer (None when the source has none) in eval mode. `dtype`
     applies to floating-point weights; quantized GGUF weights stay in their block format
     unless `dequantize` (qkv and Hugging Face sources are never quantized)."""
-    path = Path(path)
+    path = resolve_model(path)
     fmt = detect_format(path)
     if fmt == "qkv":
         from qkv.checkpoint import load_model
@@ -79,6 +82,10 @@ def load(
         from qkv.interop.gguf import import_gguf
 
         model, tokenizer = import_gguf(_gguf_file(path), dequantize=dequantize)
+    if fmt != "gguf":  # a GGUF's sampling keys cost another header parse: sampling_defaults() reads them
+        from qkv.interop.hf import read_generation_config
+
+        model.generation_defaults = read_generation_config(path if path.is_dir() else path.parent)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
@@ -103,7 +110,7 @@ def load_for_inference(path: str | Path, weights: str = "auto") -> tuple[Transfo
 
 def load_config(path: str | Path) -> ModelConfig:
     """Only the ModelConfig of a model source (no weights are read)."""
-    path = Path(path)
+    path = resolve_model(path)
     fmt = detect_format(path)
     if fmt == "qkv":
         return ModelConfig.load((path if path.is_dir() else path.parent) / "config.json")
@@ -116,3 +123,36 @@ def load_config(path: str | Path) -> ModelConfig:
 
     f = _gguf_file(path)
     return config_from_gguf(open_gguf(f), f)
+
+
+# GGUF keys of the sampling a model's authors recommend (llama.cpp's general.sampling.*)
+GGUF_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def sampling_defaults(path: str | Path) -> dict:
+    """The sampling defaults a model source carries, as SamplingParams field names ({} when it
+    carries none): a directory's generation_config.json, a GGUF's general.sampling.* keys.
+    Callers lay them over qkv.infer.sampling.DEFAULT_SAMPLING."""
+    from qkv.interop.hf import read_generation_config
+
+    path = resolve_model(path)
+    fmt = detect_format(path)
+    if fmt != "gguf":
+        return read_generation_config(path if path.is_dir() else path.parent)
+    from qkv.interop.gguf import open_gguf
+    from qkv.interop.registry import card_sampling
+
+    file = _gguf_file(path)
+    reader = open_gguf(file)
+    out: dict = card_sampling(file)  # the file's own keys, below, win over its model card
+    for key, name in GGUF_SAMPLING_KEYS.items():
+        value = reader.fields.get(key)
+        if isinstance(value, (int, float)):
+            out[name] = int(value) if name == "top_k" else float(value)
+    return out

@@ -36,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qkv.infer.sampling import SamplingError
+from qkv.infer.sampling import DEFAULT_SAMPLING, SamplingDefaults, SamplingError
 from qkv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
 from qkv.serve.embeddings import embedding_card, embedding_router
 from qkv.serve.guard import Guard
@@ -71,6 +71,7 @@ class _Served:
     metrics: Metrics
     created: int
     allow_special_in_content: bool = False
+    sampling_defaults: SamplingDefaults = DEFAULT_SAMPLING  # for the sampling fields a request omits
 
 
 def create_app(
@@ -85,12 +86,15 @@ def create_app(
     allowed_hosts: Iterable[str] | None = None,
     metrics_auth: bool = False,
     allow_special_in_content: bool = False,
+    sampling_defaults: SamplingDefaults = DEFAULT_SAMPLING,
 ) -> FastAPI:
     """Wrap `engine` (a qkv.infer.Engine) in the OpenAI API. The engine loop starts with the
     app (lifespan) and stops with it. `tokenizer`/`max_model_len` default to the engine's;
     `allowed_hosts` (Host header names served; "*" = any) defaults to the loopback names;
     `metrics_auth` makes /metrics require the API key too; `allow_special_in_content` lets
-    special-token text inside chat messages act as control tokens (off: clients cannot forge turns)."""
+    special-token text inside chat messages act as control tokens (off: clients cannot forge turns);
+    `sampling_defaults` fills the sampling fields a request leaves out (the model's own, else
+    qkv's shared set, as `qkv generate` uses)."""
     if metrics_auth and not api_key:
         raise ValueError("metrics_auth needs an API key to check: pass api_key (qkv serve --api-key)")
     aengine = AsyncEngine(engine, max_queue=max_queue)
@@ -103,6 +107,7 @@ def create_app(
         metrics=Metrics(aengine, model_name),
         created=now(),
         allow_special_in_content=allow_special_in_content,
+        sampling_defaults=sampling_defaults,
     )
     app = FastAPI(title="qkv", lifespan=_engine_running(aengine), docs_url=None, redoc_url=None)
     app.state.engine, app.state.aengine, app.state.tokenizer = engine, aengine, served.tokenizer
@@ -230,7 +235,7 @@ def _generation_routes(served: _Served) -> APIRouter:
             )
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = _budget(len(prompt), explicit, ctx, "messages")
-        params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, served.sampling_defaults)
         rids, q = await _submit_all(served, [prompt], params)
         gen = served.aengine.results(rids, q)
         fmt = ChatFormat(tokenizer, model_name, req.n)
@@ -256,7 +261,7 @@ def _generation_routes(served: _Served) -> APIRouter:
             max_tokens = _echo_budget(longest, req.max_tokens, ctx)
         else:
             max_tokens = _budget(longest, req.max_tokens, ctx, "prompt", default=16)
-        params = _params(req, max_tokens, req.logprobs)
+        params = _params(req, max_tokens, req.logprobs, served.sampling_defaults)
         echo = await run_in_threadpool(_echo_texts, req.prompt, prompts, tokenizer) if req.echo else None
         rids, q = await _submit_all(served, prompts, params)
         gen = served.aengine.results(rids, q)
@@ -362,9 +367,9 @@ def _echo_texts(prompt, prompts: list[list[int]], tokenizer) -> list[tuple[str, 
     return [(texts[i] if i < len(texts) else tokenizer.decode(ids), ids) for i, ids in enumerate(prompts)]
 
 
-def _params(req, max_tokens: int, logprobs: int | None):
+def _params(req, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults):
     try:
-        return req.sampling_params(max_tokens, logprobs)
+        return req.sampling_params(max_tokens, logprobs, defaults)
     except SamplingError as e:
         raise APIError(400, str(e), param=e.param) from None
 

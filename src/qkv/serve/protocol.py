@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qkv.infer.sampling import SamplingParams
+from qkv.infer.sampling import DEFAULT_SAMPLING, SamplingDefaults, SamplingParams
 
 MAX_N = 16  # samples per request; more would let one request fill the whole batch
 MAX_TOP_LOGPROBS = 20
@@ -95,17 +95,22 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults = DEFAULT_SAMPLING
+    ) -> SamplingParams:
+        """The request's sampling; a field it leaves out takes `defaults` (qkv's shared set, the
+        same as `qkv generate` and the chat page), as vLLM takes a model's generation config."""
+        d = defaults
         if not 1 <= self.n <= MAX_N:
             raise APIError(400, f"invalid n: {self.n}; must be between 1 and {MAX_N}", param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         p = SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k in (None, -1) else self.top_k,  # vLLM uses -1 for "off"
-            min_p=self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            temperature=d.temperature if self.temperature is None else self.temperature,
+            top_p=d.top_p if self.top_p is None else self.top_p,
+            top_k=d.top_k if self.top_k is None else 0 if self.top_k == -1 else self.top_k,  # vLLM: -1 = off
+            min_p=d.min_p if self.min_p is None else self.min_p,
+            repetition_penalty=d.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=stop,
@@ -133,10 +138,12 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults = DEFAULT_SAMPLING
+    ) -> SamplingParams:
         """echo with logprobs scores the prompt in the engine's prefill; echo with max_tokens=0
         means the prompt alone (scored, nothing generated)."""
-        p = super().sampling_params(max(max_tokens, 1), logprobs)
+        p = super().sampling_params(max(max_tokens, 1), logprobs, defaults)
         if self.echo and (logprobs is not None or max_tokens == 0):
             p.prompt_logprobs, p.max_tokens = logprobs or 0, max_tokens
             p.validate()

@@ -19,7 +19,11 @@ for (const tab of document.querySelectorAll(".tab")) {
 }
 
 // --- settings ------------------------------------------------------------------------
-for (const id of ["temperature", "top_p"]) {
+// qkv's shared sampling defaults, the same as `qkv generate` and the server's
+// (qkv.infer.sampling.DEFAULT_SAMPLING); a test keeps them equal.
+const SAMPLING_DEFAULTS = { temperature: 0.7, top_p: 0.95, top_k: 40, min_p: 0.05 };
+for (const [id, value] of Object.entries(SAMPLING_DEFAULTS)) $(id).value = value;
+for (const id of ["temperature", "top_p", "min_p"]) {
   const input = $(id);
   const show = () => { $(id + "-val").textContent = Number(input.value).toFixed(2); };
   input.addEventListener("input", show);
@@ -104,6 +108,8 @@ async function send(text) {
     stream_options: { include_usage: true },
     temperature: Number($("temperature").value),
     top_p: Number($("top_p").value),
+    top_k: Number($("top_k").value),
+    min_p: Number($("min_p").value),
     max_tokens: Number($("max_tokens").value),
   };
   controller = new AbortController();
