@@ -307,10 +307,11 @@ class Engine:
         token p + 1. The chunk starts at seq.num_computed (not advanced yet); after a
         preemption the prompt is computed again but scored only once."""
         req = self.requests.get(seq.request_id)
-        if req is None:
+        scored = seq.prompt_logprobs
+        if req is None or scored is None:
             return
         k = req.params.prompt_logprobs or 0
-        first = len(seq.prompt_logprobs)  # next prompt position to score
+        first = len(scored)  # next prompt position to score
         last = min(seq.num_computed + h.shape[0] + 1, seq.num_prompt)  # exclusive
         if first >= last:
             return
@@ -319,10 +320,9 @@ class Engine:
         lsm = torch.log_softmax(backend.logits(self.model, rows).float(), -1)
         targets = torch.tensor(seq.token_ids[first:last], device=lsm.device)
         chosen = lsm.gather(1, targets[:, None])[:, 0].tolist()
-        top_v, top_i = torch.topk(lsm, k) if k > 0 else (None, None)
-        for j, (t, lp) in enumerate(zip(targets.tolist(), chosen)):
-            top = [] if top_i is None else list(zip(top_i[j].tolist(), top_v[j].tolist()))
-            seq.prompt_logprobs.append(TokenLogprob(t, lp, top))
+        best = torch.topk(lsm, k)  # k = 0 gives empty rows
+        for t, lp, ids, values in zip(targets.tolist(), chosen, best.indices.tolist(), best.values.tolist()):
+            scored.append(TokenLogprob(t, lp, list(zip(ids, values))))
 
     # --- sampling, stopping, detokenising -----------------------------------------------
     def _sample_and_emit(self, to_sample: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:
