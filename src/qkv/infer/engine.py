@@ -55,6 +55,8 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # why the engine aborted this request (a server fault), if it did
+    # on a sample's first output, when asked for: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -84,7 +86,7 @@ class _Request:
 class _SeqText:
     """Incremental detokenisation and stop-string state of one sequence."""
 
-    __slots__ = ("detok", "held", "token_emitted", "finish_reason", "stop_token")
+    __slots__ = ("detok", "held", "token_emitted", "finish_reason", "stop_token", "prompt_sent")
 
     def __init__(self, tokenizer):
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
@@ -92,6 +94,7 @@ class _SeqText:
         self.token_emitted = 0  # output tokens already sent
         self.finish_reason: str | None = None
         self.stop_token = False  # last token is eos/stop id: kept in ids, not in the text
+        self.prompt_sent = False  # prompt logprobs (if asked for) went out with an output
 
 
 class Engine:
@@ -151,7 +154,8 @@ class Engine:
             raise ValueError("empty prompt; give at least one token")
         if not all(isinstance(t, int) and 0 <= t < V for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {V})")
-        if len(prompt_ids) >= self.max_len:
+        # a prompt scored without a reply (max_tokens=0) may fill the whole context
+        if len(prompt_ids) >= self.max_len + (params.max_tokens == 0):
             raise ValueError(
                 f"prompt of {len(prompt_ids)} tokens is too long: the context holds {self.max_len} "
                 f"tokens including the reply; shorten the prompt"
@@ -187,6 +191,7 @@ class Engine:
             num_prompt=len(req.prompt_ids),
             generator=None if req.params.greedy else make_generator(sample_seed(seed, index), self.device),
             seed=seed,
+            prompt_logprobs=[None] if req.params.prompt_logprobs is not None else None,
         )
         req.seqs.append(seq)
         self._text[seq.seq_id] = _SeqText(self.tokenizer)
@@ -287,12 +292,37 @@ class Engine:
         positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
         h = backend.hidden(self.model, tok, positions, self.cache, mask=self.cache.full_mask() if plain else None)
 
+        for b, (s, n) in enumerate(group):
+            if s.scoring_prompt:
+                self._score_prompt(s, h[b, :n])
         rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == len(s.token_ids)]
         if not rows:
             return []
         r = torch.tensor(rows, device=dev)
         logits = backend.logits(self.model, h[r, lens[r] - 1]).float()
         return [(group[b][0], logits[i]) for i, b in enumerate(rows)]
+
+    def _score_prompt(self, seq: Sequence, h: torch.Tensor) -> None:
+        """Prompt logprobs from one prefill chunk's hidden states: position p's logits score
+        token p + 1. The chunk starts at seq.num_computed (not advanced yet); after a
+        preemption the prompt is computed again but scored only once."""
+        req = self.requests.get(seq.request_id)
+        scored = seq.prompt_logprobs
+        if req is None or scored is None:
+            return
+        k = req.params.prompt_logprobs or 0
+        first = len(scored)  # next prompt position to score
+        last = min(seq.num_computed + h.shape[0] + 1, seq.num_prompt)  # exclusive
+        if first >= last:
+            return
+        assert first - 1 >= seq.num_computed, "prompt scoring fell behind the prefill"
+        rows = h[first - 1 - seq.num_computed : last - 1 - seq.num_computed]
+        lsm = torch.log_softmax(backend.logits(self.model, rows).float(), -1)
+        targets = torch.tensor(seq.token_ids[first:last], device=lsm.device)
+        chosen = lsm.gather(1, targets[:, None])[:, 0].tolist()
+        best = torch.topk(lsm, k)  # k = 0 gives empty rows
+        for t, lp, ids, values in zip(targets.tolist(), chosen, best.indices.tolist(), best.values.tolist()):
+            scored.append(TokenLogprob(t, lp, list(zip(ids, values))))
 
     # --- sampling, stopping, detokenising -----------------------------------------------
     def _sample_and_emit(self, to_sample: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:
@@ -311,12 +341,20 @@ class Engine:
                     child.num_computed = seq.num_computed
                     child.num_hashed = seq.num_hashed
                     child.block_hashes = list(seq.block_hashes)
+                    child.prompt_logprobs = seq.prompt_logprobs  # complete now; read-only
                     self.scheduler.add_running(child)
                     work.append((req, child, logits))
             work.append((req, seq, logits))
         work.sort(key=lambda w: (w[1].arrival, w[1].index))
 
         outputs = []
+        for req, seq, _ in work:
+            if req.params.max_tokens == 0:  # the prompt was only to be scored: done, nothing sampled
+                st = self._text[seq.seq_id]
+                st.finish_reason = "length"
+                outputs.append(self._output(req, seq, st, final=True))
+                self._finish(req, seq)
+        work = [w for w in work if w[0].params.max_tokens > 0]
         greedy_rows = [i for i, (rq, _, _) in enumerate(work) if rq.params.greedy and not _has_penalty(rq.params)]
         greedy_tok = {}
         if greedy_rows:
@@ -405,6 +443,9 @@ class Engine:
         if not final and not new_ids and not new_text:
             return None
         lps = seq.logprobs
+        prompt_lps = None
+        if not st.prompt_sent and seq.prompt_logprobs is not None:
+            prompt_lps, st.prompt_sent = seq.prompt_logprobs, True
         return RequestOutput(
             request_id=req.request_id,
             index=seq.index,
@@ -415,6 +456,7 @@ class Engine:
             finish_reason=st.finish_reason if final else None,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=n_out,
+            prompt_logprobs=prompt_lps,
         )
 
     def _finish(self, req: _Request, seq: Sequence) -> None:

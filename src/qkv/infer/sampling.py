@@ -79,6 +79,10 @@ class SamplingParams:
     seed: int | None = None  # makes the request reproducible whatever else is batched
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob + top-k alternatives
     n: int = 1  # parallel samples sharing the prompt (copy-on-write blocks)
+    # None = off; k >= 0 = each prompt token's logprob + top-k alternatives, computed in the
+    # prefill (the prompt's cached prefix is not reused: it has no logits). With it on,
+    # max_tokens may be 0: score the prompt only.
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise SamplingError (a ValueError) naming the field and the fix."""
@@ -86,8 +90,9 @@ class SamplingParams:
         def bad(param: str, msg: str) -> None:
             raise SamplingError(param, f"invalid {param}: {msg}")
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            bad("max_tokens", f"{self.max_tokens!r}; must be an integer >= 1")
+        scoring = self.prompt_logprobs is not None  # scoring a prompt alone needs no new token
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1 - scoring:
+            bad("max_tokens", f"{self.max_tokens!r}; must be an integer >= 1 (0 only with prompt_logprobs)")
         if not _is_num(self.temperature) or self.temperature < 0:
             bad("temperature", f"{self.temperature!r}; must be a finite number >= 0 (0 = greedy)")
         if not _is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
@@ -124,6 +129,9 @@ class SamplingParams:
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not (0 <= self.logprobs <= 20)
         ):
             bad("logprobs", f"{self.logprobs!r}; must be None or an integer in [0, 20]")
+        k = self.prompt_logprobs
+        if k is not None and (not _is_int(k) or not 0 <= k <= 20):
+            bad("prompt_logprobs", f"{self.prompt_logprobs!r}; must be None or an integer in [0, 20]")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not (1 <= self.n <= 64):
             bad("n", f"{self.n!r}; must be an integer in [1, 64]")
 

@@ -35,6 +35,8 @@ class Sequence:
     generator: torch.Generator | None = None
     seed: int = 0  # sample i of a request draws from a generator seeded with seed + i
     logprobs: list | None = None  # TokenLogprob per generated token, when asked for
+    # per prompt position (None for the first token), when asked for: filled by the prefill
+    prompt_logprobs: list | None = None
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_hashed: int = 0  # leading full blocks already named in the prefix cache
@@ -49,6 +51,11 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt
 
 
 @dataclass
@@ -116,10 +123,13 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Reuse cached full blocks for the start of a (re)admitted sequence. At least one
-        token is always left to compute, since its logits are needed to sample."""
+        token is always left to compute, since its logits are needed to sample. A sequence
+        still scoring its prompt bypasses the cache: a cached block has K/V but no logits."""
         assert not seq.block_table and seq.num_computed == 0
         bs = self.bs
         self.hash_blocks(seq)
+        if seq.scoring_prompt:
+            return
         for i in range((len(seq.token_ids) - 1) // bs):
             b = self.alloc.lookup(seq.block_hashes[i], self._content(seq, i))
             if b is None:

@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP server: `create_app(engine, model_name, ...)` -> FastAPI app.
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as
-server-sent events ending with `data: [DONE]`), POST /v1/inside/attention (the page's
-inside view, serve/inside.py), GET /health, GET /metrics, and the chat page at GET /.
+Routes: GET /v1/models, POST /v1/completions (echo=true returns the prompt's logprobs, as
+lm-evaluation-harness needs), POST /v1/chat/completions (streamed as server-sent events
+ending with `data: [DONE]`), POST /v1/embeddings (serve/embeddings.py), POST /tokenize,
+POST /detokenize, GET /tokenizer_info (serve/tokenizer_routes.py), POST
+/v1/inside/attention (the page's inside view, serve/inside.py), GET /health, GET /metrics,
+and the chat page at GET /.
 All generation goes through one `AsyncEngine` (one thread, continuous batching); handlers
 only tokenize (in a worker thread, so one long prompt never freezes the other streams),
 submit and format (serve/responses.py). Every request first passes the guard
@@ -35,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.infer.sampling import DEFAULT_SAMPLING, SamplingDefaults, SamplingError
 from qkv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
+from qkv.serve.embeddings import embedding_card, embedding_router
 from qkv.serve.guard import Guard
 from qkv.serve.inside import router as inside_router
 from qkv.serve.metrics import CONTENT_TYPE, Metrics
@@ -48,6 +52,7 @@ from qkv.serve.protocol import (
     now,
 )
 from qkv.serve.responses import ChatFormat, CompletionFormat, complete, sse
+from qkv.serve.tokenizer_routes import tokenizer_router
 
 log = logging.getLogger("qkv.serve")
 STATIC = Path(__file__).parent / "static"
@@ -115,6 +120,8 @@ def create_app(
     app.include_router(_model_routes(served))
     app.include_router(_generation_routes(served))
     app.include_router(inside_router)
+    app.include_router(tokenizer_router(served.tokenizer, model_name, served.max_model_len))
+    app.include_router(embedding_router(model_name, served.max_model_len))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
@@ -191,6 +198,7 @@ def _service_routes(served: _Served) -> APIRouter:
 def _model_routes(served: _Served) -> APIRouter:
     router = APIRouter()
     card = model_card(served.model_name, served.max_model_len, served.created)
+    card["embeddings"] = embedding_card(served.aengine.engine.model)  # how /v1/embeddings pools
 
     @router.get("/v1/models")
     async def list_models():
@@ -238,8 +246,6 @@ def _generation_routes(served: _Served) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model, model_name)
-        if req.echo:
-            raise APIError(400, "echo=true is not supported; drop it and prepend the prompt yourself", param="echo")
         if req.suffix:
             raise APIError(400, "suffix is not supported by this model", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -251,11 +257,15 @@ def _generation_routes(served: _Served) -> APIRouter:
         _check_prompt_count(req.prompt, served.max_queue, served.aengine.in_flight)  # before any tokenizing
         prompts = await run_in_threadpool(_completion_prompts, req.prompt, tokenizer)
         longest = max(len(p) for p in prompts)
-        max_tokens = _budget(longest, req.max_tokens, ctx, "prompt", default=16)
+        if req.echo:
+            max_tokens = _echo_budget(longest, req.max_tokens, ctx)
+        else:
+            max_tokens = _budget(longest, req.max_tokens, ctx, "prompt", default=16)
         params = _params(req, max_tokens, req.logprobs, served.sampling_defaults)
+        echo = await run_in_threadpool(_echo_texts, req.prompt, prompts, tokenizer) if req.echo else None
         rids, q = await _submit_all(served, prompts, params)
         gen = served.aengine.results(rids, q)
-        fmt = CompletionFormat(tokenizer, model_name, req.n, rids)
+        fmt = CompletionFormat(tokenizer, model_name, req.n, rids, echo, want_logprobs=req.logprobs is not None)
         if req.stream:
             return sse(fmt, gen, served.metrics, request, req.stream_options, "completions")
         return await complete(fmt, gen, served.metrics, request, "completions")
@@ -331,6 +341,32 @@ def _budget(prompt_len: int, requested: int | None, ctx: int, param: str, defaul
     return requested
 
 
+def _echo_budget(prompt_len: int, requested: int | None, ctx: int) -> int:
+    """max_tokens with echo=true: 0 is allowed (score the prompt only), and then the prompt
+    may fill the whole context; otherwise as without echo."""
+    if requested != 0:
+        return _budget(prompt_len, requested, ctx, "prompt", default=16)
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty; send at least one token", param="prompt")
+    if prompt_len > ctx:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens; shorten it",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    return 0
+
+
+def _echo_texts(prompt, prompts: list[list[int]], tokenizer) -> list[tuple[str, list[int]]]:
+    """Per prompt, the text echoed in front of its choices: a string prompt as sent, a
+    token-id prompt decoded."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    texts = [p if isinstance(p, str) else None for p in prompt] if prompt and isinstance(prompt[0], str) else []
+    return [(texts[i] if i < len(texts) else tokenizer.decode(ids), ids) for i, ids in enumerate(prompts)]
+
+
 def _params(req, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults):
     try:
         return req.sampling_params(max_tokens, logprobs, defaults)
@@ -403,7 +439,7 @@ def _validation_body(e: RequestValidationError) -> dict:
     return error_body(f"invalid {'.'.join(loc)}: {msg}", param=param)
 
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings")
 
 
 def _error_response(status: int, body: dict, metrics: Metrics, request: Request) -> JSONResponse:

@@ -138,6 +138,17 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults = DEFAULT_SAMPLING
+    ) -> SamplingParams:
+        """echo with logprobs scores the prompt in the engine's prefill; echo with max_tokens=0
+        means the prompt alone (scored, nothing generated)."""
+        p = super().sampling_params(max(max_tokens, 1), logprobs, defaults)
+        if self.echo and (logprobs is not None or max_tokens == 0):
+            p.prompt_logprobs, p.max_tokens = logprobs or 0, max_tokens
+            p.validate()
+        return p
+
 
 # --- responses ---------------------------------------------------------------------------
 

@@ -96,10 +96,28 @@ class ChatFormat(_Format):
 class CompletionFormat(_Format):
     prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
 
-    def __init__(self, tokenizer, model_name: str, n: int, request_ids: list[str]):
+    def __init__(
+        self,
+        tokenizer,
+        model_name: str,
+        n: int,
+        request_ids: list[str],
+        echo: list[tuple[str, list[int]]] | None = None,
+        want_logprobs: bool = False,
+    ):
+        """`echo`: per prompt, its text and ids, to put in front of each choice (echo=true);
+        `want_logprobs`: the request asked for logprobs (a choice with no generated token
+        still carries its prompt's)."""
         super().__init__(tokenizer, model_name, n)
         self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
         self.offsets: dict[int, int] = {}
+        self.echo, self.want_logprobs = echo, want_logprobs
+        self.prompt_lps: dict[int, list] = {}  # choice index -> the engine's prompt logprobs
+
+    def account(self, out) -> None:
+        super().account(out)
+        if out.prompt_logprobs is not None:
+            self.prompt_lps[self.choice_index(out)] = out.prompt_logprobs
 
     def choice_index(self, out) -> int:  # choices are ordered prompt-major, as OpenAI does
         return self.prompt_index[out.request_id] * self.n + out.index
@@ -118,10 +136,49 @@ class CompletionFormat(_Format):
         return res
 
     def full_choice(self, index: int, text: str, lps, finish: str | None) -> dict:
+        if self.echo is not None:
+            return self._echoed(index, text, lps, finish)
         return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
 
     def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
+        if self.echo is not None and first:  # the prompt goes out with a choice's first chunk
+            return self._echoed(index, text, lps, finish)
         return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
+
+    # --- echo=true: the prompt, then the completion ------------------------------------------
+
+    def _echoed(self, index: int, text: str, lps, finish: str | None) -> dict:
+        prompt_text, prompt_ids = self.echo[index // self.n]
+        logprobs = None
+        if self.want_logprobs:
+            logprobs = self._prompt_logprobs(index, prompt_ids)
+            self.offsets[index] = len(prompt_text)  # the completion's offsets follow the prompt text
+            for key, values in self.logprobs(lps or [], index).items():
+                logprobs[key] += values
+        return {"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _prompt_logprobs(self, index: int, prompt_ids: list[int]) -> dict:
+        """OpenAI's legacy shape for the prompt: no logprob for the first token; each
+        position's top alternatives plus the prompt's own token (up to logprobs + 1)."""
+        scored = self.prompt_lps.get(index) or [None] * len(prompt_ids)
+        res: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for tok_id, lp in zip(prompt_ids, scored):
+            tok = self.token_text(tok_id)
+            res["tokens"].append(tok)
+            res["text_offset"].append(offset)
+            offset += len(tok)
+            if lp is None:
+                res["token_logprobs"].append(None)
+                res["top_logprobs"].append(None)
+                continue
+            top: dict[str, float] = {}
+            for i, v in lp.top:  # best first; ids that decode alike keep the best one's logprob
+                top.setdefault(self.token_text(i), v)
+            top.setdefault(tok, lp.logprob)
+            res["token_logprobs"].append(lp.logprob)
+            res["top_logprobs"].append(top)
+        return res
 
 
 async def complete(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, endpoint: str) -> JSONResponse:
