@@ -11,8 +11,7 @@ feeds the chosen token back with `GrammarState.accept`.
 llguidance computes a mask by walking the tokenizer's token trie against the parser's
 lexer state; it needs tens of microseconds per step for typical JSON schemas at a 49k
 vocabulary, small beside a forward pass (docs/serving.md has the comparison with
-xgrammar and outlines-core and the measured overhead). The masks of a batch are filled
-by llguidance's thread pool in one call, with the GIL released.
+xgrammar and outlines-core and the measured overhead).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
@@ -99,7 +99,6 @@ class GrammarTokenizer:
         self.vocab_size = vocab_size
         self.eos_id = tokenizer.eos_id
         self.ll = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=tokenizer.eos_id)
-        self.executor = llguidance.LLExecutor()
 
     @classmethod
     def of(cls, tokenizer, vocab_size: int) -> GrammarTokenizer:
@@ -142,20 +141,18 @@ class GrammarState:
         return self.matcher.is_stopped()
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
 def allowed_tokens(states: list[GrammarState], vocab_size: int) -> torch.Tensor:
-    """(len(states), vocab_size) bool: which tokens each state allows next. The rows are
-    filled in parallel by llguidance (GIL released), then unpacked from 32-bit words."""
-    import llguidance.torch as llt
-
+    """(len(states), vocab_size) bool: which tokens each state allows next. llguidance
+    writes one bit per token (little-endian 32-bit words); numpy unpacks them. Rows are
+    filled one after another: llguidance's thread pool (LLExecutor) was no faster on a
+    2-core machine and its first call took seconds."""
     words = (vocab_size + 31) // 32
-    bitmask = torch.full((len(states), words), -1, dtype=torch.int32)
-    if states:
-        pairs = [(s.matcher, i) for i, s in enumerate(states)]
-        llt.fill_next_token_bitmask_par(states[0].gtok.executor, pairs, bitmask)
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().reshape(len(states), words * 32)[:, :vocab_size]
+    # not llguidance.torch's helpers: importing that module pulls in torch.compile (seconds)
+    bitmask = np.full((len(states), words), -1, dtype=np.int32)
+    for i, s in enumerate(states):
+        s.matcher.unsafe_compute_mask_ptr(bitmask[i].ctypes.data, words * 4)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    allowed = torch.from_numpy(bits).bool()
     for i, s in enumerate(states):
         if s.extra_stops and s.matcher.is_accepting():
             allowed[i, s.extra_stops] = True
