@@ -262,3 +262,18 @@ def test_masks_leave_unconstrained_logits_alone(engine, tok):
     c = SamplingParams(max_tokens=8, temperature=1.0, seed=6, constraint=Constraint("regex", "[0-9]+"))
     both = engine.generate([tok.encode("Hello"), tok.encode("Hello")], [free, c])
     assert both[0][0].token_ids == alone
+
+
+def test_generate_command_options(tmp_path, capsys):
+    from qkv.cli import main
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    base = ["generate", "--model", str(ckpt), "--prompt", "hi", "--max-tokens", "30", "--seed", "1"]
+    assert main(base + ["--json-schema", str(schema)]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+    assert main(base + ["--choice", "yes,no"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
+    assert main(base + ["--regex", "a(b"]) != 0
+    assert "--regex" in capsys.readouterr().err
