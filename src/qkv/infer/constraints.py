@@ -152,7 +152,8 @@ def allowed_tokens(states: list[GrammarState], vocab_size: int) -> torch.Tensor:
     for i, s in enumerate(states):
         s.matcher.unsafe_compute_mask_ptr(bitmask[i].ctypes.data, words * 4)
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
-    allowed = torch.from_numpy(bits).bool()
+    # a numpy view as bool, not torch's .bool(): on a busy machine torch's threads spin for a tiny copy
+    allowed = torch.from_numpy(np.ascontiguousarray(bits).view(np.bool_))
     for i, s in enumerate(states):
         if s.extra_stops and s.matcher.is_accepting():
             allowed[i, s.extra_stops] = True
