@@ -66,6 +66,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-k", type=int, default=4, help="tokens the draft proposes per target pass")
     p.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s and cache figures to stderr")
     add_sampling_arguments(p)
+    add_constraint_arguments(p)
+
+
+# --- structured output: the reply must match a JSON schema, a regex or one of some strings ---
+
+
+def add_constraint_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", default=None, metavar="FILE", help="reply is JSON valid under this schema file")
+    g.add_argument("--regex", default=None, help="reply matches this regular expression")
+    g.add_argument("--choice", default=None, help="reply is one of these comma-separated strings")
+
+
+def constraint_from_args(args: argparse.Namespace):
+    """The Constraint the options ask for (None without one); bad ones fail before loading."""
+    import json
+
+    from qkv.infer.constraints import Constraint
+
+    c = None
+    if getattr(args, "json_schema", None):
+        try:
+            with open(args.json_schema, encoding="utf-8") as f:
+                c = Constraint("json_schema", json.load(f), "--json-schema")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--json-schema {args.json_schema}: cannot read a JSON schema from it ({e})") from None
+    elif getattr(args, "regex", None) is not None:
+        c = Constraint("regex", args.regex, "--regex")
+    elif getattr(args, "choice", None) is not None:
+        c = Constraint("choice", [x for x in args.choice.split(",") if x], "--choice")
+    if c is not None:
+        c.validate()
+    return c
 
 
 def model_sampling_defaults(model_path: str):
@@ -157,8 +190,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sampling_params(args, n=args.n)  # bad options fail before anything is read
-    params = sampling_params(args, model_sampling_defaults(args.model), n=args.n)
+    constraint = constraint_from_args(args)
+    sampling_params(args, n=args.n, constraint=constraint)  # bad options fail before anything is read
+    params = sampling_params(args, model_sampling_defaults(args.model), n=args.n, constraint=constraint)
     model, tok = load(args.model, args.dtype)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat or args.system:  # the prompt is the user turn's content: special-token text in it stays text

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from qkv.infer import backend
+from qkv.infer.constraints import ConstraintError, GrammarState, GrammarTokenizer, allowed_tokens, mask_logits
 from qkv.infer.detokenize import IncrementalDetokenizer
 from qkv.infer.paged import BlockAllocator, PagedKVCache
 from qkv.infer.sampling import (
@@ -141,6 +142,7 @@ class Engine:
         self._arrivals = itertools.count()
         self.generated_tokens_total = 0
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+        self._grammar: dict[int, GrammarState] = {}  # seq id -> its grammar state (constrained requests)
 
     # --- requests --------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
@@ -162,6 +164,10 @@ class Engine:
             )
         if any(t >= V for t in params.stop_token_ids):
             raise SamplingError("stop_token_ids", f"invalid stop_token_ids: ids must be < vocab size {V}")
+        if params.constraint is not None:
+            if self.tokenizer is None:
+                raise ConstraintError(params.constraint.param, "constrained decoding needs the engine's tokenizer")
+            params.constraint.validate()
         return prompt_ids
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -177,6 +183,9 @@ class Engine:
         req = _Request(request_id, prompt_ids, params, stops)
         base_seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
         seq = self._new_seq(req, 0, list(prompt_ids), base_seed, next(self._arrivals))
+        if params.constraint is not None:
+            gtok = GrammarTokenizer.of(self.tokenizer, self.cfg.vocab_size)
+            self._grammar[seq.seq_id] = GrammarState(gtok, params.constraint, stops)
         self.requests[request_id] = req
         self.scheduler.add(seq)
         return request_id
@@ -213,6 +222,7 @@ class Engine:
                 if out is not None:  # a final output always is
                     self._pending.append(out)
             self._text.pop(seq.seq_id, None)
+            self._grammar.pop(seq.seq_id, None)
         for i in range(len(req.seqs), req.params.n):  # samples not forked yet
             self._pending.append(
                 RequestOutput(
@@ -342,10 +352,13 @@ class Engine:
                     child.num_hashed = seq.num_hashed
                     child.block_hashes = list(seq.block_hashes)
                     child.prompt_logprobs = seq.prompt_logprobs  # complete now; read-only
+                    if seq.seq_id in self._grammar:
+                        self._grammar[child.seq_id] = self._grammar[seq.seq_id].fork()
                     self.scheduler.add_running(child)
                     work.append((req, child, logits))
             work.append((req, seq, logits))
         work.sort(key=lambda w: (w[1].arrival, w[1].index))
+        work, raw = self._apply_grammar(work)
 
         outputs = []
         for req, seq, _ in work:
@@ -365,7 +378,9 @@ class Engine:
             if req.request_id in failed:
                 continue
             try:
-                tok, lp = self._sample(req, seq, logits, greedy_tok.get(i))
+                tok, lp = self._sample(req, seq, logits, greedy_tok.get(i), raw.get(i))
+                if seq.seq_id in self._grammar:
+                    self._grammar[seq.seq_id].accept(tok)
             except Exception as e:  # one request's numbers must not fail the whole batch
                 failed[req.request_id] = f"sampling failed: {type(e).__name__}: {e}"
                 continue
@@ -377,8 +392,32 @@ class Engine:
                     o.error = error
         return [o for o in outputs if o is not None]
 
+    def _apply_grammar(
+        self, work: list[tuple[_Request, Sequence, torch.Tensor]]
+    ) -> tuple[list[tuple[_Request, Sequence, torch.Tensor]], dict[int, torch.Tensor]]:
+        """Constrained rows get their logits masked to what their grammar allows; returns
+        the new work list and, per masked row, its unmasked logits (logprobs report the
+        model's own distribution, as vLLM does)."""
+        rows = [i for i, (_, seq, _) in enumerate(work) if seq.seq_id in self._grammar]
+        if not rows:
+            return work, {}
+        allowed = allowed_tokens([self._grammar[work[i][1].seq_id] for i in rows], work[rows[0]][2].shape[-1])
+        allowed = allowed.to(work[rows[0]][2].device)
+        raw = {}
+        work = list(work)
+        for k, i in enumerate(rows):
+            req, seq, logits = work[i]
+            raw[i] = logits
+            work[i] = (req, seq, mask_logits(logits, allowed[k]))
+        return work, raw
+
     def _sample(
-        self, req: _Request, seq: Sequence, logits: torch.Tensor, greedy_tok: int | None
+        self,
+        req: _Request,
+        seq: Sequence,
+        logits: torch.Tensor,
+        greedy_tok: int | None,
+        raw: torch.Tensor | None = None,
     ) -> tuple[int, TokenLogprob | None]:
         p = req.params
         if greedy_tok is not None:
@@ -391,7 +430,7 @@ class Engine:
                 tok = int(torch.multinomial(warp(x, p).softmax(-1), 1, generator=seq.generator))
         lp = None
         if p.logprobs is not None:
-            lsm = torch.log_softmax(logits, -1)
+            lsm = torch.log_softmax(logits if raw is None else raw, -1)
             top = torch.topk(lsm, p.logprobs) if p.logprobs > 0 else None
             lp = TokenLogprob(
                 tok,
@@ -464,6 +503,7 @@ class Engine:
             return
         seq.finished = True
         self.scheduler.remove(seq)
+        self._grammar.pop(seq.seq_id, None)
         if req.forked and all(s.finished for s in req.seqs) and len(req.seqs) == req.params.n:
             self.requests.pop(req.request_id, None)
             for s in req.seqs:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qkv.infer.constraints import Constraint
+
 # Below this temperature sampling is greedy (vLLM's rule): dividing logits by a tinier
 # number overflows fp32 and leaves nothing to sample from.
 GREEDY_BELOW = 1e-5
@@ -83,6 +85,7 @@ class SamplingParams:
     # prefill (the prompt's cached prefix is not reused: it has no logits). With it on,
     # max_tokens may be 0: score the prompt only.
     prompt_logprobs: int | None = None
+    constraint: Constraint | None = None  # grammar the output must match (infer/constraints.py)
 
     def validate(self) -> None:
         """Raise SamplingError (a ValueError) naming the field and the fix."""
@@ -134,6 +137,8 @@ class SamplingParams:
             bad("prompt_logprobs", f"{self.prompt_logprobs!r}; must be None or an integer in [0, 20]")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not (1 <= self.n <= 64):
             bad("n", f"{self.n!r}; must be an integer in [1, 64]")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            bad("constraint", f"{self.constraint!r}; must be None or a qkv.infer.constraints.Constraint")
 
     @property
     def greedy(self) -> bool:

@@ -63,6 +63,11 @@ def speculative_generate(
 ) -> tuple[list[int], SpecStats]:
     """Generate with the target's distribution, proposing k tokens at a time with the draft."""
     params.validate()
+    if params.constraint is not None:
+        raise ValueError(
+            "speculative decoding does not verify drafts under a grammar; drop the draft model "
+            "or the constraint (--json-schema/--regex/--choice)"
+        )
     if k < 1:
         raise ValueError(f"k={k}: the draft must propose at least one token")
     if draft.cfg.vocab_size != target.cfg.vocab_size:

@@ -36,7 +36,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qkv.infer.constraints import Constraint, ConstraintError, GrammarTokenizer
 from qkv.infer.sampling import DEFAULT_SAMPLING, SamplingDefaults, SamplingError
+from qkv.serve import tools
 from qkv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
 from qkv.serve.embeddings import embedding_card, embedding_router
 from qkv.serve.guard import Guard
@@ -222,9 +224,8 @@ def _generation_routes(served: _Served) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _check_model(req.model, model_name)
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-        # off the loop: streams keep flowing
-        prompt = await run_in_threadpool(_chat_prompt, tokenizer, messages, served.allow_special_in_content)
+        # off the loop: streams keep flowing (a first grammar request also builds the token trie)
+        prompt, tool_plan, constraint = await run_in_threadpool(_structured_chat, served, req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -236,9 +237,10 @@ def _generation_routes(served: _Served) -> APIRouter:
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = _budget(len(prompt), explicit, ctx, "messages")
         params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, served.sampling_defaults)
+        params.constraint = constraint
         rids, q = await _submit_all(served, [prompt], params)
         gen = served.aengine.results(rids, q)
-        fmt = ChatFormat(tokenizer, model_name, req.n)
+        fmt = ChatFormat(tokenizer, model_name, req.n, tool_plan)
         if req.stream:
             return sse(fmt, gen, served.metrics, request, req.stream_options, "chat")
         return await complete(fmt, gen, served.metrics, request, "chat")
@@ -262,6 +264,7 @@ def _generation_routes(served: _Served) -> APIRouter:
         else:
             max_tokens = _budget(longest, req.max_tokens, ctx, "prompt", default=16)
         params = _params(req, max_tokens, req.logprobs, served.sampling_defaults)
+        params.constraint = await run_in_threadpool(_checked_constraint, served, req.constraint())
         echo = await run_in_threadpool(_echo_texts, req.prompt, prompts, tokenizer) if req.echo else None
         rids, q = await _submit_all(served, prompts, params)
         gen = served.aengine.results(rids, q)
@@ -431,12 +434,77 @@ def _validation_body(e: RequestValidationError) -> dict:
         )
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None  # the top-level field; the full path goes in the message
+    if err.get("type") == "extra_forbidden":
+        return _unsupported_field_body(loc)
     msg = err.get("msg", "invalid request")
     if err.get("type") == "missing":
         msg = "missing required field"
     if param is None:
         return error_body(f"the request body must be a JSON object: {msg}")
     return error_body(f"invalid {'.'.join(loc)}: {msg}", param=param)
+
+
+# --- structured output and tools ---------------------------------------------------------------
+
+
+def _unsupported_field_body(loc: list[str]) -> dict:
+    name = ".".join(loc)
+    return error_body(f"unsupported field {name!r}: this server does not implement it; remove it", param=loc[0])
+
+
+def _checked_constraint(served: _Served, constraint: Constraint | None) -> Constraint | None:
+    """Compile the constraint now (a bad one is a 400 before any generation) and build the
+    tokenizer's grammar view here rather than in the engine thread, where it would stall
+    every running stream for the second or two it takes once."""
+    if constraint is None:
+        return None
+    try:
+        constraint.validate()
+    except ConstraintError as e:
+        raise APIError(400, str(e), param=e.param.split("[")[0].split(".")[0]) from None
+    engine = served.aengine.engine
+    GrammarTokenizer.of(engine.tokenizer, engine.cfg.vocab_size)
+    return constraint
+
+
+def _structured_chat(
+    served: _Served, req: ChatCompletionRequest
+) -> tuple[list[int], tools.ToolPlan, Constraint | None]:
+    """The prompt (tools rendered in), the tool plan and the grammar of a chat request."""
+    tools.check_messages(req)
+    try:
+        plan = tools.plan(req)
+    except ConstraintError as e:
+        raise APIError(400, str(e), param="tools") from None
+    asked, forced = req.constraint(), tools.constraint(plan)
+    if asked is not None and forced is not None:
+        raise APIError(
+            400, f"{asked.param} and a forced tool call both constrain the reply; send one", param=asked.param
+        )
+    messages = []
+    for m in req.messages:
+        d: dict = {"role": m.role, "content": m.text() if m.content is not None else None}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        messages.append(d)
+    uses_tools = bool(plan.tools) or any(m.role == "tool" or m.tool_calls for m in req.messages)
+    if not uses_tools:
+        prompt = _chat_prompt(served.tokenizer, messages, served.allow_special_in_content)
+    elif tools.template_takes_tools(served.tokenizer):
+        try:
+            prompt = tools.encode_native(served.tokenizer, messages, plan, served.allow_special_in_content)
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(400, f"could not apply the chat template to messages: {e}", param="messages") from None
+    else:
+        generic = tools.messages_for_template(messages, plan, native=False)
+        prompt = _chat_prompt(served.tokenizer, generic, served.allow_special_in_content)
+    return prompt, plan, _checked_constraint(served, forced or asked)
 
 
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings")

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from qkv.serve.async_engine import EngineDead
 from qkv.serve.metrics import Metrics
 from qkv.serve.protocol import error_body, new_id, now, usage
+from qkv.serve.tools import ReplyStream, ToolPlan, parse_reply
 
 log = logging.getLogger("qkv.serve")
 
@@ -54,12 +55,21 @@ class _Format:
     def token_text(self, token_id: int) -> str:
         return self.tok.decode([token_id])
 
+    def chunk_choices(self, index: int, text: str, lps, finish: str | None, first: bool) -> list[dict]:
+        """The stream chunks' choices for one output (one, unless tool calls end the reply)."""
+        return [self.chunk_choice(index, text, lps, finish, first)]
+
     def envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
 
 class ChatFormat(_Format):
     prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, tokenizer, model_name: str, n: int, tools: ToolPlan | None = None):
+        super().__init__(tokenizer, model_name, n)
+        self.tools = tools if tools is not None and tools.parses else None  # parse tool calls out of replies
+        self.streams: dict[int, ReplyStream] = {}
 
     def logprobs(self, lps) -> dict | None:
         if lps is None:
@@ -81,16 +91,32 @@ class ChatFormat(_Format):
         return {"content": content}
 
     def full_choice(self, index: int, text: str, lps, finish: str | None) -> dict:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": self.logprobs(lps),
-            "finish_reason": finish,
-        }
+        message: dict = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            content, calls = parse_reply(text, self.tools)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish = "tool_calls"
+        return {"index": index, "message": message, "logprobs": self.logprobs(lps), "finish_reason": finish}
 
     def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {"index": index, "delta": delta, "logprobs": self.logprobs(lps), "finish_reason": finish}
+
+    def chunk_choices(self, index: int, text: str, lps, finish: str | None, first: bool) -> list[dict]:
+        if self.tools is None:
+            return [self.chunk_choice(index, text, lps, finish, first)]
+        stream = self.streams.setdefault(index, ReplyStream(self.tools))
+        content = stream.push(text)
+        if finish is None:
+            return [self.chunk_choice(index, content, lps, None, first)]
+        rest, calls = stream.finish()
+        if not calls:
+            return [self.chunk_choice(index, content + rest, lps, finish, first)]
+        out = [self.chunk_choice(index, content, lps, None, first)]
+        out += [{"index": index, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None} for d in calls]
+        out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"})
+        return out
 
 
 class CompletionFormat(_Format):
@@ -257,9 +283,8 @@ def sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, st
                     continue
                 started.add(i)
                 finish = out.finish_reason if out.finished else None
-                yield event(
-                    fmt.envelope(fmt.object_chunk, [fmt.chunk_choice(i, out.new_text, out.logprobs, finish, first)])
-                )
+                for choice in fmt.chunk_choices(i, out.new_text, out.logprobs, finish, first):
+                    yield event(fmt.envelope(fmt.object_chunk, [choice]))
             if include_usage:
                 chunk = fmt.envelope(fmt.object_chunk, [])
                 chunk["usage"] = fmt.usage()
