@@ -121,6 +121,26 @@ def test_window_paged_contiguous_and_recompute_agree(pair):
     assert eng.generate([PROMPT], params)[0][0].token_ids == ref
 
 
+def test_info_states_window_saving_and_decode_path(pair, tmp_path, capsys):
+    import argparse
+    import json
+
+    from qkv.commands import info
+    from qkv.infer import fused_decode
+
+    hf, model = pair
+    hf.config.save_pretrained(tmp_path)
+    args = argparse.Namespace(model=str(tmp_path), context=40, batch=1, dtype="fp32", json=True)
+    info.run(args)
+    out = json.loads(capsys.readouterr().out)
+    per_layer = 2 * 2 * 16 * 4  # K and V, 2 kv heads, head_dim 16, fp32
+    assert out["local_layers"] == 2 and out["global_layers"] == 1
+    assert out["kv_bytes_total"] == 3 * 40 * per_layer
+    assert out["kv_window_saving_bytes"] == 2 * (40 - 4) * per_layer
+    assert "qk-norm" in out["block_options"] and "local layers 100" in out["rope"]
+    assert fused_decode.refusal(model.cfg) is not None  # Gemma decodes through PyTorch (the engine test runs it)
+
+
 def test_attention_softcap_matches_transformers_eager():
     """transformers' Gemma 3 never passes its softcap (Gemma 2 does); its eager attention
     function, given one, is the oracle for qkv's attn_softcap."""
