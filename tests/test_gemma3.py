@@ -252,11 +252,11 @@ def test_gemma3_270m_matches_transformers():
     hf.eval()
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
     for text in prompts:
-        ids = tok.encode(text)
+        ids = tok.encode(text, add_special=True)  # with <bos>, as transformers and llama.cpp
         assert ids == hf_tok(text)["input_ids"]
         with torch.no_grad():
             ref, ours = hf(torch.tensor([ids])).logits, model(torch.tensor([ids]))
         assert (ref - ours).abs().max() <= 1e-3, text
-    ids = tok.encode(prompts[0])
+    ids = tok.encode(prompts[0], add_special=True)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     assert generate(model, ids, params) == hf_greedy(hf, ids, 32)
