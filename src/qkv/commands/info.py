@@ -156,6 +156,34 @@ def gguf_weight_formats(spec: str) -> dict[str, dict]:
     return out
 
 
+def block_options(cfg) -> str:
+    """The per-model options beyond a Llama block that this config sets, in words ("" if none)."""
+    parts = []
+    if cfg.mlp != "swiglu":
+        parts.append(f"mlp={cfg.mlp}" + (f" ({cfg.gelu_approx} gelu)" if cfg.mlp in ("gelu", "geglu") else ""))
+    if cfg.qk_norm:
+        parts.append("qk-norm")
+    if cfg.post_norm:
+        parts.append("post-norms")
+    if cfg.norm_offset:
+        parts.append(f"norm scale = {cfg.norm_offset:g} + weight")
+    if cfg.embed_scale != 1.0:
+        parts.append(f"embeddings x {cfg.embed_scale:.4g}")
+    if cfg.query_pre_attn_scalar is not None:
+        parts.append(f"scores / sqrt({cfg.query_pre_attn_scalar:g})")
+    if cfg.attn_softcap is not None:
+        parts.append(f"attention soft-cap {cfg.attn_softcap:g}")
+    if cfg.final_softcap is not None:
+        parts.append(f"logit soft-cap {cfg.final_softcap:g}")
+    return ", ".join(parts)
+
+
+def window_layout(cfg) -> tuple[int, int]:
+    """(local, global) layer counts."""
+    local = sum(cfg.window_of(i) is not None for i in range(cfg.n_layer))
+    return local, cfg.n_layer - local
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -188,6 +216,23 @@ def run(args: argparse.Namespace) -> int:
         "context_length": cfg.max_seq_len,
         **model_file_facts(args.model),
     }
+    local, global_ = window_layout(cfg)
+    if local:
+        # qkv's caches keep every token of a local layer and mask it to the window; a cache that
+        # kept only the window would hold min(context, window) tokens for those layers
+        per_layer = per_token // cfg.n_layer
+        kept = min(context, cfg.sliding_window)
+        windowed = per_layer * args.batch * (global_ * context + local * kept)
+        info.update(
+            local_layers=local,
+            global_layers=global_,
+            sliding_window=cfg.sliding_window,
+            kv_bytes_total_windowed=windowed,
+            kv_window_saving_bytes=info["kv_bytes_total"] - windowed,
+        )
+    rope_local = cfg.rope_local_theta
+    info["rope"] = f"theta {cfg.rope_theta:g}" + (f", local layers {rope_local:g}" if rope_local is not None else "")
+    info["block_options"] = block_options(cfg)
     weights = gguf_weight_formats(args.model)
     if weights:
         info["weights"] = weights
@@ -223,7 +268,20 @@ def run(args: argparse.Namespace) -> int:
         ),
         (f"KV cache, {context} tokens x batch {args.batch}", human_bytes(info["kv_bytes_total"])),
         ("CPU decode step", info["cpu_decode"]),
+        ("rope", info["rope"]),
     ]
+    if info["block_options"]:
+        rows.insert(1, ("block options", info["block_options"]))
+    if local:
+        rows.insert(
+            -2,
+            (
+                "  sliding window",
+                f"{local} local layers (window {cfg.sliding_window}), {global_} global: local layers keep full "
+                f"blocks, masked; keeping only the window would take {human_bytes(info['kv_bytes_total_windowed'])} "
+                f"(saves {human_bytes(info['kv_window_saving_bytes'])})",
+            ),
+        )
     for fmt, w in weights.items():
         rows.append((f"weights {fmt}", f"{w['tensors']} tensors, {human(w['elements'])} weights: {w['path']}"))
     width = max(len(r[0]) for r in rows)

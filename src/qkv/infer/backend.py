@@ -44,7 +44,7 @@ class NativeRMSNorm(RMSNorm):
     """RMSNorm with the native kernel for the few rows of a decode step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if decode_ops.applies(x, self.weight, rows=x.numel() // x.shape[-1]):
+        if not self.offset and decode_ops.applies(x, self.weight, rows=x.numel() // x.shape[-1]):
             return decode_ops.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -113,10 +113,12 @@ def logits(model, h: torch.Tensor) -> torch.Tensor:
     decode step's rows; a quantized head is read as blocks, never dequantized per step."""
     head = model.tok_emb if model.lm_head is None else model.lm_head
     if isinstance(head, QuantLinear):
-        return head(h)
-    if isinstance(head, QuantEmbedding):  # a tied, quantized embedding
+        y = head(h)
+    elif isinstance(head, QuantEmbedding):  # a tied, quantized embedding
         y = quant_linear.linear(h, head.blocks, head.qtype) if _prepared.get(model) == "native" else None
-        return y if y is not None else head.project(h)
-    if _prepared.get(model) == "native":
-        return cpu_linear.linear(h, model.output_weight.to(h.dtype))
-    return model.head(h)
+        y = y if y is not None else head.project(h)
+    elif _prepared.get(model) == "native":
+        y = cpu_linear.linear(h, model.output_weight.to(h.dtype))
+    else:
+        return model.head(h)
+    return model.softcap(y)  # the model's final soft-cap (Gemma 2), when it has one

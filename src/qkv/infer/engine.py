@@ -297,10 +297,10 @@ class Engine:
         tok = tok.to(dev)
 
         self.cache.prepare(tables, start, lens, T)
-        # the paged cache attends itself; the plain path (inspection, math attention) needs the mask
-        plain = self.cfg.attn_impl == "math" or any(blk.attn.keep_probs for blk in self.model.blocks)
+        # the paged cache attends itself; the plain path (inspection, math attention) asks it
+        # for each layer's mask (cache.layer_mask), since each layer may have its own window
         positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
-        h = backend.hidden(self.model, tok, positions, self.cache, mask=self.cache.full_mask() if plain else None)
+        h = backend.hidden(self.model, tok, positions, self.cache)
 
         for b, (s, n) in enumerate(group):
             if s.scoring_prompt:

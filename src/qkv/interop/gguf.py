@@ -3,7 +3,11 @@ template.
 
 - Config comes from `{arch}.*` metadata keys (block_count, embedding_length, head counts,
   rope.freq_base, ...). Architectures: llama (also Mistral/SmolLM2/Llama 3 files, and
-  Mixtral-style MoE stored as llama with `ffn_*_exps`) and qwen2.
+  Mixtral-style MoE stored as llama with `ffn_*_exps`), qwen2 and gemma3. A gemma3 file does not
+  store what llama.cpp hard-codes for it, so qkv assumes the same: every 6th layer global (the
+  rest local, `attention.sliding_window` wide), local RoPE base 10000, query_pre_attn_scalar =
+  head_dim (llama.cpp's rule for all but the 27B), embeddings scaled by sqrt(d_model). Its norm
+  weights already hold the whole scale (the converter adds Gemma's 1), so norm_offset is 0.
 - Weights, by default (`import_gguf(path, dequantize=False)`), stay in the file's block format:
   the token embedding and every attention / MLP projection in a format qkv.quant knows (q8_0,
   q4_0/1, q5_0/1, q4_k, q5_k, q6_k, f16, bf16) become a QuantEmbedding / QuantLinear holding
@@ -20,7 +24,9 @@ template.
   `unpermute` reverses it per head: rows [h, (i, pair)] -> [h, (pair, i)].
 - Tokenizer: `tokenizer.ggml.model == "gpt2"` is byte-level BPE (tokens + merges), rebuilt as a
   `tokenizers` BPE the way transformers does it, with CONTROL tokens added as special tokens.
-  Sentencepiece-style ("llama") vocabularies are not rebuilt: the model imports without a tokenizer.
+  Sentencepiece-style ("llama") vocabularies of gemma files are rebuilt as transformers does: a
+  BPE with byte fallback whose merges come from the vocabulary, best first in file order; other
+  "llama" vocabularies are not rebuilt: the model imports without a tokenizer.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ import torch
 from qkv.config import ModelConfig
 from qkv.interop.gguf_file import GGUFFile
 
-SUPPORTED = ("llama", "qwen2")
+SUPPORTED = ("llama", "qwen2", "gemma3")
+GEMMA3_SWA_PATTERN = 6  # llama.cpp: layer i is global when (i + 1) % 6 == 0
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 # pre-tokenizer split patterns by `tokenizer.ggml.pre` (others use GPT-2's byte-level regex)
 _LLAMA3_SPLIT = (
@@ -127,6 +135,23 @@ def config_from_gguf(reader, source: Path) -> ModelConfig:
     )
     if n_expert:
         cfg.update(n_expert=n_expert, n_expert_per_token=int(key("expert_used_count")), moe_renormalize=True)
+    if arch == "gemma3":
+        n_layer, pattern = int(key("block_count")), int(meta.get(f"{arch}.attention.sliding_window_pattern", 0) or 0)
+        pattern = pattern or GEMMA3_SWA_PATTERN
+        cap = meta.get(f"{arch}.final_logit_softcapping")
+        cfg.update(
+            mlp="geglu",
+            gelu_approx="tanh",
+            qk_norm=True,
+            post_norm=True,
+            norm_offset=0.0,
+            embed_scale=d**0.5,
+            sliding_window=int(key("attention.sliding_window")),
+            layer_types=["global" if (i + 1) % pattern == 0 else "local" for i in range(n_layer)],
+            rope_local_theta=float(meta.get(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
+            query_pre_attn_scalar=head_dim,
+            final_softcap=None if cap is None else float(cap),
+        )
     try:
         return ModelConfig(**cfg)
     except ValueError as e:
@@ -214,11 +239,16 @@ def state_from_gguf(reader, cfg: ModelConfig, source: Path, dequantize: bool = T
     out = {"tok_emb.weight": take("token_embd.weight"), "final_norm.weight": take("output_norm.weight")}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("output.weight")
-    permute = arch == "llama"  # llama.cpp permutes Q/K for llama only (qwen2 uses neox-style rope)
+    permute = arch == "llama"  # llama.cpp permutes Q/K for llama only (qwen2, gemma3 use neox-style rope)
+    norms = [("attn_norm", "attn_norm"), ("ffn_norm", "mlp_norm")]
+    if cfg.post_norm:
+        norms += [("post_attention_norm", "post_attn_norm"), ("post_ffw_norm", "post_mlp_norm")]
+    if cfg.qk_norm:
+        norms += [("attn_q_norm", "attn.q_norm"), ("attn_k_norm", "attn.k_norm")]
     for i in range(cfg.n_layer):
         p, q = f"blk.{i}.", f"blocks.{i}."
-        out[q + "attn_norm.weight"] = take(p + "attn_norm.weight")
-        out[q + "mlp_norm.weight"] = take(p + "ffn_norm.weight")
+        for gguf_name, qkv_name in norms:
+            out[q + qkv_name + ".weight"] = take(p + gguf_name + ".weight")
         wq, wk = take(p + "attn_q.weight"), take(p + "attn_k.weight")
         out[q + "attn.q_proj.weight"] = unpermute(wq, cfg.n_head) if permute else wq
         out[q + "attn.k_proj.weight"] = unpermute(wk, cfg.n_kv_head) if permute else wk
@@ -255,6 +285,8 @@ def tokenizer_from_gguf(reader, source: Path):
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         return None  # the file carries no vocabulary
+    if kind == "llama" and meta.get("general.architecture") == "gemma3":
+        return _gemma_tokenizer(reader, meta)
     if kind != "gpt2":
         print(
             f"warning: {source}: GGUF tokenizer type {kind!r} is not rebuilt (only byte-level BPE 'gpt2'); "
@@ -290,6 +322,56 @@ def tokenizer_from_gguf(reader, source: Path):
         for t, ty in zip(tokens, types)
         if ty == CONTROL and set(t) <= alphabet
     ]
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    if special:
+        backend.add_special_tokens(special)
+    if user:
+        backend.add_tokens(user)
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    return Tokenizer(
+        backend,
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token=tok("bos_token_id"),
+        eos_token=tok("eos_token_id"),
+        pad_token=tok("padding_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    )
+
+
+def _gemma_tokenizer(reader, meta: dict):
+    """Gemma's sentencepiece vocabulary as a `tokenizers` BPE with byte fallback, built the way
+    transformers builds it from a GGUF (GemmaTokenizer): spaces become "▁"; the file lists no
+    merges, so every split of a token into two vocabulary pieces is a merge, ranked by the
+    token's position in the file (Gemma's scores do not follow its merge order)."""
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from qkv.tokenizer import Tokenizer
+
+    fields = reader.fields
+    # a token of blanks is stored as spaces but looked up as "▁"s
+    stored = fields["tokenizer.ggml.tokens"]
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in stored]
+    types = fields.get("tokenizer.ggml.token_type", [])
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked: list[tuple[int, int, int, str, str]] = []
+    for merged, index in vocab.items():
+        for k in range(1, len(merged)):
+            a, b = merged[:k], merged[k:]
+            if a in vocab and b in vocab:
+                ranked.append((index, -len(a), -len(b), a, b))
+    ranked.sort(key=lambda r: r[:3])  # the earliest merged token first, then the longest left piece
+    merges = [(a, b) for *_, a, b in ranked]
+    unk = tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 3))]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    special = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == CONTROL]
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     if special:
         backend.add_special_tokens(special)
@@ -350,7 +432,7 @@ def build_quantized(cfg: ModelConfig, state: dict[str, Weight], source: Path):
     check_state(model, state, source)  # before to_empty: metadata that disagrees with the tensors allocates nothing
     model.to_empty(device="cpu")
     load_state_into(model, state, source)
-    twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())
+    twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0, layer_types=None)).named_buffers())
     for name, buf in model.named_buffers():  # RoPE / sinusoidal tables
         if name not in state:
             buf.copy_(twin[name])

@@ -1,5 +1,5 @@
 """Hugging Face directories <-> qkv: config and weight mapping for llama, mistral, qwen2,
-mixtral and gpt2.
+mixtral, gpt2 and gemma3_text (Gemma 3's text model).
 
 An HF directory is config.json (with `model_type`) + model.safetensors, or shards
 model-0000X-of-0000N.safetensors listed in model.safetensors.index.json, + tokenizer files.
@@ -22,6 +22,12 @@ so they read as the layout they describe:
 
 GPT-2 stores its projections as Conv1D (in, out), i.e. transposed, and fuses Q, K, V into one
 `c_attn` whose output columns are [q | k | v].
+
+Gemma 3 has four norms a layer: input_layernorm -> attn_norm, post_attention_layernorm ->
+post_attn_norm (its output, not the MLP's input as in Llama), pre_feedforward_layernorm ->
+mlp_norm, post_feedforward_layernorm -> post_mlp_norm; and self_attn.{q,k}_norm. Its norm
+weights are scale - 1: imported as they are with norm_offset=1 (exported as weight +
+norm_offset - 1, so a GGUF-imported Gemma, whose weights hold the whole scale, exports too).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import torch
 from qkv.config import ModelConfig
 from qkv.wrappers import unwrap
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gpt2", "gemma3_text")
+GEMMA_LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}
 INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
 
@@ -107,6 +114,8 @@ def _config_from_hf(hf: dict, source: Path) -> ModelConfig:
             tie_embeddings=hf.get("tie_word_embeddings", True),
         )
 
+    if arch == "gemma3_text":
+        return _gemma3_config_from_hf(hf, source)
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"{source}: hidden_act {act!r} is not supported; qkv's gated MLP uses silu")
@@ -149,9 +158,79 @@ def _config_from_hf(hf: dict, source: Path) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
+def _gemma3_config_from_hf(hf: dict, source: Path) -> ModelConfig:
+    """Gemma 3's text config: local/global layers with their own RoPE bases, sandwich norms
+    with (1 + weight) scales, QK-norm, GeGLU, sqrt(d)-scaled embeddings, query_pre_attn_scalar."""
+    import sys
+
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(act)
+    if approx is None:
+        raise ValueError(f"{source}: gemma3 hidden_activation {act!r} is not supported (gelu_pytorch_tanh or gelu)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{source}: use_bidirectional_attention=true (an encoder) is not supported; qkv is causal")
+    if hf.get("attn_logit_softcapping") is not None:
+        # transformers' Gemma 3 attention does not apply it either; honouring it would break parity
+        print(f"warning: {source}: attn_logit_softcapping is ignored, as transformers' Gemma 3 does", file=sys.stderr)
+    n_layer, d = hf["num_hidden_layers"], hf["hidden_size"]
+    types = hf.get("layer_types")
+    if types is None:
+        pattern = int(hf.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
+    unknown = sorted(set(types) - set(GEMMA_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"{source}: gemma3 layer_types {unknown} are not supported (sliding/full_attention)")
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+        g_theta = float(full.get("rope_theta", hf.get("rope_theta", 1e6)))
+        l_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
+    else:  # the older flat keys: rope_theta, rope_local_base_freq, rope_scaling (global layers only)
+        full, local = {**(hf.get("rope_scaling") or {}), **params}, {}
+        g_theta = float(params.get("rope_theta", hf.get("rope_theta", 1e6)))
+        l_theta = float(hf.get("rope_local_base_freq", 1e4))
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: rope scaling on gemma3's sliding layers is not supported (global layers only)")
+    _, scaling = _rope({"rope_parameters": {**full, "rope_theta": g_theta}}, source)
+    n_head = hf["num_attention_heads"]
+    bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=n_layer,
+        d_model=d,
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        head_dim=hf.get("head_dim") or 256,
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 131072),
+        pos="rope",
+        rope_theta=g_theta,
+        rope_scaling=scaling,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="geglu",
+        gelu_approx=approx,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        sliding_window=hf.get("sliding_window", 4096),
+        layer_types=[GEMMA_LAYER_TYPES[t] for t in types],
+        rope_local_theta=l_theta,
+        norm_offset=1.0,
+        post_norm=True,
+        embed_scale=d**0.5,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+        final_softcap=hf.get("final_logit_softcapping"),
+    )
+
+
 # --- config: qkv -> HF ------------------------------------------------------------------
 def pick_arch(cfg: ModelConfig) -> str:
     """The transformers architecture a qkv config exports to by default."""
+    if cfg.post_norm or cfg.mlp == "geglu":
+        return "gemma3_text"
     if cfg.is_moe:
         return "mixtral"
     if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
@@ -174,6 +253,15 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
     if arch not in SUPPORTED:
         raise ValueError(f"unknown export architecture {arch!r}; choose one of {', '.join(SUPPORTED)}")
     dtype_name = str(dtype).removeprefix("torch.")
+    if arch == "gemma3_text":
+        return _gemma3_config_to_hf(cfg, dtype_name)
+    for name in ("layer_types", "rope_local_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+        _require(getattr(cfg, name) is None, arch, f"{name} (a Gemma option; use --arch gemma3_text)")
+    _require(
+        not cfg.post_norm and cfg.embed_scale == 1.0 and cfg.norm_offset == 0.0,
+        arch,
+        "post_norm / embed_scale / norm_offset (Gemma options; use --arch gemma3_text)",
+    )
     _require(not cfg.qk_norm, arch, "qk_norm has no equivalent in this architecture")
     _require(arch == "mixtral" or not cfg.is_moe, arch, "mixture-of-experts layers need --arch mixtral")
 
@@ -260,6 +348,47 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype =
     return {"architectures": [names[arch]], "model_type": arch, **hf}
 
 
+def _gemma3_config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
+    arch = "gemma3_text"
+    _require(cfg.pos == "rope" and cfg.norm == "rmsnorm", arch, "gemma3 uses rope and rmsnorm")
+    _require(cfg.mlp == "geglu", arch, f"mlp={cfg.mlp!r} (gemma3 uses a geglu MLP)")
+    _require(cfg.qk_norm and cfg.post_norm, arch, "gemma3 has qk_norm and post_norm")
+    _require(not cfg.is_moe and not cfg.mlp_bias and cfg.qkv_bias == cfg.o_bias, arch, "biases or experts")
+    _require(abs(cfg.embed_scale - cfg.d_model**0.5) < 1e-6 * cfg.embed_scale, arch, "embed_scale != sqrt(d_model)")
+    _require(cfg.attn_softcap is None, arch, "attn_softcap (transformers' Gemma 3 does not apply it)")
+    types = cfg.layer_types or ["local" if cfg.sliding_window else "global"] * cfg.n_layer
+    _require("local" not in types or cfg.sliding_window is not None, arch, "local layers without a window")
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        full.update({k: v for k, v in cfg.rope_scaling.items() if k != "type"}, rope_type=cfg.rope_scaling["type"])
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    _require(cfg.rope_local_theta is not None or not cfg.rope_scaling, arch, "rope_scaling on local layers")
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh" if cfg.gelu_approx == "tanh" else "gelu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "attention_dropout": 0.0,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": [{"local": "sliding_attention", "global": "full_attention"}[t] for t in types],
+        "rope_parameters": {"full_attention": full, "sliding_attention": local},
+        "final_logit_softcapping": cfg.final_softcap,
+        "attn_logit_softcapping": None,
+        "dtype": dtype_name,
+    }
+
+
 # --- weights: HF -> qkv -----------------------------------------------------------------
 def _t(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous()
@@ -307,8 +436,8 @@ def state_from_hf(
         out["tok_emb.weight"] = take("model.embed_tokens.weight")
         for i in range(cfg.n_layer):
             p, q = f"model.layers.{i}.", f"blocks.{i}."
-            out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
-            out[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+            for hf_n, qkv_n in _norm_names(arch):
+                out[q + qkv_n + ".weight"] = take(p + hf_n + ".weight")
             for n in "qkvo":
                 out[q + f"attn.{n}_proj.weight"] = take(p + f"self_attn.{n}_proj.weight")
                 if cfg.o_bias if n == "o" else cfg.qkv_bias:
@@ -349,9 +478,26 @@ def _moe_from_hf(take, src: dict, p: str, q: str, cfg: ModelConfig, out: dict) -
         out[q + "mlp.w_down"] = take(p + "mlp.experts.down_proj").transpose(1, 2).contiguous()
 
 
+def _norm_names(arch: str) -> list[tuple[str, str]]:
+    """(transformers, qkv) names of a layer's norms."""
+    if arch == "gemma3_text":
+        return [
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "post_attn_norm"),
+            ("pre_feedforward_layernorm", "mlp_norm"),
+            ("post_feedforward_layernorm", "post_mlp_norm"),
+            ("self_attn.q_norm", "attn.q_norm"),
+            ("self_attn.k_norm", "attn.k_norm"),
+        ]
+    return [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")]
+
+
 # --- weights: qkv -> HF -----------------------------------------------------------------
 def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    if arch == "gemma3_text" and cfg.norm_offset != 1.0:  # Gemma stores scale - 1
+        shift = cfg.norm_offset - 1.0
+        state = {k: v + shift if k.endswith("norm.weight") else v for k, v in state.items()}
     if arch == "gpt2":
         out["transformer.wte.weight"] = state["tok_emb.weight"]
         out["transformer.wpe.weight"] = state["pos_emb.weight"]
@@ -375,8 +521,8 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> 
         out["model.embed_tokens.weight"] = state["tok_emb.weight"]
         for i in range(cfg.n_layer):
             p, q = f"model.layers.{i}.", f"blocks.{i}."
-            out[p + "input_layernorm.weight"] = state[q + "attn_norm.weight"]
-            out[p + "post_attention_layernorm.weight"] = state[q + "mlp_norm.weight"]
+            for hf_n, qkv_n in _norm_names(arch):
+                out[p + hf_n + ".weight"] = state[q + qkv_n + ".weight"]
             for n in "qkvo":
                 for kind in ("weight", "bias"):
                     if q + f"attn.{n}_proj.{kind}" in state:
@@ -458,7 +604,7 @@ def build_with_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: P
     check_state(model, state, source)  # before to_empty: a config that disagrees with its weights allocates nothing
     model = model.to_empty(device="cpu")
     load_state_into(model, state, source)
-    twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0)).named_buffers())
+    twin = dict(build_model(cfg.replace(n_layer=1, vocab_size=1, n_expert=0, layer_types=None)).named_buffers())
     for name, buf in model.named_buffers():
         if name not in state:
             buf.copy_(twin[name])

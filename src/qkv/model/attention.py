@@ -13,11 +13,15 @@ compute the same thing:
 
 Masks: `mask` is a boolean (B or 1, 1, T, S) tensor, True = may attend. None means
 causal, aligned so the last query sees every key (the usual case with a KV cache).
+Each layer applies its own sliding window (cfg.window_of: Gemma interleaves local and global
+layers) on top: a band on the aligned positions, or, for a cache that pads its K/V (the
+paged cache's `update`), the mask the cache builds for that window (`layer_mask`).
+Soft-capping (cfg.attn_softcap, Gemma 2) squashes scores to cap * tanh(s / cap); sdpa has
+no such hook, so a soft-capped model takes the math path.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -36,7 +40,9 @@ class KVCacheLike(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     # Optional: `attend(layer, q, k, v, scale) -> y (B, H, T, D)` stores k/v and computes the
-    # attention itself (masks included); used instead of `update` when a cache defines it.
+    # attention itself (masks, windows and soft-capping included); used instead of `update`
+    # when a cache defines it. Optional: `layer_mask(window) -> (B, 1, T, S)` bool, the mask
+    # for `update`'s K/V when they are not aligned to the queries (padded rows).
 
 
 def causal_mask(t_q: int, t_k: int, device=None, window: int | None = None) -> torch.Tensor:
@@ -49,12 +55,14 @@ def causal_mask(t_q: int, t_k: int, device=None, window: int | None = None) -> t
     return mask
 
 
-def math_attention(q, k, v, mask, scale, keep_probs: bool = False):
+def math_attention(q, k, v, mask, scale, keep_probs: bool = False, softcap: float | None = None):
     """q: (B, H, T, D), k/v: (B, Hkv, S, D), mask: bool broadcastable to (B, 1, T, S) or None."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     q = q.view(B, Hkv, H // Hkv, T, D)
     scores = (q @ k.unsqueeze(2).transpose(-1, -2)).float() * scale  # (B, Hkv, G, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         mask = causal_mask(T, S, q.device)[None, None]
     scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
@@ -90,9 +98,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
+        self.window = cfg.window_of(layer_idx)
+        self.softcap = cfg.attn_softcap
+        self.scale = cfg.attn_scale
         self.keep_probs = False  # set by the inspector; forces the math path
         self.last_probs: torch.Tensor | None = None
 
@@ -122,9 +132,15 @@ class Attention(nn.Module):
                 y = attend(self.layer_idx, q, k, v, self.scale)
                 return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
             k, v = cache.update(self.layer_idx, k, v)
+            layer_mask = getattr(cache, "layer_mask", None)
+            if layer_mask is not None:  # K/V padded per row: only the cache knows the positions
+                mask = layer_mask(self.window)
+        if self.window is not None and k.shape[2] > self.window and getattr(cache, "layer_mask", None) is None:
+            band = causal_mask(T, k.shape[2], q.device, self.window)[None, None]
+            mask = band if mask is None else mask & band
 
-        if self.keep_probs or self.cfg.attn_impl == "math":
-            y, self.last_probs = math_attention(q, k, v, mask, self.scale, self.keep_probs)
+        if self.keep_probs or self.cfg.attn_impl == "math" or self.softcap is not None:
+            y, self.last_probs = math_attention(q, k, v, mask, self.scale, self.keep_probs, self.softcap)
         else:
             p = self.cfg.dropout if self.training else 0.0
             y = fused_attention(q, k, v, mask, self.scale, p)

@@ -1,4 +1,4 @@
-"""Norms and feed-forward blocks: RMSNorm, LayerNorm, SwiGLU and GELU MLPs."""
+"""Norms and feed-forward blocks: RMSNorm, LayerNorm, gated (SwiGLU, GeGLU) and GELU MLPs."""
 
 from __future__ import annotations
 
@@ -10,21 +10,30 @@ from qkv.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 as Llama does."""
+    """x / sqrt(mean(x^2) + eps) * (offset + weight), computed in fp32 as Llama and Gemma do.
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    Llama: offset 0, weight initialised to 1. Gemma: offset 1, weight stored as scale - 1
+    (initialised to 0). The offset is added in fp32 at run time, not folded into the weight,
+    so a bf16 Gemma weight keeps its precision near 0 and checkpoints keep Gemma's values."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+
+    def scale(self) -> torch.Tensor:
+        """The fp32 factor each normalised feature is multiplied by."""
+        return self.weight.float() + self.offset if self.offset else self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
@@ -37,8 +46,22 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
+    def act(self, gate: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeGLU(SwiGLU):
+    """down(gelu(gate(x)) * up(x)) — the Gemma feed-forward (GELU with the tanh approximation)."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, approximate: str = "tanh"):
+        super().__init__(d_model, d_ff, bias)
+        self.approximate = approximate
+
+    def act(self, gate: torch.Tensor) -> torch.Tensor:
+        return F.gelu(gate, approximate=self.approximate)
 
 
 class GeluMLP(nn.Module):
@@ -60,4 +83,6 @@ def make_mlp(cfg: ModelConfig) -> nn.Module | None:
         return None
     if cfg.mlp == "swiglu":
         return SwiGLU(cfg.d_model, cfg.d_ff, cfg.mlp_bias)
+    if cfg.mlp == "geglu":
+        return GeGLU(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.gelu_approx)
     return GeluMLP(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.gelu_approx)

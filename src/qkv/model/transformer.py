@@ -3,6 +3,9 @@
 Each block is pre-norm:   h = x + Attn(Norm(x));   out = h + MLP(Norm(h))
 (mlp="none" drops the MLP and its norm: out = h, the attention-only model of
 interpretability work, e.g. the induction-head toy in tests/test_inspect_induction.py.)
+With post_norm (Gemma's "sandwich"), each sub-block's output is normalised again before
+the residual add: h = x + Norm(Attn(Norm(x))). Local layers (cfg.window_of) may rotate
+with their own RoPE base (rope_local_theta); the logits may be soft-capped (final_softcap).
 
 Initialisation (GPT-2 style, in one place, `init_weights`): every Linear and Embedding
 ~ N(0, init_std), biases zero, norm weights one; the projections that write into the
@@ -34,13 +37,21 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = None if cfg.mlp == "none" else make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.is_moe else make_mlp(cfg)
+        self.post_attn_norm = make_norm(cfg) if cfg.post_norm else None
+        self.post_mlp_norm = make_norm(cfg) if cfg.post_norm and self.mlp is not None else None
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x, rope=None, mask=None, cache=None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        a = self.attn(self.attn_norm(x), rope, mask, cache)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        x = x + self.dropout(a)
         if self.mlp is None or self.mlp_norm is None:  # attention-only
             return x
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        m = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return x + self.dropout(m)
 
 
 class Transformer(nn.Module):
@@ -48,6 +59,8 @@ class Transformer(nn.Module):
     pos_table: torch.Tensor
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
+    rope_local_cos: torch.Tensor
+    rope_local_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,6 +74,10 @@ class Transformer(nn.Module):
             cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            if cfg.rope_local_theta is not None:
+                cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_local_theta)
+                self.register_buffer("rope_local_cos", cos, persistent=False)
+                self.register_buffer("rope_local_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
@@ -82,7 +99,9 @@ class Transformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std)
-            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+            elif isinstance(m, RMSNorm):
+                nn.init.constant_(m.weight, 1.0 - m.offset)  # an identity scale either way
+            elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 bias = getattr(m, "bias", None)  # LayerNorm's, when it has one
                 if isinstance(bias, torch.Tensor):
@@ -96,6 +115,10 @@ class Transformer(nn.Module):
             if not self.rope_cos.is_meta:
                 self.rope_cos.copy_(cos)
                 self.rope_sin.copy_(sin)
+            if self.cfg.rope_local_theta is not None and not self.rope_local_cos.is_meta:
+                cos, sin = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_local_theta)
+                self.rope_local_cos.copy_(cos)
+                self.rope_local_sin.copy_(sin)
 
     # --- forward -------------------------------------------------------------------
     def hidden(
@@ -122,30 +145,31 @@ class Transformer(nn.Module):
                     f"max_seq_len={self.cfg.max_seq_len}; truncate the input"
                 )
             positions = torch.arange(T, device=idx.device)
-        if mask is None and cache is None and (key_padding is not None or self._window_applies(T)):
-            mask = causal_mask(T, T, idx.device, self.cfg.sliding_window)[None, None]
+        if mask is None and cache is None and key_padding is not None:
+            mask = causal_mask(T, T, idx.device)[None, None]  # each layer narrows it to its window
             if key_padding is not None:
                 eye = torch.eye(T, dtype=torch.bool, device=idx.device)
                 mask = mask & (key_padding[:, None, None, :].bool() | eye)  # a pad query still sees itself
 
         x = self.tok_emb(idx)
-        rope = None
+        if self.cfg.embed_scale != 1.0:  # a scalar of the embedding's dtype, as transformers' Gemma
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        rope = rope_local = None
         if self.cfg.pos == "learned":
             x = x + self.pos_emb(positions)
         elif self.cfg.pos == "sinusoidal":
             x = x + self.pos_table[positions].to(x.dtype)
         elif self.cfg.pos == "rope":
             pos = positions if positions.dim() == 2 else positions[None]
-            rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))
+            rope = rope_local = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))
+            if self.cfg.rope_local_theta is not None:
+                rope_local = (self.rope_local_cos[pos].unsqueeze(2), self.rope_local_sin[pos].unsqueeze(2))
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope, mask, cache)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope if self.cfg.window_of(i) is None else rope_local, mask, cache)
             if collect is not None:
                 collect.append(x)
         return self.final_norm(x)
-
-    def _window_applies(self, T: int) -> bool:
-        return self.cfg.sliding_window is not None and self.cfg.sliding_window < T
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -154,7 +178,12 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from hidden states (tied: the token embedding matrix)."""
-        return F.linear(h, self.output_weight.to(h.dtype))
+        return self.softcap(F.linear(h, self.output_weight.to(h.dtype)))
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """cap * tanh(logits / cap) when cfg.final_softcap is set (Gemma 2), else the logits."""
+        cap = self.cfg.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def forward(
         self,
@@ -183,7 +212,11 @@ class Transformer(nn.Module):
         Uses the fused linear + cross-entropy (loss.py): the (B, T, vocab) logits are never
         stored whole."""
         h = self.hidden(idx, positions, key_padding=key_padding)
-        loss = fused_linear_cross_entropy(h, self.output_weight, targets, ignore_index)
+        if self.cfg.final_softcap is None:
+            loss = fused_linear_cross_entropy(h, self.output_weight, targets, ignore_index)
+        else:  # the fused loss has no soft-cap: the logits are stored whole
+            logits = self.head(h).float()
+            loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
         aux = self.aux_loss() if self.training else None
         return loss if aux is None else loss + aux
 
