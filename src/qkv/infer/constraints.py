@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,7 @@ class GrammarTokenizer:
 class GrammarState:
     """One sequence's position in its grammar."""
 
-    def __init__(self, gtok: GrammarTokenizer, constraint: Constraint, extra_stops: set[int] = frozenset()):
+    def __init__(self, gtok: GrammarTokenizer, constraint: Constraint, extra_stops: Collection[int] = ()):
         import llguidance
 
         self.gtok = gtok
