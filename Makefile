@@ -29,8 +29,9 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/qkv demo
 
+# two or more workers (pytest-xdist): the suite is ~1.5x faster on 2 cores than one process
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --numprocesses=auto --maxprocesses=4
 
 # the gate CI runs before the tests: lint and format (ruff), types on the core (mypy)
 lint: $(STAMP)
