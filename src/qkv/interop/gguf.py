@@ -35,12 +35,16 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from qkv.config import ModelConfig
 from qkv.interop.gguf_file import GGUFFile
+
+if TYPE_CHECKING:
+    from qkv.tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "qwen2", "gemma3")
 GEMMA3_SWA_PATTERN = 6  # llama.cpp: layer i is global when (i + 1) % 6 == 0
@@ -276,10 +280,8 @@ def state_from_gguf(reader, cfg: ModelConfig, source: Path, dequantize: bool = T
 
 def tokenizer_from_gguf(reader, source: Path):
     """A qkv Tokenizer for byte-level BPE vocabularies, or None (with a warning) otherwise."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-
-    from qkv.tokenizer import Tokenizer
 
     meta = _fields(reader)
     kind = meta.get("tokenizer.ggml.model")
@@ -317,29 +319,7 @@ def tokenizer_from_gguf(reader, source: Path):
         )
     backend.decoder = decoders.ByteLevel()
     alphabet = set(spelling)
-    special = [
-        AddedToken(t, normalized=False, special=True)
-        for t, ty in zip(tokens, types)
-        if ty == CONTROL and set(t) <= alphabet
-    ]
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
-    if special:
-        backend.add_special_tokens(special)
-    if user:
-        backend.add_tokens(user)
-
-    def tok(key):
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    return Tokenizer(
-        backend,
-        chat_template=meta.get("tokenizer.chat_template"),
-        bos_token=tok("bos_token_id"),
-        eos_token=tok("eos_token_id"),
-        pad_token=tok("padding_token_id"),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-    )
+    return _with_added_tokens(backend, tokens, types, meta, lambda t: set(t) <= alphabet)
 
 
 def _gemma_tokenizer(reader, meta: dict):
@@ -347,10 +327,8 @@ def _gemma_tokenizer(reader, meta: dict):
     transformers builds it from a GGUF (GemmaTokenizer): spaces become "▁"; the file lists no
     merges, so every split of a token into two vocabulary pieces is a merge, ranked by the
     token's position in the file (Gemma's scores do not follow its merge order)."""
-    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-
-    from qkv.tokenizer import Tokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     fields = reader.fields
     # a token of blanks is stored as spaces but looked up as "▁"s
@@ -371,7 +349,20 @@ def _gemma_tokenizer(reader, meta: dict):
     backend.normalizer = normalizers.Replace(" ", "\u2581")
     backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    special = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == CONTROL]
+    return _with_added_tokens(backend, tokens, types, meta, lambda t: True)
+
+
+def _with_added_tokens(backend, tokens: list[str], types: list[int], meta: dict, spellable) -> Tokenizer:
+    """The qkv Tokenizer around `backend` once the file's CONTROL tokens (those `spellable`
+    says the vocabulary can hold) are added as special tokens and USER_DEFINED ones as plain
+    added tokens, with bos/eos/pad and the chat template from the metadata."""
+    from tokenizers import AddedToken
+
+    from qkv.tokenizer import Tokenizer
+
+    special = [
+        AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == CONTROL and spellable(t)
+    ]
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     if special:
         backend.add_special_tokens(special)
