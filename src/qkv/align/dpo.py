@@ -16,6 +16,7 @@ from qkv.align.data import IndexSampler, Preference, check_same_vocab, epochs_to
 from qkv.align.losses import dpo_loss
 from qkv.align.policy import sequence_logprobs
 from qkv.align.reward import encode_pairs, pair_batch
+from qkv.lora import adapters_disabled, has_lora
 
 
 @torch.no_grad()
@@ -73,7 +74,8 @@ def run_dpo(
     max_steps_cap: int | None = None,
 ):
     """Train `model` in place with DPO against `ref_model` (default: a frozen copy of `model`
-    as it is now). cfg: qkv.train.TrainConfig. Returns the TrainResult. epochs: that many
+    as it is now; for a model with LoRA adapters, the model itself with its adapters off).
+    cfg: qkv.train.TrainConfig. Returns the TrainResult. epochs: that many
     passes over the pairs instead of cfg.max_steps, but no more than max_steps_cap steps."""
     import copy
 
@@ -83,12 +85,16 @@ def run_dpo(
     pairs = encode_pairs(tokenizer, prefs, max_len)
     require_trained_tokens(sum(any(p[1]) and any(p[3]) for p in pairs), len(pairs), max_len, "pairs")
     cfg = epochs_to_steps(cfg, epochs, len(pairs), max_steps_cap)
-    if ref_model is None:
-        ref_model = copy.deepcopy(model)
-    check_same_vocab(model, ref_model, "the policy", "the reference model")
     pad_id = tokenizer.pad_id
-    ref = reference_logprobs(ref_model, pairs, pad_id, progress=cfg.progress)  # once, up front
-    del ref_model
+    if ref_model is None and has_lora(model):  # the frozen base is the reference: adapters off, no copy
+        with adapters_disabled(model):
+            ref = reference_logprobs(model, pairs, pad_id, progress=cfg.progress)
+    else:
+        if ref_model is None:
+            ref_model = copy.deepcopy(model)
+        check_same_vocab(model, ref_model, "the policy", "the reference model")
+        ref = reference_logprobs(ref_model, pairs, pad_id, progress=cfg.progress)  # once, up front
+        del ref_model
     micro = cfg.batch_size // cfg.grad_accum
     sampler = IndexSampler(len(pairs), micro, cfg.grad_accum, cfg.seed)
 
@@ -101,7 +107,8 @@ def run_dpo(
     eval_batch = None
     if heldout:
         hp = encode_pairs(tokenizer, heldout, max_len)
-        href = reference_logprobs(model, hp, pad_id)  # policy == reference before training
+        with adapters_disabled(model):  # policy == reference before training (a LoRA policy: adapters off)
+            href = reference_logprobs(model, hp, pad_id)
         per = max(1, -(-len(hp) // cfg.eval_steps))
 
         def eval_batch(i):

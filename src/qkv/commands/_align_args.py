@@ -134,14 +134,23 @@ def check_data(source: str, cfg, fit_fn, tokenizer, data) -> None:
         print(warning, file=sys.stderr)
 
 
-def load_policy(source: str):
+def load_policy(source: str, cfg=None):
     """(model in train mode, tokenizer) from a qkv checkpoint, a Hugging Face directory or a
     GGUF file (an imported model is fine-tuned as it is, no conversion step); a clear error
-    without a tokenizer or a chat template."""
+    without a tokenizer or a chat template. With cfg.lora_r > 0 (a TrainConfig) the base is
+    frozen, a quantized GGUF stays quantized (QLoRA), and fp32 LoRA adapters are installed."""
     from qkv.align.data import require_chat_template
     from qkv.interop import load
 
-    model, tok = load(source, dequantize=True)  # training updates plain fp32 weights
+    lora_r = getattr(cfg, "lora_r", 0)
+    # full fine-tuning updates plain fp32 weights; a frozen LoRA base keeps its GGUF blocks
+    model, tok = load(source, dequantize=not lora_r)
+    if lora_r:
+        from qkv.lora import LoraConfig, add_lora
+
+        lcfg = LoraConfig(r=lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+        add_lora(model, lcfg)
+        model.lora_base_model = str(source)  # adapter_config.json's base_model_name_or_path
     if tok is None:
         raise ValueError(
             f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "
@@ -149,6 +158,16 @@ def load_policy(source: str):
         )
     require_chat_template(tok, source)
     return model.train(), tok
+
+
+def reference_for(policy, ref_source: str | None, fallback: str):
+    """The frozen reference model: --ref when given; for a LoRA policy, the policy itself with
+    its adapters off (no second copy in memory); else a fresh load of `fallback`."""
+    from qkv.lora import BaseView, has_lora
+
+    if ref_source is None and has_lora(policy):
+        return BaseView(policy)
+    return load_policy(ref_source or fallback)[0]
 
 
 def report(result, what: str) -> None:

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     prefs = load_preferences(args.data)
     heldout = load_preferences(args.heldout) if args.heldout else None
     check_data(args.model, cfg, preference_fit, load_chat_tokenizer(args.model), prefs)  # before the weights load
-    model, tok = load_policy(args.model)
+    model, tok = load_policy(args.model, cfg)
     ref = load_policy(args.ref)[0] if args.ref else None
     result = run_dpo(
         model,

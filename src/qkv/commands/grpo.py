@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         dataclass_from_args,
         load_policy,
         load_prompts_arg,
+        reference_for,
         report,
         stage_config,
         task_gold_fn,
@@ -38,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = stage_config(args, "grpo", **STAGE_OVERRIDES)
     grpo = dataclass_from_args(args, GRPOConfig)
-    policy, tok = load_policy(args.model)
-    ref = load_policy(args.ref or args.model)[0]
+    policy, tok = load_policy(args.model, cfg)
+    ref = reference_for(policy, args.ref, args.model)
     if args.gold_judge:
         reward_fn = task_gold_fn()
     else:

@@ -43,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = stage_config(args, "ppo", **STAGE_OVERRIDES)
     ppo = dataclass_from_args(args, PPOConfig)
+    if cfg.lora_r:
+        raise ValueError(
+            "qkv ppo does not train LoRA adapters yet (its value head is a second trainable part an adapter "
+            "checkpoint does not hold); drop --lora-r, or use qkv grpo --lora-r (no value head)"
+        )
     policy, tok = load_policy(args.model)
     ref = load_policy(args.ref or args.model)[0]
     rm = load_reward_model(args.reward_model)

@@ -40,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--served-model-name", default=None, help="model id clients send (default: the model's file/dir name)"
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter (PEFT dir) as model 'SERVED_NAME:NAME', batched with base requests; repeatable",
+    )
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 429")
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunking)")
@@ -139,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)
     cap_context(model, args.max_model_len)
+    if args.lora:
+        from qkv.lora.peft_format import load_serving_adapters
+
+        load_serving_adapters(model, args.lora)
     engine_kwargs = dict(
         block_size=args.block_size, max_num_seqs=args.max_concurrency, max_batch_tokens=args.max_batch_tokens
     )

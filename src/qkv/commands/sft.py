@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_sft(args.data)
     heldout = load_sft(args.heldout) if args.heldout else None
     check_data(args.model, cfg, sft_fit, load_chat_tokenizer(args.model), data)  # before the weights load
-    model, tok = load_policy(args.model)
+    model, tok = load_policy(args.model, cfg)
     result = run_sft(
         model,
         tok,

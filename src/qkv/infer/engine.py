@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qkv import lora
 from qkv.infer import backend
 from qkv.infer.constraints import ConstraintError, GrammarState, GrammarTokenizer, allowed_tokens, mask_logits
 from qkv.infer.detokenize import IncrementalDetokenizer
@@ -143,6 +144,7 @@ class Engine:
         self.generated_tokens_total = 0
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         self._grammar: dict[int, GrammarState] = {}  # seq id -> its grammar state (constrained requests)
+        self.adapters = set(lora.adapter_names(self.model))  # LoRA adapters a request may name
 
     # --- requests --------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
@@ -164,6 +166,8 @@ class Engine:
             )
         if any(t >= V for t in params.stop_token_ids):
             raise SamplingError("stop_token_ids", f"invalid stop_token_ids: ids must be < vocab size {V}")
+        if params.adapter is not None and params.adapter not in self.adapters:
+            raise ValueError(f"no LoRA adapter named {params.adapter!r}; this engine has {sorted(self.adapters)}")
         if params.constraint is not None:
             if self.tokenizer is None:
                 raise ConstraintError(params.constraint.param, "constrained decoding needs the engine's tokenizer")
@@ -201,6 +205,7 @@ class Engine:
             generator=None if req.params.greedy else make_generator(sample_seed(seed, index), self.device),
             seed=seed,
             prompt_logprobs=[None] if req.params.prompt_logprobs is not None else None,
+            cache_salt=None if req.params.adapter is None else b"lora:" + req.params.adapter.encode(),
         )
         req.seqs.append(seq)
         self._text[seq.seq_id] = _SeqText(self.tokenizer)
@@ -300,7 +305,9 @@ class Engine:
         # the paged cache attends itself; the plain path (inspection, math attention) asks it
         # for each layer's mask (cache.layer_mask), since each layer may have its own window
         positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
-        h = backend.hidden(self.model, tok, positions, self.cache)
+        rows = [self.requests[s.request_id].params.adapter if s.request_id in self.requests else None for s, _ in group]
+        with lora.adapter_rows(self.model, rows):  # each row its own adapter, or the base
+            h = backend.hidden(self.model, tok, positions, self.cache)
 
         for b, (s, n) in enumerate(group):
             if s.scoring_prompt:

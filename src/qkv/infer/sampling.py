@@ -86,6 +86,7 @@ class SamplingParams:
     # max_tokens may be 0: score the prompt only.
     prompt_logprobs: int | None = None
     constraint: Constraint | None = None  # grammar the output must match (infer/constraints.py)
+    adapter: str | None = None  # LoRA adapter this request runs with (qkv serve --lora); None: the base model
 
     def validate(self) -> None:
         """Raise SamplingError (a ValueError) naming the field and the fix."""

@@ -42,6 +42,9 @@ class Sequence:
     num_hashed: int = 0  # leading full blocks already named in the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)
     finished: bool = False
+    # the first block's parent in the prefix-cache chain: differs between LoRA adapters (their
+    # K/V differ for the same tokens), so each adapter reuses only its own cached blocks
+    cache_salt: bytes | None = None
 
     @property
     def num_pending(self) -> int:
@@ -143,11 +146,11 @@ class Scheduler:
         bs = self.bs
         while (len(seq.block_hashes) + 1) * bs <= len(seq.token_ids):
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
 
     def _content(self, seq: Sequence, i: int) -> bytes:
-        parent = seq.block_hashes[i - 1] if i else None
+        parent = seq.block_hashes[i - 1] if i else seq.cache_salt
         return block_content(parent, seq.token_ids[i * self.bs : (i + 1) * self.bs])
 
     def register_computed(self, seq: Sequence) -> None:

@@ -7,7 +7,9 @@ nn.Linear / nn.Embedding as gpt-fast does for int8/int4 (`quantize_model`).
   activations, up to 64 rows: decode) first, then the native tiled product (tiled_linear: a
   tile of weight rows dequantized at a time, then torch.mm; a prefill's many rows), and
   otherwise dequantizes the whole weight and calls F.linear; nothing is cached, so memory stays
-  at the quantized size plus one tile.
+  at the quantized size plus one tile. Under autograd (QLoRA: a frozen quantized base with
+  trainable adapters) the product is differentiable in x, its backward dequantizing a tile of
+  rows at a time (_FrozenQuantMatmul); the blocks themselves never get gradients.
 - `QuantEmbedding.blocks`: the (vocab, row_bytes) table; forward(idx) dequantizes only the rows
   asked for, and project(h) is h @ table.T (a tied output head) through the tiled product.
 - Both expose `weight`, the dequantized fp32 matrix, for code that reads a module's weight
@@ -36,6 +38,39 @@ def _dequantize_all(blocks: torch.Tensor, qtype: str, n_cols: int) -> torch.Tens
         if w is not None:
             return w
     return dequantize(blocks, qtype, n_cols)
+
+
+# weight rows dequantized at a time by the backward pass of a frozen quantized linear
+GRAD_TILE_ROWS = 256
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """x @ W.T for a frozen W held as blocks, differentiable in x only (QLoRA's base layers):
+    the forward keeps no dequantized weight for backward, and the backward dequantizes
+    GRAD_TILE_ROWS rows of W at a time for grad_x = grad_y @ W, so training memory stays at the
+    quantized size plus one tile instead of a full fp32 copy of every layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, qtype: str, n_cols: int) -> torch.Tensor:
+        ctx.save_for_backward(blocks)
+        ctx.qtype, ctx.n_cols = qtype, n_cols
+        y = quant_linear.tiled_linear(x, blocks, qtype)
+        if y is None:
+            out = torch.empty(*x.shape[:-1], blocks.shape[0], dtype=x.dtype, device=x.device)
+            for r0 in range(0, blocks.shape[0], GRAD_TILE_ROWS):
+                w = _dequantize_all(blocks[r0 : r0 + GRAD_TILE_ROWS], qtype, n_cols).to(x.dtype)
+                out[..., r0 : r0 + w.shape[0]] = x @ w.T
+            y = out
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (blocks,) = ctx.saved_tensors
+        grad_x = torch.zeros(*grad_y.shape[:-1], ctx.n_cols, dtype=grad_y.dtype, device=grad_y.device)
+        for r0 in range(0, blocks.shape[0], GRAD_TILE_ROWS):
+            w = _dequantize_all(blocks[r0 : r0 + GRAD_TILE_ROWS], ctx.qtype, ctx.n_cols).to(grad_y.dtype)
+            grad_x += grad_y[..., r0 : r0 + w.shape[0]] @ w
+        return grad_x, None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -79,6 +114,9 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # training through a frozen quantized layer
+            y = _FrozenQuantMatmul.apply(x, self.blocks, self.qtype, self.in_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         y = quant_linear.linear(x, self.blocks, self.qtype, self.bias)  # decode: <= 64 rows, int8 x
         if y is None:
             y = quant_linear.tiled_linear(x, self.blocks, self.qtype, self.bias)  # prefill: fp32 GEMM per tile

@@ -201,15 +201,21 @@ def _model_routes(served: _Served) -> APIRouter:
     router = APIRouter()
     card = model_card(served.model_name, served.max_model_len, served.created)
     card["embeddings"] = embedding_card(served.aengine.engine.model)  # how /v1/embeddings pools
+    cards = {served.model_name: card}
+    for a in sorted(_adapters(served)):  # LoRA adapters: "base:name", served by the same engine
+        cards[f"{served.model_name}:{a}"] = {
+            **model_card(f"{served.model_name}:{a}", served.max_model_len, served.created),
+            "parent": served.model_name,
+        }
 
     @router.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": list(cards.values())}
 
     @router.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        _check_model(name, served.model_name)
-        return card
+        _check_model(name, served.model_name, _adapters(served))
+        return cards[name]
 
     return router
 
@@ -223,7 +229,7 @@ def _generation_routes(served: _Served) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        _check_model(req.model, model_name)
+        adapter = _check_model(req.model, model_name, _adapters(served))
         # off the loop: streams keep flowing (a first grammar request also builds the token trie)
         prompt, tool_plan, constraint = await run_in_threadpool(_structured_chat, served, req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -237,7 +243,7 @@ def _generation_routes(served: _Served) -> APIRouter:
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = _budget(len(prompt), explicit, ctx, "messages")
         params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, served.sampling_defaults)
-        params.constraint = constraint
+        params.constraint, params.adapter = constraint, adapter
         rids, q = await _submit_all(served, [prompt], params)
         gen = served.aengine.results(rids, q)
         fmt = ChatFormat(tokenizer, model_name, req.n, tool_plan)
@@ -247,7 +253,7 @@ def _generation_routes(served: _Served) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        _check_model(req.model, model_name)
+        adapter = _check_model(req.model, model_name, _adapters(served))
         if req.suffix:
             raise APIError(400, "suffix is not supported by this model", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -265,6 +271,7 @@ def _generation_routes(served: _Served) -> APIRouter:
             max_tokens = _budget(longest, req.max_tokens, ctx, "prompt", default=16)
         params = _params(req, max_tokens, req.logprobs, served.sampling_defaults)
         params.constraint = await run_in_threadpool(_checked_constraint, served, req.constraint())
+        params.adapter = adapter
         echo = await run_in_threadpool(_echo_texts, req.prompt, prompts, tokenizer) if req.echo else None
         rids, q = await _submit_all(served, prompts, params)
         gen = served.aengine.results(rids, q)
@@ -305,15 +312,25 @@ async def _submit_all(served: _Served, prompts: list[list[int]], params) -> tupl
 # --- request checks ------------------------------------------------------------------------
 
 
-def _check_model(name: str, model_name: str) -> None:
-    if name != model_name:
-        raise APIError(
-            404,
-            f"the model '{name}' does not exist; this server serves '{model_name}' (see GET /v1/models)",
-            "invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
+def _adapters(served: _Served) -> set[str]:
+    return getattr(served.aengine.engine, "adapters", set())
+
+
+def _check_model(name: str, model_name: str, adapters: set[str] = frozenset()) -> str | None:
+    """The LoRA adapter a request's model name asks for ("base:name"), None for the base; a 404
+    for any other name."""
+    if name == model_name:
+        return None
+    base, _, adapter = name.rpartition(":")
+    if base == model_name and adapter in adapters:
+        return adapter
+    raise APIError(
+        404,
+        f"the model '{name}' does not exist; this server serves '{model_name}' (see GET /v1/models)",
+        "invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _budget(prompt_len: int, requested: int | None, ctx: int, param: str, default: int | None = None) -> int:

@@ -47,6 +47,13 @@ class TrainConfig:
     muon_nesterov: bool = knob(True, "optimizer=muon: Nesterov momentum")
     muon_weight_decay: float = knob(0.0, "optimizer=muon: decoupled weight decay of the Muon matrices")
     muon_ns_steps: int = knob(5, "optimizer=muon: Newton-Schulz iterations per update")
+    # --- LoRA (fine-tuning stages; docs/training.md) ---
+    lora_r: int = knob(0, "LoRA rank; > 0 trains low-rank adapters on a frozen base instead of every weight")
+    lora_alpha: float = knob(32.0, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = knob(0.0, "dropout on the adapters' input")
+    lora_targets: str = knob(
+        "q_proj,v_proj", "layers that get adapters: leaf names (q_proj,v_proj), all-linear, or a regex over qkv names"
+    )
     grad_clip: float = knob(1.0, "max global grad norm; 0 disables")
     # --- loop ---
     max_steps: int = knob(300, "optimizer steps to train for")
@@ -95,6 +102,8 @@ class TrainConfig:
             (self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1"),
             (0 <= self.decay_frac <= 1, f"decay_frac={self.decay_frac} must be in [0, 1]"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
+            (self.lora_r >= 0, f"lora_r={self.lora_r} must be >= 0 (0: full fine-tuning)"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -6,6 +6,8 @@
                                         parameter name (save_optimizer: "last" keeps it in the newest
                                         checkpoint only, the one --resume reads; "all" in every one; "never")
         trainer/state.json              step, data position, RNG states, param groups, run config
+    out_dir/step_000100/            of a LoRA run: the adapter instead of the model (PEFT's format,
+        adapter_config.json  adapter_model.safetensors  tokenizer files  trainer/...)
     out_dir/latest.json             {"step": 100, "dir": "step_000100"}
     out_dir/run.lock                held (flock) by the run writing out_dir; a second run is refused
 
@@ -99,7 +101,10 @@ def save_checkpoint(
     """Write out_dir/step_XXXXXX (atomic) and point latest.json at it; prune old ones. The
     optimizer state (twice the weights' bytes under AdamW) is written unless save_optimizer is
     "never", and with "last" removed from the older checkpoints once latest.json names this one."""
-    model_sd = full_model_state(model)  # collective under FSDP: every rank calls
+    from qkv import lora
+
+    adapter = lora.has_lora(unwrap(model))
+    model_sd = {} if adapter else full_model_state(model)  # collective under FSDP: every rank calls
     with_opt = save_optimizer != "never"
     opt_tensors, groups = full_optimizer_state(model, opt) if with_opt else ({}, [])
     if not is_main:
@@ -111,8 +116,13 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / TRAINER).mkdir(parents=True)
-    unwrap(model).cfg.save(tmp / CONFIG)
-    atomic_write_bytes(tmp / WEIGHTS, save(model_sd, metadata={"format": "qkv", "step": str(step)}))
+    if adapter:  # the frozen base is not the run's to save: only the adapter's tensors
+        inner = unwrap(model)
+        for fname, data in lora.adapter_files(inner, base_model=getattr(inner, "lora_base_model", None)).items():
+            atomic_write_bytes(tmp / fname, data)
+    else:
+        unwrap(model).cfg.save(tmp / CONFIG)
+        atomic_write_bytes(tmp / WEIGHTS, save(model_sd, metadata={"format": "qkv", "step": str(step)}))
     if tokenizer is not None:
         tokenizer.save(tmp)
     if with_opt:
@@ -223,7 +233,12 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
             f"{ckpt}: saved without optimizer state (save_optimizer=never), so the run cannot be resumed "
             f"exactly; start a new run from these weights instead (--init-from / --model {ckpt})"
         )
-    model_sd = tensors(ckpt / WEIGHTS)
+    if (ckpt / WEIGHTS).exists() or not (ckpt / "adapter_config.json").exists():
+        model_sd = tensors(ckpt / WEIGHTS)
+    else:  # a LoRA run's checkpoint: the adapter, by qkv names
+        from qkv.lora import read_adapter
+
+        model_sd = read_adapter(ckpt)[1]
     opt = tensors(ckpt / TRAINER / OPTIMIZER)
     return model_sd, opt, state
 
@@ -261,8 +276,18 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def load_model_state(model: torch.nn.Module, model_sd: dict[str, torch.Tensor], source: Path) -> None:
+    from qkv import lora
     from qkv.checkpoint import load_state_into
 
+    if lora.has_lora(unwrap(model)):
+        if (source / WEIGHTS).exists():
+            raise ValueError(
+                f"{source}: a full-model checkpoint, but this run trains a LoRA adapter; resume without --lora-r"
+            )
+        lora.load_adapter_state(unwrap(model), model_sd)
+        return
+    if "adapter_config.json" in {p.name for p in source.iterdir()}:
+        raise ValueError(f"{source}: a LoRA run's checkpoint; resume it with the same --lora-* options")
     load_state_into(unwrap(model), model_sd, source)
 
 

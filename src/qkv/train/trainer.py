@@ -174,6 +174,10 @@ class Trainer:
             for block in getattr(self.model, "blocks", []):
                 block.compile()
         if self.dist.enabled and cfg.parallel == "fsdp":
+            from qkv.lora import has_lora
+
+            if has_lora(self.model):
+                raise ValueError("LoRA runs shard nothing worth sharding (the base is frozen); use parallel=ddp")
             D.wrap(self.model, self.dist, "fsdp")  # shards in place
             self.wrapped = _LossModule(self.model, loss_fn)
         else:
@@ -268,8 +272,15 @@ class Trainer:
         """The trained model at the top of out_dir: a qkv checkpoint load_model reads. When the
         newest step checkpoint holds these very weights, the top-level file is a hard link to
         its model.safetensors, so the weights are stored once."""
+        from qkv import lora
         from qkv.checkpoint import CONFIG, WEIGHTS, write_model_files
 
+        if lora.has_lora(self.model):  # a LoRA run's result is its adapter (PEFT's format)
+            if self.dist.is_main:
+                lora.save_adapter(self.model, self.out_dir, base_model=getattr(self.model, "lora_base_model", None))
+                if self.tokenizer is not None:
+                    self.tokenizer.save(self.out_dir)
+            return
         if self.saved_step == self.step:  # same on every rank: no collective gather needed
             if self.dist.is_main:
                 step_dir = S.latest_checkpoint(self.out_dir)

@@ -1,0 +1,53 @@
+"""LoRA adapters installed behind a model's linear layers (layer.py) and stored in PEFT's format (peft_format.py)."""
+
+from qkv.lora.layer import (
+    ALL_LINEAR,
+    DEFAULT,
+    BaseView,
+    LoraConfig,
+    LoraLinear,
+    adapter_names,
+    adapter_rows,
+    adapter_state,
+    adapters_disabled,
+    add_lora,
+    has_lora,
+    load_adapter_state,
+    lora_layers,
+    merge_lora,
+)
+from qkv.lora.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_files,
+    is_adapter_dir,
+    load_adapter,
+    load_serving_adapters,
+    read_adapter,
+    save_adapter,
+)
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "ALL_LINEAR",
+    "DEFAULT",
+    "BaseView",
+    "LoraConfig",
+    "LoraLinear",
+    "adapter_files",
+    "adapter_names",
+    "adapter_rows",
+    "adapter_state",
+    "adapters_disabled",
+    "add_lora",
+    "has_lora",
+    "is_adapter_dir",
+    "load_adapter",
+    "load_adapter_state",
+    "load_serving_adapters",
+    "lora_layers",
+    "merge_lora",
+    "read_adapter",
+    "save_adapter",
+]
