@@ -392,12 +392,21 @@ def _ppo_args(tmp_path):
     )
 
 
-def test_frozen_quant_matmul_matches_a_plain_linear():
-    """The quantized layer's differentiable path agrees with F.linear on its dequantized weight."""
-    from qkv.quant.modules import QuantLinear
+@pytest.mark.parametrize("tile_elements", [1 << 22, 64 * 5])  # one tile; 5-row tiles (the last one short)
+def test_frozen_quant_matmul_matches_a_plain_linear(tile_elements, monkeypatch):
+    """The quantized layer's differentiable path (tiled forward without int8 rounding, tiled
+    backward) agrees with F.linear on its dequantized weight, in value and input gradient."""
+    from qkv.quant import modules as Q
 
-    lin = nn.Linear(64, 48)
-    q = QuantLinear.from_linear(lin, "q8_0")
+    monkeypatch.setattr(Q, "GRAD_TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(Q.quant_linear, "tiled_linear", lambda *a, **k: None)  # the Python tiles
+    q = Q.QuantLinear.from_linear(nn.Linear(64, 48), "q8_0")
+    w = q.dequantized_weight()
     x = torch.randn(2, 7, 64, requires_grad=True)
-    y = q(x)
-    assert torch.allclose(y, F.linear(x, q.dequantized_weight(), q.bias), atol=1e-5)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(2, 7, 48)
+    q(x).backward(g)
+    F.linear(x2, w, q.bias.detach()).backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    with torch.enable_grad():
+        assert torch.allclose(q(x), F.linear(x, w, q.bias), atol=1e-5)

@@ -40,15 +40,16 @@ def _dequantize_all(blocks: torch.Tensor, qtype: str, n_cols: int) -> torch.Tens
     return dequantize(blocks, qtype, n_cols)
 
 
-# weight rows dequantized at a time by the backward pass of a frozen quantized linear
-GRAD_TILE_ROWS = 256
+# fp32 elements of W dequantized at a time by a frozen quantized linear's autograd path
+# (16 MB: a whole projection of a ~100M-parameter model in one tile, one Python step per layer)
+GRAD_TILE_ELEMENTS = 1 << 22
 
 
 class _FrozenQuantMatmul(torch.autograd.Function):
     """x @ W.T for a frozen W held as blocks, differentiable in x only (QLoRA's base layers):
     the forward keeps no dequantized weight for backward, and the backward dequantizes
-    GRAD_TILE_ROWS rows of W at a time for grad_x = grad_y @ W, so training memory stays at the
-    quantized size plus one tile instead of a full fp32 copy of every layer."""
+    GRAD_TILE_ELEMENTS of W at a time (whole rows) for grad_x = grad_y @ W, so training memory
+    stays at the quantized size plus one tile instead of a full fp32 copy of every layer."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, qtype: str, n_cols: int) -> torch.Tensor:
@@ -57,8 +58,7 @@ class _FrozenQuantMatmul(torch.autograd.Function):
         y = quant_linear.tiled_linear(x, blocks, qtype)
         if y is None:
             out = torch.empty(*x.shape[:-1], blocks.shape[0], dtype=x.dtype, device=x.device)
-            for r0 in range(0, blocks.shape[0], GRAD_TILE_ROWS):
-                w = _dequantize_all(blocks[r0 : r0 + GRAD_TILE_ROWS], qtype, n_cols).to(x.dtype)
+            for r0, w in _weight_tiles(blocks, qtype, n_cols, x.dtype):
                 out[..., r0 : r0 + w.shape[0]] = x @ w.T
             y = out
         return y
@@ -66,11 +66,18 @@ class _FrozenQuantMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         (blocks,) = ctx.saved_tensors
-        grad_x = torch.zeros(*grad_y.shape[:-1], ctx.n_cols, dtype=grad_y.dtype, device=grad_y.device)
-        for r0 in range(0, blocks.shape[0], GRAD_TILE_ROWS):
-            w = _dequantize_all(blocks[r0 : r0 + GRAD_TILE_ROWS], ctx.qtype, ctx.n_cols).to(grad_y.dtype)
-            grad_x += grad_y[..., r0 : r0 + w.shape[0]] @ w
+        grad_x = None
+        for r0, w in _weight_tiles(blocks, ctx.qtype, ctx.n_cols, grad_y.dtype):
+            part = grad_y[..., r0 : r0 + w.shape[0]] @ w
+            grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None, None, None
+
+
+def _weight_tiles(blocks: torch.Tensor, qtype: str, n_cols: int, dtype: torch.dtype):
+    """(first row, dequantized rows) of W, GRAD_TILE_ELEMENTS at a time."""
+    rows = max(1, GRAD_TILE_ELEMENTS // n_cols)
+    for r0 in range(0, blocks.shape[0], rows):
+        yield r0, _dequantize_all(blocks[r0 : r0 + rows], qtype, n_cols).to(dtype)
 
 
 class QuantLinear(nn.Module):

@@ -1,0 +1,122 @@
+"""LoRA vs full fine-tuning on SmolLM2-135M-Instruct: peak RSS, step time and the task judge.
+
+Each run is `qkv sft` in its own process (so its peak RSS is its own), on the bundled task's
+SFT data, the same batch, sequence length and number of steps:
+
+    full        every weight trains (the bundled Q4_1 GGUF dequantized to fp32), AdamW lr 3e-5
+    lora-f32    LoRA r=16 alpha=32 on all linear layers of the fp32 GGUF, lr 1e-3
+    qlora-q4_1  the same adapters on the bundled Q4_1 GGUF kept quantized (QLoRA), lr 1e-3
+
+Step time: the median of the steps after the first (metrics.jsonl). Judge: the bundled task's
+gold judge (qkv.align.task.gold_reward, in [-1, 1]) averaged over 32 held-out prompts, greedy,
+for the base model and after each run. Run under the shared lock:
+
+    flock /tmp/qkv-bench.lock python benchmarks/bench_lora.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+F32_GGUF = Path("/root/.cache/qkv-bench/smollm2-135m-instruct-f32.gguf")
+
+RUNNER = """
+import json, resource, sys
+from qkv.cli import main
+rc = main(sys.argv[1:])
+print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+sys.exit(rc)
+"""
+
+
+def run_sft(name: str, model: str, data: Path, out: Path, steps: int, lr: float, lora: bool, threads: int) -> dict:
+    args = [sys.executable, "-c", RUNNER, "sft", "--model", model, "--data", str(data), "--out-dir", str(out)]
+    args += ["--max-steps", str(steps), "--batch-size", "4", "--seq-len", "128", "--lr", str(lr), "--warmup-steps", "2"]
+    args += ["--save-every", "0", "--eval-every", "0", "--log-every", "1", "--no-progress", "--threads", str(threads)]
+    if lora:
+        args += ["--lora-r", "16", "--lora-alpha", "32", "--lora-targets", "all-linear"]
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ})
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    rss = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_MB")))
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_s = [h["tokens"] / h["tokens_per_s"] for h in hist[1:] if h.get("tokens_per_s")]
+    for line in proc.stdout.splitlines():
+        if line.startswith("sft done"):
+            print(f"  {name}: {line}")
+    return {
+        "name": name,
+        "peak_rss_mb": rss,
+        "step_s": statistics.median(step_s),
+        "first_loss": hist[0]["loss"],
+        "last_loss": hist[-1]["loss"],
+    }
+
+
+def judge(model, tok, prompts) -> float:
+    from qkv.align.evaluate import judge_policy
+    from qkv.align.task import gold_reward, prompt_text
+
+    _, summary = judge_policy(
+        model, tok, prompts, lambda p, r: gold_reward(prompt_text(p), r), max_new_tokens=16, temperature=0.0
+    )
+    return summary["gold"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-eval", type=int, default=32)
+    args = ap.parse_args()
+
+    import torch
+
+    from qkv.align.task import make_task, write_jsonl
+    from qkv.interop import load
+    from qkv.lora import load_adapter, merge_lora
+
+    torch.set_num_threads(args.threads)
+    task = make_task(seed=0, n_sft=400, n_prefs=10, n_prefs_heldout=10, n_rl=10, n_eval=args.n_eval)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
+    data = write_jsonl(tmp / "sft.jsonl", task.sft)
+    runs = [
+        ("full", "smollm2", 3e-5, False),
+        ("lora-f32", str(F32_GGUF), 1e-3, True),
+        ("qlora-q4_1", "smollm2", 1e-3, True),
+    ]
+    base, tok = load(str(F32_GGUF))
+    scores = {"base (no fine-tuning)": judge(base, tok, task.eval_prompts)}
+    results = []
+    for name, model, lr, lora in runs:
+        r = run_sft(name, model, data, tmp / name, args.steps, lr, lora, args.threads)
+        if lora:
+            m, _ = load(model, dequantize=True)
+            load_adapter(m, tmp / name)
+            merge_lora(m)
+        else:
+            m, _ = load(tmp / name)
+        scores[name] = judge(m, tok, task.eval_prompts)
+        r["judge"] = scores[name]
+        results.append(r)
+        del m
+    print(f"\n{args.steps} steps of 4 x 128 tokens, {args.threads} threads; judge over {args.n_eval} prompts")
+    print(f"base judge {scores['base (no fine-tuning)']:+.3f}")
+    print("| run | peak RSS (MB) | step (s) | loss first -> last | judge |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['name']} | {r['peak_rss_mb']:,.0f} | {r['step_s']:.2f} | "
+            f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} | {r['judge']:+.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
