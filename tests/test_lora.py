@@ -275,6 +275,27 @@ def test_dpo_with_lora_uses_the_base_as_reference_without_a_copy(tmp_path, monke
     assert torch.allclose(ref, want, atol=1e-5)
 
 
+def test_base_view_is_the_grpo_reference_without_touching_the_policy():
+    """GRPO's (and the commands') reference for a LoRA policy: the same model, adapters off."""
+    from qkv.align.policy import response_logprobs
+    from qkv.commands._align_args import reference_for
+
+    base = tiny()
+    oracle = copy.deepcopy(base)
+    L.add_lora(base, L.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    randomize(base)
+    policy = base.train()
+    ref = reference_for(policy, None, "unused")
+    assert isinstance(ref, L.BaseView) and ref.eval() is ref and policy.training  # its eval() leaves the policy be
+    ids = torch.randint(0, 96, (2, 10))
+    kp = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        want = response_logprobs(oracle.eval(), ids, kp)
+        got = response_logprobs(ref, ids, kp)
+        assert torch.allclose(got, want, atol=1e-6)
+        assert not torch.allclose(response_logprobs(policy.eval(), ids, kp), want, atol=1e-3)  # adapters on again
+
+
 # --- serving -----------------------------------------------------------------------------------
 @torch.no_grad()
 def greedy(model, ids: list[int], n: int) -> list[int]:
