@@ -397,20 +397,20 @@ def test_cli_sft_with_lora_writes_an_adapter_that_merges(tmp_path, one_thread):
     assert (tmp_path / "merged" / "config.json").exists()
 
 
-def test_ppo_with_lora_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="qkv ppo does not train LoRA adapters"):
-        from qkv.commands.ppo import run
-
-        run(_ppo_args(tmp_path))
-
-
-def _ppo_args(tmp_path):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ppo", "--reward-model", "r"], "qkv ppo does not train LoRA adapters"),
+        (["reward"], "qkv reward trains every weight"),
+    ],
+)
+def test_stages_without_adapters_refuse_lora_r(argv, message, tmp_path):
     from qkv.cli import build_parser
 
     parser, _ = build_parser()
-    return parser.parse_args(
-        ["ppo", "--model", "m", "--data", "d", "--reward-model", "r", "--lora-r", "4", "--out-dir", str(tmp_path)]
-    )
+    args = parser.parse_args(argv + ["--model", "m", "--data", "d", "--lora-r", "4", "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=message):
+        args._run(args)
 
 
 @pytest.mark.parametrize("tile_elements", [1 << 22, 64 * 5])  # one tile; 5-row tiles (the last one short)

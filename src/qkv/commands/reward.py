@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     cfg = stage_config(args, "reward")
+    if cfg.lora_r:
+        raise ValueError("qkv reward trains every weight and its score head; drop --lora-r (adapters: sft, dpo, grpo)")
     prefs = load_preferences(args.data)
     rows = [r for _, r in read_jsonl(args.data)]
     margins = [float(r["margin"]) for r in rows] if all("margin" in r for r in rows) else None

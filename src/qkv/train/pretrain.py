@@ -20,6 +20,8 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 
 def build_pretrain_model(cfg: TrainConfig, vocab_size: int):
+    if cfg.lora_r:
+        raise ValueError("qkv train pretrains every weight; lora_r applies to the fine-tuning stages (sft, dpo, grpo)")
     from qkv.checkpoint import load_model
     from qkv.config import preset
     from qkv.model import build_model
