@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-eval", type=int, default=32)
+    ap.add_argument("--no-judge", action="store_true", help="peak RSS and step time only (no generation)")
     args = ap.parse_args()
 
     import torch
@@ -93,19 +94,21 @@ def main() -> None:
         ("qlora-q4_1", "smollm2", 1e-3, True),
     ]
     base, tok = load(str(F32_GGUF))
-    scores = {"base (no fine-tuning)": judge(base, tok, task.eval_prompts)}
+    scores = {"base (no fine-tuning)": float("nan") if args.no_judge else judge(base, tok, task.eval_prompts)}
     results = []
     for name, model, lr, lora in runs:
         r = run_sft(name, model, data, tmp / name, args.steps, lr, lora, args.threads)
+        r["judge"] = float("nan")
+        results.append(r)
+        if args.no_judge:
+            continue
         if lora:
             m, _ = load(model, dequantize=True)
             load_adapter(m, tmp / name)
             merge_lora(m)
         else:
             m, _ = load(tmp / name)
-        scores[name] = judge(m, tok, task.eval_prompts)
-        r["judge"] = scores[name]
-        results.append(r)
+        r["judge"] = scores[name] = judge(m, tok, task.eval_prompts)
         del m
     print(f"\n{args.steps} steps of 4 x 128 tokens, {args.threads} threads; judge over {args.n_eval} prompts")
     print(f"base judge {scores['base (no fine-tuning)']:+.3f}")

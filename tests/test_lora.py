@@ -336,6 +336,9 @@ def test_engine_serves_adapters_per_row_alone_and_batched(tmp_path, one_thread):
     assert run(["a", None]) == [want_a, want_base]
     with pytest.raises(ValueError, match="no LoRA adapter named 'b'"):
         engine.add_request(prompt, SamplingParams(max_tokens=2, adapter="b"))
+    # a LoRA policy's own rollouts (GRPO): no request names an adapter, the trained one applies
+    engine = Engine(tuned, tok, block_size=16, num_blocks=64, max_num_seqs=4)
+    assert run([None]) == [want_a]
 
 
 def _drain(engine, ids: list[str]) -> list[list[int]]:
@@ -371,8 +374,8 @@ def test_server_routes_base_colon_name_to_the_adapter(tmp_path, one_thread):
             body = dict(model=name, prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
             return httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
 
-        got = complete("tiny:a").json()["choices"][0]["text"]
-        assert got == tok.decode(greedy(tuned, prompt, 6))
+        got = complete("tiny:a").json()
+        assert got["choices"][0]["text"] == tok.decode(greedy(tuned, prompt, 6)) and got["model"] == "tiny:a"
         assert complete("tiny:b").status_code == 404
 
 

@@ -238,10 +238,11 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def adapter_rows(model: nn.Module, rows: list[str | None]) -> Iterator[None]:
-    """Each batch row applies its own adapter (None: the base) inside the block; a no-op
-    for a model without adapters."""
+    """Each batch row applies its own adapter (None: the base) inside the block. A no-op for a
+    model without adapters, and when no row names one: then the active adapters apply to every
+    row as usual (a LoRA policy's own rollouts during training)."""
     routing = routing_of(model)
-    if routing is None:
+    if routing is None or all(r is None for r in rows):
         yield
         return
     was, routing.rows = routing.rows, list(rows)

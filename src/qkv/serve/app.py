@@ -246,7 +246,7 @@ def _generation_routes(served: _Served) -> APIRouter:
         params.constraint, params.adapter = constraint, adapter
         rids, q = await _submit_all(served, [prompt], params)
         gen = served.aengine.results(rids, q)
-        fmt = ChatFormat(tokenizer, model_name, req.n, tool_plan)
+        fmt = ChatFormat(tokenizer, req.model, req.n, tool_plan)  # the name asked for: base or base:adapter
         if req.stream:
             return sse(fmt, gen, served.metrics, request, req.stream_options, "chat")
         return await complete(fmt, gen, served.metrics, request, "chat")
@@ -275,7 +275,7 @@ def _generation_routes(served: _Served) -> APIRouter:
         echo = await run_in_threadpool(_echo_texts, req.prompt, prompts, tokenizer) if req.echo else None
         rids, q = await _submit_all(served, prompts, params)
         gen = served.aengine.results(rids, q)
-        fmt = CompletionFormat(tokenizer, model_name, req.n, rids, echo, want_logprobs=req.logprobs is not None)
+        fmt = CompletionFormat(tokenizer, req.model, req.n, rids, echo, want_logprobs=req.logprobs is not None)
         if req.stream:
             return sse(fmt, gen, served.metrics, request, req.stream_options, "completions")
         return await complete(fmt, gen, served.metrics, request, "completions")
