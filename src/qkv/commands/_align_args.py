@@ -172,9 +172,10 @@ def reference_for(policy, ref_source: str | None, fallback: str):
 
 def report(result, what: str) -> None:
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    made = "LoRA adapter (qkv merge folds it in)" if (result.run_dir / "adapter_config.json").exists() else "model"
     print(
         f"{what}: step {result.step}, train loss {result.train_loss:.4f}{val}, "
-        f"{result.tokens_per_s:,.0f} tokens/s; model in {result.run_dir}"
+        f"{result.tokens_per_s:,.0f} tokens/s; {made} in {result.run_dir}"
     )
     if result.disk:
         print(disk_line(result.disk))
