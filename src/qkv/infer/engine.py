@@ -305,8 +305,10 @@ class Engine:
         # the paged cache attends itself; the plain path (inspection, math attention) asks it
         # for each layer's mask (cache.layer_mask), since each layer may have its own window
         positions = self.cache.pos.clamp(max=self.cfg.max_seq_len - 1)
-        rows = [self.requests[s.request_id].params.adapter if s.request_id in self.requests else None for s, _ in group]
-        with lora.adapter_rows(self.model, rows):  # each row its own adapter, or the base
+        adapters = [
+            self.requests[s.request_id].params.adapter if s.request_id in self.requests else None for s, _ in group
+        ]
+        with lora.adapter_rows(self.model, adapters):  # each row its own adapter, or the base
             h = backend.hidden(self.model, tok, positions, self.cache)
 
         for b, (s, n) in enumerate(group):
