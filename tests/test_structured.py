@@ -308,3 +308,20 @@ def test_chat_page_serves_the_schema_box(server):
     assert 'id="schema_on"' in html and 'id="schema"' in html
     assert 'type: "json_schema", json_schema: { name: "page_schema", schema, strict: true }' in js
     assert "request.response_format = format" in js and "JSON.parse(box.value)" in js
+
+
+def test_serving_docs_give_every_request_field_an_example():
+    """docs/serving.md's field table names every field the two generation endpoints accept."""
+    from pathlib import Path
+
+    from qkv.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    table = doc.split("### Request fields", 1)[1].split("\n#", 1)[0]
+    documented = set()
+    for row in table.splitlines():
+        cells = row.split(" | ")
+        if row.startswith("| `") and len(cells) >= 3 and '"' in cells[2]:  # a field with an example
+            documented |= set(re.findall(r"`(\w+)`", cells[0]))
+    accepted = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+    assert accepted - documented == set()

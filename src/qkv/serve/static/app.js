@@ -171,7 +171,7 @@ async function send(text, format = null) {
     }
     showRate();
     if (format && finish === "length") {
-      $("stat-error").textContent = "cut at max tokens before the JSON was complete; raise Max tokens";
+      $("stat-error").textContent = "cut at max tokens before the schema was met: the JSON may be incomplete; raise Max tokens";
     }
   } catch (e) {
     if (e.name !== "AbortError") $("stat-error").textContent = e.message;
