@@ -130,7 +130,9 @@ def check_reply(text: str) -> str:
     return "valid"
 
 
-def valid_json_rate(model: str, n: int, max_tokens: int, concurrency: int, threads: int) -> dict:
+def valid_json_rate(
+    model: str, n: int, max_tokens: int, concurrency: int, threads: int, replies_path: str | None = None
+) -> dict:
     """N prompts through `qkv serve` (a subprocess) and the official openai client, greedy,
     once free and once with response_format json_schema; each reply checked with jsonschema."""
     from concurrent.futures import ThreadPoolExecutor
@@ -166,6 +168,10 @@ def valid_json_rate(model: str, n: int, max_tokens: int, concurrency: int, threa
             with ThreadPoolExecutor(concurrency) as pool:
                 replies = list(pool.map(ask, person_prompts(n)))
             verdicts = [check_reply(text) for text, _ in replies]
+            if replies_path:
+                with open(replies_path, "a", encoding="utf-8") as f:
+                    for (text, finish), v in zip(replies, verdicts):
+                        f.write(json.dumps({"format": name, "verdict": v, "finish": finish, "text": text}) + "\n")
             res[name] = {
                 "valid": f"{verdicts.count('valid')}/{n}",
                 "parses_as_json": f"{n - verdicts.count('invalid')}/{n}",
@@ -319,6 +325,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--rate-max-tokens", type=int, default=96, help="max_tokens of each valid-JSON request")
     ap.add_argument("--concurrency", type=int, default=16, help="client threads for the valid-JSON rate")
+    ap.add_argument("--replies", default=None, metavar="FILE", help="append every reply of the rate run (JSON lines)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -351,7 +358,12 @@ def main() -> None:
         del engine, model
     if args.only in (None, "rate"):
         rate = valid_json_rate(
-            str(resolve_model(args.model)), args.prompts, args.rate_max_tokens, args.concurrency, args.threads
+            str(resolve_model(args.model)),
+            args.prompts,
+            args.rate_max_tokens,
+            args.concurrency,
+            args.threads,
+            args.replies,
         )
         print(json.dumps({"valid_json": rate}), flush=True)
 

@@ -102,6 +102,8 @@ def test_page_attaches_a_json_schema(url, page):
         "json_schema": {"name": "page_schema", "schema": schema, "strict": True},
     }
     jsonschema.validate(json.loads(page.locator(".msg.assistant .content").last.text_content()), schema)
+    if os.environ.get("QKV_SCREENSHOT_DIR"):
+        page.screenshot(path=str(Path(os.environ["QKV_SCREENSHOT_DIR"]) / "chat_page_schema.png"), full_page=True)
 
     # a schema that cannot be met within max_tokens: the page says the JSON was cut
     page.fill("#schema", '{"type": "array", "items": {"type": "integer"}, "minItems": 20}')
