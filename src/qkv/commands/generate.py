@@ -259,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     if len(reasons) == 1:
         print(describe_stop(reasons[0], n_out), file=sys.stderr)
+    if constraint is not None and {"length", "context"} & set(reasons):
+        print(f"[{constraint.param}: cut before the grammar ended, so the output may not match it]", file=sys.stderr)
     if args.stats:
         from qkv.infer.kv_cache import kv_bytes_per_token
 

@@ -470,9 +470,9 @@ def _unsupported_field_body(loc: list[str]) -> dict:
 
 
 def _checked_constraint(served: _Served, constraint: Constraint | None) -> Constraint | None:
-    """Compile the constraint now (a bad one is a 400 before any generation) and build the
-    tokenizer's grammar view here rather than in the engine thread, where it would stall
-    every running stream for the second or two it takes once."""
+    """Compile the constraint now (a bad one is a 400 before any generation) and make sure
+    the tokenizer's grammar view exists (`qkv serve` builds it at startup: its build holds
+    the GIL, so done here it would stall every running stream)."""
     if constraint is None:
         return None
     try:

@@ -93,7 +93,28 @@ async function* sseEvents(response) {
   }
 }
 
-async function send(text) {
+// --- JSON schema: while its box is ticked, every message asks for JSON under it ---------
+// Checked here first, so a schema that is not JSON never reaches the server; the server
+// still refuses (400 naming response_format) one that parses but the grammar library cannot use.
+function responseFormat() {
+  const box = $("schema");
+  box.removeAttribute("aria-invalid");
+  if (!$("schema_on").checked) return null;
+  let schema;
+  try {
+    schema = JSON.parse(box.value);
+  } catch (e) {
+    box.setAttribute("aria-invalid", "true");
+    throw new Error("JSON schema: not valid JSON (" + e.message + "); fix it or untick the box");
+  }
+  if (schema === null || typeof schema !== "object" || Array.isArray(schema)) {
+    box.setAttribute("aria-invalid", "true");
+    throw new Error('JSON schema: must be a JSON object, e.g. {"type": "object"}; fix it or untick the box');
+  }
+  return { type: "json_schema", json_schema: { name: "page_schema", schema, strict: true } };
+}
+
+async function send(text, format = null) {
   if (!model) await loadModel();
   $("stat-error").textContent = "";
   history.push({ role: "user", content: text });
@@ -112,10 +133,11 @@ async function send(text) {
     min_p: Number($("min_p").value),
     max_tokens: Number($("max_tokens").value),
   };
+  if (format) request.response_format = format;
   controller = new AbortController();
   setBusy(true);
   const t0 = performance.now();
-  let tFirst = null, chunks = 0, usage = null, reply = "";
+  let tFirst = null, chunks = 0, usage = null, reply = "", finish = null;
   const showRate = () => {
     const tokens = usage ? usage.completion_tokens : chunks;
     const secs = (performance.now() - (tFirst ?? t0)) / 1000;
@@ -133,6 +155,7 @@ async function send(text) {
     for await (const event of sseEvents(response)) {
       if (event.error) throw new Error(event.error.message);
       if (event.usage) usage = event.usage;
+      if (event.choices && event.choices[0] && event.choices[0].finish_reason) finish = event.choices[0].finish_reason;
       const delta = event.choices && event.choices[0] && event.choices[0].delta;
       if (delta && delta.content) {
         if (tFirst === null) {
@@ -147,6 +170,9 @@ async function send(text) {
       }
     }
     showRate();
+    if (format && finish === "length") {
+      $("stat-error").textContent = "cut at max tokens before the schema was met: the JSON may be incomplete; raise Max tokens";
+    }
   } catch (e) {
     if (e.name !== "AbortError") $("stat-error").textContent = e.message;
   } finally {
@@ -161,8 +187,15 @@ $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("prompt").value.trim();
   if (!text || controller) return;
+  let format;
+  try {
+    format = responseFormat();
+  } catch (err) {  // refused here: the message stays in the box, nothing is sent
+    $("stat-error").textContent = err.message;
+    return;
+  }
   $("prompt").value = "";
-  send(text);
+  send(text, format);
 });
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
