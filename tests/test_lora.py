@@ -403,7 +403,6 @@ def test_cli_sft_with_lora_writes_an_adapter_that_merges(tmp_path, one_thread):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["ppo", "--reward-model", "r"], "qkv ppo does not train LoRA adapters"),
         (["reward"], "qkv reward trains every weight"),
     ],
 )

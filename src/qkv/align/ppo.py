@@ -19,6 +19,11 @@ written only at iteration boundaries, so resume regenerates exactly the next rol
 (engine requests carry seeds). Each iteration's statistics (proxy score, gold score when a
 judge is given, KL, entropy, length, distinct outputs, EOS rate, beta) go to
 out_dir/rollouts.jsonl; the over-optimisation plot reads it.
+
+With LoRA adapters on the policy (qkv ppo --lora-r), the adapters and the value head train
+and nothing else; the value head is saved beside the adapter (adapter_heads.safetensors, see
+qkv.lora.peft_format) and resumed with it. The reference is then usually the same model with
+its adapters off (qkv.lora.BaseView): no second copy of the base.
 """
 
 from __future__ import annotations
@@ -141,8 +146,9 @@ class PPORun:
         old_logp, old_v, logits = self.policy.logprobs_and_values(ids, kp, ppo.temperature)
         entropy = L.masked_mean(L.entropy_from_logits(logits, ppo.temperature), mask).item()
         del logits
-        self.policy.train(was)
+        # before train mode comes back: a LoRA reference is this very model with its adapters off
         ref_logp = response_logprobs(self.ref, ids, kp, ppo.temperature)
+        self.policy.train(was)
         proxy = self.rm.rewards(ids, kp)
         scores = L.apply_eos_penalty(proxy, torch.tensor(ro.finished, device=dev), ppo.missing_eos_penalty)
         kl = L.kl_estimate(old_logp, ref_logp, ppo.kl_estimator) * mask
@@ -235,6 +241,26 @@ def ptx_windows(tokens: torch.Tensor, batch: int, seq_len: int, seed: int) -> to
     return torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
 
 
+def lora_policy_with_value(base) -> PolicyWithValue:
+    """A PolicyWithValue made of a LoRA model's own modules (shared, not copied: training it
+    trains `base`'s adapters) plus a zero-initialised value head that trains beside them."""
+    from qkv.lora import train_head
+
+    with torch.device("meta"):  # every module below is replaced by base's, so allocate nothing
+        policy = PolicyWithValue(base.cfg)
+    for name, child in base.named_children():
+        setattr(policy, name, child)
+    for name, buf in base.named_buffers(recurse=False):
+        policy.register_buffer(name, buf, persistent=name not in base._non_persistent_buffers_set)
+    device = next(base.parameters()).device
+    policy.value_head = torch.nn.Linear(base.cfg.d_model, 1, device=device)
+    torch.nn.init.zeros_(policy.value_head.weight)
+    torch.nn.init.zeros_(policy.value_head.bias)
+    policy.lora_base_model = getattr(base, "lora_base_model", None)  # adapter_config.json's base model
+    train_head(policy, "value_head")
+    return policy.train(base.training)
+
+
 def run_ppo(
     policy,
     ref_model,
@@ -250,14 +276,16 @@ def run_ppo(
 ):
     """Run PPO, training `policy` in place; returns (TrainResult, per-iteration stats). `policy`
     may be a plain Transformer (trained through a copy with a zero-initialised value head,
-    whose language-model weights are copied back at the end) or a PolicyWithValue. train_cfg.max_steps is set
+    whose language-model weights are copied back at the end; with LoRA adapters, through a
+    PolicyWithValue sharing its modules, no copy) or a PolicyWithValue. train_cfg.max_steps is set
     from n_iterations when given (steps = iterations x ppo_epochs x minibatches)."""
     from qkv.align.policy import from_transformer
+    from qkv.lora import has_lora
     from qkv.train import Trainer
 
-    given = policy
+    given, adapters = policy, has_lora(policy)
     if not isinstance(policy, PolicyWithValue):
-        policy = from_transformer(PolicyWithValue, policy)
+        policy = lora_policy_with_value(policy) if adapters else from_transformer(PolicyWithValue, policy)
     run = PPORun(policy, ref_model, reward_model, tokenizer, prompts, ppo, train_cfg, gold_fn, ptx_tokens)
     spi = run.steps_per_iter
     updates = {"schedule": "constant", "warmup_steps": 0}
@@ -278,6 +306,8 @@ def run_ppo(
     trainer.on_step = lambda tr, step, m: run.save_stats(cfg.out_dir) if step % spi == 0 else None
     result = trainer.fit()
     run.save_stats(cfg.out_dir)
+    if adapters:  # the result is the adapter + value head the trainer wrote; `given` shares the trained modules
+        return result, run.stats
     # the top-level model is the policy alone (value head dropped), loadable by load_model
     from safetensors.torch import save
 

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         dataclass_from_args,
         load_policy,
         load_prompts_arg,
+        reference_for,
         report,
         stage_config,
         task_gold_fn,
@@ -43,13 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = stage_config(args, "ppo", **STAGE_OVERRIDES)
     ppo = dataclass_from_args(args, PPOConfig)
-    if cfg.lora_r:
-        raise ValueError(
-            "qkv ppo does not train LoRA adapters yet (its value head is a second trainable part an adapter "
-            "checkpoint does not hold); drop --lora-r, or use qkv grpo --lora-r (no value head)"
-        )
-    policy, tok = load_policy(args.model)
-    ref = load_policy(args.ref or args.model)[0]
+    policy, tok = load_policy(args.model, cfg)
+    ref = reference_for(policy, args.ref, args.model)  # LoRA: the policy with its adapters off
     rm = load_reward_model(args.reward_model)
     prompts = load_prompts_arg(args.data)
     ptx = None

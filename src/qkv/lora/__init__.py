@@ -12,12 +12,15 @@ from qkv.lora.layer import (
     adapters_disabled,
     add_lora,
     has_lora,
+    head_state,
     load_adapter_state,
     lora_layers,
     merge_lora,
+    train_head,
 )
 from qkv.lora.peft_format import (
     ADAPTER_CONFIG,
+    ADAPTER_HEADS,
     ADAPTER_WEIGHTS,
     adapter_files,
     is_adapter_dir,
@@ -29,6 +32,7 @@ from qkv.lora.peft_format import (
 
 __all__ = [
     "ADAPTER_CONFIG",
+    "ADAPTER_HEADS",
     "ADAPTER_WEIGHTS",
     "ALL_LINEAR",
     "DEFAULT",
@@ -42,12 +46,14 @@ __all__ = [
     "adapters_disabled",
     "add_lora",
     "has_lora",
+    "head_state",
     "is_adapter_dir",
     "load_adapter",
     "load_adapter_state",
     "load_serving_adapters",
     "lora_layers",
     "merge_lora",
+    "train_head",
     "read_adapter",
     "save_adapter",
 ]

@@ -15,6 +15,10 @@ is fp32). One LoraLinear can hold several named adapters (serving), all sharing 
 
 Names follow PEFT's (base_layer, lora_A.<adapter>, lora_B.<adapter>) so its state-dict keys
 map one to one (peft_format.py).
+
+A head trained beside the adapters (PPO's value head) is marked with `train_head`: it stays
+trainable, and the adapter's checkpoints save and resume it (PEFT calls such modules
+`modules_to_save`).
 """
 
 from __future__ import annotations
@@ -203,20 +207,41 @@ def adapter_state(model: nn.Module, name: str = DEFAULT) -> dict[str, torch.Tens
     return out
 
 
+def train_head(model: nn.Module, head: str) -> None:
+    """Train submodule `head` (e.g. "value_head") beside the adapters: its parameters get
+    gradients, and head_state puts it into the adapter's checkpoints."""
+    model.get_submodule(head).requires_grad_(True)
+    model.lora_heads = tuple(sorted({*getattr(model, "lora_heads", ()), head}))
+
+
+def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of the heads train_head marked, by qkv name ('value_head.weight', ...)."""
+    return {
+        f"{head}.{k}": v.detach()
+        for head in getattr(model, "lora_heads", ())
+        for k, v in model.get_submodule(head).state_dict().items()
+    }
+
+
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], name: str = DEFAULT) -> None:
-    """Copy `state` (adapter_state's keys) into adapter `name`; every tensor must land."""
+    """Copy `state` (adapter_state's keys, plus head_state's when the model trains heads) into
+    adapter `name` and the heads; every tensor must land."""
     layers = lora_layers(model)
-    expected = set(adapter_state(model, name))
+    heads = head_state(model)
+    expected = set(adapter_state(model, name)) | set(heads)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(
             f"adapter tensors do not fit the installed adapter {name!r}: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}; install it with the same targets and rank"
+            f"unexpected {unexpected[:3]}; install it with the same targets and rank (and the same trained heads)"
         )
     with torch.no_grad():
         for key, t in state.items():
-            qual, which, _ = key.rsplit(".", 2)
-            w = getattr(layers[qual], which)[name].weight
+            if key in heads:
+                w = heads[key]  # head_state's tensors share the parameters' storage
+            else:
+                qual, which, _ = key.rsplit(".", 2)
+                w = getattr(layers[qual], which)[name].weight
             if w.shape != t.shape:
                 raise ValueError(f"{key}: shape {tuple(t.shape)} does not fit the adapter's {tuple(w.shape)}")
             w.copy_(t)

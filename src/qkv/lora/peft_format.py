@@ -4,10 +4,18 @@
     adapter_model.safetensors    base_model.model.<transformers module>.lora_A.weight  (r, in)
                                  base_model.model.<transformers module>.lora_B.weight  (out, r)
 
+    adapter_heads.safetensors    heads trained beside the adapter (PPO's value head), by qkv
+                                 name (value_head.weight, value_head.bias); only when there are any
+
 The module names are those of the transformers model `qkv convert --to hf` writes
 (model.layers.{i}.self_attn.q_proj, model.layers.{i}.mlp.down_proj, ...), so PeftModel loads a
 qkv adapter onto that export. GPT-2's export fuses q/k/v into one Conv1D (c_attn), which has no
 per-projection adapter, so GPT-2-architecture adapters are not written in this format.
+
+The heads live in their own file rather than in PEFT's `modules_to_save`: PEFT would then
+look for a `value_head` module on the transformers model it loads the adapter onto, which a
+causal LM does not have, so the policy's adapter would stop loading in peft. Beside the
+adapter, the head is what resuming the run needs and what peft ignores.
 """
 
 from __future__ import annotations
@@ -19,10 +27,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qkv.lora.layer import DEFAULT, LoraConfig, adapter_state, add_lora, load_adapter_state, lora_layers, match_targets
+from qkv.lora.layer import (
+    DEFAULT,
+    LoraConfig,
+    adapter_state,
+    add_lora,
+    head_state,
+    load_adapter_state,
+    lora_layers,
+    match_targets,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_HEADS = "adapter_heads.safetensors"
 PREFIX = "base_model.model."
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -101,7 +119,11 @@ def adapter_files(model: nn.Module, name: str = DEFAULT, base_model: str | None 
         qual, which, _ = key.rsplit(".", 2)
         tensors[f"{PREFIX}{to_peft_name(qual, arch)}.{which}.weight"] = t.float().contiguous().cpu()
     config = json.dumps(adapter_config(model, name, base_model), indent=2) + "\n"
-    return {ADAPTER_CONFIG: config.encode(), ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"})}
+    files = {ADAPTER_CONFIG: config.encode(), ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"})}
+    heads = {k: t.float().contiguous().cpu() for k, t in head_state(model).items()}
+    if heads:
+        files[ADAPTER_HEADS] = save(heads, metadata={"format": "qkv"})
+    return files
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT, base_model: str | None = None) -> Path:
@@ -111,14 +133,17 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT, b
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = adapter_files(model, name, base_model)
+    if ADAPTER_HEADS in files:
+        atomic_write_bytes(directory / ADAPTER_HEADS, files[ADAPTER_HEADS])
     atomic_write_bytes(directory / ADAPTER_WEIGHTS, files[ADAPTER_WEIGHTS])
     atomic_write_bytes(directory / ADAPTER_CONFIG, files[ADAPTER_CONFIG])
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_adapter(directory: str | Path, heads: bool = True) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """(LoraConfig whose targets are exactly the adapted layers, tensors by qkv name) of a PEFT
-    LoRA directory; a one-line error for what qkv does not implement."""
+    LoRA directory, plus the trained heads' tensors when `heads` and the directory has them
+    (what resuming a run needs); a one-line error for what qkv does not implement."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -163,12 +188,14 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
         targets="|".join(re.escape(q) for q in quals),
         rslora=bool(c.get("use_rslora")),
     )
+    if heads and (directory / ADAPTER_HEADS).is_file():
+        state.update(load_file(str(directory / ADAPTER_HEADS)))
     return cfg, state
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT, trainable: bool = False) -> LoraConfig:
     """Install the PEFT adapter in `directory` on `model` as adapter `name` (in place)."""
-    cfg, state = read_adapter(directory)
+    cfg, state = read_adapter(directory, heads=False)  # the policy's adapter; a trained head is the run's
     add_lora(model, cfg, name, trainable=trainable)
     load_adapter_state(model, state, name)
     return cfg
