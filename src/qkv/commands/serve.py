@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from qkv import chat_formats
     from qkv.commands.generate import model_sampling_defaults
     from qkv.infer.engine import Engine
     from qkv.interop.registry import MODELS
@@ -138,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)
+    tokenizer, note = chat_formats.fallback(tokenizer)
+    if note:
+        print(f"note: {note}")
     cap_context(model, args.max_model_len)
     engine_kwargs = dict(
         block_size=args.block_size, max_num_seqs=args.max_concurrency, max_batch_tokens=args.max_batch_tokens
