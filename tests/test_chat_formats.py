@@ -114,3 +114,12 @@ def test_chat_command_uses_the_fallback(tok, tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "Gemma's turn format" in err
     assert "[" not in out  # no "cut short" marker: the reply ended at <end_of_turn>
+
+
+def test_alignment_stages_take_the_fallback_too(tok, tmp_path, capsys):
+    from qkv.commands._align_args import load_chat_tokenizer
+
+    save_model(tmp_path / "ckpt", end_of_turn_model(tok), tok)
+    chat = load_chat_tokenizer(str(tmp_path / "ckpt"))
+    assert chat.chat_template == chat_formats.GEMMA_TEMPLATE and chat.eos_token == "<end_of_turn>"
+    assert "Gemma's turn format" in capsys.readouterr().err
