@@ -5,7 +5,7 @@ import torch
 
 from qkv.config import preset
 from qkv.infer import fused_decode
-from qkv.infer.generate import forward_step, window_mask
+from qkv.infer.generate import forward_step
 from qkv.infer.kv_cache import KVCache
 from qkv.model import build_model
 
@@ -24,6 +24,19 @@ VARIANTS = {
         norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, o_bias=True, mlp_bias=True
     ),
     "LayerNorm without bias, exact GELU": dict(norm="layernorm", norm_bias=False, mlp="gelu", gelu_approx="none"),
+    "Gemma 3 (GeGLU, qk-norm, sandwich norms, 1+w, local/global RoPE)": dict(
+        mlp="geglu",
+        qk_norm=True,
+        post_norm=True,
+        norm_offset=1.0,
+        embed_scale=8.0,
+        sliding_window=5,
+        layer_types=["local", "global"],
+        rope_local_theta=100.0,
+        query_pre_attn_scalar=24,
+        final_softcap=3.0,
+    ),
+    "GeGLU exact, post-norms with LayerNorm": dict(mlp="geglu", gelu_approx="none", norm="layernorm", post_norm=True),
 }
 
 
@@ -53,14 +66,14 @@ def test_fused_step_matches_the_model_and_fills_the_cache_alike(variant, batch):
             h = fused_decode.hidden(m, tok, pos, fused)
             assert h is not None
             fused.advance(1)
-            h_ref = m.hidden(tok, positions=pos, mask=window_mask(cfg, ref.pos, 1, tok.device), cache=ref)
+            h_ref = m.hidden(tok, positions=pos, cache=ref)  # each layer narrows to its own window
             ref.advance(1)
             torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.k, ref.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.v, ref.v, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(n_expert=4), dict(attn_impl="math"), dict(mlp="none")])
+@pytest.mark.parametrize("kw", [dict(attn_softcap=5.0), dict(n_expert=4), dict(attn_impl="math"), dict(mlp="none")])
 def test_models_outside_the_fused_block_take_their_own_path(kw):
     m = _model(**kw)
     cache = KVCache(m.cfg, 20)

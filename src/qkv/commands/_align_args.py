@@ -94,6 +94,9 @@ def load_chat_tokenizer(source: str):
     """The tokenizer of a model source without reading its weights (a qkv checkpoint, Hugging
     Face directory or GGUF file), so the data can be checked before the model loads."""
 
+    import sys
+
+    from qkv import chat_formats
     from qkv.align.data import require_chat_template
     from qkv.interop.load import _gguf_file, detect_format
     from qkv.interop.registry import resolve_model
@@ -113,6 +116,9 @@ def load_chat_tokenizer(source: str):
             f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "
             "tokenizer with a chat template (tokenizer.json + tokenizer_config.json)"
         )
+    tok, note = chat_formats.fallback(tok)  # a known turn format for a file without a template
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     require_chat_template(tok, source)
     return tok
 
@@ -139,6 +145,7 @@ def load_policy(source: str, cfg=None):
     GGUF file (an imported model is fine-tuned as it is, no conversion step); a clear error
     without a tokenizer or a chat template. With cfg.lora_r > 0 (a TrainConfig) the base is
     frozen, a quantized GGUF stays quantized (QLoRA), and fp32 LoRA adapters are installed."""
+    from qkv import chat_formats
     from qkv.align.data import require_chat_template
     from qkv.interop import load
 
@@ -156,6 +163,7 @@ def load_policy(source: str, cfg=None):
             f"{source}: no tokenizer found next to the weights; an alignment stage needs the model's "
             "tokenizer with a chat template (tokenizer.json + tokenizer_config.json)"
         )
+    tok, _ = chat_formats.fallback(tok)  # as load_chat_tokenizer, which said so
     require_chat_template(tok, source)
     return model.train(), tok
 

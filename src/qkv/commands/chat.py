@@ -36,6 +36,7 @@ def help_text() -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from qkv import chat_formats
     from qkv.commands.generate import (
         describe_stop,
         fit_max_tokens,
@@ -51,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     sampling_params(args)  # bad options fail before anything is read
     params = sampling_params(args, model_sampling_defaults(args.model))
     model, tok = load(args.model, args.dtype)
+    tok, note = chat_formats.fallback(tok)  # a known turn format for a file without a template
+    if note:
+        print(f"qkv chat: {note}", file=sys.stderr)
     if not tok.chat_template:
         raise ValueError(f"{args.model}: the tokenizer has no chat template; use `qkv generate` for plain text")
     engine = Engine(model, tok, max_num_seqs=1)

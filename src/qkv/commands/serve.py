@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from qkv import chat_formats
     from qkv.commands.generate import model_sampling_defaults
     from qkv.infer.engine import Engine
     from qkv.interop.registry import MODELS
@@ -145,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)
+    tokenizer, note = chat_formats.fallback(tokenizer)
+    if note:
+        print(f"note: {note}")
     cap_context(model, args.max_model_len)
     if args.lora:
         from qkv.lora.peft_format import load_serving_adapters

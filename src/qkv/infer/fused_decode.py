@@ -6,12 +6,12 @@ the same computation, block by block, in C, reading and writing the same caches
 (contiguous or paged), and returns what `model.hidden` would: the final-norm hidden
 states. It returns None whenever the model, the step or the cache is outside what the
 C block implements (then the caller runs the model's own forward, the reference the
-tests hold this path to): RMSNorm or LayerNorm, SwiGLU or GELU MLP (Llama, Qwen2, Mistral,
-GPT-2), RoPE, learned, sinusoidal or no positions, fp32 on CPU, no qk-norm, no MoE, no
-inspection hooks, one token per sequence. Sliding windows may differ per layer; the other
-Gemma options (GeGLU, sandwich norms, norm offset, embedding scale, query scalar,
-soft-capping, a local RoPE base) are refused at anything but their defaults, so Gemma
-runs the PyTorch path (`qkv info` says why).
+tests hold this path to): RMSNorm or LayerNorm, SwiGLU, GeGLU or GELU MLP (Llama, Qwen2,
+Mistral, GPT-2, Gemma 3), RoPE (a second base for sliding-window layers), learned,
+sinusoidal or no positions, per-head q/k RMSNorm, norms after each sub-block, a norm
+offset (folded into a copy of the weight), an embedding scale, fp32 on CPU, no MoE, no
+attention soft-capping, no inspection hooks, one token per sequence. Sliding windows
+may differ per layer. Anything else is refused by name (`refusal`, shown by `qkv info`).
 """
 
 from __future__ import annotations
@@ -63,11 +63,20 @@ class _Block(ctypes.Structure):
             )
         ]
         + [(n, ctypes.c_int64) for n in ("t_q", "t_k", "t_v", "t_o", "t_gate", "t_up", "t_down")]
+        + [
+            (n, _P)
+            for n in ("q_norm", "k_norm", "post_attn_norm", "post_attn_norm_b", "post_mlp_norm", "post_mlp_norm_b")
+        ]
     )
 
 
 _NORM = {"rmsnorm": 0, "layernorm": 1}
-_MLP = {"swiglu": 0, ("gelu", "tanh"): 1, ("gelu", "none"): 2}  # the C enums
+# the C enums: (mlp, gelu_approx); SwiGLU ignores the approximation
+_MLP = {("gelu", "tanh"): 1, ("gelu", "none"): 2, ("geglu", "tanh"): 3, ("geglu", "none"): 4}
+
+
+def _mlp_kind(cfg: ModelConfig) -> int | None:
+    return 0 if cfg.mlp == "swiglu" else _MLP.get((cfg.mlp, cfg.gelu_approx))
 
 
 class _KV(ctypes.Structure):
@@ -110,24 +119,24 @@ _SUPPORTED_FIELDS: dict[str, Callable[[ModelConfig], bool]] = {
     "norm": lambda c: c.norm in _NORM,
     "norm_eps": lambda c: True,
     "norm_bias": lambda c: True,
-    "mlp": lambda c: c.mlp in ("swiglu", "gelu"),
-    "gelu_approx": lambda c: c.mlp != "gelu" or ("gelu", c.gelu_approx) in _MLP,
+    "mlp": lambda c: c.mlp in ("swiglu", "gelu", "geglu"),
+    "gelu_approx": lambda c: _mlp_kind(c) is not None,
     "qkv_bias": lambda c: True,
     "o_bias": lambda c: True,
     "mlp_bias": lambda c: True,
-    "qk_norm": lambda c: not c.qk_norm,
+    "qk_norm": lambda c: True,  # an RMSNorm over each head, whatever cfg.norm is
     "tie_embeddings": lambda c: True,
     "dropout": lambda c: True,  # inference: no dropout
     "sliding_window": lambda c: True,
     "attn_impl": lambda c: c.attn_impl != "math",
     "layer_types": lambda c: True,  # each block's struct carries its own window
-    "rope_local_theta": lambda c: c.rope_local_theta is None,
-    "norm_offset": lambda c: c.norm_offset == 0.0,
-    "post_norm": lambda c: not c.post_norm,
-    "embed_scale": lambda c: c.embed_scale == 1.0,
+    "rope_local_theta": lambda c: True,  # local layers get the local table's angles
+    "norm_offset": lambda c: True,  # folded into a copy of each norm's weight (_norm_weights)
+    "post_norm": lambda c: True,
+    "embed_scale": lambda c: True,  # applied to the embedded token before the blocks
     "query_pre_attn_scalar": lambda c: True,  # read from the attention's scale
     "attn_softcap": lambda c: c.attn_softcap is None,
-    "final_softcap": lambda c: c.final_softcap is None,
+    "final_softcap": lambda c: True,  # the head's, after this path (backend.logits)
     "n_expert": lambda c: c.n_expert == 0,
     "n_expert_per_token": lambda c: True,  # dense models only (n_expert)
     "moe_renormalize": lambda c: True,
@@ -218,10 +227,14 @@ def _linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     return None
 
 
-def _norm_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
-    """(weight, bias, eps) of an RMSNorm or LayerNorm in fp32."""
+def _norm_weights(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """(weight, bias, eps) of an RMSNorm or LayerNorm in fp32. An RMSNorm with an offset
+    (Gemma's 1 + weight) gives a new tensor holding offset + weight: the C norm multiplies
+    by one factor, and the fold is exact in fp32 (the model adds the offset in fp32 too)."""
     if isinstance(module, RMSNorm):
         w, b, eps = module.weight, None, module.eps
+        if w.dtype == torch.float32 and module.offset:
+            w = module.scale().contiguous()
     elif isinstance(module, nn.LayerNorm) and module.weight is not None:
         w, b, eps = module.weight, module.bias, module.eps
     else:
@@ -229,19 +242,29 @@ def _norm_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
     return (w, b, eps) if w.dtype == torch.float32 and w.is_contiguous() else None
 
 
-def _block_struct(cfg: ModelConfig, blk, layer: int) -> _Block | None:
+def _block_struct(cfg: ModelConfig, blk, layer: int) -> tuple[_Block, list[torch.Tensor]] | None:
     """The C view of one block, read through its public parts: the attention's q/k/v/o
-    projections, the MLP's gate (SwiGLU only)/up/down projections and the two norms."""
+    projections (and q/k norms), the MLP's gate (gated MLPs only)/up/down projections and
+    the norms; with the tensors the view points into that the model does not hold (the
+    folded norm weights), which must live as long as the view."""
     a, m = blk.attn, blk.mlp
     projections = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "up": m.up_proj, "down": m.down_proj}
-    if cfg.mlp == "swiglu":
+    if cfg.mlp in ("swiglu", "geglu"):
         projections["gate"] = m.gate_proj
     found = {role: _linear_weights(p) for role, p in projections.items()}
     lin = {role: x for role, x in found.items() if x is not None}
-    n1, n2 = _norm_weights(blk.attn_norm), _norm_weights(blk.mlp_norm)
-    if n1 is None or n2 is None or len(lin) < len(found):
+    norms = {"attn": blk.attn_norm, "mlp": blk.mlp_norm}
+    if cfg.qk_norm:
+        norms |= {"q": a.q_norm, "k": a.k_norm}
+    if cfg.post_norm:
+        norms |= {"post_attn": blk.post_attn_norm, "post_mlp": blk.post_mlp_norm}
+    nrm = {role: _norm_weights(n) for role, n in norms.items()}
+    if any(n is None for n in nrm.values()) or len(lin) < len(found):
         return None
-    mlp = _MLP["swiglu"] if cfg.mlp == "swiglu" else _MLP[("gelu", cfg.gelu_approx)]
+    if any(isinstance(n, nn.LayerNorm) for n in (norms.get("q"), norms.get("k"))):
+        return None  # the C q/k norms are RMSNorms
+    own = {p.data_ptr() for p in blk.parameters()}
+    folded = [n[0] for n in nrm.values() if n[0].data_ptr() not in own]
 
     def ptr(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
@@ -255,13 +278,21 @@ def _block_struct(cfg: ModelConfig, blk, layer: int) -> _Block | None:
     def t(role: str) -> int:
         return lin[role][2] if role in lin else 0
 
-    return _Block(
-        cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, n1[2], a.scale, cfg.window_of(layer) or 0,
-        _NORM[cfg.norm], mlp,
-        ptr(n1[0]), ptr(n1[1]), w("q"), w("k"), w("v"), b("q"), b("k"), b("v"), w("o"), b("o"),
-        ptr(n2[0]), ptr(n2[1]), w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"),
+    def nw(role: str) -> int | None:
+        return ptr(nrm[role][0]) if role in nrm else None
+
+    def nb(role: str) -> int | None:
+        return ptr(nrm[role][1]) if role in nrm else None
+
+    struct = _Block(
+        cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, nrm["attn"][2], a.scale,
+        cfg.window_of(layer) or 0, _NORM[cfg.norm], _mlp_kind(cfg),
+        nw("attn"), nb("attn"), w("q"), w("k"), w("v"), b("q"), b("k"), b("v"), w("o"), b("o"),
+        nw("mlp"), nb("mlp"), w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"),
         t("q"), t("k"), t("v"), t("o"), t("gate"), t("up"), t("down"),
+        nw("q"), nw("k"), nw("post_attn"), nb("post_attn"), nw("post_mlp"), nb("post_mlp"),
     )  # fmt: skip
+    return struct, folded
 
 
 def _blocks(model) -> list[_Block]:
@@ -270,13 +301,14 @@ def _blocks(model) -> list[_Block]:
     hit = _structs.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    out = []
+    out, keep = [], []
     for layer, blk in enumerate(model.blocks):
-        struct = _block_struct(model.cfg, blk, layer)
-        if struct is None:
+        built = _block_struct(model.cfg, blk, layer)
+        if built is None:
             return []
-        out.append(struct)
-    _structs[model] = (key, out)  # the model holds the parameters the pointers point to
+        out.append(built[0])
+        keep += built[1]
+    _structs[model] = (key, out, keep)  # the model holds the parameters the pointers point to, keep the rest
     return out
 
 
@@ -310,9 +342,13 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
     cfg = model.cfg
     pos = positions.reshape(-1).expand(B) if positions.numel() == 1 else positions.reshape(B)
     x = model.tok_emb(tokens).reshape(B, cfg.d_model).contiguous()
-    cos = sin = None
+    if cfg.embed_scale != 1.0:
+        x *= torch.tensor(cfg.embed_scale, dtype=x.dtype)  # as the model scales it
+    cos = sin = local = None
     if cfg.pos == "rope":
         cos, sin = model.rope_cos[pos].contiguous(), model.rope_sin[pos].contiguous()
+        if cfg.rope_local_theta is not None:
+            local = model.rope_local_cos[pos].contiguous(), model.rope_local_sin[pos].contiguous()
     elif cfg.pos == "learned":
         x = x + model.pos_emb(pos)
     elif cfg.pos == "sinusoidal":
@@ -321,17 +357,12 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
         0, 0, tables.data_ptr(), tables.shape[1], total.data_ptr(), block_size, block_stride, token_stride, head_stride
     )
     n_threads = torch.get_num_threads()
+    angles = None if cos is None else (cos.data_ptr(), sin.data_ptr())
+    local_angles = angles if local is None else (local[0].data_ptr(), local[1].data_ptr())
     for layer, blk in enumerate(blocks):
         kv.k, kv.v = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
-        rc = decode_block(
-            ctypes.byref(blk),
-            ctypes.byref(kv),
-            x.data_ptr(),
-            B,
-            None if cos is None else cos.data_ptr(),
-            None if sin is None else sin.data_ptr(),
-            n_threads,
-        )
+        c, s = (None, None) if angles is None else local_angles if cfg.window_of(layer) is not None else angles
+        rc = decode_block(ctypes.byref(blk), ctypes.byref(kv), x.data_ptr(), B, c, s, n_threads)
         if rc != 0:
             raise MemoryError("the fused decode block could not allocate its scratch buffers")
     return model.final_norm(x).view(B, 1, cfg.d_model)

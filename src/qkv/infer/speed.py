@@ -51,7 +51,8 @@ def decode_bytes_per_token(model: Transformer, context: int = 0) -> int:
     K/V of `context` earlier tokens."""
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(recurse=True)])
     cfg = model.cfg
-    tables = [b for n, b in model.named_buffers() if n in ("rope_cos", "rope_sin", "pos_table")]
+    position_tables = ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin", "pos_table")
+    tables = [b for n, b in model.named_buffers() if n in position_tables]
     total -= sum(b.numel() * b.element_size() for b in tables)  # position tables: one row read
     emb = model.tok_emb
     if not cfg.tie_embeddings:

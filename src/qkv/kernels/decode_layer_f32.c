@@ -1,10 +1,14 @@
 /* One whole transformer block of a decode step in one call (fp32, AVX2 + FMA):
  *
- *   x += o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = norm(x)
- *   x += down_proj(silu(gate_proj(n)) * up_proj(n))                       n = norm(x)
- *     or down_proj(gelu(up_proj(n)))                                      (GPT-2)
+ *   x += post_norm(o_proj(attention(rope(qk_norm(q_proj(n))), rope(qk_norm(k_proj(n))), v_proj(n))))
+ *                                                                        n = norm(x)
+ *   x += post_norm(down_proj(silu(gate_proj(n)) * up_proj(n)))           n = norm(x)
+ *     or down_proj(gelu(gate_proj(n)) * up_proj(n))                      (GeGLU, Gemma)
+ *     or down_proj(gelu(up_proj(n)))                                     (GPT-2)
  *
- * with norm = RMSNorm or LayerNorm. *
+ * with norm = RMSNorm or LayerNorm; qk_norm (an RMSNorm over each head) and the two
+ * post-norms (Gemma's "sandwich") apply where their weights are given (not NULL).
+ *
  * Why: at one token per sequence the arithmetic of a block is a stream over its weights,
  * but run op by op from Python a Llama block of ~20 small ops costs ~0.4 ms of dispatch
  * and allocation on this CPU, a third of a 100M model's step. Here the same ops run
@@ -21,7 +25,7 @@
 #include "quant_linear.c"
 
 enum { RMS_NORM = 0, LAYER_NORM = 1 };
-enum { SWIGLU = 0, GELU_TANH = 1, GELU_ERF = 2 };
+enum { SWIGLU = 0, GELU_TANH = 1, GELU_ERF = 2, GEGLU_TANH = 3, GEGLU_ERF = 4 };
 
 typedef struct {
   int64_t d_model, n_head, n_kv_head, head_dim, d_ff;
@@ -38,6 +42,10 @@ typedef struct {
   /* each projection's storage: 0 = fp32 (PyTorch's (out, in) layout), else the gguf
    * GGMLQuantizationType of its rows of blocks (quant_linear.c) */
   int64_t t_q, t_k, t_v, t_o, t_gate, t_up, t_down;
+  /* optional (NULL = absent): RMSNorm weights over each q / k head (head_dim), and the
+   * norms of the attention's and the MLP's outputs before their residual adds */
+  const float *q_norm, *k_norm;
+  const float *post_attn_norm, *post_attn_norm_b, *post_mlp_norm, *post_mlp_norm_b;
 } qkv_block;
 
 typedef struct { /* one layer's K/V, addressed like qkv_decode_attention_f32's */
@@ -140,6 +148,9 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
     const int64_t n_out[3] = {q_n, kv_n, kv_n};
     if (project_many(n, B, d, 3, w, t, b, y, n_out, n_threads)) goto fail;
   }
+  /* rms_norm reduces a row before it writes it, so it may run in place */
+  if (L->q_norm) qkv_rms_norm_f32(q, L->q_norm, q, B * H, D, L->eps);
+  if (L->k_norm) qkv_rms_norm_f32(k, L->k_norm, k, B * Hkv, D, L->eps);
   if (cos) { /* rotate q into qr and k in place (through qr's tail: rope does not work in place) */
     qkv_rope_f32(q, cos, sin, qr, B, H, D, B);
     float* kr = att; /* att is free until attention */
@@ -162,22 +173,29 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
                                L->window, n_threads))
     goto fail;
   if (project(att, B, q_n, L->wo, L->t_o, L->bo, n, d, n_threads)) goto fail; /* n <- attention output projected */
+  if (L->post_attn_norm) norm(L, n, L->post_attn_norm, L->post_attn_norm_b, n, B);
   for (int64_t i = 0; i < B * d; ++i) x[i] += n[i];
 
   norm(L, x, L->mlp_norm, L->mlp_norm_b, n, B);
-  if (L->mlp == SWIGLU) {
+  if (L->mlp == GELU_TANH || L->mlp == GELU_ERF) { /* ungated */
+    if (project(n, B, d, L->w_up, L->t_up, L->b_up, gate, F, n_threads)) goto fail;
+    gelu(gate, B * F, L->mlp == GELU_ERF);
+  } else { /* gated: act(gate_proj(n)) * up_proj(n) */
     const void* w[2] = {L->w_gate, L->w_up};
     const int64_t t[2] = {L->t_gate, L->t_up};
     const float* b[2] = {L->b_gate, L->b_up};
     float* y[2] = {gate, up};
     const int64_t n_out[2] = {F, F};
     if (project_many(n, B, d, 2, w, t, b, y, n_out, n_threads)) goto fail;
-    silu_mul(gate, up, B * F);
-  } else {
-    if (project(n, B, d, L->w_up, L->t_up, L->b_up, gate, F, n_threads)) goto fail;
-    gelu(gate, B * F, L->mlp == GELU_ERF);
+    if (L->mlp == SWIGLU) {
+      silu_mul(gate, up, B * F);
+    } else {
+      gelu(gate, B * F, L->mlp == GEGLU_ERF);
+      for (int64_t i = 0; i < B * F; ++i) gate[i] *= up[i];
+    }
   }
   if (project(gate, B, F, L->w_down, L->t_down, L->b_down, n, d, n_threads)) goto fail;
+  if (L->post_mlp_norm) norm(L, n, L->post_mlp_norm, L->post_mlp_norm_b, n, B);
   for (int64_t i = 0; i < B * d; ++i) x[i] += n[i];
   free(buf);
   return 0;
