@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests._infer_fixtures import make_tokenizer, tiny_model
 
+from _infer_fixtures import make_tokenizer, tiny_model
 from qkv.config import preset
 from qkv.infer import kv_quant
 from qkv.infer.engine import Engine
