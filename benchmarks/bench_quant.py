@@ -89,6 +89,9 @@ import sys
 def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
 import torch, qkv.interop
 torch.nn.Embedding(1, 1, device="meta")  # the runtime's one-time cost (it imports torch._dynamo, ~55 MB)
+# the rest of the runtime a load uses: the loader's modules and the native kernels' library
+import qkv.interop.gguf, qkv.quant.modules, qkv.kernels.quant_linear
+qkv.kernels.quant_linear.isa()
 before = rss()
 model, _ = qkv.interop.load(sys.argv[1])
 print(rss() - before)

@@ -69,3 +69,25 @@ def test_bf16_weights_halve_the_bytes_a_decode_step_reads(tmp_path, capsys):
         rows[dtype] = json.loads(capsys.readouterr().out)[0]
     ratio = rows["bf16"]["bytes_per_token"] / rows["fp32"]["bytes_per_token"]
     assert 0.5 <= ratio < 0.52  # every projection and the embedding in 2 bytes; norms stay fp32
+
+
+def test_bench_at_a_depth_and_perplexity_through_an_int8_cache(tmp_path, capsys):
+    ckpt = save_model(tmp_path / "ckpt", tiny_model(), make_tokenizer())
+    rows = {}
+    for kv in ("fp32", "int8"):
+        args = ["bench", "--model", str(ckpt), "-p", "0", "-n", "4", "-d", "40", "-r", "1", "--kv-dtype", kv]
+        assert main([*args, "--json"]) == 0
+        rows[kv] = json.loads(capsys.readouterr().out)[0]
+    assert rows["int8"]["test"] == "tg4 @ d40" and rows["int8"]["kv_dtype"] == "int8"
+    # the K/V of 42 tokens (the depth and half the steps): head_dim + 4 bytes a vector instead of 4 * head_dim
+    cfg, weights = tiny_model().cfg, rows["fp32"]["bytes_per_token"] - 42 * tiny_model().cfg.kv_bytes_per_token(4)
+    per_vector = 2 * cfg.n_layer * cfg.n_kv_head
+    assert rows["int8"]["bytes_per_token"] == weights + 42 * per_vector * (cfg.head_dim + 4)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(TEXT * 4))
+    ppl = {}
+    for kv in ("fp32", "int8"):
+        args = ["perplexity", "--model", str(ckpt), "--text", str(text), "--ctx", "32", "--kv-dtype", kv]
+        assert main([*args, "--json", "--no-progress"]) == 0
+        ppl[kv] = json.loads(capsys.readouterr().out)["ppl"]
+    assert ppl["int8"] != ppl["fp32"] and math.isclose(ppl["int8"], ppl["fp32"], rel_tol=0.01)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qkv chat: {note}", file=sys.stderr)
     if not tok.chat_template:
         raise ValueError(f"{args.model}: the tokenizer has no chat template; use `qkv generate` for plain text")
-    engine = Engine(model, tok, max_num_seqs=1)
+    engine = Engine(model, tok, max_num_seqs=1, cache_dtype=args.kv_dtype)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     interactive = sys.stdin.isatty()

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from qkv.commands._weights import add_dtype_argument
+from qkv.commands._weights import add_dtype_argument, add_kv_dtype_argument
 
 MODEL_HELP = "qkv checkpoint dir, Hugging Face dir, .gguf file or a model name from `qkv models`"
 
@@ -53,6 +53,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible (default: a fresh seed)")
     add_dtype_argument(p)
+    add_kv_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = tok.encode_chat([*system, {"role": "user", "content": text}], add_generation_prompt=True)[0]
     else:
         prompt = tok.encode(text, add_special=True)
-    engine = None if args.draft else Engine(model, tok, max_num_seqs=max(1, args.n))
+    engine = None if args.draft else Engine(model, tok, max_num_seqs=max(1, args.n), cache_dtype=args.kv_dtype)
     context = engine.max_len if engine else model.cfg.max_seq_len
     notice = fit_max_tokens(params, len(prompt), context)
     if notice:
@@ -216,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.n != 1:
             raise ValueError("--draft generates one sample; drop --n or --draft")
+        if args.kv_dtype != "auto":
+            raise ValueError("--draft keeps both models' caches in their weights' dtype; drop --kv-dtype or --draft")
         draft, _ = load(args.draft, args.dtype)
         ids, stats = speculative_generate(model, draft, prompt, params, k=args.spec_k, eos_id=tok.eos_id)
         out = tok.decode(ids, skip_special=True)

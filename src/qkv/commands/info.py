@@ -19,11 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--context", type=int, default=None, help="context length for the KV-cache total (default: the model's)"
     )
     p.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache total")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"], default="bf16", help="KV-cache element type")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16", "fp8", "int8"],
+        default="bf16",
+        help="KV-cache element type (int8: qkv's --kv-dtype int8, one fp32 scale per key/value vector)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+SCALE_BYTES = {"int8": 4}  # per key/value vector (infer/kv_quant.py)
 
 
 def resolve_config(spec: str):
@@ -193,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.model)
     counts = count_params(build_model(cfg, device="meta"))
     context = args.context or cfg.max_seq_len
-    per_token = cfg.kv_bytes_per_token(DTYPE_BYTES[args.dtype])
+    per_vector = cfg.head_dim * DTYPE_BYTES[args.dtype] + SCALE_BYTES.get(args.dtype, 0)
+    per_token = 2 * cfg.n_layer * cfg.n_kv_head * per_vector
     attention_kind = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else "GQA"
     info = {
         "model": args.model,
@@ -264,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
         (
             f"KV cache per token ({args.dtype})",
             f"{human_bytes(per_token)}  = 2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x {cfg.head_dim} "
-            f"x {DTYPE_BYTES[args.dtype]} B",
+            f"x {DTYPE_BYTES[args.dtype]} B"
+            + (f" + {SCALE_BYTES[args.dtype]} B a vector" if args.dtype in SCALE_BYTES else ""),
         ),
         (f"KV cache, {context} tokens x batch {args.batch}", human_bytes(info["kv_bytes_total"])),
         ("CPU decode step", info["cpu_decode"]),

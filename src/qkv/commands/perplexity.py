@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from qkv.commands._weights import add_kv_dtype_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="qkv checkpoint dir, Hugging Face dir or GGUF file")
@@ -15,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
     p.add_argument("--threads", type=int, default=None, help="CPU threads; None: torch's own choice")
+    add_kv_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -27,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qkv.eval.perplexity import perplexity
+    from qkv.infer.kv_quant import kv_dtype
     from qkv.interop import load
 
     if args.threads:
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     tokens = tokenizer.encode(text_path.read_text(encoding="utf-8"))
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
-    result = perplexity(model, tokens, args.ctx, progress=not args.no_progress)
+    cache_dtype = kv_dtype(args.kv_dtype, next(model.parameters()).dtype)
+    result = perplexity(model, tokens, args.ctx, progress=not args.no_progress, kv_dtype=cache_dtype)
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
     else:

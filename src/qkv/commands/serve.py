@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qkv.commands._weights import add_dtype_argument
+from qkv.commands._weights import add_dtype_argument, add_kv_dtype_argument
 
 
 def port_number(text: str) -> int:
@@ -73,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "write whole turns (default: it is plain text, so a message cannot forge a system turn)",
     )
     add_dtype_argument(p)
+    add_kv_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -155,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
 
         load_serving_adapters(model, args.lora)
     engine_kwargs = dict(
-        block_size=args.block_size, max_num_seqs=args.max_concurrency, max_batch_tokens=args.max_batch_tokens
+        block_size=args.block_size,
+        max_num_seqs=args.max_concurrency,
+        max_batch_tokens=args.max_batch_tokens,
+        cache_dtype=args.kv_dtype,
     )
     if args.num_blocks:
         engine_kwargs["num_blocks"] = args.num_blocks

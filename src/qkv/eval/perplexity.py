@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from qkv.infer.backend import prepare_for_inference
 from qkv.infer.generate import forward_step
-from qkv.infer.kv_cache import KVCache
+from qkv.infer.kv_cache import new_kv_cache
 
 
 @dataclass
@@ -30,18 +30,25 @@ class Perplexity:
 
 
 @torch.inference_mode()
-def window_nll(model: nn.Module, tokens: list[int]) -> torch.Tensor:
-    """Negative log-likelihood of tokens[1:] given the tokens before each, in one forward."""
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, len(tokens), dtype=dtype)
+def window_nll(model: nn.Module, tokens: list[int], kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Negative log-likelihood of tokens[1:] given the tokens before each, in one forward
+    (attending through a cache of `kv_dtype`: None, the weights' dtype)."""
+    dtype = kv_dtype or next(model.parameters()).dtype
+    cache = new_kv_cache(model.cfg, len(tokens), dtype=dtype)
     ids = torch.tensor([tokens])
     logits = forward_step(model, cache, ids[:, :-1]).float()[0]
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
 
 
-def perplexity(model: nn.Module, tokens: list[int], ctx: int = 512, progress: bool = False) -> Perplexity:
+def perplexity(
+    model: nn.Module,
+    tokens: list[int],
+    ctx: int = 512,
+    progress: bool = False,
+    kv_dtype: torch.dtype | None = None,
+) -> Perplexity:
     """Perplexity over non-overlapping windows of `ctx` tokens (a last partial window of
-    at least 2 tokens counts too)."""
+    at least 2 tokens counts too), keys and values stored as `kv_dtype` (None: the weights')."""
     if ctx < 2:
         raise ValueError(f"--ctx must be at least 2 tokens, got {ctx}")
     if ctx > model.cfg.max_seq_len:
@@ -52,7 +59,8 @@ def perplexity(model: nn.Module, tokens: list[int], ctx: int = 512, progress: bo
 
     prepare_for_inference(model.eval())
     starts = [s for s in range(0, len(tokens), ctx) if len(tokens) - s >= 2]
-    nlls = [window_nll(model, tokens[s : s + ctx]) for s in tqdm(starts, desc="perplexity", disable=not progress)]
+    windows = tqdm(starts, desc="perplexity", disable=not progress)
+    nlls = [window_nll(model, tokens[s : s + ctx], kv_dtype) for s in windows]
     nll = torch.cat(nlls).double()
     mean = float(nll.mean())
     stderr = float(nll.std() / math.sqrt(nll.numel())) if nll.numel() > 1 else 0.0

@@ -23,6 +23,8 @@ from qkv import lora
 from qkv.infer import backend
 from qkv.infer.constraints import ConstraintError, GrammarState, GrammarTokenizer, allowed_tokens, mask_logits
 from qkv.infer.detokenize import IncrementalDetokenizer
+from qkv.infer.kv_cache import kv_bytes_per_token
+from qkv.infer.kv_quant import kv_dtype
 from qkv.infer.paged import BlockAllocator, PagedKVCache
 from qkv.infer.sampling import (
     SamplingError,
@@ -112,7 +114,7 @@ class Engine:
         num_blocks: int | None = None,
         max_num_seqs: int = 64,
         max_batch_tokens: int = 512,
-        cache_dtype: torch.dtype | None = None,
+        cache_dtype: torch.dtype | str | None = None,
         prefix_caching: bool = True,
         kv_memory_bytes: int = 1 << 30,
     ):
@@ -121,12 +123,13 @@ class Engine:
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        cache_dtype = cache_dtype or self.dtype
+        # a dtype, or a --kv-dtype name (None/"auto": the weights' float dtype; "int8": see kv_quant)
+        cache_dtype = cache_dtype if isinstance(cache_dtype, torch.dtype) else kv_dtype(cache_dtype, self.dtype)
         self.block_size = block_size
         if num_blocks is None:
             # enough for max_num_seqs full contexts, capped by a memory budget, but always
             # at least one full context
-            per_block = self.cfg.kv_bytes_per_token(torch.tensor([], dtype=cache_dtype).element_size()) * block_size
+            per_block = kv_bytes_per_token(self.cfg, cache_dtype) * block_size
             ctx_blocks = -(-self.cfg.max_seq_len // block_size)
             num_blocks = max(ctx_blocks, min(ctx_blocks * max_num_seqs, kv_memory_bytes // per_block))
         if max_batch_tokens < 1 or max_num_seqs < 1:

@@ -314,6 +314,8 @@ def _blocks(model) -> list[_Block]:
 
 def _kv_layout(cache, B: int):
     """(tables, total, block_size, strides) addressing each row's keys in the cache, or None."""
+    if getattr(getattr(cache, "k", None), "dtype", None) != torch.float32:
+        return None  # the block reads fp32 K/V; other caches attend through the model's path
     if isinstance(cache, KVCache):
         if cache.pos + 1 > cache.max_len or cache.k.shape[1] != B:
             return None  # the model's path raises the clear "cache full" error

@@ -19,7 +19,8 @@ counts, copy-on-write and prefix caching (the vLLM design, written out small).
 Decode steps on CPU attend with a native kernel that reads each sequence's blocks in
 place (kernels/decode_attention_f32.c); prompt chunks, and any step the kernel does not
 take, gather each sequence's blocks into a padded (B, n_kv_head, S, head_dim) batch
-for SDPA.
+for SDPA. With `dtype=torch.int8` the pool holds each K/V vector as int8s and one fp32
+scale (infer/kv_quant.py): the decode kernel reads them in place, gathers dequantize.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv.config import ModelConfig
+from qkv.infer import kv_quant
 from qkv.kernels import decode_attention
 from qkv.model.attention import math_attention
 
@@ -200,6 +202,12 @@ class PagedKVCache:
         shape = (cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # int8 storage: one fp32 scale per (layer, block, slot, KV head) vector
+        self.scales: tuple[torch.Tensor, torch.Tensor] | None = (
+            (torch.zeros(shape[:-1], device=device), torch.zeros(shape[:-1], device=device))
+            if dtype == torch.int8
+            else None
+        )
 
     # --- per step ----------------------------------------------------------------------
     def prepare(self, tables: torch.Tensor, start: torch.Tensor, lens: torch.Tensor, T: int) -> None:
@@ -271,14 +279,24 @@ class PagedKVCache:
         v_new = v.transpose(1, 2).reshape(B * T, H, D)
         if self.write_rows is not None:
             k_new, v_new = k_new.index_select(0, self.write_rows), v_new.index_select(0, self.write_rows)
-        self.k[layer].view(-1, H, D).index_copy_(0, self.write_slots, k_new.to(self.k.dtype))
-        self.v[layer].view(-1, H, D).index_copy_(0, self.write_slots, v_new.to(self.v.dtype))
+        if self.scales is None:
+            self.k[layer].view(-1, H, D).index_copy_(0, self.write_slots, k_new.to(self.k.dtype))
+            self.v[layer].view(-1, H, D).index_copy_(0, self.write_slots, v_new.to(self.v.dtype))
+            return
+        for pool, scales, x in ((self.k, self.scales[0], k_new), (self.v, self.scales[1], v_new)):
+            data, scale = kv_quant.quantize(x)
+            pool[layer].view(-1, H, D).index_copy_(0, self.write_slots, data)
+            scales[layer].view(-1, H).index_copy_(0, self.write_slots, scale)
 
     def _gather(self, layer: int, blocks: torch.Tensor, B: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         _, _, bs, H, D = self.k.shape
-        k = self.k[layer].index_select(0, blocks).view(B, -1, H, D).transpose(1, 2)
-        v = self.v[layer].index_select(0, blocks).view(B, -1, H, D).transpose(1, 2)
-        return k.to(dtype), v.to(dtype)
+        k, v = self.k[layer].index_select(0, blocks), self.v[layer].index_select(0, blocks)
+        if self.scales is None:
+            k, v = k.to(dtype), v.to(dtype)
+        else:
+            k = kv_quant.dequantize(k, self.scales[0][layer].index_select(0, blocks), dtype)
+            v = kv_quant.dequantize(v, self.scales[1][layer].index_select(0, blocks), dtype)
+        return k.view(B, -1, H, D).transpose(1, 2), v.view(B, -1, H, D).transpose(1, 2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._write(layer, k, v)
@@ -287,12 +305,14 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         self._write(layer, k, v)
         window = self.windows[layer]
+        scales = None if self.scales is None else (self.scales[0][layer], self.scales[1][layer])
         if (
             self.softcap is None
             and self.decode_index is not None
-            and decode_attention.applies(q, self.k[layer], self.v[layer])
+            and decode_attention.applies(q, self.k[layer], self.v[layer], scales)
         ):
-            return decode_attention.paged_decode(q, self.k[layer], self.v[layer], *self.decode_index, scale, window)
+            k_pool, v_pool = self.k[layer], self.v[layer]
+            return decode_attention.paged_decode(q, k_pool, v_pool, *self.decode_index, scale, window, scales)
         gqa = q.shape[1] != k.shape[1]
         buckets = self._buckets()
         out = torch.empty_like(q) if len(buckets) > 1 else None
@@ -310,9 +330,9 @@ class PagedKVCache:
         return out
 
     def copy_block(self, src: int, dst: int) -> None:
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        for t in (self.k, self.v, *(self.scales or ())):
+            t[:, dst] = t[:, src]
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in (self.k, self.v, *(self.scales or ())))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from qkv.infer.generate import forward_step
-from qkv.infer.kv_cache import KVCache
+from qkv.infer.kv_cache import KVCache, kv_bytes_per_token, new_kv_cache
 from qkv.model.transformer import Transformer
 
 
@@ -45,10 +45,10 @@ def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
     return buf.numel() * 4 / best
 
 
-def decode_bytes_per_token(model: Transformer, context: int = 0) -> int:
+def decode_bytes_per_token(model: Transformer, context: int = 0, kv_dtype: torch.dtype | None = None) -> int:
     """Bytes one decode step reads: every parameter and weight buffer once (a tied
     embedding in full, by the output head; an untied input embedding one row), plus the
-    K/V of `context` earlier tokens."""
+    K/V of `context` earlier tokens (in a cache of `kv_dtype`; None: the weights' dtype)."""
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(recurse=True)])
     cfg = model.cfg
     position_tables = ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin", "pos_table")
@@ -58,8 +58,9 @@ def decode_bytes_per_token(model: Transformer, context: int = 0) -> int:
     if not cfg.tie_embeddings:
         emb_bytes = sum(t.numel() * t.element_size() for t in [*emb.parameters(), *emb.buffers()])
         total -= emb_bytes - emb_bytes // cfg.vocab_size
-    kv_dtype_bytes = 4 if next(model.parameters()).dtype == torch.float32 else 2
-    return total + context * cfg.kv_bytes_per_token(kv_dtype_bytes)
+    if kv_dtype is None:
+        kv_dtype = torch.float32 if next(model.parameters()).dtype == torch.float32 else torch.bfloat16
+    return total + context * kv_bytes_per_token(cfg, kv_dtype)
 
 
 def _rates(setup: Callable[[], Any], timed: Callable[[Any], None], n_tokens: int, reps: int) -> tuple[float, float]:
@@ -75,31 +76,36 @@ def _rates(setup: Callable[[], Any], timed: Callable[[Any], None], n_tokens: int
 
 
 @torch.inference_mode()
-def prompt_speed(model: Transformer, n_prompt: int, reps: int = 3, seed: int = 0) -> SpeedResult:
+def prompt_speed(
+    model: Transformer, n_prompt: int, reps: int = 3, seed: int = 0, kv_dtype: torch.dtype | None = None
+) -> SpeedResult:
     """pp<n_prompt>: one forward over a prompt of n_prompt random tokens."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt), generator=g)
-    dtype = next(model.parameters()).dtype
+    dtype = kv_dtype or next(model.parameters()).dtype
 
     def run(cache: KVCache) -> None:
         forward_step(model, cache, tokens, last_only=True)
 
-    best, sd = _rates(lambda: KVCache(cfg, n_prompt, dtype=dtype), run, n_prompt, reps)
+    best, sd = _rates(lambda: new_kv_cache(cfg, n_prompt, dtype=dtype), run, n_prompt, reps)
     return SpeedResult(f"pp{n_prompt}", best, sd, reps)
 
 
 @torch.inference_mode()
-def decode_speed(model: Transformer, n_gen: int, reps: int = 3, seed: int = 0) -> SpeedResult:
-    """tg<n_gen>: n_gen greedy decode steps after a one-token prompt."""
+def decode_speed(
+    model: Transformer, n_gen: int, reps: int = 3, seed: int = 0, depth: int = 0, kv_dtype: torch.dtype | None = None
+) -> SpeedResult:
+    """tg<n_gen>: n_gen greedy decode steps after a one-token prompt, or (depth > 0, as
+    llama-bench's -d) after a prompt of `depth` random tokens, which is not timed."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, cfg.vocab_size, (1, 1), generator=g)
-    dtype = next(model.parameters()).dtype
+    first = torch.randint(0, cfg.vocab_size, (1, max(depth, 1)), generator=g)
+    dtype = kv_dtype or next(model.parameters()).dtype
 
     def prefill() -> tuple[KVCache, torch.Tensor]:
-        cache = KVCache(cfg, n_gen + 1, dtype=dtype)
-        return cache, forward_step(model, cache, first)
+        cache = new_kv_cache(cfg, first.shape[1] + n_gen, dtype=dtype)
+        return cache, forward_step(model, cache, first, last_only=True)
 
     def run(state: tuple[KVCache, torch.Tensor]) -> None:
         cache, logits = state
@@ -107,4 +113,4 @@ def decode_speed(model: Transformer, n_gen: int, reps: int = 3, seed: int = 0) -
             logits = forward_step(model, cache, logits[:, -1:].argmax(-1))
 
     best, sd = _rates(prefill, run, n_gen, reps)
-    return SpeedResult(f"tg{n_gen}", best, sd, reps)
+    return SpeedResult(f"tg{n_gen}" + (f" @ d{depth}" if depth else ""), best, sd, reps)

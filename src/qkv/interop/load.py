@@ -86,7 +86,23 @@ def load(
         from qkv.interop.hf import read_generation_config
 
         model.generation_defaults = read_generation_config(path if path.is_dir() else path.parent)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    model = model.to(device=device, dtype=dtype).eval()
+    _return_freed_memory()
+    return model, tokenizer
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the OS. Loading makes and drops many temporary
+    buffers (header strings, each tensor's bytes before it becomes a tensor), and glibc keeps
+    freed memory in the process: SmolLM2 Q4_0's RSS grew by 1.48x its file after a load and
+    by 1.17x after this call. A no-op where the C library has no malloc_trim (musl, macOS)."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 WEIGHT_FORMATS = ("auto", "fp32", "bf16")

@@ -1,4 +1,4 @@
-/* Decode attention straight from the KV cache (paged or contiguous), fp32, AVX2 + FMA.
+/* Decode attention straight from the KV cache (paged or contiguous), fp32 or int8 K/V, AVX2 + FMA.
  *
  * Why: in a decode step every sequence adds one query, and attention must read that
  * sequence's keys and values from blocks scattered through the pool. Gathering them
@@ -44,6 +44,29 @@ static inline __m256 exp_nonpositive(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+/* In place, for each of the G rows of p (n visible scores, padded to n_pad, a multiple of
+ * 8, in a 32-byte aligned buffer): p = softmax(p); the padding ends up 0. */
+static void softmax_rows(float* p, int64_t G, int64_t n, int64_t n_pad) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p + g * n_pad;
+    for (int64_t j = n; j < n_pad; ++j) pg[j] = -INFINITY;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n_pad; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(pg + j));
+    mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4E));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xB1));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n_pad; j += 8) {
+      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(pg + j), mx));
+      e = _mm256_and_ps(e, _mm256_cmp_ps(_mm256_load_ps(pg + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+      _mm256_store_ps(pg + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
+    for (int64_t j = 0; j < n_pad; j += 8) _mm256_store_ps(pg + j, _mm256_mul_ps(_mm256_load_ps(pg + j), inv));
+  }
 }
 
 /* q, out: (B, H, D). Key j of row b, KV head h starts at
@@ -95,25 +118,7 @@ int qkv_decode_attention_f32(const float* q, const float* k, const float* v, con
         p[g * n_pad + jj] = hsum(acc) * scale;
       }
     }
-    /* softmax over the visible keys (the padding past n is set to -inf, so exp gives 0) */
-    for (int64_t g = 0; g < G; ++g) {
-      float* pg = p + g * n_pad;
-      for (int64_t j = n; j < n_pad; ++j) pg[j] = -INFINITY;
-      __m256 mx = _mm256_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < n_pad; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(pg + j));
-      mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
-      mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4E));
-      mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xB1));
-      __m256 sum = _mm256_setzero_ps();
-      for (int64_t j = 0; j < n_pad; j += 8) {
-        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(pg + j), mx));
-        e = _mm256_and_ps(e, _mm256_cmp_ps(_mm256_load_ps(pg + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
-        _mm256_store_ps(pg + j, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
-      for (int64_t j = 0; j < n_pad; j += 8) _mm256_store_ps(pg + j, _mm256_mul_ps(_mm256_load_ps(pg + j), inv));
-    }
+    softmax_rows(p, G, n, n_pad);
     /* out = p v, 64 dims (8 registers) at a time: each value row is read once per head */
     for (int64_t g = 0; g < G; ++g) {
       const float* pg = p + g * n_pad;
@@ -138,6 +143,76 @@ int qkv_decode_attention_f32(const float* q, const float* k, const float* v, con
       }
     }
 #undef KEY
+    free(p);
+  }
+  return failed ? -1 : 0;
+}
+
+/* 8 int8 values widened to fp32. */
+static inline __m256 load8_i8(const int8_t* x) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)x)));
+}
+
+/* The same attention over an int8 cache: each key and value vector of D int8s has one fp32
+ * scale (vector = scale * int8s), stored in k_scale / v_scale at the vector's element offset
+ * divided by D (the scales have the cache's layout without the head_dim axis). Reads a
+ * quarter of the bytes of the fp32 kernel, plus 4 bytes a vector. Same arguments otherwise. */
+int qkv_decode_attention_q8(const float* q, const int8_t* k, const int8_t* v, const float* k_scale,
+                            const float* v_scale, const int32_t* tables, int64_t max_blocks, const int32_t* total,
+                            float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+                            int64_t block_stride, int64_t token_stride, int64_t head_stride, float scale,
+                            int64_t window, int n_threads) {
+  const int64_t G = H / Hkv;
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+  for (int64_t task = 0; task < B * Hkv; ++task) {
+    const int64_t b = task / Hkv, h = task % Hkv, S = total[b];
+    const int64_t j0 = (window > 0 && S > window) ? S - window : 0, n = S - j0;
+    const int32_t* table = tables + b * max_blocks;
+    const float* qb = q + (b * H + h * G) * D;
+    float* ob = out + (b * H + h * G) * D;
+#define OFFSET(j) (table[(j) / block_size] * block_stride + ((j) % block_size) * token_stride + h * head_stride)
+    const int64_t n_pad = (n + 7) & ~(int64_t)7;
+    float* p = aligned_alloc(32, sizeof(float) * G * (n_pad > 0 ? n_pad : 8));
+    if (!p) { failed = 1; continue; }
+    for (int64_t jj = 0; jj < n; jj += 8) {
+      const int m = n - jj < 8 ? (int)(n - jj) : 8;
+      const int8_t* kj[8];
+      float ks[8] = {0};
+      for (int u = 0; u < 8; ++u) {
+        const int64_t off = OFFSET(j0 + jj + (u < m ? u : 0));
+        kj[u] = k + off;
+        if (u < m) ks[u] = k_scale[off / D] * scale;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 acc[8];
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qb + g * D + d);
+          for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, load8_i8(kj[u] + d), acc[u]);
+        }
+        float s[8];
+        _mm256_storeu_ps(s, _mm256_mul_ps(hsum8(acc), _mm256_loadu_ps(ks)));
+        for (int u = 0; u < m; ++u) p[g * n_pad + jj + u] = s[u];
+      }
+    }
+    softmax_rows(p, G, n, n_pad);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pg = p + g * n_pad;
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int chunks = D - d0 >= 64 ? 8 : (int)((D - d0) / 8);
+        __m256 acc[8];
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t off = OFFSET(j0 + j);
+          const __m256 pj = _mm256_set1_ps(pg[j] * v_scale[off / D]);
+          const int8_t* vj = v + off + d0;
+          for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(pj, load8_i8(vj + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(ob + g * D + d0 + 8 * c, acc[c]);
+      }
+    }
+#undef OFFSET
     free(p);
   }
   return failed ? -1 : 0;
