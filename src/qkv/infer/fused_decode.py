@@ -231,6 +231,7 @@ def _norm_weights(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor 
     """(weight, bias, eps) of an RMSNorm or LayerNorm in fp32. An RMSNorm with an offset
     (Gemma's 1 + weight) gives a new tensor holding offset + weight: the C norm multiplies
     by one factor, and the fold is exact in fp32 (the model adds the offset in fp32 too)."""
+    w: torch.Tensor
     if isinstance(module, RMSNorm):
         w, b, eps = module.weight, None, module.eps
         if w.dtype == torch.float32 and module.offset:
@@ -258,8 +259,9 @@ def _block_struct(cfg: ModelConfig, blk, layer: int) -> tuple[_Block, list[torch
         norms |= {"q": a.q_norm, "k": a.k_norm}
     if cfg.post_norm:
         norms |= {"post_attn": blk.post_attn_norm, "post_mlp": blk.post_mlp_norm}
-    nrm = {role: _norm_weights(n) for role, n in norms.items()}
-    if any(n is None for n in nrm.values()) or len(lin) < len(found):
+    found_norms = {role: _norm_weights(n) for role, n in norms.items()}
+    nrm = {role: n for role, n in found_norms.items() if n is not None}
+    if len(nrm) < len(found_norms) or len(lin) < len(found):
         return None
     if any(isinstance(n, nn.LayerNorm) for n in (norms.get("q"), norms.get("k"))):
         return None  # the C q/k norms are RMSNorms
@@ -359,11 +361,12 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
         0, 0, tables.data_ptr(), tables.shape[1], total.data_ptr(), block_size, block_stride, token_stride, head_stride
     )
     n_threads = torch.get_num_threads()
-    angles = None if cos is None else (cos.data_ptr(), sin.data_ptr())
+    angles = None if cos is None or sin is None else (cos.data_ptr(), sin.data_ptr())
     local_angles = angles if local is None else (local[0].data_ptr(), local[1].data_ptr())
     for layer, blk in enumerate(blocks):
         kv.k, kv.v = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
-        c, s = (None, None) if angles is None else local_angles if cfg.window_of(layer) is not None else angles
+        pair = local_angles if cfg.window_of(layer) is not None else angles
+        c, s = (None, None) if pair is None else pair
         rc = decode_block(ctypes.byref(blk), ctypes.byref(kv), x.data_ptr(), B, c, s, n_threads)
         if rc != 0:
             raise MemoryError("the fused decode block could not allocate its scratch buffers")

@@ -118,6 +118,7 @@ def dense_layout(k: torch.Tensor) -> tuple:
 def _call(q, k, v, tables, total, Hkv, block_size, strides, scale, window, scales) -> torch.Tensor:
     B, H, _, D = q.shape
     out = torch.empty_like(q)
+    data: tuple[int, ...]
     if scales is None:
         fn, data = _attention.get(), (q.data_ptr(), k.data_ptr(), v.data_ptr())
     else:  # a scale sits at its vector's element offset / D: the scales are the cache without head_dim
