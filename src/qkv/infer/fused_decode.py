@@ -198,8 +198,50 @@ def supports(model) -> bool:
     )
 
 
-# per model: (its parameters' addresses, the C view of its blocks); gone with the model
-_structs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@dataclasses.dataclass
+class _View:
+    """A model's blocks as the C block sees them, and what makes that view stale: a module,
+    parameter or buffer registered on a module it was read from (a module swapped in, a
+    weight assigned), or a tensor it points to moved (`.data` assigned, `model.to`), or gone."""
+
+    blocks: list[_Block]
+    registrations: int
+    tensors: list[weakref.ref]
+    addresses: list[int]
+
+    def current(self) -> bool:
+        if self.registrations != _registrations:
+            return False
+        for ref, address in zip(self.tensors, self.addresses, strict=True):
+            t = ref()
+            if t is None or t.data_ptr() != address:
+                return False
+        return True
+
+
+# Checking a view per step costs a few hundred pointer reads; walking every parameter and
+# buffer of the model instead (nn.Module.parameters()) took ~1 ms a step on SmolLM2.
+_views: weakref.WeakKeyDictionary[nn.Module, _View] = weakref.WeakKeyDictionary()
+_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module a view was read from
+_registrations = 0  # moves when one of them registers a module, parameter or buffer
+_hooks_installed = False
+
+
+def _on_registration(module: nn.Module, name: str, value) -> None:
+    global _registrations
+    if module in _watched:
+        _registrations += 1
+
+
+def _watch(modules: list[nn.Module]) -> None:
+    global _hooks_installed
+    if not _hooks_installed:  # process-wide hooks: torch has no per-module registration hook
+        nn.modules.module.register_module_module_registration_hook(_on_registration)
+        nn.modules.module.register_module_parameter_registration_hook(_on_registration)
+        nn.modules.module.register_module_buffer_registration_hook(_on_registration)
+        _hooks_installed = True
+    for m in modules:
+        _watched.add(m)
 
 
 def _linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
@@ -229,9 +271,12 @@ def _norm_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
     return (w, b, eps) if w.dtype == torch.float32 and w.is_contiguous() else None
 
 
-def _block_struct(cfg: ModelConfig, blk, layer: int) -> _Block | None:
+def _block_struct(
+    cfg: ModelConfig, blk, layer: int, modules: list[nn.Module], tensors: list[torch.Tensor]
+) -> _Block | None:
     """The C view of one block, read through its public parts: the attention's q/k/v/o
-    projections, the MLP's gate (SwiGLU only)/up/down projections and the two norms."""
+    projections, the MLP's gate (SwiGLU only)/up/down projections and the two norms.
+    Appends the modules it read and the tensors the view points to."""
     a, m = blk.attn, blk.mlp
     projections = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "up": m.up_proj, "down": m.down_proj}
     if cfg.mlp == "swiglu":
@@ -241,6 +286,8 @@ def _block_struct(cfg: ModelConfig, blk, layer: int) -> _Block | None:
     n1, n2 = _norm_weights(blk.attn_norm), _norm_weights(blk.mlp_norm)
     if n1 is None or n2 is None or len(lin) < len(found):
         return None
+    modules += [blk, a, m, blk.attn_norm, blk.mlp_norm, *projections.values()]
+    tensors += [t for x in (*lin.values(), n1, n2) for t in x[:2] if t is not None]
     mlp = _MLP["swiglu"] if cfg.mlp == "swiglu" else _MLP[("gelu", cfg.gelu_approx)]
 
     def ptr(t: torch.Tensor | None) -> int | None:
@@ -265,18 +312,23 @@ def _block_struct(cfg: ModelConfig, blk, layer: int) -> _Block | None:
 
 
 def _blocks(model) -> list[_Block]:
-    """The C view of each block's weights, rebuilt when any parameter moved."""
-    key = tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()])
-    hit = _structs.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    """The C view of each block's weights, rebuilt when it went stale (see _View); [] when a
+    block does not fit (nothing is cached then: the next step asks again)."""
+    view = _views.get(model)
+    if view is not None and view.current():
+        return view.blocks
+    registrations = _registrations  # read first: a registration during the build makes it stale
+    modules: list[nn.Module] = [model, model.blocks]
+    tensors: list[torch.Tensor] = []
     out = []
     for layer, blk in enumerate(model.blocks):
-        struct = _block_struct(model.cfg, blk, layer)
+        struct = _block_struct(model.cfg, blk, layer, modules, tensors)
         if struct is None:
             return []
         out.append(struct)
-    _structs[model] = (key, out)  # the model holds the parameters the pointers point to
+    _watch(modules)
+    # the model holds the tensors the pointers point to; the view only watches them
+    _views[model] = _View(out, registrations, [weakref.ref(t) for t in tensors], [t.data_ptr() for t in tensors])
     return out
 
 
