@@ -219,8 +219,9 @@ class _View:
         return True
 
 
-# Checking a view per step costs a few hundred pointer reads; walking every parameter and
-# buffer of the model instead (nn.Module.parameters()) took ~1 ms a step on SmolLM2.
+# Checking a view costs a pointer read per weight a step; walking the model's parameters and
+# buffers instead (nn.Module.parameters(), .buffers()) was ~10,000 Python calls a decode step
+# on SmolLM2 (30 blocks), over nine tenths of the step's Python work.
 _views: weakref.WeakKeyDictionary[nn.Module, _View] = weakref.WeakKeyDictionary()
 _watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module a view was read from
 _registrations = 0  # moves when one of them registers a module, parameter or buffer
