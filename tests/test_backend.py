@@ -76,7 +76,7 @@ def test_fused_block_refuses_a_config_field_it_does_not_know():
     assert fused_decode.refusal(CFG) is None
     why = fused_decode.refusal(NewerConfig(**CFG.to_dict()))
     assert why is not None and "attn_logit_softcap" in why
-    assert "qk_norm" in (fused_decode.refusal(CFG.replace(qk_norm=True)) or "")
+    assert "attn_softcap" in (fused_decode.refusal(CFG.replace(attn_softcap=50.0)) or "")
 
 
 @pytest.mark.skipif(not native.enabled(), reason="native kernels are off here (QKV_NATIVE=0 or no AVX2 CPU)")

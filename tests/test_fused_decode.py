@@ -125,3 +125,35 @@ def test_a_decode_step_is_bitwise_the_same_alone_or_batched(batch):
         together = fused_decode.hidden(m, tok, pos, batched)
         for b, cache in enumerate(alone):
             assert torch.equal(fused_decode.hidden(m, tok[b : b + 1], pos, cache)[0], together[b])
+
+
+def test_the_fused_step_follows_weights_changed_after_its_first_call():
+    """The C view of the blocks is cached between steps: a module swapped in, a weight assigned
+    or moved (`.data`), or a projection the block cannot read must each show in the next step."""
+    m = _model()
+    cache = KVCache(m.cfg, 20)
+    tok = torch.tensor([[8]])
+
+    def step_matches_model() -> bool:
+        with torch.inference_mode():
+            cache.pos = 0
+            h = fused_decode.hidden(m, tok, torch.tensor([0]), cache)
+            assert h is not None
+            cache.pos = 0
+            torch.testing.assert_close(h, m.hidden(tok, positions=torch.tensor([0]), cache=cache))
+        return True
+
+    assert step_matches_model()
+    new = torch.nn.Linear(m.cfg.d_model, m.blocks[0].attn.q_proj.out_features, bias=False)
+    torch.nn.init.normal_(new.weight, 0, 0.2)
+    m.blocks[0].attn.q_proj = new  # a module swapped in
+    assert step_matches_model()
+    m.blocks[1].mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(m.blocks[1].mlp.up_proj.weight) * 0.2)
+    assert step_matches_model()
+    m.blocks[1].mlp.down_proj.weight.data = torch.randn_like(m.blocks[1].mlp.down_proj.weight) * 0.2  # moved
+    assert step_matches_model()
+    m.blocks[1].attn_norm.weight.data = m.blocks[1].attn_norm.weight.data + 0.5
+    assert step_matches_model()
+    m.blocks[1].attn.o_proj = m.blocks[1].attn.o_proj.to(torch.bfloat16)  # one the C block cannot read
+    with torch.inference_mode():
+        assert fused_decode.hidden(m, tok, torch.tensor([0]), cache) is None
