@@ -266,8 +266,11 @@ def adapter_rows(model: nn.Module, rows: list[str | None]) -> Iterator[None]:
     """Each batch row applies its own adapter (None: the base) inside the block. A no-op for a
     model without adapters, and when no row names one: then the active adapters apply to every
     row as usual (a LoRA policy's own rollouts during training)."""
+    if all(r is None for r in rows):  # checked first: finding the routing walks every module
+        yield
+        return
     routing = routing_of(model)
-    if routing is None or all(r is None for r in rows):
+    if routing is None:
         yield
         return
     was, routing.rows = routing.rows, list(rows)
