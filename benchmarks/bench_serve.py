@@ -188,7 +188,13 @@ def engine_ceiling(model_path: str, items: list[dict], max_num_seqs: int, thread
 
 
 def start_server(
-    model_path: str, name: str, port: int, max_concurrency: int, threads: int, cmd: list[str] | None = None
+    model_path: str,
+    name: str,
+    port: int,
+    max_concurrency: int,
+    threads: int,
+    cmd: list[str] | None = None,
+    pythonpath: str | None = None,
 ) -> subprocess.Popen:
     cmd = cmd or [
         sys.executable,
@@ -210,7 +216,8 @@ def start_server(
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None  # another qkv tree, for a before/after
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while True:
         try:
@@ -279,8 +286,11 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def bench_vs_llama_server(files: list[str], binary: str, levels: list[int], n_requests: int, threads: int) -> list:
-    """qkv serve and llama-server in turn on each file, same greedy workload, same threads."""
+def bench_vs_llama_server(
+    files: list[str], binary: str, levels: list[int], n_requests: int, threads: int, before: str | None = None
+) -> list:
+    """qkv serve and llama-server in turn on each file, same greedy workload, same threads
+    (and `qkv serve` from another source tree, `before`, when given)."""
     from _serve_helpers import free_port
 
     items = greedy_workload(n_requests)
@@ -288,11 +298,13 @@ def bench_vs_llama_server(files: list[str], binary: str, levels: list[int], n_re
     rows = []
     for path in files:
         fmt = Path(path).stem.rsplit("-", 1)[-1].upper()
-        for server in ("qkv serve", "llama-server"):
+        for server in ("qkv serve", "llama-server") + (("qkv serve (before)",) if before else ()):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            if server == "qkv serve":
-                proc = start_server(path, fmt, port, max(levels), threads)
+            if server.startswith("qkv serve"):
+                proc = start_server(
+                    path, fmt, port, max(levels), threads, pythonpath=before if "before" in server else None
+                )
             else:
                 cmd = llama_server_cmd(binary, path, port, threads, max(levels))
                 proc = start_server(path, fmt, port, max(levels), threads, cmd=cmd)
@@ -318,9 +330,9 @@ def peer_table(rows: list[dict]) -> str:
     columns += ("ITL p50 / p99 (ms)", "load avg")
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     peer = {(r["model"], r["concurrency"]): r["tok_s"] for r in rows if r["server"] == "llama-server"}
-    for r in sorted(rows, key=lambda r: (r["model"], -r["concurrency"], r["server"] != "qkv serve")):
+    for r in sorted(rows, key=lambda r: (r["model"], -r["concurrency"], r["server"])):
         ratio = "–"
-        if r["server"] == "qkv serve" and peer.get((r["model"], r["concurrency"])):
+        if r["server"].startswith("qkv serve") and peer.get((r["model"], r["concurrency"])):
             ratio = f"{r['tok_s'] / peer[(r['model'], r['concurrency'])]:.2f}x"
         out.append(
             f"| {r['model']} | {r['concurrency']} | {r['server']} | {r['failed']} | {r['tok_s']:.0f} | {ratio} "
@@ -395,6 +407,9 @@ def main() -> None:
         help="comma-separated GGUF files: qkv serve beside llama-server on each (32 requests, 16 and 1 clients)",
     )
     ap.add_argument(
+        "--before", default=None, metavar="SRC", help="with --vs-llama-server: also serve qkv from this source tree"
+    )
+    ap.add_argument(
         "--llama-server",
         default=os.path.expanduser("~/.cache/qkv-bench/build-11434/bin/llama-server"),
         help="the llama-server binary for --vs-llama-server",
@@ -404,7 +419,8 @@ def main() -> None:
         args.threads = 2 if args.vs_llama_server else 1
     if args.vs_llama_server:
         threads = args.threads
-        rows = bench_vs_llama_server(args.vs_llama_server.split(","), args.llama_server, [16, 1], 32, threads)
+        files = args.vs_llama_server.split(",")
+        rows = bench_vs_llama_server(files, args.llama_server, [16, 1], 32, threads, args.before)
         print(f"\nmachine: {os.cpu_count()} CPUs, {threads} threads per server; the load generator shares the cores")
         print(peer_table(rows))
         if args.json:
