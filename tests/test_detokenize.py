@@ -136,7 +136,7 @@ def test_smollm2_pieces_join_to_the_full_decode(smollm2, data, sizes, skip_speci
     check_stream(smollm2, data.draw(token_sequences(smollm2)), sizes, skip_special)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), sizes=SIZES, skip_special=st.booleans())
 def test_gemma3_pieces_join_to_the_full_decode(gemma3, data, sizes, skip_special):
     """Sentencepiece decoding looks at neighbours (byte-fallback tokens fuse into characters,
@@ -242,7 +242,7 @@ def test_engine_stop_string_across_tokens(scripted, bpe, data):
     check_stop_across_tokens(scripted, bpe, data)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_engine_stop_string_across_gemma3_tokens(gemma3, data):
     check_stop_across_tokens(scripted_gemma3(gemma3), gemma3, data)

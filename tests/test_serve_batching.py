@@ -1,7 +1,7 @@
 """The server's batched path: a request's tokens do not depend on what it is batched with
-(quantized weights, greedy and seeded sampling, through HTTP), the template-written SSE
-frames are the bytes json.dumps writes, shared system prompts hit the prefix cache, and
-/metrics reports steps, batch occupancy and time per step."""
+(quantized weights, greedy and seeded sampling, through HTTP) and /metrics reports the
+steps they shared (batch occupancy, time per step); the template-written SSE frames are
+the bytes json.dumps writes; shared system prompts hit the prefix cache."""
 
 from __future__ import annotations
 
@@ -95,10 +95,15 @@ def test_tokens_are_the_same_alone_or_with_15_others(server):
     alone = [run(srv.url, [t])[0] for t in targets]
     steps, rows = metric(srv.url, "qkv_engine_steps"), metric(srv.url, "qkv_engine_step_rows")
     together = run(srv.url, targets + others)[:2]
-    batched_rows = metric(srv.url, "qkv_engine_step_rows") - rows
-    assert batched_rows / (metric(srv.url, "qkv_engine_steps") - steps) > 2, "the requests did not share steps"
     assert all(len(tokens) == 20 for tokens, _ in alone) and alone[0] != alone[1]
     assert together == alone
+    # /metrics: the steps they shared, their rows, time and tokens, and the windowed gauges
+    steps, rows = metric(srv.url, "qkv_engine_steps") - steps, metric(srv.url, "qkv_engine_step_rows") - rows
+    assert rows / steps > 2, "the requests did not share steps"
+    assert metric(srv.url, "qkv_engine_step_seconds") > 0
+    assert metric(srv.url, "qkv_engine_step_tokens") >= metric(srv.url, "qkv_engine_step_rows")
+    assert metric(srv.url, "qkv_tokens_per_second") > 0 and metric(srv.url, "qkv_step_seconds") > 0
+    assert metric(srv.url, "qkv_batch_rows") >= 1 and 0 < metric(srv.url, "qkv_batch_occupancy") <= 1
 
 
 def test_shared_system_prompt_hits_the_prefix_cache(server):
@@ -113,17 +118,6 @@ def test_shared_system_prompt_hits_the_prefix_cache(server):
     hits = metric(srv.url, "qkv_prefix_cache_hits")
     chat("And who answers?")
     assert metric(srv.url, "qkv_prefix_cache_hits") - hits >= 3
-
-
-def test_metrics_report_throughput_occupancy_and_step_time(server):
-    srv, tok = server
-    run(srv.url, [{"prompt": "To be", "max_tokens": 8}] + [{"prompt": "Now is", "max_tokens": 8}] * 3)
-    steps, rows = metric(srv.url, "qkv_engine_steps"), metric(srv.url, "qkv_engine_step_rows")
-    assert steps > 0 and rows >= steps and metric(srv.url, "qkv_engine_step_seconds") > 0
-    assert metric(srv.url, "qkv_engine_step_tokens") >= rows
-    for gauge in ("qkv_tokens_per_second", "qkv_step_seconds", "qkv_batch_rows", "qkv_batch_occupancy"):
-        assert metric(srv.url, gauge) >= 0
-    assert 0 < metric(srv.url, "qkv_batch_occupancy") <= 1
 
 
 TEXTS = st.text(st.characters(codec="utf-8"), max_size=20)
