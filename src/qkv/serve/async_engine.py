@@ -290,7 +290,6 @@ class AsyncEngine:
             self._release(rid)
 
     def _loop(self) -> None:
-        idle_stats = True
         while not self._stop.is_set():
             try:
                 busy = self.engine.has_unfinished()
@@ -307,10 +306,7 @@ class AsyncEngine:
                     outputs = self.engine.step()
                     self._step_seconds += time.perf_counter() - t0
                     self._dispatch(outputs)
-                    self._update_stats()
-                elif idle_stats:  # once when the engine goes idle, so /metrics shows it drained
-                    self._update_stats()
-                idle_stats = busy
+                self._update_stats()  # also while idle (every idle_wait_s), so the windowed rates fall to 0
             except Exception as e:  # an engine bug: fail the in-flight requests, keep serving
                 log.exception("engine step failed")
                 self.error = e
