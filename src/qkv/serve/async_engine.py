@@ -246,7 +246,8 @@ class AsyncEngine:
     def _update_stats(self) -> None:
         stats = dict(self.engine.stats(), step_seconds_total=self._step_seconds)
         t = time.monotonic()
-        now = (t, stats["generated_tokens_total"], stats["steps_total"], stats["step_rows_total"], self._step_seconds)
+        count = [int(stats.get(k, 0)) for k in ("generated_tokens_total", "steps_total", "step_rows_total")]
+        now = (t, *count, self._step_seconds)
         self._window.append(now)
         while len(self._window) > 2 and t - self._window[0][0] > 5.0:
             self._window.popleft()
@@ -255,7 +256,7 @@ class AsyncEngine:
         self.tokens_per_second = (now[1] - tokens0) / (t - t0) if t > t0 else 0.0
         self.seconds_per_step = (now[4] - secs0) / steps if steps else 0.0
         self.rows_per_step = (now[3] - rows0) / steps if steps else 0.0
-        self.batch_occupancy = self.rows_per_step / max(1, stats["max_num_seqs"])
+        self.batch_occupancy = self.rows_per_step / max(1, stats.get("max_num_seqs", 1))
         self.stats = stats
 
     def _run(self) -> None:
