@@ -10,6 +10,12 @@ same workload through `Engine.generate` in-process, with no HTTP at all.
 
     python benchmarks/bench_serve.py                      # tiny model, 8/32/64 clients
     python benchmarks/bench_serve.py --models smollm2     # SmolLM2-135M (GGUF), 8 clients
+    python benchmarks/bench_serve.py --vs-llama-server F32.gguf,Q8_0.gguf,Q4_0.gguf
+
+`--vs-llama-server` runs `qkv serve` and llama.cpp's `llama-server` in turn on each file
+with one workload (prompts of 8-64 words, 64 greedy tokens each with ignore_eos, 32
+requests, 2 threads each, `llama-server -t 2 -c 8192 -np 16`), at 16 concurrent clients
+and at 1 client, and prints the two servers' rows and their ratio per file.
 """
 
 from __future__ import annotations
@@ -56,12 +62,22 @@ def workload(n: int, seed: int = 0, max_prompt_words: int = 120, reply_lengths=(
     return out
 
 
+def greedy_workload(n: int, seed: int = 0, words=(8, 64), max_tokens: int = 64) -> list[dict]:
+    """The workload beside llama-server: prompts of 8-64 words, 64 greedy tokens each."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
+        items.append({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0})
+    return items
+
+
 async def one(client: httpx.AsyncClient, url: str, model: str, item: dict) -> Result:
     body = {
         "model": model,
         "prompt": item["prompt"],
         "max_tokens": item["max_tokens"],
-        "temperature": 0.8,
+        "temperature": item.get("temperature", 0.8),
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
@@ -82,7 +98,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, item: dict) -> Re
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
                     times.append(time.perf_counter())
     except httpx.HTTPError:
         return Result(False)
@@ -171,8 +187,16 @@ def engine_ceiling(model_path: str, items: list[dict], max_num_seqs: int, thread
     return sum(len(r[0].token_ids) for r in res) / wall
 
 
-def start_server(model_path: str, name: str, port: int, max_concurrency: int, threads: int) -> subprocess.Popen:
-    cmd = [
+def start_server(
+    model_path: str,
+    name: str,
+    port: int,
+    max_concurrency: int,
+    threads: int,
+    cmd: list[str] | None = None,
+    pythonpath: str | None = None,
+) -> subprocess.Popen:
+    cmd = cmd or [
         sys.executable,
         "-m",
         "qkv.cli",
@@ -192,7 +216,8 @@ def start_server(model_path: str, name: str, port: int, max_concurrency: int, th
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None  # another qkv tree, for a before/after
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while True:
         try:
@@ -240,6 +265,81 @@ def bench_model(
     ceiling = engine_ceiling(model_path, items, max(levels), threads)
     rows.append(dict(model=label, concurrency="engine", tok_s=ceiling))
     return rows
+
+
+def llama_server_cmd(binary: str, model_path: str, port: int, threads: int, slots: int) -> list[str]:
+    return [binary, "-m", model_path, "-t", str(threads), "-c", "8192", "-np", str(slots)] + [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-disable",
+    ]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def bench_vs_llama_server(
+    files: list[str], binary: str, levels: list[int], n_requests: int, threads: int, before: str | None = None
+) -> list:
+    """qkv serve and llama-server in turn on each file, same greedy workload, same threads
+    (and `qkv serve` from another source tree, `before`, when given)."""
+    from _serve_helpers import free_port
+
+    items = greedy_workload(n_requests)
+    warm = greedy_workload(4, seed=1)
+    rows = []
+    for path in files:
+        fmt = Path(path).stem.rsplit("-", 1)[-1].upper()
+        for server in ("qkv serve", "llama-server") + (("qkv serve (before)",) if before else ()):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            if server.startswith("qkv serve"):
+                proc = start_server(
+                    path, fmt, port, max(levels), threads, pythonpath=before if "before" in server else None
+                )
+            else:
+                cmd = llama_server_cmd(binary, path, port, threads, max(levels))
+                proc = start_server(path, fmt, port, max(levels), threads, cmd=cmd)
+            try:
+                asyncio.run(run_level(url, fmt, warm, len(warm)))
+                rss_warm = rss_mb(proc.pid)
+                for c in levels:
+                    row = asyncio.run(measure(url, fmt, items, c, proc.pid))
+                    row.update(model=fmt, server=server, rss_warm_mb=rss_warm, load=os.getloadavg()[0])
+                    rows.append(row)
+                    print(
+                        f"  {fmt} {server} c={c}: {row['tok_s']:.0f} tok/s, TTFT p50 {row['ttft_p50']:.0f} ms, "
+                        f"ITL p50 {row['itl_p50']:.1f} ms, failed {row['failed']}, load {row['load']:.2f}",
+                        flush=True,
+                    )
+            finally:
+                stop(proc)
+    return rows
+
+
+def peer_table(rows: list[dict]) -> str:
+    columns = ("format", "clients", "server", "failed", "output tok/s", "qkv / llama", "TTFT p50 / p99 (ms)")
+    columns += ("ITL p50 / p99 (ms)", "load avg")
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    peer = {(r["model"], r["concurrency"]): r["tok_s"] for r in rows if r["server"] == "llama-server"}
+    for r in sorted(rows, key=lambda r: (r["model"], -r["concurrency"], r["server"])):
+        ratio = "–"
+        if r["server"].startswith("qkv serve") and peer.get((r["model"], r["concurrency"])):
+            ratio = f"{r['tok_s'] / peer[(r['model'], r['concurrency'])]:.2f}x"
+        out.append(
+            f"| {r['model']} | {r['concurrency']} | {r['server']} | {r['failed']} | {r['tok_s']:.0f} | {ratio} "
+            f"| {r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} "
+            f"| {r['load']:.2f} |"
+        )
+    return "\n".join(out)
 
 
 def smollm2_path() -> str | None:
@@ -292,15 +392,40 @@ def main() -> None:
     ap.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads in the server "
-        "(1: tiny matmuls gain nothing from more, and a busy machine makes OpenMP spin)",
+        default=None,
+        help="torch threads in the server (default 1: tiny matmuls gain nothing from more, and a busy machine makes "
+        "OpenMP spin; 2 with --vs-llama-server, as llama-server -t 2)",
     )
     ap.add_argument("--models", default="tiny", help="comma-separated: tiny, smollm2")
     ap.add_argument("--smollm2-requests", type=int, default=16)
     ap.add_argument("--smollm2-levels", default="8")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument(
+        "--vs-llama-server",
+        default=None,
+        metavar="GGUF,...",
+        help="comma-separated GGUF files: qkv serve beside llama-server on each (32 requests, 16 and 1 clients)",
+    )
+    ap.add_argument(
+        "--before", default=None, metavar="SRC", help="with --vs-llama-server: also serve qkv from this source tree"
+    )
+    ap.add_argument(
+        "--llama-server",
+        default=os.path.expanduser("~/.cache/qkv-bench/build-11434/bin/llama-server"),
+        help="the llama-server binary for --vs-llama-server",
+    )
     args = ap.parse_args()
+    if args.threads is None:
+        args.threads = 2 if args.vs_llama_server else 1
+    if args.vs_llama_server:
+        threads = args.threads
+        files = args.vs_llama_server.split(",")
+        rows = bench_vs_llama_server(files, args.llama_server, [16, 1], 32, threads, args.before)
+        print(f"\nmachine: {os.cpu_count()} CPUs, {threads} threads per server; the load generator shares the cores")
+        print(peer_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
 
     from _serve_helpers import make_tiny_checkpoint
 

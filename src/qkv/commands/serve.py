@@ -47,9 +47,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="serve a LoRA adapter (PEFT dir) as model 'SERVED_NAME:NAME', batched with base requests; repeatable",
     )
-    p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together in one batch")
+    p.add_argument(
+        "--max-num-seqs",
+        "--max-concurrency",
+        dest="max_num_seqs",
+        type=int,
+        default=32,
+        help="sequences decoded together in one engine step; more wait their turn",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 429")
-    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunking)")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=512,
+        help="tokens one engine step feeds the model: decoding sequences first (one each), then prompt chunks; "
+        "a long prompt is prefilled over several steps, so decoding never waits for all of it",
+    )
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: the engine's choice)")
     p.add_argument(
@@ -157,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         load_serving_adapters(model, args.lora)
     engine_kwargs = dict(
         block_size=args.block_size,
-        max_num_seqs=args.max_concurrency,
+        max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens,
         cache_dtype=args.kv_dtype,
     )

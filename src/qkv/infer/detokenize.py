@@ -21,6 +21,13 @@ For a decoder that maps bytes to text (byte-level BPE: GPT-2, Llama 3, SmolLM2, 
 qkv's own tokenizers) the pieces joined are exactly `decode(ids)`, and after every step
 they are `decode(ids)` without its trailing U+FFFD characters. A run of invalid bytes keeps
 the window open until a valid character follows: each step then costs the run's length.
+
+A sentencepiece vocabulary with byte fallback (Gemma, Llama 2) spells rare characters as
+byte tokens <0x00>..<0xFF>, and its decoder (`tokenizers`' ByteFallback) turns a whole run of
+consecutive byte tokens into U+FFFD, one per byte, when any byte in the run is not valid
+UTF-8: a later byte can change text that already decoded well ("a" then <0xC3><0x41>).
+So a trailing run of byte tokens is held back whole until a token that is not a byte ends
+it; the pieces joined are again exactly `decode(ids)`, and each piece is final.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0  # start of the decode window: context whose text was already sent
         self.read_offset = 0  # text of ids[:read_offset] is final and sent
         self.sent = 0  # characters of the text after read_offset already sent (before a trailing U+FFFD)
+        self.byte_ids = byte_fallback_ids(tokenizer)  # ids whose run the decoder reads as one (may be empty)
 
     def push(self, ids: Sequence[int]) -> str:
         """Add ids; return the text that is now final (possibly "")."""
@@ -59,7 +67,11 @@ class IncrementalDetokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        window = self.ids[self.prefix_offset :]
+        stop = len(self.ids)
+        if not final:  # an open run of byte-fallback tokens: its text is not known yet
+            while stop > self.read_offset and self.ids[stop - 1] in self.byte_ids:
+                stop -= 1
+        window = self.ids[self.prefix_offset : stop]
         text = self._decode(window)
         start = len(self._decode(window[: self.read_offset - self.prefix_offset])) + self.sent
         end = len(text)
@@ -68,10 +80,20 @@ class IncrementalDetokenizer:
                 end -= 1
         piece = text[start:end]
         if end == len(text):  # the window ends in a whole character: later tokens cannot change it
-            self.prefix_offset, self.read_offset, self.sent = self.read_offset, len(self.ids), 0
+            self.prefix_offset, self.read_offset, self.sent = self.read_offset, stop, 0
         else:
             self.sent += len(piece)
         return piece
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special=self.skip_special) if ids else ""
+
+
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """The ids of a byte-fallback vocabulary's byte tokens <0x00>..<0xFF>, when its decoder
+    reads them as runs (a `tokenizers` ByteFallback decoder); empty otherwise."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or "ByteFallback" not in repr(getattr(backend, "decoder", None)):
+        return frozenset()
+    ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)

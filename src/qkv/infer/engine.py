@@ -145,6 +145,9 @@ class Engine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self.generated_tokens_total = 0
+        self.steps_total = 0  # steps that ran a forward
+        self.step_rows_total = 0  # sequences run, summed over those steps (mean batch = rows / steps)
+        self.step_tokens_total = 0  # tokens fed, summed over those steps (prompt chunks + decode tokens)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         self._grammar: dict[int, GrammarState] = {}  # seq id -> its grammar state (constrained requests)
         self.adapters = set(lora.adapter_names(self.model))  # LoRA adapters a request may name
@@ -259,6 +262,10 @@ class Engine:
             generated_tokens_total=self.generated_tokens_total,
             preemptions_total=self.scheduler.preemptions_total,
             prefix_cache_hits=self.allocator.prefix_hits,
+            steps_total=self.steps_total,
+            step_rows_total=self.step_rows_total,
+            step_tokens_total=self.step_tokens_total,
+            max_num_seqs=self.scheduler.max_num_seqs,
         )
 
     # --- one iteration -----------------------------------------------------------------
@@ -268,6 +275,10 @@ class Engine:
         if not self.scheduler.has_work():
             return outputs
         sched = self.scheduler.schedule()
+        if sched.scheduled:
+            self.steps_total += 1
+            self.step_rows_total += len(sched.scheduled)
+            self.step_tokens_total += sum(n for _, n in sched.scheduled)
         for src, dst in sched.copies:
             self.cache.copy_block(src, dst)
         # decode rows (one token) and prompt chunks run as separate padded batches, so a

@@ -83,9 +83,14 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         # read by /metrics from other threads: replaced (never mutated) by the engine thread
-        self.stats: dict = dict(engine.stats())
-        self._tok_window: deque[tuple[float, int]] = deque(maxlen=256)
+        self.stats: dict = dict(engine.stats(), step_seconds_total=0.0)
+        self._step_seconds = 0.0  # wall time inside engine.step(), summed
+        # (time, tokens generated, steps, rows, step seconds) samples of the last ~5 s
+        self._window: deque[tuple[float, int, int, int, float]] = deque(maxlen=4096)
         self.tokens_per_second = 0.0
+        self.seconds_per_step = 0.0  # mean wall time of a step over the window
+        self.rows_per_step = 0.0  # mean sequences per step over the window
+        self.batch_occupancy = 0.0  # rows_per_step / max_num_seqs
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -133,22 +138,32 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    async def results(self, request_ids: list[str], q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def results(self, request_ids: list[str], q: asyncio.Queue) -> AsyncIterator[list[RequestOutput]]:
         """Yield the outputs of `request_ids` (sharing queue `q`) until every sample of each
-        finished. Raises the engine's exception if it refused one (ValueError = the
+        finished, as lists: everything that arrived since the last read (one engine step's
+        outputs, or several steps' when the reader fell behind), so a response writes them
+        in one go. Raises the engine's exception if it refused one (ValueError = the
         client's fault). If the consumer stops early (client gone, task cancelled, error),
         the unfinished requests are aborted, which frees their KV blocks."""
         pending = set(request_ids)
         try:
             while pending:
-                item = await q.get()
-                if isinstance(item, _Done):
-                    pending.discard(item.request_id)
-                elif isinstance(item, _Failed):
-                    pending.discard(item.request_id)
-                    raise item.error
-                else:
-                    yield item
+                items = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, _Done):
+                        pending.discard(item.request_id)
+                    elif isinstance(item, _Failed):
+                        pending.discard(item.request_id)
+                        if batch:
+                            yield batch
+                        raise item.error
+                    else:
+                        batch.append(item)
+                if batch:
+                    yield batch
         finally:
             for rid in pending:
                 self.abort(rid)
@@ -229,13 +244,19 @@ class AsyncEngine:
             self._release(rid)
 
     def _update_stats(self) -> None:
-        stats = dict(self.engine.stats())
+        stats = dict(self.engine.stats(), step_seconds_total=self._step_seconds)
         t = time.monotonic()
-        self._tok_window.append((t, int(stats.get("generated_tokens_total", 0))))
-        while len(self._tok_window) > 2 and t - self._tok_window[0][0] > 5.0:
-            self._tok_window.popleft()
-        t0, n0 = self._tok_window[0]
-        self.tokens_per_second = (stats.get("generated_tokens_total", 0) - n0) / (t - t0) if t > t0 else 0.0
+        count = [int(stats.get(k, 0)) for k in ("generated_tokens_total", "steps_total", "step_rows_total")]
+        now = (t, *count, self._step_seconds)
+        self._window.append(now)
+        while len(self._window) > 2 and t - self._window[0][0] > 5.0:
+            self._window.popleft()
+        t0, tokens0, steps0, rows0, secs0 = self._window[0]
+        steps = now[2] - steps0
+        self.tokens_per_second = (now[1] - tokens0) / (t - t0) if t > t0 else 0.0
+        self.seconds_per_step = (now[4] - secs0) / steps if steps else 0.0
+        self.rows_per_step = (now[3] - rows0) / steps if steps else 0.0
+        self.batch_occupancy = self.rows_per_step / max(1, stats.get("max_num_seqs", 1))
         self.stats = stats
 
     def _run(self) -> None:
@@ -282,8 +303,11 @@ class AsyncEngine:
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished():
-                    self._dispatch(self.engine.step())
-                self._update_stats()
+                    t0 = time.perf_counter()
+                    outputs = self.engine.step()
+                    self._step_seconds += time.perf_counter() - t0
+                    self._dispatch(outputs)
+                self._update_stats()  # also while idle (every idle_wait_s), so the windowed rates fall to 0
             except Exception as e:  # an engine bug: fail the in-flight requests, keep serving
                 log.exception("engine step failed")
                 self.error = e

@@ -1,9 +1,9 @@
 """Prometheus metrics for the server (text format at GET /metrics).
 
 Each app owns its own CollectorRegistry, so several servers (tests, benchmarks) can live in
-one process. Engine gauges (queue depth, running requests, KV blocks, tokens/s) are read at
-scrape time from the snapshot the engine thread publishes, never from the engine itself,
-which belongs to that thread.
+one process. Engine gauges (queue depth, running requests, KV blocks, tokens/s, time per
+step, batch occupancy) are read at scrape time from the snapshot the engine thread
+publishes, never from the engine itself, which belongs to that thread.
 """
 
 from __future__ import annotations
@@ -37,9 +37,28 @@ class _EngineCollector:
         yield g("qkv_kv_blocks_used", "KV-cache blocks holding live requests", s.get("blocks_used", 0))
         yield g("qkv_kv_blocks_free", "KV-cache blocks available", s.get("blocks_free", 0))
         yield g("qkv_tokens_per_second", "Generated tokens per second (last ~5 s)", self.aengine.tokens_per_second)
+        yield g("qkv_step_seconds", "Mean wall time of one engine step (last ~5 s)", self.aengine.seconds_per_step)
+        yield g("qkv_batch_rows", "Mean sequences per engine step (last ~5 s)", self.aengine.rows_per_step)
+        yield g(
+            "qkv_batch_occupancy",
+            "Mean sequences per engine step over --max-num-seqs (last ~5 s)",
+            self.aengine.batch_occupancy,
+        )
         yield g("qkv_engine_up", "1 while the engine loop runs", 1.0 if self.aengine.alive else 0.0)
         c = CounterMetricFamily("qkv_generated_tokens", "Tokens generated since start", labels=lab)
         c.add_metric([self.model_name], s.get("generated_tokens_total", 0))
+        yield c
+        for name, doc, key in (
+            ("qkv_engine_steps", "Engine steps that ran a forward", "steps_total"),
+            ("qkv_engine_step_rows", "Sequences run, summed over steps", "step_rows_total"),
+            ("qkv_engine_step_tokens", "Tokens fed to the model (prompt chunks and decode)", "step_tokens_total"),
+            ("qkv_engine_step_seconds", "Wall time inside engine steps", "step_seconds_total"),
+        ):
+            c = CounterMetricFamily(name, doc, labels=lab)
+            c.add_metric([self.model_name], s.get(key, 0))
+            yield c
+        c = CounterMetricFamily("qkv_prefix_cache_hits", "KV blocks reused from the prefix cache", labels=lab)
+        c.add_metric([self.model_name], s.get("prefix_cache_hits", 0))
         yield c
         c = CounterMetricFamily("qkv_preemptions", "Requests preempted for lack of KV blocks", labels=lab)
         c.add_metric([self.model_name], s.get("preemptions_total", 0))

@@ -62,6 +62,18 @@ class _Format:
     def envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
+    def plain_frame(self, index: int, text: str, finish: str | None) -> str | None:
+        """The SSE event of a chunk that carries only text (no logprobs, not a choice's first),
+        written from a template: the same bytes as json.dumps of the chunk at a fraction of
+        the cost, since a stream sends one per token. None where a chunk needs more."""
+        return None
+
+    def _frame_head(self) -> str:
+        if not hasattr(self, "_head"):  # the envelope up to the choice's index, serialized once
+            body = json.dumps(self.envelope(self.object_chunk, []), ensure_ascii=False)
+            self._head = "data: " + body[: -len("]}")] + '{"index": '
+        return self._head
+
 
 class ChatFormat(_Format):
     prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
@@ -98,6 +110,15 @@ class ChatFormat(_Format):
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 finish = "tool_calls"
         return {"index": index, "message": message, "logprobs": self.logprobs(lps), "finish_reason": finish}
+
+    def plain_frame(self, index: int, text: str, finish: str | None) -> str | None:
+        if self.tools is not None:  # tool calls are parsed out of the text as it streams
+            return None
+        delta = '{"content": ' + json.dumps(text, ensure_ascii=False) + "}" if text else "{}"
+        return (
+            f'{self._frame_head()}{index}, "delta": {delta}, "logprobs": null, '
+            f'"finish_reason": {json.dumps(finish)}}}]}}\n\n'
+        )
 
     def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
@@ -166,6 +187,14 @@ class CompletionFormat(_Format):
             return self._echoed(index, text, lps, finish)
         return {"index": index, "text": text, "logprobs": self.logprobs(lps, index), "finish_reason": finish}
 
+    def plain_frame(self, index: int, text: str, finish: str | None) -> str | None:
+        if self.want_logprobs:  # every chunk carries its logprobs object, even an empty one
+            return None
+        return (
+            f'{self._frame_head()}{index}, "text": {json.dumps(text, ensure_ascii=False)}, "logprobs": null, '
+            f'"finish_reason": {json.dumps(finish)}}}]}}\n\n'
+        )
+
     def chunk_choice(self, index: int, text: str, lps, finish: str | None, first: bool) -> dict:
         if self.echo is not None and first:  # the prompt goes out with a choice's first chunk
             return self._echoed(index, text, lps, finish)
@@ -217,17 +246,18 @@ async def complete(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: 
     async def collect():
         first = True
         try:
-            async for out in gen:
-                if first and out.new_token_ids:
-                    metrics.ttft.observe(time.perf_counter() - t0)
-                    first = False
-                i = fmt.choice_index(out)
-                fmt.account(out)
-                texts.setdefault(i, []).append(out.new_text)
-                if out.logprobs is not None:
-                    lps.setdefault(i, []).extend(out.logprobs)
-                if out.finished:
-                    finish[i] = out.finish_reason
+            async for batch in gen:
+                for out in batch:
+                    if first and out.new_token_ids:
+                        metrics.ttft.observe(time.perf_counter() - t0)
+                        first = False
+                    i = fmt.choice_index(out)
+                    fmt.account(out)
+                    texts.setdefault(i, []).append(out.new_text)
+                    if out.logprobs is not None:
+                        lps.setdefault(i, []).extend(out.logprobs)
+                    if out.finished:
+                        finish[i] = out.finish_reason
         finally:
             await gen.aclose()
 
@@ -272,19 +302,27 @@ def sse(fmt: _Format, gen: AsyncIterator, metrics: Metrics, request: Request, st
         first_token = True
         status = "200"
         try:
-            async for out in gen:
-                if first_token and out.new_token_ids:
-                    metrics.ttft.observe(time.perf_counter() - t0)
-                    first_token = False
-                i = fmt.choice_index(out)
-                fmt.account(out)
-                first = i not in started
-                if not (out.new_text or out.finished or out.logprobs or first):
-                    continue
-                started.add(i)
-                finish = out.finish_reason if out.finished else None
-                for choice in fmt.chunk_choices(i, out.new_text, out.logprobs, finish, first):
-                    yield event(fmt.envelope(fmt.object_chunk, [choice]))
+            async for batch in gen:
+                frames = []  # what arrived since the last write goes out in one write
+                for out in batch:
+                    if first_token and out.new_token_ids:
+                        metrics.ttft.observe(time.perf_counter() - t0)
+                        first_token = False
+                    i = fmt.choice_index(out)
+                    fmt.account(out)
+                    first = i not in started
+                    if not (out.new_text or out.finished or out.logprobs or first):
+                        continue
+                    started.add(i)
+                    finish = out.finish_reason if out.finished else None
+                    frame = None if first or out.logprobs else fmt.plain_frame(i, out.new_text, finish)
+                    if frame is not None:
+                        frames.append(frame)
+                        continue
+                    for choice in fmt.chunk_choices(i, out.new_text, out.logprobs, finish, first):
+                        frames.append(event(fmt.envelope(fmt.object_chunk, [choice])))
+                if frames:
+                    yield "".join(frames)
             if include_usage:
                 chunk = fmt.envelope(fmt.object_chunk, [])
                 chunk["usage"] = fmt.usage()
