@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_eval")
     ap.add_argument("--tasks", default="arc_easy,hellaswag", help="comma-separated, of: arc_easy, hellaswag")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of both tools (default: theirs)")
+    ap.add_argument("--work-only", action="store_true", help="only count each tool's tokens and FLOPs (no timing)")
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
@@ -177,6 +178,9 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = export_hf(out)
+    if args.work_only:
+        work(model, tasks, args.limit, args.batch_size)
+        return
     inc = write_lm_eval_tasks(out, args.limit, args.lm_eval_python)
     print(f"model {model}  first {args.limit} items of {', '.join(tasks)}, 0-shot, batch {args.batch_size}")
     print(f"cpu: {_cpu()}  torch threads: {THREADS or 'both tools default'}  load average: {_load()}")
@@ -196,6 +200,44 @@ def main() -> None:
         print("| " + " | ".join(str(c) for c in row) + " |")
     print(f"\nlm_eval / qkv per repeat: wall {', '.join(f'{w:.2f}x' for w, _ in timings)}; "
           f"CPU {', '.join(f'{c:.2f}x' for _, c in timings)}")  # fmt: skip
+
+
+def work(model: Path, tasks: list[str], limit: int, batch: int) -> None:
+    """The arithmetic each tool's batching does on these items, from their token counts alone
+    (no model run, so no machine load in it): tokens through the transformer trunk, padding
+    included, and positions through the output head. qkv packs a question's choices behind
+    one copy of the context (loglik.py) and sends only continuation-predicting positions to
+    the head; lm_eval's hf backend runs each (context, continuation) as its own row, sorted
+    longest first, batches of `batch` padded to their longest row, and its forward computes
+    the logits of every position."""
+    from qkv.eval.loglik import _pack, _units, encode_pair
+    from qkv.eval.tasks import fewshot_prefix
+    from qkv.interop.load import load_for_inference
+
+    net, tok = load_for_inference(str(model), "fp32")
+    cfg = net.cfg
+    head = 2 * cfg.d_model * cfg.vocab_size
+    trunk = 2 * (sum(p.numel() for p in net.parameters()) - cfg.vocab_size * cfg.d_model)  # tied embedding out
+    print(f"\nwork per item ({limit} items each; FLOPs = 2 x non-embedding params per trunk token "
+          f"+ 2 x d_model x vocab per head position, attention's quadratic term left out):")  # fmt: skip
+    print("\n| task | tool | trunk tokens | head positions | GFLOP | lm_eval / qkv |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in tasks:
+        rows = load_docs(TASKS[name])[:limit]
+        qs = [TASKS[name].to_doc(r).requests(fewshot_prefix(TASKS[name], rows, i, 0, 0)) for i, r in enumerate(rows)]
+        enc = [[encode_pair(tok, c, x) for c, x in q] for q in qs]
+        packed = sorted((_pack(_units(e, range(len(e)), cfg.max_seq_len)) for e in enc), key=lambda r: len(r.tokens))
+        q_trunk = sum(len(b) * max(len(r.tokens) for r in b) for b in _chunks(packed, batch))
+        q_head = sum(len(r.target) for r in packed)
+        lens = sorted((len(c) + len(x) - 1 for e in enc for c, x in e), reverse=True)
+        l_trunk = sum(len(b) * max(b) for b in _chunks(lens, batch))
+        q_flop, l_flop = q_trunk * trunk + q_head * head, l_trunk * trunk + l_trunk * head
+        print(f"| {name} | qkv eval | {q_trunk} | {q_head} | {q_flop / 1e9:.0f} | |")
+        print(f"| {name} | lm_eval hf | {l_trunk} | {l_trunk} | {l_flop / 1e9:.0f} | {l_flop / q_flop:.2f}x |")
+
+
+def _chunks(xs: list, n: int) -> list[list]:
+    return [xs[i : i + n] for i in range(0, len(xs), n)]
 
 
 def _row(repeat: int, tool: str, n: int, wall: float, cpu: float) -> None:
