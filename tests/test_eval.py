@@ -86,6 +86,10 @@ def test_encode_pair_splits_at_the_contexts_token_count():
     ctx, cont = encode_pair(tok, "To be, or ", "not to be")  # the trailing space moves to the continuation
     assert ctx == tok.encode("To be, or")
     assert ctx + cont == tok.encode("To be, or not to be")
+    tok.bos_token, tok.add_bos = "<|im_start|>", True  # a tokenizer that adds BOS by default (Gemma's)
+    ctx, cont = encode_pair(tok, "To be, or ", "not to be")
+    assert ctx == [tok.bos_id, *tok.encode("To be, or")]
+    assert ctx + cont == [tok.bos_id, *tok.encode("To be, or not to be")]
 
 
 def test_metric_formulas_by_hand():

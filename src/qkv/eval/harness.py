@@ -197,7 +197,11 @@ def _gsm8k(model, tokenizer, opts: EvalOptions) -> TaskResult:
         for r in reqs:
             req = r["request"]
             text = greedy_until(
-                model, tokenizer.encode(req["context"]), req["stop_sequences"], opts.max_gen_tokens, tokenizer
+                model,
+                tokenizer.encode(req["context"], add_special=True),  # BOS as the harness: the tokenizer's default
+                req["stop_sequences"],
+                opts.max_gen_tokens,
+                tokenizer,
             )
             answer = gsm8k_answer(text)
             items.append(

@@ -36,13 +36,15 @@ class Scored:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) exactly as the harness splits them."""
+    """(context ids, continuation ids) exactly as the harness splits them. The BOS token leads
+    the context when the tokenizer adds one by default (Gemma's does, SmolLM2's does not), as
+    the harness's `hf` backend encodes."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation, add_special=True)
+    ctx = tokenizer.encode(context, add_special=True)
     return ctx, whole[len(ctx) :]
 
 
