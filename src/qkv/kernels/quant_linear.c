@@ -347,6 +347,14 @@ int qkv_quant_linear_isa(const float* x, int64_t n_rows, int64_t n_in, const voi
   if (ql_round_rows(x, n_rows, n_in, qtype, n_threads, &a, &mem) != QL_OK) return QL_ERR_MEMORY;
   const int64_t row_bytes = n_in / ql_block_size(qtype) * ql_block_bytes(qtype);
   const uint8_t* wb = (const uint8_t*)w;
+  const ql_group_fn group = isa == QL_ISA_AVX2 ? ql_pick_group_avx2(qtype) : 0;
+  if (group && row_bytes * (QL_GROUP - 1) <= INT32_MAX) { /* the gather's offsets are int32 */
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t g = 0; g < (n_out + QL_GROUP - 1) / QL_GROUP; ++g)
+      ql_group_rows(group, wb, row_bytes, g * QL_GROUP, n_out, &a, n_rows, bias, y);
+    free(mem);
+    return QL_OK;
+  }
 #pragma omp parallel for schedule(static) num_threads(n_threads)
   for (int64_t o = 0; o < n_out; ++o) {
     float out[QL_MAX_ROWS];
