@@ -319,9 +319,10 @@ static int ql_best_isa(void) {
 int qkv_quant_isa(void) { return ql_best_isa(); }
 
 /* The path qkv_quant_linear takes for a format. The 32-weight formats keep the AVX2 code
- * on AVX-512 CPUs: assembling 512-bit pairs of blocks (inserts, a scale permute) cost more
- * than the wider multiply saved at 1-4 rows on Skylake-SP (bench_quant_kernels.py --paths
- * avx2 avx512: Q4_0 at 1 row 2.27x fp32 vs 1.96x); the K-quants and F16/BF16 gain from it.
+ * on AVX-512 CPUs: its eight-rows-per-pass kernel (quant_linear_avx2.c) beat the AVX-512
+ * one, which pairs two blocks of one weight row per 512-bit multiply, at every row count on
+ * Skylake-SP (bench_quant_kernels.py --paths avx2 avx512: Q4_0 2.85x fp32 vs 2.07x at 1
+ * row, 1.31x vs 0.85x at 16); the K-quants and F16/BF16 gain from AVX-512.
  * The choice is per format, never per batch size, so rows stay batch-invariant. */
 int qkv_quant_path(int qtype) {
   const int best = ql_best_isa();
