@@ -11,6 +11,7 @@ K-quants need n_in to be a multiple of 256, so of these shapes they only fit dow
 (llama.cpp stores SmolLM2's 576-wide matrices as Q5_0 / Q8_0 in its K mixes).
 
     python benchmarks/bench_quant_kernels.py [--threads 2] [--reps 5] [--paths avx2 avx512]
+        [--rows 1 2 4 8 16 32 64] [--formats q8_0 q4_0] [--shapes gate/up_proj down_proj]
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS))
     ap.add_argument("--paths", nargs="+", default=[None], help="paths side by side: portable, avx2, avx512")
+    ap.add_argument("--shapes", nargs="+", default=[w for _, _, w in SHAPES], help="matrices by name, e.g. down_proj")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if ql.isa() == "off":
@@ -73,7 +75,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     nbytes, read = read_ceiling()
     out, ratios = [], {}
-    for n_out, n_in, what in SHAPES:
+    for n_out, n_in, what in [s for s in SHAPES if s[2] in args.shapes]:
         w = torch.randn(n_out, n_in)
         # the fewest copies that make the smallest format (Q4_0: 0.14 of fp32) overflow the cache
         copies = max(1, -(-3 * CACHE_BYTES // (w.nbytes * 18 // 128)))

@@ -152,6 +152,32 @@ def test_a_row_gives_bitwise_the_same_output_alone_or_in_any_batch(qt):
 
 
 @needs_native
+@settings(max_examples=20, deadline=None)
+@given(
+    qt=st.sampled_from(ql.FORMATS),
+    n_blocks=st.integers(1, 4),
+    n_out=st.integers(1, 41),
+    rows=st.integers(2, ql.MAX_ROWS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_row_in_any_batch_and_position_is_bitwise_its_result_alone(qt, n_blocks, n_out, rows, seed):
+    """Weight rows go through in groups (eight at a time for the 32-weight formats, the last
+    group padded): a row of x must not see which other rows, or how many, share its call."""
+    rng = np.random.default_rng(seed)
+    block = GGML_QUANT_SIZES[qt][0]
+    n_in = n_blocks * (block if block > 1 else 37)
+    blocks = make_blocks(qt, n_out, n_in, rng, random_bytes=False)
+    x = torch.from_numpy(rng.standard_normal((rows, n_in)).astype(np.float32))
+    order = torch.from_numpy(rng.permutation(rows))
+    for path in PATHS:
+        batch = run(x, blocks, qt, None, path)
+        shuffled = run(x[order], blocks, qt, None, path)
+        assert torch.equal(shuffled, batch[order]), f"{path}: a row's result moved with its position"
+        for i in order[:3].tolist():
+            assert torch.equal(run(x[i : i + 1], blocks, qt, None, path)[0], batch[i]), f"{path}: row {i} alone"
+
+
+@needs_native
 def test_smollm2_shapes_leading_dims_and_the_best_path():
     rng = np.random.default_rng(0)
     blocks = make_blocks(T.Q4_0, 576, 1536, rng, random_bytes=False)  # down_proj

@@ -319,9 +319,10 @@ static int ql_best_isa(void) {
 int qkv_quant_isa(void) { return ql_best_isa(); }
 
 /* The path qkv_quant_linear takes for a format. The 32-weight formats keep the AVX2 code
- * on AVX-512 CPUs: assembling 512-bit pairs of blocks (inserts, a scale permute) cost more
- * than the wider multiply saved at 1-4 rows on Skylake-SP (bench_quant_kernels.py --paths
- * avx2 avx512: Q4_0 at 1 row 2.27x fp32 vs 1.96x); the K-quants and F16/BF16 gain from it.
+ * on AVX-512 CPUs: its eight-rows-per-pass kernel (quant_linear_avx2.c) beat the AVX-512
+ * one, which pairs two blocks of one weight row per 512-bit multiply, at every row count on
+ * Skylake-SP (bench_quant_kernels.py --paths avx2 avx512: Q4_0 2.85x fp32 vs 2.07x at 1
+ * row, 1.31x vs 0.85x at 16); the K-quants and F16/BF16 gain from AVX-512.
  * The choice is per format, never per batch size, so rows stay batch-invariant. */
 int qkv_quant_path(int qtype) {
   const int best = ql_best_isa();
@@ -347,6 +348,14 @@ int qkv_quant_linear_isa(const float* x, int64_t n_rows, int64_t n_in, const voi
   if (ql_round_rows(x, n_rows, n_in, qtype, n_threads, &a, &mem) != QL_OK) return QL_ERR_MEMORY;
   const int64_t row_bytes = n_in / ql_block_size(qtype) * ql_block_bytes(qtype);
   const uint8_t* wb = (const uint8_t*)w;
+  const ql_group_fn group = isa == QL_ISA_AVX2 ? ql_pick_group_avx2(qtype) : 0;
+  if (group && row_bytes * (QL_GROUP - 1) <= INT32_MAX) { /* the gather's offsets are int32 */
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t g = 0; g < (n_out + QL_GROUP - 1) / QL_GROUP; ++g)
+      ql_group_rows(group, wb, row_bytes, g * QL_GROUP, n_out, &a, n_rows, bias, y);
+    free(mem);
+    return QL_OK;
+  }
 #pragma omp parallel for schedule(static) num_threads(n_threads)
   for (int64_t o = 0; o < n_out; ++o) {
     float out[QL_MAX_ROWS];

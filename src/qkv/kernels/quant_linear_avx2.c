@@ -15,10 +15,11 @@ QL_AVX2 QL_INLINE float ql_h2f(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-/* 16 bytes of nibbles as 32 bytes: low nibbles are elements 0..15, high ones 16..31. */
+/* 16 bytes of nibbles as 32 bytes: low nibbles are elements 0..15, high ones 16..31. The
+ * broadcast load and the per-half shift keep the unpacking off the shuffle port. */
 QL_AVX2 QL_INLINE __m256i ql_nibbles(const uint8_t* qs) {
-  const __m128i b = _mm_loadu_si128((const __m128i*)qs);
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)qs));
+  return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0x0F));
 }
 
 /* The 32 bits at p as 32 bytes, 0x10 where the bit is set (the fifth bit of Q5_0/Q5_1). */
@@ -95,6 +96,133 @@ QL_AVX2 QL_INLINE void ql_row32_avx2(const int fmt, const uint8_t* w, const ql_a
   for (int64_t r = 0; r < nr; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (accs0[r] + accs1[r]);
 }
 
+/* ---- eight weight rows per pass (the 32-weight formats) ----
+ *
+ * At one activation row the block-at-a-time kernel above spends most of its ~6 cycles per
+ * block on work that does not depend on the weight row: loading and sign-adjusting y,
+ * turning the integer sum into float, a scalar scale. So, as llama.cpp's repacked gemv
+ * does, eight weight rows go through together: each row's block is unpacked to unsigned
+ * bytes (Q8_0: |q|, y taking q's sign), multiplied with the shared y, and the eight integer
+ * sums are folded (hadd) into the eight lanes of one vector, one lane per weight row. The
+ * offset (Q4_0 8, Q5_0 16) comes off in integers, through the block's sum of y, and the
+ * float step, scales and accumulation run once per block for all eight rows. The weights
+ * stay in the file's layout: the eight scales are gathered.
+ *
+ * The integer sum of a block is exact, and each output takes one fma per block (two for
+ * Q4_1/Q5_1: the min term in its own chain) in block order, so a row's result does not
+ * depend on n_rows; the rows past n_out in the last group repeat the last weight row and
+ * are not stored. */
+#define QL_GROUP 8
+
+/* A 32-weight block as unsigned bytes for maddubs: Q4_0/Q4_1 0..15, Q5_0/Q5_1 0..31, Q8_0 |q|
+ * (its signed q in *sq for the sign trick). */
+QL_AVX2 QL_INLINE __m256i ql_unsigned32(const int fmt, const uint8_t* p, __m256i* sq) {
+  switch (fmt) {
+    case QL_Q8_0: *sq = _mm256_loadu_si256((const __m256i*)(p + 2)); return _mm256_sign_epi8(*sq, *sq);
+    case QL_Q4_0: return ql_nibbles(p + 2);
+    case QL_Q4_1: return ql_nibbles(p + 4);
+    case QL_Q5_0: return _mm256_or_si256(ql_nibbles(p + 6), ql_fifth_bits(p + 2));
+    default: return _mm256_or_si256(ql_nibbles(p + 8), ql_fifth_bits(p + 4)); /* QL_Q5_1 */
+  }
+}
+
+/* Lanes i of the eight 8 x i32 vectors p[i], summed: lane i of the result is sum(p[i]). */
+QL_AVX2 QL_INLINE __m256i ql_fold8(const __m256i* p) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+  /* a: rows 0-3 (low half: the first 16 weights' sums, high half: the last 16's), b: rows 4-7 */
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x21), _mm256_blend_epi32(a, b, 0xF0));
+}
+
+/* The fp16 at byte `at` of each of eight rows (rows[i] = i * row_bytes), and the fp16 after
+ * it (Q4_1/Q5_1's min) into *m when asked: one gather of 32 bits per row. */
+QL_AVX2 QL_INLINE __m256 ql_gather_fp16(const uint8_t* at, __m256i rows, __m256* m) {
+  const __m256i g = _mm256_i32gather_epi32((const int*)at, rows, 1);
+  const __m256i lo = _mm256_set_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 13, 12, 9, 8, 5, 4, 1, 0, -1, -1, -1, -1, -1,
+                                     -1, -1, -1, 13, 12, 9, 8, 5, 4, 1, 0);
+  if (m) {
+    const __m256i hi = _mm256_shuffle_epi8(g, _mm256_set_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 15, 14, 11, 10, 7, 6, 3, 2,
+                                                              -1, -1, -1, -1, -1, -1, -1, -1, 15, 14, 11, 10, 7, 6, 3, 2));
+    *m = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(hi, 0x08)));
+  }
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(g, lo), 0x08)));
+}
+
+/* Weight rows w, w + row_bytes, ... (eight; `rows` their byte offsets) times activation rows
+ * 0..nr-1 into out (nr, 8). */
+QL_AVX2 QL_INLINE void ql_group32_avx2(const int fmt, const uint8_t* w, __m256i rows, const ql_act* a,
+                                       const int64_t nr, __m256* out) {
+  __m256 acc[QL_MAX_ROWS], accm[QL_MAX_ROWS];
+  const int asym = fmt == QL_Q4_1 || fmt == QL_Q5_1;
+  const int offset = fmt == QL_Q4_0 ? 8 : fmt == QL_Q5_0 ? 16 : 0;
+  for (int64_t r = 0; r < nr; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
+  const int64_t bytes = ql_block_bytes(fmt);
+  const __m256i ones = _mm256_set1_epi16(1);
+  int row_at[QL_GROUP];
+  _mm256_storeu_si256((__m256i*)row_at, rows);
+  for (int64_t b = 0; b < a->nb; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    __m256i u[QL_GROUP], sq[QL_GROUP];
+    for (int i = 0; i < QL_GROUP; ++i) u[i] = ql_unsigned32(fmt, blk + row_at[i], &sq[i]);
+    __m256 mw = _mm256_setzero_ps();
+    const __m256 dw = ql_gather_fp16(blk, rows, asym ? &mw : 0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t at = r * a->n_in + b * 32;
+      const __m256i y = _mm256_loadu_si256((const __m256i*)(a->q + at));
+      __m256i p[QL_GROUP];
+      for (int i = 0; i < QL_GROUP; ++i)
+        p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], fmt == QL_Q8_0 ? _mm256_sign_epi8(y, sq[i]) : y), ones);
+      __m256i isum = ql_fold8(p);
+      if (offset) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset * (a->sum16[at / 16] + a->sum16[at / 16 + 1])));
+      const float dx = a->d[r * a->nb + b];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[r]);
+      if (asym) accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a->s[r * a->nb + b]), accm[r]);
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) out[r] = asym ? _mm256_add_ps(acc[r], accm[r]) : acc[r];
+}
+
+/* One group function per format; one activation row gets its own copy (accumulators in registers). */
+typedef void (*ql_group_fn)(const uint8_t* w, __m256i rows, const ql_act* a, int64_t nr, __m256* out);
+#define QL_GROUP_FN(name, fmt)                                                                          \
+  QL_AVX2 static void name(const uint8_t* w, __m256i rows, const ql_act* a, int64_t nr, __m256* out) { \
+    if (nr == 1)                                                                                        \
+      ql_group32_avx2(fmt, w, rows, a, 1, out);                                                         \
+    else                                                                                                \
+      ql_group32_avx2(fmt, w, rows, a, nr, out);                                                        \
+  }
+QL_GROUP_FN(ql_group_q8_0_avx2, QL_Q8_0)
+QL_GROUP_FN(ql_group_q4_0_avx2, QL_Q4_0)
+QL_GROUP_FN(ql_group_q4_1_avx2, QL_Q4_1)
+QL_GROUP_FN(ql_group_q5_0_avx2, QL_Q5_0)
+QL_GROUP_FN(ql_group_q5_1_avx2, QL_Q5_1)
+
+static ql_group_fn ql_pick_group_avx2(int fmt) {
+  switch (fmt) {
+    case QL_Q8_0: return ql_group_q8_0_avx2;
+    case QL_Q4_0: return ql_group_q4_0_avx2;
+    case QL_Q4_1: return ql_group_q4_1_avx2;
+    case QL_Q5_0: return ql_group_q5_0_avx2;
+    case QL_Q5_1: return ql_group_q5_1_avx2;
+    default: return 0;
+  }
+}
+
+/* Output rows [o0, o0 + 8) of y (clamped to n_out) through a group function. */
+QL_AVX2 static void ql_group_rows(ql_group_fn fn, const uint8_t* w, int64_t row_bytes, int64_t o0, int64_t n_out,
+                                  const ql_act* a, int64_t nr, const float* bias, float* y) {
+  int at[QL_GROUP];
+  for (int i = 0; i < QL_GROUP; ++i) at[i] = (int)((o0 + i < n_out ? i : n_out - 1 - o0) * row_bytes);
+  __m256 out[QL_MAX_ROWS];
+  fn(w + o0 * row_bytes, _mm256_loadu_si256((const __m256i*)at), a, nr, out);
+  const int64_t n = n_out - o0 < QL_GROUP ? n_out - o0 : QL_GROUP;
+  for (int64_t r = 0; r < nr; ++r) {
+    float v[QL_GROUP];
+    _mm256_storeu_ps(v, out[r]);
+    for (int64_t i = 0; i < n; ++i) y[r * n_out + o0 + i] = v[i] + (bias ? bias[o0 + i] : 0.0f);
+  }
+}
+
 /* One 256-weight K-quant superblock unpacked: 8 chunks of 32 bytes q, each chunk's integer
  * scales as i16 (two per chunk for Q6_K, one per 16 weights), and `off`: the mins per 16
  * weights (Q4_K/Q5_K, times dmin) or the Q6_K scales (times the offset 32). */
@@ -142,14 +270,21 @@ QL_AVX2 QL_INLINE void ql_decodeK(const int fmt, const uint8_t* p, ql_blkK* k) {
       k->q[c] = _mm256_or_si256(
           k->q[c], _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(c)), one), 4));
   }
-  int16_t mins[16];
-  for (int c = 0; c < 8; ++c) {
-    uint8_t sc, m;
-    ql_scale_min_k4(c, p + 4, &sc, &m);
-    k->sc[c] = _mm256_set1_epi16(sc);
-    mins[2 * c] = mins[2 * c + 1] = m;
-  }
-  k->off = _mm256_loadu_si256((const __m256i*)mins);
+  /* the eight 6-bit scales and mins (ql_scale_min_k4) in one pass over the 12 bytes, as
+     ggml does: bytes 0..7 of u the scales, 8..15 the mins; then spread without a scalar
+     store (16 stores read back as one vector stalled on store forwarding) */
+  uint32_t u[4];
+  memcpy(u, p + 4, 12);
+  u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+  const uint32_t m03 = u[1] & 0x3f3f3f3f;
+  u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+  u[2] = m03;
+  u[0] &= 0x3f3f3f3f;
+  const __m128i sm = _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
+  const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+  for (int c = 0; c < 8; ++c) k->sc[c] = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(2 * c | (2 * c + 1) << 8)));
+  const __m128i mins = _mm_unpackhi_epi64(sm, sm); /* m0..m7 */
+  k->off = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
 }
 
 /* The integer part of row r's dot with superblock B, as 8 x i32 (the scales applied). */
