@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qkv.eval.tasks import TASKS, load_docs  # noqa: E402
+from qkv.eval.tasks import TASKS, load_docs  # noqa: E402 (after the sys.path line above)
 
 ARC_YAML = """task: qkv_arc_easy
 dataset_path: json

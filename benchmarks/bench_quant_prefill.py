@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import table, time_interleaved  # noqa: E402
-from qkv.kernels import quant_linear as ql  # noqa: E402
-from qkv.quant.formats import dequantize  # noqa: E402
+from common import table, time_interleaved  # noqa: E402 (after the sys.path line above)
+from qkv.kernels import quant_linear as ql  # noqa: E402 (after the sys.path line above)
+from qkv.quant.formats import dequantize  # noqa: E402 (after the sys.path line above)
 
 SHAPES = [  # (n_out, n_in, what) of SmolLM2-135M
     (576, 576, "q/o_proj"),

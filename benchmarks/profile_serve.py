@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import greedy_workload, run_level, start_server, stop  # noqa: E402
+from bench_serve import greedy_workload, run_level, start_server, stop  # noqa: E402 (after the sys.path line above)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 

@@ -15,7 +15,6 @@ three readers: qkv's own importer, the `gguf` package, and transformers' GGUF lo
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +23,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _infer_fixtures import make_tokenizer, tiny_model
+from qkv.checkpoint import save_model
+from qkv.cli import main as qkv_main
+from qkv.infer.generate import generate
+from qkv.infer.sampling import SamplingParams
+from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, load
+from qkv.interop.gguf import CONTROL, unpermute
+from qkv.interop.gguf_export import export_gguf, permute_rows
+from qkv.quant import QuantEmbedding, QuantLinear, quantize, quantize_model
+
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 transformers.logging.set_verbosity_error()
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _infer_fixtures import make_tokenizer, tiny_model  # noqa: E402
-from qkv.checkpoint import save_model  # noqa: E402
-from qkv.cli import main as qkv_main  # noqa: E402
-from qkv.infer.generate import generate  # noqa: E402
-from qkv.infer.sampling import SamplingParams  # noqa: E402
-from qkv.interop import SMOLLM2_INSTALL, bundled_smollm2, load  # noqa: E402
-from qkv.interop.gguf import CONTROL, unpermute  # noqa: E402
-from qkv.interop.gguf_export import export_gguf, permute_rows  # noqa: E402
-from qkv.quant import QuantEmbedding, QuantLinear, quantize, quantize_model  # noqa: E402
 
 STRINGS = ["To be, or not to be", "Hello  world!\n\ttabs 12345 ünïcödé 你好 <|im_end|> don't", " leading space"]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

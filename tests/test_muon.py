@@ -142,7 +142,7 @@ def test_muon_refuses_sharded_parameters_and_bad_settings(monkeypatch):
 from test_train import KILLER, cfg_for, data, threads  # noqa: E402, F401  (the AdamW test's helpers)
 
 
-def test_sigkill_then_resume_is_bitwise_identical_with_muon(data, tmp_path, threads):  # noqa: F811
+def test_sigkill_then_resume_is_bitwise_identical_with_muon(data, tmp_path, threads):  # noqa: F811 (the fixtures imported from test_train, requested by name)
     from qkv.train.pretrain import make_trainer
 
     killed = cfg_for(data, tmp_path / "killed", optimizer="muon", muon_weight_decay=0.01, eval_every=0)
@@ -206,7 +206,7 @@ def worker(data_dir: str, out: str) -> None:
     D.teardown()
 
 
-def test_ddp_two_processes_match_one_with_muon(data, tmp_path, threads):  # noqa: F811
+def test_ddp_two_processes_match_one_with_muon(data, tmp_path, threads):  # noqa: F811 (the fixtures imported from test_train, requested by name)
     from qkv.train.pretrain import make_trainer
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
