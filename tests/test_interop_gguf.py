@@ -208,9 +208,12 @@ def test_smollm2_quantized_load_matches_dequantized(smol_qkv, smol_quantized):
     weights are the same numbers (Q/K rows un-permuted as whole blocks) and take about the
     file's size (96.6 MB of tensors in a 98.4 MB file, vs 542 MB fp32). Computed through the
     native kernels, which round activations to int8 blocks as ggml does, the logits move by
-    up to ~3 (of ~38) at the template's first tokens and ~1 at the last; greedy decoding keeps
-    the fp32 model's tokens for 35-61 steps on prompts like these (measured), and diverges
-    sooner where the top two logits are close."""
+    up to ~3 (of ~38) at the template's first tokens and ~1 at the last. So greedy decoding
+    follows the fp32 model wherever the fp32 model's top two logits are apart by more than
+    that noise, and may take the other token where they are close (measured: "What is 2 + 2?"
+    has a 0.06 gap at its third token). Checked step by step on the fp32 model's tokens
+    (teacher forcing, so one near-tie does not decide the rest): the quantized decode picks
+    the same token at every step whose fp32 gap exceeds 1.0, and those are most steps."""
     ref, tok = smol_qkv
     model, qtok = smol_quantized
     assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.qtype == "q8_0"
@@ -222,21 +225,39 @@ def test_smollm2_quantized_load_matches_dequantized(smol_qkv, smol_quantized):
     size = SMOL.stat().st_size
     assert tensor_bytes(model) <= 1.25 * size and tensor_bytes(ref) > 5 * size
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    for prompt in AGREEING_PROMPTS:
+    for prompt in PROMPTS:
         ids = tok.encode(tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
         assert qtok.encode(prompt) == tok.encode(prompt)
         with torch.no_grad():
             ours, theirs = model(torch.tensor([ids])), ref(torch.tensor([ids]))
         assert (ours - theirs).abs().max().item() <= 0.1 * theirs.abs().max().item(), prompt
-        assert generate(model, ids, params) == generate(ref, ids, params), prompt
+        greedy = generate(ref, ids, params)
+        ref_steps, quant_steps = decode_logits(ref, ids, greedy), decode_logits(model, ids, greedy)
+        top2 = ref_steps.topk(2).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1.0
+        assert int(clear.sum()) >= len(greedy) // 2, prompt  # most steps are not near-ties
+        assert torch.equal(quant_steps.argmax(-1)[clear], ref_steps.argmax(-1)[clear]), prompt
 
 
-# prompts whose greedy continuations the int8-activation kernels keep for 32+ steps
-AGREEING_PROMPTS = [
+PROMPTS = [
     "Name the planets of the solar system in order.",
     "What is 2 + 2?",
     "Write the alphabet in capital letters.",
 ]
+
+
+@torch.no_grad()
+def decode_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), V): the logits each decode step gives when it is fed `tokens` one at a
+    time after the prompt (the decode path: KV cache, one-token steps, native kernels)."""
+    from qkv.infer.generate import forward_step
+    from qkv.infer.kv_cache import KVCache
+
+    cache = KVCache(model.cfg, len(prompt) + len(tokens))
+    out = [forward_step(model, cache, torch.tensor([prompt]), last_only=True)[0, -1]]
+    for t in tokens[:-1]:
+        out.append(forward_step(model, cache, torch.tensor([[t]]))[0, -1])
+    return torch.stack(out).float()
 
 
 def write_quantized_llama_gguf(model, path: Path, qtype: str) -> None:
