@@ -157,3 +157,17 @@ def test_the_fused_step_follows_weights_changed_after_its_first_call():
     m.blocks[1].attn.o_proj = m.blocks[1].attn.o_proj.to(torch.bfloat16)  # one the C block cannot read
     with torch.inference_mode():
         assert fused_decode.hidden(m, tok, torch.tensor([0]), cache) is None
+
+
+def test_the_fused_step_reads_rope_tables_grown_past_their_build_length():
+    from qkv.model.transformer import ROPE_ROWS_AT_BUILD
+
+    m = _model(max_seq_len=2 * ROPE_ROWS_AT_BUILD)
+    pos = ROPE_ROWS_AT_BUILD + 100
+    fused, ref = KVCache(m.cfg, pos + 1), KVCache(m.cfg, pos + 1)
+    fused.pos = ref.pos = pos  # an empty prefix: the step attends to itself
+    tok = torch.tensor([[8]])
+    with torch.inference_mode():
+        h = fused_decode.hidden(m, tok, torch.tensor([pos]), fused)
+        assert m.rope_cos.shape[0] == 2 * ROPE_ROWS_AT_BUILD
+        torch.testing.assert_close(h, m.hidden(tok, positions=torch.tensor([pos]), cache=ref), atol=1e-5, rtol=1e-5)

@@ -107,6 +107,52 @@ def test_rope_scaling_linear_divides_positions():
     assert torch.allclose(cos_lin[8], cos[2], atol=1e-6)
 
 
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 2000), longer=st.integers(0, 2000), theta=st.sampled_from([10000.0, 1e6]))
+def test_a_longer_rope_table_starts_with_the_shorter_one_bitwise(rows, longer, theta):
+    """Growing the tables recomputes them longer: every row must be what a shorter (or
+    the full) table holds, bit for bit, so a grown model decodes exactly as before."""
+    scaling = {"type": "llama3", "factor": 8.0}
+    for sc in (None, scaling):
+        cos, sin = rope_table(64, rows, theta, sc)
+        cos_long, sin_long = rope_table(64, rows + longer, theta, sc)
+        assert torch.equal(cos, cos_long[:rows]) and torch.equal(sin, sin_long[:rows])
+
+
+def test_rope_tables_are_built_short_and_grow_by_doubling_to_what_the_positions_need():
+    from qkv.model.transformer import ROPE_ROWS_AT_BUILD
+
+    cfg = tiny(max_seq_len=5000, head_dim=16, rope_local_theta=100.0, sliding_window=4, layer_types=["local", "global"])
+    model = build_model(cfg).eval()
+    tables = ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin")
+    assert {getattr(model, n).shape for n in tables} == {(ROPE_ROWS_AT_BUILD, 16)}
+    full = build_model(cfg).eval()
+    full.grow_rope_tables(cfg.max_seq_len)  # a model holding today's whole tables
+    full.load_state_dict(model.state_dict())
+    assert full.rope_cos.shape[0] == cfg.max_seq_len  # doubling stops at the model's context
+    ref = {n: t for n, t in zip(tables, [*rope_table(16, 5000, 10000.0), *rope_table(16, 5000, 100.0)])}
+    assert all(torch.equal(getattr(full, n), ref[n]) for n in tables)
+    x = torch.randint(0, 97, (1, 3))
+    for start, rows in ((10, ROPE_ROWS_AT_BUILD), (2000, 2048), (2045, 2048), (2046, 4096), (4500, 5000)):
+        pos = torch.arange(start, start + 3)
+        with torch.no_grad():
+            assert torch.equal(model(x, positions=pos), full(x, positions=pos))
+        assert {getattr(model, n).shape[0] for n in tables} == {rows}
+        assert all(torch.equal(getattr(model, n), ref[n][:rows]) for n in tables)
+    with pytest.raises(IndexError):  # past the context, as with the whole tables
+        model(x, positions=torch.arange(5000, 5003))
+
+
+def test_grown_rope_tables_keep_the_dtype_and_train_after_inference():
+    model = build_model(tiny(max_seq_len=3000, head_dim=16), dtype=torch.bfloat16)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2]]), positions=torch.tensor([1500, 1501]))
+    assert model.rope_cos.dtype == torch.bfloat16 and model.rope_cos.shape[0] == 2048
+    assert torch.equal(model.rope_cos, rope_table(16, 2048, 10000.0)[0].to(torch.bfloat16))
+    loss = model.loss(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]), positions=torch.tensor([1500, 1501, 1502]))
+    loss.backward()  # tables grown under inference_mode are plain tensors
+
+
 def test_moe_dispatch_matches_per_token_reference():
     cfg = tiny(n_expert=4, n_expert_per_token=2, moe_d_ff=32)
     moe = MoE(cfg)

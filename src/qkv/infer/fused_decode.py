@@ -405,10 +405,11 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
     if cfg.embed_scale != 1.0:
         x *= torch.tensor(cfg.embed_scale, dtype=x.dtype)  # as the model scales it
     cos = sin = local = None
-    if cfg.pos == "rope":
-        cos, sin = model.rope_cos[pos].contiguous(), model.rope_sin[pos].contiguous()
-        if cfg.rope_local_theta is not None:
-            local = model.rope_local_cos[pos].contiguous(), model.rope_local_sin[pos].contiguous()
+    if cfg.pos == "rope":  # the model's tables, grown first if this step's positions are past them
+        glob, loc = model.rope_at(pos)
+        cos, sin = glob[0].contiguous(), glob[1].contiguous()
+        if loc is not glob:
+            local = loc[0].contiguous(), loc[1].contiguous()
     elif cfg.pos == "learned":
         x = x + model.pos_emb(pos)
     elif cfg.pos == "sinusoidal":

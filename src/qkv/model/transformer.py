@@ -29,6 +29,12 @@ from qkv.model.loss import fused_linear_cross_entropy
 from qkv.model.moe import MoE
 from qkv.model.positions import rope_table, sinusoidal_table
 
+# Rows of RoPE cos/sin the model computes when built; `rope_at` doubles the tables (up to
+# max_seq_len) when a position past them comes. Full tables for a long-context model are
+# large next to its weights (Gemma 3 270M: four of 32768 x 256 fp32, 134 MB) and a short
+# chat reads a few hundred rows of them.
+ROPE_ROWS_AT_BUILD = 1024
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -56,6 +62,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     # position tables, registered as non-persistent buffers for the `pos` kinds that use them
+    # (the RoPE ones cover the positions seen so far: see rope_at)
     pos_table: torch.Tensor
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
@@ -71,13 +78,8 @@ class Transformer(nn.Module):
         elif cfg.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         elif cfg.pos == "rope":
-            cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-            if cfg.rope_local_theta is not None:
-                cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_local_theta)
-                self.register_buffer("rope_local_cos", cos, persistent=False)
-                self.register_buffer("rope_local_sin", sin, persistent=False)
+            for name, table in self._rope_tables(min(cfg.max_seq_len, ROPE_ROWS_AT_BUILD)).items():
+                self.register_buffer(name, table, persistent=False)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
@@ -110,15 +112,55 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.w_gate, 0.0, std)
                 nn.init.normal_(m.w_up, 0.0, std)
                 nn.init.normal_(m.w_down, 0.0, resid_std)
-        if self.cfg.pos == "rope":
-            cos, sin = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg.rope_scaling)
-            if not self.rope_cos.is_meta:
-                self.rope_cos.copy_(cos)
-                self.rope_sin.copy_(sin)
-            if self.cfg.rope_local_theta is not None and not self.rope_local_cos.is_meta:
-                cos, sin = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_local_theta)
-                self.rope_local_cos.copy_(cos)
-                self.rope_local_sin.copy_(sin)
+        if self.cfg.pos == "rope" and not self.rope_cos.is_meta:
+            for name, table in self._rope_tables(self.rope_cos.shape[0]).items():
+                getattr(self, name).copy_(table)
+
+    # --- RoPE tables ---------------------------------------------------------------
+    def _rope_tables(self, rows: int) -> dict[str, torch.Tensor]:
+        """The cos/sin tables (global, and local when local layers have their own base) for
+        positions 0..rows-1. Each row depends only on its position, so a longer table's first
+        rows are bitwise a shorter one's (tests/test_model.py holds it to that)."""
+        cfg = self.cfg
+        cos, sin = rope_table(cfg.head_dim, rows, cfg.rope_theta, cfg.rope_scaling)
+        tables = {"rope_cos": cos, "rope_sin": sin}
+        if cfg.rope_local_theta is not None:
+            cos, sin = rope_table(cfg.head_dim, rows, cfg.rope_local_theta)
+            tables |= {"rope_local_cos": cos, "rope_local_sin": sin}
+        return tables
+
+    @torch.compiler.disable  # a compiled forward breaks here, and its guards see the new tables
+    def grow_rope_tables(self, rows: int) -> None:
+        """Cover positions up to rows - 1: double the tables until they do (at most to
+        max_seq_len), computed on the tables' device and cast to their dtype, as built."""
+        have = self.rope_cos.shape[0]
+        if rows <= have:
+            return
+        while have < rows:
+            have *= 2
+        old = self.rope_cos
+        # on the tables' device, as build_model computes them (a meta model allocates nothing);
+        # never inference tensors, which a later training step could not use
+        with torch.device(old.device), torch.inference_mode(False), torch.no_grad():
+            tables = self._rope_tables(min(have, self.cfg.max_seq_len))
+        for name, table in tables.items():
+            setattr(self, name, table.to(dtype=old.dtype))
+
+    def rope_at(self, positions: torch.Tensor, rows: int | None = None):
+        """(cos, sin) of the global and of the local RoPE tables gathered at `positions`
+        (same shape + head_dim); the tables grow first if `positions` reach past them.
+        `rows`: a bound on the positions when the caller knows one (no read of the max)."""
+        if rows is None:
+            if torch.compiler.is_compiling():  # a traced graph cannot branch on the positions' values
+                rows = self.cfg.max_seq_len
+            else:
+                rows = int(positions.max()) + 1 if positions.numel() else 0
+        if rows > self.rope_cos.shape[0]:
+            self.grow_rope_tables(rows)
+        glob = (self.rope_cos[positions], self.rope_sin[positions])
+        if self.cfg.rope_local_theta is None:
+            return glob, glob
+        return glob, (self.rope_local_cos[positions], self.rope_local_sin[positions])
 
     # --- forward -------------------------------------------------------------------
     def hidden(
@@ -138,13 +180,14 @@ class Transformer(nn.Module):
         collect: if a list is given, the residual stream after each block is appended to it.
         """
         B, T = idx.shape
+        rows = None  # a bound on the positions, when known without reading them
         if positions is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(
                     f"sequence of {T} tokens is longer than the model's context "
                     f"max_seq_len={self.cfg.max_seq_len}; truncate the input"
                 )
-            positions = torch.arange(T, device=idx.device)
+            positions, rows = torch.arange(T, device=idx.device), T
         if mask is None and cache is None and key_padding is not None:
             mask = causal_mask(T, T, idx.device)[None, None]  # each layer narrows it to its window
             if key_padding is not None:
@@ -161,9 +204,10 @@ class Transformer(nn.Module):
             x = x + self.pos_table[positions].to(x.dtype)
         elif self.cfg.pos == "rope":
             pos = positions if positions.dim() == 2 else positions[None]
-            rope = rope_local = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))
-            if self.cfg.rope_local_theta is not None:
-                rope_local = (self.rope_local_cos[pos].unsqueeze(2), self.rope_local_sin[pos].unsqueeze(2))
+            glob, local = self.rope_at(pos, rows)
+            rope = rope_local = (glob[0].unsqueeze(2), glob[1].unsqueeze(2))
+            if local is not glob:
+                rope_local = (local[0].unsqueeze(2), local[1].unsqueeze(2))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope if self.cfg.window_of(i) is None else rope_local, mask, cache)
