@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from qkv.config import preset
-from qkv.infer import fused_decode
+from qkv.infer import fused_decode, kv_quant
 from qkv.infer.generate import forward_step
-from qkv.infer.kv_cache import KVCache
+from qkv.infer.kv_cache import KVCache, new_kv_cache
+from qkv.infer.paged import PagedKVCache
 from qkv.model import build_model
 
 pytestmark = pytest.mark.skipif(fused_decode._decode_block.get() is None, reason="no AVX2 CPU or C compiler here")
@@ -159,6 +160,91 @@ def test_the_fused_step_follows_weights_changed_after_its_first_call():
         assert fused_decode.hidden(m, tok, torch.tensor([0]), cache) is None
 
 
+GEMMA = "Gemma 3 (GeGLU, qk-norm, sandwich norms, 1+w, local/global RoPE)"
+TABLES = torch.tensor([[5, 2, 7, 0], [1, 6, 3, 4]])  # scattered blocks of 8 slots, 32 tokens a row
+
+
+def _cache(cfg, dtype: torch.dtype, paged: bool, batch: int):
+    if paged:
+        return PagedKVCache(cfg, num_blocks=8, block_size=8, dtype=dtype)
+    return new_kv_cache(cfg, 32, batch=batch, dtype=dtype)
+
+
+def _forward(m, cache, tokens: torch.Tensor, start: int, fused: bool) -> torch.Tensor:
+    """One forward of tokens (B, T) at positions start.. through either cache kind, by the
+    fused block (a decode step) or the model's own path."""
+    B, T = tokens.shape
+    if isinstance(cache, PagedKVCache):
+        cache.prepare(TABLES[:B], torch.full((B,), start), torch.full((B,), T), T)
+        pos = cache.pos
+    else:
+        pos = torch.arange(start, start + T)
+    h = fused_decode.hidden(m, tokens, pos, cache) if fused else m.hidden(tokens, positions=pos, cache=cache)
+    assert h is not None
+    if isinstance(cache, KVCache):
+        cache.advance(T)
+    return h
+
+
+def _int8_state(cache) -> list[torch.Tensor]:
+    scales = (cache.k_scale, cache.v_scale) if isinstance(cache, KVCache) else cache.scales
+    return [cache.k, cache.v, *scales]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("variant", ["llama (GQA, RoPE)", GEMMA])
+def test_fused_step_with_an_int8_cache_writes_and_attends_as_the_pytorch_int8_path(variant, paged):
+    """Three caches from one prompt: int8 through the fused block, int8 through the model's
+    own path (Int8KVCache / the paged pool with the q8 kernel), fp32 through the fused block.
+    Layer 0's new K/V depend on the token alone, so there the fused int8 rows must be
+    kv_quant.quantize of the fused fp32 rows bit for bit (the same rounding); deeper layers
+    see attention over int8 and match the PyTorch int8 path to the kernels' rounding."""
+    m = _model(**VARIANTS[variant])
+    cfg, B = m.cfg, 2
+    fused, ref, fp32 = (_cache(cfg, dt, paged, B) for dt in (torch.int8, torch.int8, torch.float32))
+    prompt = torch.randint(3, 300, (B, 9))
+    with torch.inference_mode():
+        for c in (fused, ref, fp32):
+            _forward(m, c, prompt, 0, fused=False)  # prefill: T > 1 takes the model's path
+        for step in range(9, 17):  # past the window, for the Gemma variant
+            tok = torch.randint(3, 300, (B, 1))
+            h = _forward(m, fused, tok, step, fused=True)
+            h_ref = _forward(m, ref, tok, step, fused=False)
+            _forward(m, fp32, tok, step, fused=True)
+            torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    k, v, ks, vs = _int8_state(fused)
+    for data, scale, exact in ((k, ks, fp32.k), (v, vs, fp32.v)):
+        q, s = kv_quant.quantize(exact[0])
+        assert torch.equal(data[0], q) and torch.equal(scale[0], s)
+    for got, want in zip(_int8_state(fused), _int8_state(ref), strict=True):
+        if got.dtype == torch.int8:  # one step of 1/127 at most, where the fp32 K/V differ by an ulp
+            assert (got.int() - want.int()).abs().max() <= 1
+        else:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_the_fused_block_quantizes_kv_vectors_bitwise_as_kv_quant():
+    """The C rounding against kv_quant.quantize on many vectors of mixed magnitudes and on
+    exact ties (a vector whose largest element is 127 * 2^e has scale 2^e, so (k + 1/2) * 2^e
+    lands halfway between two steps and must round to even, as torch.round does)."""
+    import ctypes
+
+    from qkv.kernels import native
+
+    fn = native.Kernel("decode_attention_f32", "qkv_quantize_kv_f32", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2)
+    g = torch.Generator().manual_seed(0)
+    n, D = 8192, 64
+    mixed = torch.randn(n, D, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 3)
+    e = torch.randint(-10, 10, (n // 4, 1), generator=g).float()
+    ties = (torch.randint(-127, 127, (n // 4, D), generator=g) + 0.5) * 2**e
+    ties[:, 0] = 127 * 2 ** e[:, 0]
+    x = torch.cat([mixed, ties, torch.zeros(1, D)])
+    q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0])
+    fn.get()(x.data_ptr(), q.data_ptr(), scale.data_ptr(), x.shape[0], D)
+    q_ref, scale_ref = kv_quant.quantize(x)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+
+
 def test_the_fused_step_reads_rope_tables_grown_past_their_build_length():
     from qkv.model.transformer import ROPE_ROWS_AT_BUILD
 
@@ -171,3 +257,12 @@ def test_the_fused_step_reads_rope_tables_grown_past_their_build_length():
         h = fused_decode.hidden(m, tok, torch.tensor([pos]), fused)
         assert m.rope_cos.shape[0] == 2 * ROPE_ROWS_AT_BUILD
         torch.testing.assert_close(h, m.hidden(tok, positions=torch.tensor([pos]), cache=ref), atol=1e-5, rtol=1e-5)
+
+
+def test_describe_names_the_kv_caches_the_fused_block_reads():
+    if not fused_decode.native.enabled():
+        pytest.skip("native kernels are off here")
+    cfg = _model().cfg
+    assert "int8 KV cache read in place" in fused_decode.describe(cfg, "int8")
+    assert "fp32 or int8 KV cache read in place" in fused_decode.describe(cfg)
+    assert fused_decode.describe(cfg, "bf16").startswith("op by op")

@@ -1,16 +1,17 @@
 """Decode steps with one native call per block (kernels/decode_layer_f32.c).
 
-A decode step of a small model on CPU is mostly a stream over the weights, and run op
-by op from Python a Llama block costs ~0.4 ms of dispatch on top of that. `hidden` runs
-the same computation, block by block, in C, reading and writing the same caches
-(contiguous or paged), and returns what `model.hidden` would: the final-norm hidden
-states. It returns None whenever the model, the step or the cache is outside what the
-C block implements (then the caller runs the model's own forward, the reference the
-tests hold this path to): RMSNorm or LayerNorm, SwiGLU, GeGLU or GELU MLP (Llama, Qwen2,
-Mistral, GPT-2, Gemma 3), RoPE (a second base for sliding-window layers), learned,
-sinusoidal or no positions, per-head q/k RMSNorm, norms after each sub-block, a norm
-offset (folded into a copy of the weight), an embedding scale, fp32 on CPU, no MoE, no
-attention soft-capping, no inspection hooks, one token per sequence. Sliding windows
+A decode step of a small model on CPU is mostly a stream over the weights, and run op by
+op from Python a Llama block costs ~0.4 ms of dispatch on top of that. `hidden` runs the
+same computation, block by block, in C, reading and writing the same caches (contiguous
+or paged, fp32 or int8: an int8 cache gets the new K/V quantized as infer/kv_quant.py
+quantizes them and is attended in place), and returns what `model.hidden` would: the
+final-norm hidden states. It returns None whenever the model, the step or the cache is
+outside what the C block implements (then the caller runs the model's own forward, the
+reference the tests hold this path to): RMSNorm or LayerNorm, SwiGLU, GeGLU or GELU MLP
+(Llama, Qwen2, Mistral, GPT-2, Gemma 3), RoPE (a second base for sliding-window layers),
+learned, sinusoidal or no positions, per-head q/k RMSNorm, norms after each sub-block, a
+norm offset (folded into a copy of the weight), an embedding scale, fp32 on CPU, no MoE,
+no attention soft-capping, no inspection hooks, one token per sequence. Sliding windows
 may differ per layer. Anything else is refused by name (`refusal`, shown by `qkv info`).
 """
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from qkv.config import ModelConfig
-from qkv.infer.kv_cache import KVCache
+from qkv.infer.kv_cache import Int8KVCache, KVCache
 from qkv.infer.paged import PagedKVCache
 from qkv.kernels import decode_attention, native, quant_linear
 from qkv.model.layers import RMSNorm
@@ -83,6 +84,8 @@ class _KV(ctypes.Structure):
     _fields_ = [
         ("k", _P),
         ("v", _P),
+        ("k_scale", _P),  # int8 caches: one fp32 scale per vector; NULL for fp32
+        ("v_scale", _P),
         ("tables", _P),
         ("max_blocks", ctypes.c_int64),
         ("total", _P),
@@ -187,13 +190,24 @@ def architecture_fits(cfg: ModelConfig) -> bool:
     return refusal(cfg) is None
 
 
-def describe(cfg: ModelConfig) -> str:
-    """How an fp32 CPU decode step of this architecture runs here (for `qkv info`)."""
+# the KV cache dtypes (--kv-dtype names) the C block reads and writes in place
+FUSED_KV_DTYPES = {"fp32": torch.float32, "int8": torch.int8}
+
+
+def describe(cfg: ModelConfig, kv_dtype: str | None = None) -> str:
+    """How an fp32 CPU decode step of this architecture runs here (for `qkv info`), with a
+    KV cache of `kv_dtype` (a --kv-dtype name; None: say which caches the block reads)."""
     if not native.enabled():
         return "PyTorch ops (native kernels off: QKV_NATIVE=0 or no AVX2/FMA CPU)"
     why = refusal(cfg)
+    if why is None and kv_dtype is None:
+        fused = " or ".join(FUSED_KV_DTYPES)
+        return f"one native call per block (kernels/decode_layer_f32.c), {fused} KV cache read in place"
+    if why is None and kv_dtype in FUSED_KV_DTYPES:
+        return f"one native call per block (kernels/decode_layer_f32.c), {kv_dtype} KV cache read in place"
     if why is None:
-        return "one native call per block (kernels/decode_layer_f32.c)"
+        fused = " or ".join(FUSED_KV_DTYPES)
+        return f"op by op, native linear kernels (the fused block reads {fused} KV caches, not {kv_dtype})"
     return f"op by op, native linear kernels (the fused block does not implement {why})"
 
 
@@ -370,10 +384,26 @@ def _blocks(model) -> list[_Block]:
     return out
 
 
+def _kv_scales(cache) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An int8 cache's (k_scale, v_scale), laid out as the C block finds them (a vector's
+    scale at its element offset / head_dim: both contiguous, the cache's shape without
+    head_dim), or None (no scales, or another layout)."""
+    scales = (cache.k_scale, cache.v_scale) if isinstance(cache, Int8KVCache) else getattr(cache, "scales", None)
+    if scales is None:
+        return None
+    fits = all(
+        s.dtype == torch.float32 and s.is_contiguous() and s.shape == t.shape[:-1] and t.is_contiguous()
+        for s, t in zip(scales, (cache.k, cache.v), strict=True)
+    )
+    return scales if fits else None
+
+
 def _kv_layout(cache, B: int):
     """(tables, total, block_size, strides) addressing each row's keys in the cache, or None."""
-    if getattr(getattr(cache, "k", None), "dtype", None) != torch.float32:
-        return None  # the block reads fp32 K/V; other caches attend through the model's path
+    if getattr(getattr(cache, "k", None), "dtype", None) not in FUSED_KV_DTYPES.values():
+        return None  # other caches attend through the model's path
+    if cache.k.dtype == torch.int8 and _kv_scales(cache) is None:
+        return None
     if isinstance(cache, KVCache):
         if cache.pos + 1 > cache.max_len or cache.k.shape[1] != B:
             return None  # the model's path raises the clear "cache full" error
@@ -391,7 +421,7 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
     B, T = tokens.shape
     if T != 1 or tokens.device.type != "cpu" or torch.compiler.is_compiling() or not supports(model):
         return None
-    if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
+    if cache.k.device.type != "cpu":
         return None
     layout = _kv_layout(cache, B)
     blocks = _blocks(model)
@@ -415,13 +445,22 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
     elif cfg.pos == "sinusoidal":
         x = x + model.pos_table[pos].to(x.dtype)
     kv = _KV(
-        0, 0, tables.data_ptr(), tables.shape[1], total.data_ptr(), block_size, block_stride, token_stride, head_stride
-    )
+        tables=tables.data_ptr(),
+        max_blocks=tables.shape[1],
+        total=total.data_ptr(),
+        block_size=block_size,
+        block_stride=block_stride,
+        token_stride=token_stride,
+        head_stride=head_stride,
+    )  # k, v (and an int8 cache's scales) are set per layer
+    scales = _kv_scales(cache) if cache.k.dtype == torch.int8 else None
     n_threads = torch.get_num_threads()
     angles = None if cos is None or sin is None else (cos.data_ptr(), sin.data_ptr())
     local_angles = angles if local is None else (local[0].data_ptr(), local[1].data_ptr())
     for layer, blk in enumerate(blocks):
         kv.k, kv.v = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
+        if scales is not None:
+            kv.k_scale, kv.v_scale = scales[0][layer].data_ptr(), scales[1][layer].data_ptr()
         pair = local_angles if cfg.window_of(layer) is not None else angles
         c, s = (None, None) if pair is None else pair
         rc = decode_block(ctypes.byref(blk), ctypes.byref(kv), x.data_ptr(), B, c, s, n_threads)

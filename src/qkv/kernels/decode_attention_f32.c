@@ -148,6 +148,24 @@ int qkv_decode_attention_f32(const float* q, const float* k, const float* v, con
   return failed ? -1 : 0;
 }
 
+/* One key or value vector of D floats into the int8 cache format (infer/kv_quant.py's
+ * `quantize`, bitwise: the fused decode block writes what the PyTorch path writes):
+ * scale = max|x| / 127, q = x * (1 / scale) rounded half to even (the default rounding
+ * mode of nearbyintf, as torch.round) and clamped to +-127; an all-zero vector gets scale 0. */
+static void qkv_quantize_kv_vector(const float* x, int8_t* q, float* scale, int64_t D) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < D; ++d) amax = fmaxf(amax, fabsf(x[d]));
+  const float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+  for (int64_t d = 0; d < D; ++d) q[d] = (int8_t)fminf(fmaxf(nearbyintf(x[d] * inv), -127.0f), 127.0f);
+  *scale = s;
+}
+
+/* n vectors of D floats (x: (n, D)) into int8s q (n, D) and scales (n,): what the fused
+ * decode block writes, callable alone so the tests hold its rounding to kv_quant.quantize. */
+void qkv_quantize_kv_f32(const float* x, int8_t* q, float* scale, int64_t n, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) qkv_quantize_kv_vector(x + i * D, q + i * D, scale + i, D);
+}
+
 /* 8 int8 values widened to fp32. */
 static inline __m256 load8_i8(const int8_t* x) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)x)));

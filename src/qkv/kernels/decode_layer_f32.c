@@ -14,6 +14,9 @@
  * and allocation on this CPU, a third of a 100M model's step. Here the same ops run
  * back to back on scratch buffers: the linear, attention and norm/RoPE kernels of this
  * directory, unchanged (they are #included), so the numbers match the op-by-op path.
+ * The K/V cache is fp32, or int8 with one scale per vector (infer/kv_quant.py): the new
+ * rows are quantized as the PyTorch path quantizes them and attention reads the int8
+ * cache in place (qkv_decode_attention_q8).
  * The Python model stays the reference (qkv/model); qkv/infer/fused_decode.py decides
  * when a model and cache fit this path.
  */
@@ -49,7 +52,8 @@ typedef struct {
 } qkv_block;
 
 typedef struct { /* one layer's K/V, addressed like qkv_decode_attention_f32's */
-  float *k, *v;
+  void *k, *v; /* fp32, or int8 when the scales are given */
+  float *k_scale, *v_scale; /* int8 caches: one scale per vector, at its element offset / head_dim; else NULL */
   const int32_t* tables;
   int64_t max_blocks;
   const int32_t* total; /* (B,) keys each row sees, its new token included */
@@ -159,18 +163,29 @@ int qkv_decode_block_f32(const qkv_block* L, const qkv_kv* kv, float* x, int64_t
   } else {
     memcpy(qr, q, sizeof(float) * B * q_n);
   }
-  for (int64_t r = 0; r < B; ++r) { /* store this token's K/V in the cache */
+  for (int64_t r = 0; r < B; ++r) { /* store this token's K/V in the cache (int8: quantized) */
     const int64_t j = kv->total[r] - 1;
     const int64_t off = kv->tables[r * kv->max_blocks + j / kv->block_size] * kv->block_stride +
                         (j % kv->block_size) * kv->token_stride;
     for (int64_t h = 0; h < Hkv; ++h) {
-      memcpy(kv->k + off + h * kv->head_stride, k + r * kv_n + h * D, sizeof(float) * D);
-      memcpy(kv->v + off + h * kv->head_stride, v + r * kv_n + h * D, sizeof(float) * D);
+      const int64_t at = off + h * kv->head_stride;
+      const float *kh = k + r * kv_n + h * D, *vh = v + r * kv_n + h * D;
+      if (kv->k_scale) {
+        qkv_quantize_kv_vector(kh, (int8_t*)kv->k + at, kv->k_scale + at / D, D);
+        qkv_quantize_kv_vector(vh, (int8_t*)kv->v + at, kv->v_scale + at / D, D);
+      } else {
+        memcpy((float*)kv->k + at, kh, sizeof(float) * D);
+        memcpy((float*)kv->v + at, vh, sizeof(float) * D);
+      }
     }
   }
-  if (qkv_decode_attention_f32(qr, kv->k, kv->v, kv->tables, kv->max_blocks, kv->total, att, B, H, Hkv, D,
-                               kv->block_size, kv->block_stride, kv->token_stride, kv->head_stride, L->scale,
-                               L->window, n_threads))
+  if (kv->k_scale
+          ? qkv_decode_attention_q8(qr, kv->k, kv->v, kv->k_scale, kv->v_scale, kv->tables, kv->max_blocks, kv->total,
+                                    att, B, H, Hkv, D, kv->block_size, kv->block_stride, kv->token_stride,
+                                    kv->head_stride, L->scale, L->window, n_threads)
+          : qkv_decode_attention_f32(qr, kv->k, kv->v, kv->tables, kv->max_blocks, kv->total, att, B, H, Hkv, D,
+                                     kv->block_size, kv->block_stride, kv->token_stride, kv->head_stride, L->scale,
+                                     L->window, n_threads))
     goto fail;
   if (project(att, B, q_n, L->wo, L->t_o, L->bo, n, d, n_threads)) goto fail; /* n <- attention output projected */
   if (L->post_attn_norm) norm(L, n, L->post_attn_norm, L->post_attn_norm_b, n, B);
