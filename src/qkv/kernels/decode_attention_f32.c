@@ -174,7 +174,14 @@ static inline __m256 load8_i8(const int8_t* x) {
 /* The same attention over an int8 cache: each key and value vector of D int8s has one fp32
  * scale (vector = scale * int8s), stored in k_scale / v_scale at the vector's element offset
  * divided by D (the scales have the cache's layout without the head_dim axis). Reads a
- * quarter of the bytes of the fp32 kernel, plus 4 bytes a vector. Same arguments otherwise. */
+ * quarter of the bytes of the fp32 kernel, plus 4 bytes a vector. Same arguments otherwise.
+ *
+ * Each int8 key and value is widened to fp32 once per task, into a small scratch that the G
+ * query heads sharing it then read (widening inside the per-head loops cost G times the
+ * conversions, which made a GQA decode step compute-bound). Widening is exact, and each
+ * output is the same sequence of FMAs as the per-head loops, so the results are unchanged. */
+enum { Q8_ROWS = 32 }; /* value rows widened at a time */
+
 int qkv_decode_attention_q8(const float* q, const int8_t* k, const int8_t* v, const float* k_scale,
                             const float* v_scale, const int32_t* tables, int64_t max_blocks, const int32_t* total,
                             float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
@@ -191,15 +198,17 @@ int qkv_decode_attention_q8(const float* q, const int8_t* k, const int8_t* v, co
     float* ob = out + (b * H + h * G) * D;
 #define OFFSET(j) (table[(j) / block_size] * block_stride + ((j) % block_size) * token_stride + h * head_stride)
     const int64_t n_pad = (n + 7) & ~(int64_t)7;
-    float* p = aligned_alloc(32, sizeof(float) * G * (n_pad > 0 ? n_pad : 8));
+    const int64_t p_len = G * (n_pad > 0 ? n_pad : 8);
+    /* scores, then the widened rows: 8 keys, or Q8_ROWS values (D is a multiple of 8) */
+    float* p = aligned_alloc(32, sizeof(float) * (p_len + Q8_ROWS * D));
     if (!p) { failed = 1; continue; }
+    float* wide = p + p_len;
     for (int64_t jj = 0; jj < n; jj += 8) {
       const int m = n - jj < 8 ? (int)(n - jj) : 8;
-      const int8_t* kj[8];
       float ks[8] = {0};
       for (int u = 0; u < 8; ++u) {
         const int64_t off = OFFSET(j0 + jj + (u < m ? u : 0));
-        kj[u] = k + off;
+        for (int64_t d = 0; d < D; d += 8) _mm256_store_ps(wide + u * D + d, load8_i8(k + off + d));
         if (u < m) ks[u] = k_scale[off / D] * scale;
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -207,7 +216,7 @@ int qkv_decode_attention_q8(const float* q, const int8_t* k, const int8_t* v, co
         for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
           const __m256 qv = _mm256_loadu_ps(qb + g * D + d);
-          for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, load8_i8(kj[u] + d), acc[u]);
+          for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_load_ps(wide + u * D + d), acc[u]);
         }
         float s[8];
         _mm256_storeu_ps(s, _mm256_mul_ps(hsum8(acc), _mm256_loadu_ps(ks)));
@@ -215,19 +224,29 @@ int qkv_decode_attention_q8(const float* q, const int8_t* k, const int8_t* v, co
       }
     }
     softmax_rows(p, G, n, n_pad);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* pg = p + g * n_pad;
-      for (int64_t d0 = 0; d0 < D; d0 += 64) {
-        const int chunks = D - d0 >= 64 ? 8 : (int)((D - d0) / 8);
-        __m256 acc[8];
-        for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t off = OFFSET(j0 + j);
-          const __m256 pj = _mm256_set1_ps(pg[j] * v_scale[off / D]);
-          const int8_t* vj = v + off + d0;
-          for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(pj, load8_i8(vj + 8 * c), acc[c]);
+    /* out = p v, Q8_ROWS value rows at a time; the sums carry over in out between them */
+    for (int64_t i = 0; i < G * D; ++i) ob[i] = 0.0f;
+    for (int64_t jb = 0; jb < n; jb += Q8_ROWS) {
+      const int rows = n - jb < Q8_ROWS ? (int)(n - jb) : Q8_ROWS;
+      float vs[Q8_ROWS];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t off = OFFSET(j0 + jb + r);
+        for (int64_t d = 0; d < D; d += 8) _mm256_store_ps(wide + r * D + d, load8_i8(v + off + d));
+        vs[r] = v_scale[off / D];
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float* pg = p + g * n_pad + jb;
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+          const int chunks = D - d0 >= 64 ? 8 : (int)((D - d0) / 8);
+          __m256 acc[8];
+          for (int c = 0; c < chunks; ++c) acc[c] = _mm256_loadu_ps(ob + g * D + d0 + 8 * c);
+          for (int r = 0; r < rows; ++r) {
+            const __m256 pj = _mm256_set1_ps(pg[r] * vs[r]);
+            for (int c = 0; c < chunks; ++c)
+              acc[c] = _mm256_fmadd_ps(pj, _mm256_load_ps(wide + r * D + d0 + 8 * c), acc[c]);
+          }
+          for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(ob + g * D + d0 + 8 * c, acc[c]);
         }
-        for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(ob + g * D + d0 + 8 * c, acc[c]);
       }
     }
 #undef OFFSET
