@@ -143,6 +143,23 @@ def test_rope_tables_are_built_short_and_grow_by_doubling_to_what_the_positions_
         model(x, positions=torch.arange(5000, 5003))
 
 
+def test_a_compiled_model_reads_the_grown_rope_tables():
+    from qkv.model.transformer import ROPE_ROWS_AT_BUILD
+
+    cfg = tiny(max_seq_len=3 * ROPE_ROWS_AT_BUILD, head_dim=8)
+    model, full = build_model(cfg).eval(), build_model(cfg).eval()
+    full.load_state_dict(model.state_dict())
+    full.grow_rope_tables(cfg.max_seq_len)
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards, no codegen
+    x = torch.randint(0, 97, (1, ROPE_ROWS_AT_BUILD + 8))
+    with torch.no_grad():
+        assert torch.equal(compiled(x), full(x))
+        assert model.rope_cos.shape[0] == 2 * ROPE_ROWS_AT_BUILD
+        pos = torch.arange(2500, 2503)  # given positions are not read in a graph: the whole table
+        assert torch.equal(compiled(x[:, :3], positions=pos), full(x[:, :3], positions=pos))
+        assert model.rope_cos.shape[0] == cfg.max_seq_len
+
+
 def test_grown_rope_tables_keep_the_dtype_and_train_after_inference():
     model = build_model(tiny(max_seq_len=3000, head_dim=16), dtype=torch.bfloat16)
     with torch.inference_mode():
