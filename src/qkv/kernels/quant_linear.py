@@ -94,13 +94,17 @@ def supported(qtype: str | int | GGMLQuantizationType) -> bool:
 
 
 def isa(qtype: str | int | GGMLQuantizationType | None = None) -> str:
-    """The newest path this CPU runs ('avx512', 'avx2'), or with a format the path `linear`
-    takes for it (the 32-weight formats stay on AVX2 code: it is faster there); 'off' where
+    """The newest path this CPU runs ('avx512', 'avx2'), or with a format (or a kernel_type
+    code) the path `linear` takes for it (the 32-weight formats in the file's layout stay on
+    AVX2 code: it is faster there; repacked rows take the newest); 'off' where
     the kernels are disabled, unbuilt or the CPU lacks AVX2."""
     best, path = _best_isa.get(), _path.get()
     if best is None or path is None:
         return "off"
-    return ISAS[best() if qtype is None else path(int(qtype_of(qtype)))]
+    if qtype is None:
+        return ISAS[best()]
+    repacked = isinstance(qtype, int) and not isinstance(qtype, GGMLQuantizationType) and qtype & REPACKED
+    return ISAS[path(qtype if repacked else int(qtype_of(qtype)))]
 
 
 def row_bytes(n_in: int, qtype: str | int | GGMLQuantizationType) -> int:
