@@ -1,4 +1,4 @@
-"""Q8_0 / Q4_0 rows repacked sixteen at a time (qkv.quant.repack, kernels/quant_linear_x16.c).
+"""Q8_0 / Q4_0 / Q5_0 rows repacked sixteen at a time (qkv.quant.repack, kernels/quant_linear_x16.c).
 
 - Repacking is a byte permutation: unpacking gives the file's bytes back exactly, and single
   rows read out of the repacked layout are the file's rows, tails (n_out % 16 rows) included.
@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from qkv.config import ModelConfig
 from qkv.infer.backend import prepare_for_inference
+from qkv.infer.generate import forward_step
+from qkv.infer.kv_cache import new_kv_cache
 from qkv.kernels import native
 from qkv.kernels import quant_linear as ql
 from qkv.model import build_model
@@ -29,7 +31,7 @@ from qkv.quant import QuantEmbedding, QuantLinear, quantize_model, repack
 from test_quant_kernels import PATHS, make_blocks, needs_native, oracle_and_bound
 
 T = GGMLQuantizationType
-FORMATS = (T.Q8_0, T.Q4_0)
+FORMATS = (T.Q8_0, T.Q4_0, T.Q5_0)
 
 
 def packed_copy(blocks: np.ndarray, qt: T) -> torch.Tensor:
@@ -124,7 +126,7 @@ def _quantized(qtype: str) -> nn.Module:
 
 
 @needs_native
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q5_0"])
 def test_a_prepared_model_is_repacked_and_computes_as_before(qtype, monkeypatch):
     plain, model = _quantized(qtype), prepare_for_inference(_quantized(qtype), "native")
     quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
@@ -150,6 +152,22 @@ def test_a_prepared_model_is_repacked_and_computes_as_before(qtype, monkeypatch)
     monkeypatch.setenv("QKV_REPACK", "0")
     off = prepare_for_inference(_quantized(qtype), "native")
     assert not any(m.repacked for m in off.modules() if isinstance(m, QuantLinear))
+    # decode (the fused native block and the tied head) gives the same logits bit for bit
+    want = _decode_logits(off)
+    assert torch.equal(_decode_logits(model), want)
+    for m in quant.values():  # unpacked in place after a decode: the cached fused view must not keep the old type
+        m.unpack()
+    assert torch.equal(_decode_logits(model), want)
+
+
+def _decode_logits(model: nn.Module) -> torch.Tensor:
+    """The logits of a 3-token prompt and 4 greedy decode steps (batch 1)."""
+    cache = new_kv_cache(CFG, 8)
+    with torch.inference_mode():
+        out = [forward_step(model, cache, torch.tensor([[5, 9, 2]]), last_only=True)]
+        for _ in range(4):
+            out.append(forward_step(model, cache, out[-1].argmax(-1)))
+    return torch.cat(out, 1)
 
 
 @needs_native

@@ -331,7 +331,7 @@ int qkv_quant_path(int qtype) {
   return ql_family(qtype) == QL_FAMILY_32 && best == QL_ISA_AVX512 ? QL_ISA_AVX2 : best;
 }
 
-/* qkv_quant_linear_isa for Q8_0 / Q4_0 repacked sixteen rows at a time (quant_linear_x16.c;
+/* qkv_quant_linear_isa for Q8_0 / Q4_0 / Q5_0 repacked sixteen rows at a time (quant_linear_x16.c;
  * fmt the base format): the groups through the sixteen-row kernel, threads splitting them (a
  * group's outputs are 64 bytes of each row of y, so threads never share a cache line when y is
  * aligned), then the last n_out % 16 rows, which are in the file's layout, through the
@@ -414,7 +414,7 @@ int qkv_quant_linear(const float* x, int64_t n_rows, int64_t n_in, const void* w
   return qkv_quant_linear_isa(x, n_rows, n_in, w, qtype, n_out, bias, y, n_threads, qkv_quant_path(qtype));
 }
 
-/* qkv_quant_dequantize_isa for a repacked Q8_0 / Q4_0 matrix of n_rows rows (fmt the base
+/* qkv_quant_dequantize_isa for a repacked Q8_0 / Q4_0 / Q5_0 matrix of n_rows rows (fmt the base
  * format): each row of a group unpacked to the file's layout, then dequantized as there. */
 static int ql_dequantize_x16(const void* w, int fmt, int64_t n_rows, int64_t n_in, float* out, int n_threads,
                              int isa) {

@@ -41,11 +41,11 @@ _deq_args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctyp
 _dequantize = native.Kernel("quant_linear", "qkv_quant_dequantize", _deq_args, ctypes.c_int)
 _dequantize_isa = native.Kernel("quant_linear", "qkv_quant_dequantize_isa", _deq_args + [ctypes.c_int], ctypes.c_int)
 DEQUANTIZE_FORMATS = (*FORMATS, GGMLQuantizationType.F32)
-# a gguf type code plus this flag: Q8_0 / Q4_0 rows repacked sixteen at a time (qkv.quant.repack,
+# a gguf type code plus this flag: Q8_0 / Q4_0 / Q5_0 rows repacked sixteen at a time (qkv.quant.repack,
 # kernels/quant_linear_x16.c); `linear`, `tiled_linear` and `dequantize` take these codes too
 REPACKED = 0x100
 INTERLEAVE = 16  # weight rows per repacked group
-REPACKED_FORMATS = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0)
+REPACKED_FORMATS = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0)
 _ERRORS = {
     1: "unsupported quantization type",
     2: "bad shape: n_in must be a multiple of the block size and rows at most 64",
@@ -66,12 +66,12 @@ def qtype_of(qtype: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
 
 def kernel_type(qtype: str | int | GGMLQuantizationType, repacked: bool = False) -> int:
     """The type code the C kernels take for rows of this format: the gguf id, or with
-    `repacked` (Q8_0 / Q4_0 only) the id of the sixteen-row layout."""
+    `repacked` (Q8_0 / Q4_0 / Q5_0 only) the id of the sixteen-row layout."""
     qt = qtype_of(qtype)
     if not repacked:
         return int(qt)
     if qt not in REPACKED_FORMATS:
-        raise ValueError(f"{qt.name} has no repacked layout: only Q8_0 and Q4_0 do")
+        raise ValueError(f"{qt.name} has no repacked layout: only Q8_0, Q4_0 and Q5_0 do")
     return REPACKED | int(qt)
 
 

@@ -43,7 +43,7 @@ def _dequantize_all(blocks: torch.Tensor, qtype: str, n_cols: int, code: int) ->
 
 
 class _Repackable(nn.Module):
-    """The `blocks` buffer of a quantized module, in the file's layout or (Q8_0 / Q4_0, after
+    """The `blocks` buffer of a quantized module, in the file's layout or (Q8_0 / Q4_0 / Q5_0, after
     `repack()`) sixteen rows interleaved for the native decode kernel (qkv.quant.repack).
     `kernel_type` is the code every kernel call passes; `gguf_blocks()` the file's bytes. A
     state dict always holds the file's layout, and loading one repacks it again."""
@@ -58,13 +58,14 @@ class _Repackable(nn.Module):
         return quant_linear.kernel_type(self.qtype, self.repacked)
 
     def repack(self) -> bool:
-        """Interleave the rows in place where the sixteen-row kernel applies (Q8_0 / Q4_0, CPU,
+        """Interleave the rows in place where the sixteen-row kernel applies (Q8_0 / Q4_0 / Q5_0, CPU,
         at least 16 rows, bytes this module owns, QKV_REPACK not 0); whether they are now repacked."""
         b = self.blocks
         if not self.repacked and not self._borrowed and repack.enabled() and b.device.type == "cpu":
             if repack.repackable(self.qtype, b.shape[0]) and b.is_contiguous():
                 repack.repack_(b, self.qtype)
                 self.repacked = True
+                self.blocks = b  # re-registered: views that cached the old layout's type code (fused decode) rebuild
         return self.repacked
 
     def unpack(self) -> None:
@@ -72,6 +73,7 @@ class _Repackable(nn.Module):
         if self.repacked:
             repack.unpack_(self.blocks, self.qtype)
             self.repacked = False
+            self.blocks = self.blocks  # re-registered, as in repack()
 
     def gguf_blocks(self) -> torch.Tensor:
         """The rows in the file's layout: the buffer itself, or an unpacked copy."""

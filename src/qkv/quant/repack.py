@@ -1,9 +1,10 @@
-"""Q8_0 / Q4_0 weight rows interleaved sixteen at a time for the native decode kernel.
+"""Q8_0 / Q4_0 / Q5_0 weight rows interleaved sixteen at a time for the native decode kernel.
 
 The layout is kernels/quant_linear_x16.c's (its comment is the definition): the first
 n_out // 16 * 16 rows in groups of sixteen, each group in the bytes its rows took, block b of
-the sixteen rows as their sixteen fp16 scales, then the qs bytes in 64-byte chunks, chunk c
-holding bytes 4c..4c+3 of each row's qs; the last n_out % 16 rows stay as in the file. It is a
+the sixteen rows as their sixteen fp16 scales, (Q5_0) their sixteen 4-byte qh words, then the
+qs bytes in 64-byte chunks, chunk c holding bytes 4c..4c+3 of each row's qs; the last
+n_out % 16 rows stay as in the file. It is a
 byte permutation of the file's bytes, so repacking happens in place (no memory grows) and
 unpacking gives the file's bytes back exactly. Here it is done with torch indexing, so it
 works on any device and with the native kernels off.
@@ -18,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 INTERLEAVE = 16  # weight rows per group
-FORMATS = ("Q8_0", "Q4_0")  # what the sixteen-row kernel reads
+FORMATS = ("Q8_0", "Q4_0", "Q5_0")  # what the sixteen-row kernel reads
 GROUPS_PER_STEP = 1024  # groups permuted at a time: bounds the scratch copy (the Gemma 3 head: 11 MB)
 
 
@@ -38,13 +39,16 @@ def _lane_positions(qtype: str, row_bytes: int) -> torch.Tensor:
     """(16, row_bytes) int64: where byte k of row i of a group lies in the group's repacked bytes."""
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype.upper()]]
     assert block == 32 and row_bytes % size == 0
-    nb, qs = row_bytes // size, size - 2
+    nb, qs_at = row_bytes // size, 6 if qtype.upper() == "Q5_0" else 2  # Q5_0: d, qh[4], qs[16]
+    qs_in_group = 32 + 16 * (qs_at - 2)  # after the scales (and Q5_0's qh words)
     i = torch.arange(INTERLEAVE).view(INTERLEAVE, 1, 1)
     b = torch.arange(nb).view(1, nb, 1)
     k = torch.arange(size).view(1, 1, size)
-    j = (k - 2).clamp(min=0)  # the qs byte index where k >= 2
-    within = torch.where(k < 2, 2 * i + k, 32 + 64 * (j // 4) + 4 * i + j % 4)
-    assert int(within.max()) < INTERLEAVE * size and qs % 4 == 0
+    j = (k - qs_at).clamp(min=0)  # the qs byte index where k >= qs_at
+    within = torch.where(k < qs_at, 2 * i + k, qs_in_group + 64 * (j // 4) + 4 * i + j % 4)
+    within = torch.where(k < 2, 2 * i + k, within)
+    within = torch.where((k >= 2) & (k < qs_at), 32 + 4 * i + k - 2, within)  # Q5_0's qh
+    assert int(within.max()) < INTERLEAVE * size and (size - qs_at) % 4 == 0
     return (b * INTERLEAVE * size + within).reshape(INTERLEAVE, row_bytes)
 
 
