@@ -446,6 +446,71 @@ static int ql_dequantize_x16(const void* w, int fmt, int64_t n_rows, int64_t n_i
   return failed ? QL_ERR_MEMORY : QL_OK;
 }
 
+/* Rows of a Q8_0 / Q4_0 / Q5_0 matrix (n_rows rows of n_in weights, format fmt) between the
+ * file's layout and the sixteen-row one, in place (qkv.quant.repack defines the same byte
+ * permutation in torch; this is the fast one): pack 1 file -> x16, 0 x16 -> file. Returns 0, or
+ * QL_ERR_QTYPE, QL_ERR_SHAPE, QL_ERR_MEMORY. */
+int qkv_quant_repack(void* w, int fmt, int64_t n_rows, int64_t n_in, int pack, int n_threads) {
+  if (!ql_is_x16(fmt | QL_X16)) return QL_ERR_QTYPE;
+  if (n_rows < 0 || n_in <= 0 || n_in % 32 != 0) return QL_ERR_SHAPE;
+  const int64_t nb = n_in / 32, bytes = ql_block_bytes(fmt), row_bytes = nb * bytes, group = QL_IL * row_bytes;
+  const int64_t qs = ql_qs_in_row(fmt), at = ql_qs_in_group(fmt);
+  uint8_t* wb = (uint8_t*)w;
+  int failed = 0;
+#pragma omp parallel num_threads(n_threads) if (n_rows * row_bytes >= (1 << 20))
+  {
+    uint8_t* tmp = malloc((size_t)group);
+    if (!tmp) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < n_rows / QL_IL; ++g) {
+      if (!tmp) continue;
+      uint8_t* src = wb + g * group;
+      memcpy(tmp, src, (size_t)group);
+      for (int i = 0; i < QL_IL; ++i)
+        for (int64_t b = 0; b < nb; ++b) {
+          /* row i's block b in the file's layout (f) and in the group's (x); tmp holds the source */
+          uint8_t* f = (pack ? tmp : src) + i * row_bytes + b * bytes;
+          uint8_t* x = (pack ? src : tmp) + b * QL_IL * bytes;
+          if (pack) {
+            memcpy(x + 2 * i, f, 2);
+            if (fmt == QL_Q5_0) memcpy(x + 32 + 4 * i, f + 2, 4);
+            for (int64_t c = 0; c < (bytes - qs) / 4; ++c) memcpy(x + at + 64 * c + 4 * i, f + qs + 4 * c, 4);
+          } else {
+            memcpy(f, x + 2 * i, 2);
+            if (fmt == QL_Q5_0) memcpy(f + 2, x + 32 + 4 * i, 4);
+            for (int64_t c = 0; c < (bytes - qs) / 4; ++c) memcpy(f + qs + 4 * c, x + at + 64 * c + 4 * i, 4);
+          }
+        }
+    }
+    free(tmp);
+  }
+  return failed ? QL_ERR_MEMORY : QL_OK;
+}
+
+/* Rows idx[0..n) (negative: from the end) of a matrix of n_rows rows (kernel type code: a gguf
+ * id, or a repacked one) in the file's layout, into out (n, row_bytes): an embedding lookup. Returns 0, or
+ * QL_ERR_QTYPE, QL_ERR_SHAPE (n_in not whole blocks, an index outside 0..n_rows). */
+int qkv_quant_rows(const void* w, int code, int64_t n_rows, int64_t n_in, const int64_t* idx, int64_t n,
+                   uint8_t* out) {
+  const int fmt = code & 0xFF, x16 = ql_is_x16(code);
+  if (!x16 && (code & ~0xFF || ql_family(fmt) == QL_FAMILY_NONE)) return QL_ERR_QTYPE;
+  if (n_in <= 0 || n_in % ql_block_size(fmt) != 0) return QL_ERR_SHAPE;
+  const int64_t row_bytes = n_in / ql_block_size(fmt) * ql_block_bytes(fmt), full = x16 ? n_rows / QL_IL * QL_IL : 0;
+  const uint8_t* wb = (const uint8_t*)w;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t r = idx[k] < 0 ? idx[k] + n_rows : idx[k]; /* negative: from the end, as torch indexes */
+    if (r < 0 || r >= n_rows) return QL_ERR_SHAPE;
+    if (r < full)
+      ql_x16_unpack_row(fmt, wb + r / QL_IL * QL_IL * row_bytes, n_in / 32, (int)(r % QL_IL), out + k * row_bytes);
+    else
+      memcpy(out + k * row_bytes, wb + r * row_bytes, (size_t)row_bytes);
+  }
+  return QL_OK;
+}
+
 /* n_rows weight rows of n_in weights each (w: n_rows * row_bytes bytes of format qtype) as
  * fp32 into out (n_rows, n_in), through one path (isa as qkv_quant_isa numbers it; AVX-512
  * CPUs take the AVX2 code: storing the floats, not decoding, bounds this). Bitwise the same

@@ -40,6 +40,10 @@ _path = native.Kernel("quant_linear", "qkv_quant_path", [ctypes.c_int], ctypes.c
 _deq_args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
 _dequantize = native.Kernel("quant_linear", "qkv_quant_dequantize", _deq_args, ctypes.c_int)
 _dequantize_isa = native.Kernel("quant_linear", "qkv_quant_dequantize_isa", _deq_args + [ctypes.c_int], ctypes.c_int)
+_shape = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]  # type, n_rows, n_in
+_repack = native.Kernel("quant_linear", "qkv_quant_repack", [ctypes.c_void_p, *_shape, ctypes.c_int, ctypes.c_int])
+_rows_args = [ctypes.c_void_p, *_shape, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+_rows = native.Kernel("quant_linear", "qkv_quant_rows", _rows_args, ctypes.c_int)
 DEQUANTIZE_FORMATS = (*FORMATS, GGMLQuantizationType.F32)
 # a gguf type code plus this flag: Q8_0 / Q4_0 / Q5_0 rows repacked sixteen at a time (qkv.quant.repack,
 # kernels/quant_linear_x16.c); `linear`, `tiled_linear` and `dequantize` take these codes too
@@ -213,6 +217,36 @@ def _deq_format(qtype) -> tuple[int, GGMLQuantizationType, int, int] | None:
     if info is False:
         info = _deq_formats[qtype] = _code_info(qtype, DEQUANTIZE_FORMATS)
     return info
+
+
+def repack_rows(blocks: torch.Tensor, qtype: str | int | GGMLQuantizationType, pack: bool) -> bool:
+    """Q8_0 / Q4_0 / Q5_0 rows (contiguous uint8 CPU (n_rows, row_bytes)) between the file's
+    layout and the sixteen-row one in place natively (pack: to it); False where the kernels
+    are off (qkv.quant.repack does it in torch then)."""
+    fn, qt = _repack.get(), qtype_of(qtype)
+    if fn is None or blocks.device.type != "cpu" or qt not in REPACKED_FORMATS:
+        return False
+    n_in = blocks.shape[1] // GGML_QUANT_SIZES[qt][1] * 32
+    status = fn(blocks.data_ptr(), int(qt), blocks.shape[0], n_in, int(pack), torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"qkv_quant_repack failed: {_ERRORS.get(status, status)}")
+    return True
+
+
+def rows(blocks: torch.Tensor, code: int, n_in: int, idx: torch.Tensor) -> torch.Tensor | None:
+    """Rows idx (int indices, any shape, negative from the end) of blocks laid out as kernel type
+    `code`, in the file's layout: (*idx.shape, row_bytes) uint8. None where the kernels are off."""
+    fn = _rows.get()
+    if fn is None or blocks.device.type != "cpu":
+        return None
+    flat = idx.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.numel(), blocks.shape[1], dtype=torch.uint8)
+    status = fn(blocks.data_ptr(), code, blocks.shape[0], n_in, flat.data_ptr(), flat.numel(), out.data_ptr())
+    if status == 2:
+        raise IndexError(f"row index out of range for {blocks.shape[0]} rows")
+    if status:
+        raise RuntimeError(f"qkv_quant_rows failed: {_ERRORS.get(status, status)}")
+    return out.view(*idx.shape, blocks.shape[1])
 
 
 def _check_groups(code: int, start: int, stop: int, n_rows: int) -> None:

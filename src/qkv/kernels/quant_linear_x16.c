@@ -89,7 +89,8 @@ QL_AVX2 QL_INLINE void ql_x16_avx2(const int fmt, const uint8_t* g, const ql_act
           int32_t ylo, yhi;
           memcpy(&ylo, y + 4 * c, 4), memcpy(&yhi, y + 16 + 4 * c, 4);
           const __m256i bl = _mm256_set1_epi32(ylo), bh = _mm256_set1_epi32(yhi);
-          s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(lo[2 * c], bl), _mm256_maddubs_epi16(hi[2 * c], bh)));
+          s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(lo[2 * c], bl),
+                                                     _mm256_maddubs_epi16(hi[2 * c], bh)));
           s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(lo[2 * c + 1], bl),
                                                      _mm256_maddubs_epi16(hi[2 * c + 1], bh)));
         }
@@ -102,7 +103,8 @@ QL_AVX2 QL_INLINE void ql_x16_avx2(const int fmt, const uint8_t* g, const ql_act
       }
     } else if (fmt == QL_Q5_0) {
       __m256i u[16]; /* [4c + 2h + k]: chunk c, half h, k 0 the low nibbles (+16: the high) */
-      const __m256i qh[2] = {_mm256_loadu_si256((const __m256i*)(p + 32)), _mm256_loadu_si256((const __m256i*)(p + 64))};
+      const __m256i qh[2] = {_mm256_loadu_si256((const __m256i*)(p + 32)),
+                             _mm256_loadu_si256((const __m256i*)(p + 64))};
       for (int c = 0; c < 4; ++c)
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 96 + 64 * c + 32 * h));
@@ -310,6 +312,7 @@ typedef void (*ql_x16_fn)(const uint8_t* g, const ql_act* a, int64_t nr, int64_t
 static ql_x16_fn ql_pick_x16(int fmt, int isa) {
   if (isa == QL_ISA_AVX512)
     return fmt == QL_Q8_0 ? ql_x16_q8_0_avx512 : fmt == QL_Q4_0 ? ql_x16_q4_0_avx512 : ql_x16_q5_0_avx512;
-  if (isa == QL_ISA_AVX2) return fmt == QL_Q8_0 ? ql_x16_q8_0_avx2 : fmt == QL_Q4_0 ? ql_x16_q4_0_avx2 : ql_x16_q5_0_avx2;
+  if (isa == QL_ISA_AVX2)
+    return fmt == QL_Q8_0 ? ql_x16_q8_0_avx2 : fmt == QL_Q4_0 ? ql_x16_q4_0_avx2 : ql_x16_q5_0_avx2;
   return 0;
 }

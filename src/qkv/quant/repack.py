@@ -6,8 +6,8 @@ the sixteen rows as their sixteen fp16 scales, (Q5_0) their sixteen 4-byte qh wo
 qs bytes in 64-byte chunks, chunk c holding bytes 4c..4c+3 of each row's qs; the last
 n_out % 16 rows stay as in the file. It is a
 byte permutation of the file's bytes, so repacking happens in place (no memory grows) and
-unpacking gives the file's bytes back exactly. Here it is done with torch indexing, so it
-works on any device and with the native kernels off.
+unpacking gives the file's bytes back exactly. The native kernels do it where they run; the
+torch indexing here defines it too and serves any device and the kernels off.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qkv.kernels import quant_linear
 
 INTERLEAVE = 16  # weight rows per group
 FORMATS = ("Q8_0", "Q4_0", "Q5_0")  # what the sixteen-row kernel reads
@@ -73,17 +75,20 @@ def _permute_groups_(blocks: torch.Tensor, qtype: str, pack: bool) -> None:
         part.copy_(part.index_select(1, index))
 
 
-def repack_(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Rows in the file's layout -> the sixteen-row layout, in place; returns blocks."""
+def repack_(blocks: torch.Tensor, qtype: str, native: bool = True) -> torch.Tensor:
+    """Rows in the file's layout -> the sixteen-row layout, in place (natively where the
+    kernels run, else in torch); returns blocks."""
     _check(blocks, qtype)
-    _permute_groups_(blocks, qtype, pack=True)
+    if not (native and quant_linear.repack_rows(blocks, qtype, pack=True)):
+        _permute_groups_(blocks, qtype, pack=True)
     return blocks
 
 
-def unpack_(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+def unpack_(blocks: torch.Tensor, qtype: str, native: bool = True) -> torch.Tensor:
     """The sixteen-row layout -> the file's, in place; returns blocks."""
     _check(blocks, qtype)
-    _permute_groups_(blocks, qtype, pack=False)
+    if not (native and quant_linear.repack_rows(blocks, qtype, pack=False)):
+        _permute_groups_(blocks, qtype, pack=False)
     return blocks
 
 
@@ -94,8 +99,18 @@ def unpacked(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
 
 def rows(blocks: torch.Tensor, qtype: str, idx: torch.Tensor) -> torch.Tensor:
     """Rows idx (any shape of int indices) of repacked blocks in the file's layout:
-    (*idx.shape, row_bytes) uint8, without unpacking the rest."""
+    (*idx.shape, row_bytes) uint8, without unpacking the rest (natively where the kernels run:
+    an embedding lookup per decode step)."""
     _check(blocks, qtype)
+    n_rows, row_bytes = blocks.shape
+    n_in = row_bytes // GGML_QUANT_SIZES[GGMLQuantizationType[qtype.upper()]][1] * 32
+    got = quant_linear.rows(blocks, quant_linear.kernel_type(qtype, repacked=True), n_in, idx)
+    if got is not None:
+        return got
+    return _rows_torch(blocks, qtype, idx)
+
+
+def _rows_torch(blocks: torch.Tensor, qtype: str, idx: torch.Tensor) -> torch.Tensor:
     n_rows, row_bytes = blocks.shape
     idx = idx.to(blocks.device, torch.int64)
     idx = torch.where(idx < 0, idx + n_rows, idx)
