@@ -176,7 +176,7 @@ def test_tied_quantized_head_projects_many_rows_through_the_tiles(monkeypatch):
     model = prepare_for_inference(quantize_model(build_model(cfg).eval(), "q8_0"), "native")
     head = model.tok_emb
     assert isinstance(head, QuantEmbedding) and model.lm_head is None
-    table = gguf_weight(head.blocks.numpy(), T.Q8_0, 64)
+    table = gguf_weight(head.gguf_blocks().numpy(), T.Q8_0, 64)  # rows in the file layout (repacked here)
     calls = []
     project = QuantEmbedding.project
     monkeypatch.setattr(QuantEmbedding, "project", lambda self, h: calls.append(h.shape) or project(self, h))

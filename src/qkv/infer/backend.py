@@ -27,7 +27,7 @@ import torch.nn as nn
 from qkv.infer import fused_decode
 from qkv.kernels import cpu_linear, decode_ops, native, quant_linear
 from qkv.model.layers import RMSNorm
-from qkv.quant.modules import QuantEmbedding, QuantLinear
+from qkv.quant.modules import QuantEmbedding, QuantLinear, repack_model
 
 Backend = Literal["native", "torch"]
 M = TypeVar("M", bound=nn.Module)
@@ -76,6 +76,8 @@ def prepare_for_inference(model: M, backend: Backend | None = None) -> M:
             target = table.get(type(child))
             if target is not None:
                 setattr(parent, name, _rebuild(child, target))
+    if backend == "native":  # Q8_0 / Q4_0 rows interleaved for the decode kernel, once (QKV_REPACK=0: not)
+        repack_model(model)
     _prepared[model] = backend
     return model
 
@@ -115,7 +117,7 @@ def logits(model, h: torch.Tensor) -> torch.Tensor:
     if isinstance(head, QuantLinear):
         y = head(h)
     elif isinstance(head, QuantEmbedding):  # a tied, quantized embedding
-        y = quant_linear.linear(h, head.blocks, head.qtype) if _prepared.get(model) == "native" else None
+        y = quant_linear.linear(h, head.blocks, head.kernel_type) if _prepared.get(model) == "native" else None
         y = y if y is not None else head.project(h)
     elif _prepared.get(model) == "native":
         y = cpu_linear.linear(h, model.output_weight.to(h.dtype))

@@ -281,7 +281,7 @@ def _linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
         w = module.weight
         return (w, b, 0) if w.dtype == torch.float32 and w.is_contiguous() else None
     if isinstance(module, QuantLinear) and quant_linear.supported(module.qtype) and module.blocks.is_contiguous():
-        return module.blocks, b, int(quant_linear.qtype_of(module.qtype))
+        return module.blocks, b, module.kernel_type  # the gguf id, or its repacked layout's
     return None
 
 

@@ -188,7 +188,7 @@ def _matrix(name: str, module: nn.Module, qtype: str, fallbacks: list[str], perm
 
     def produce() -> torch.Tensor:
         if isinstance(module, QuantLinear | QuantEmbedding) and module.qtype == fmt:
-            rows = module.blocks  # the file's bytes, written as they are
+            rows = module.gguf_blocks()  # the file's bytes, written as they are (unpacked if repacked)
         else:
             rows = _quantized(name, module.weight.detach().float(), fmt)
         return permute_rows(rows, perm_heads) if perm_heads else rows

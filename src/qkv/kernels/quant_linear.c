@@ -300,6 +300,7 @@ typedef void (*ql_row_fn)(int fmt, const uint8_t* w, const ql_act* a, const floa
 
 #include "quant_linear_avx2.c"
 #include "quant_linear_avx512.c"
+#include "quant_linear_x16.c"
 
 static int ql_best_isa(void) {
   static int best = -1; /* the CPU does not change: look once (threads may race to the same value) */
@@ -326,7 +327,47 @@ int qkv_quant_isa(void) { return ql_best_isa(); }
  * The choice is per format, never per batch size, so rows stay batch-invariant. */
 int qkv_quant_path(int qtype) {
   const int best = ql_best_isa();
+  if (ql_is_x16(qtype)) return best;
   return ql_family(qtype) == QL_FAMILY_32 && best == QL_ISA_AVX512 ? QL_ISA_AVX2 : best;
+}
+
+/* qkv_quant_linear_isa for Q8_0 / Q4_0 / Q5_0 repacked sixteen rows at a time (quant_linear_x16.c;
+ * fmt the base format): the groups through the sixteen-row kernel, threads splitting them (a
+ * group's outputs are 64 bytes of each row of y, so threads never share a cache line when y is
+ * aligned), then the last n_out % 16 rows, which are in the file's layout, through the
+ * eight-row AVX2 kernel (or the reference). */
+static int ql_linear_x16(const float* x, int64_t n_rows, int64_t n_in, const void* w, int fmt, int64_t n_out,
+                         const float* bias, float* y, int n_threads, int isa) {
+  if (n_rows < 0 || n_rows > QL_MAX_ROWS || n_in <= 0 || n_in % 32 != 0) return QL_ERR_SHAPE;
+  if (isa < QL_ISA_REF || isa > ql_best_isa()) return QL_ERR_ISA;
+  if (n_rows == 0 || n_out <= 0) return QL_OK;
+  ql_act a;
+  void* mem;
+  if (ql_round_rows(x, n_rows, n_in, fmt, n_threads, &a, &mem) != QL_OK) return QL_ERR_MEMORY;
+  const int64_t row_bytes = n_in / 32 * ql_block_bytes(fmt), n_groups = n_out / QL_IL;
+  const uint8_t* wb = (const uint8_t*)w;
+  const ql_x16_fn fn = ql_pick_x16(fmt, isa);
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_groups > 1)
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const uint8_t* at = wb + g * QL_IL * row_bytes;
+    if (fn)
+      fn(at, &a, n_rows, g * QL_IL, n_out, bias, y);
+    else
+      ql_x16_ref(fmt, at, &a, n_rows, g * QL_IL, n_out, bias, y);
+  }
+  for (int64_t o = n_groups * QL_IL; o < n_out; o += QL_GROUP) { /* the tail, in the file's layout */
+    if (isa == QL_ISA_REF) {
+      float out[QL_MAX_ROWS];
+      for (int64_t i = o; i < n_out && i < o + QL_GROUP; ++i) {
+        ql_row_ref(fmt, wb + i * row_bytes, &a, x, n_rows, out);
+        for (int64_t r = 0; r < n_rows; ++r) y[r * n_out + i] = out[r] + (bias ? bias[i] : 0.0f);
+      }
+    } else {
+      ql_group_rows(ql_pick_group_avx2(fmt), wb, row_bytes, o, n_out, &a, n_rows, bias, y);
+    }
+  }
+  free(mem);
+  return QL_OK;
 }
 
 /* y = x W^T + bias through one path (isa as qkv_quant_isa numbers it). x: (n_rows, n_in)
@@ -337,6 +378,7 @@ int qkv_quant_path(int qtype) {
  * QL_ERR_MEMORY. */
 int qkv_quant_linear_isa(const float* x, int64_t n_rows, int64_t n_in, const void* w, int qtype, int64_t n_out,
                          const float* bias, float* y, int n_threads, int isa) {
+  if (ql_is_x16(qtype)) return ql_linear_x16(x, n_rows, n_in, w, qtype & 0xFF, n_out, bias, y, n_threads, isa);
   if (ql_family(qtype) == QL_FAMILY_NONE) return QL_ERR_QTYPE;
   if (n_rows < 0 || n_rows > QL_MAX_ROWS || n_in <= 0 || n_in % ql_block_size(qtype) != 0) return QL_ERR_SHAPE;
   if (isa < QL_ISA_REF || isa > ql_best_isa()) return QL_ERR_ISA;
@@ -372,6 +414,103 @@ int qkv_quant_linear(const float* x, int64_t n_rows, int64_t n_in, const void* w
   return qkv_quant_linear_isa(x, n_rows, n_in, w, qtype, n_out, bias, y, n_threads, qkv_quant_path(qtype));
 }
 
+/* qkv_quant_dequantize_isa for a repacked Q8_0 / Q4_0 / Q5_0 matrix of n_rows rows (fmt the base
+ * format): each row of a group unpacked to the file's layout, then dequantized as there. */
+static int ql_dequantize_x16(const void* w, int fmt, int64_t n_rows, int64_t n_in, float* out, int n_threads,
+                             int isa) {
+  if (n_rows < 0 || n_in <= 0 || n_in % 32 != 0) return QL_ERR_SHAPE;
+  if (isa < QL_ISA_REF || isa > ql_best_isa()) return QL_ERR_ISA;
+  const ql_deq_fn deq = isa == QL_ISA_REF ? ql_deq_row_ref : ql_pick_deq_avx2(fmt);
+  const int64_t nb = n_in / 32, row_bytes = nb * ql_block_bytes(fmt), n_groups = n_rows / QL_IL;
+  const uint8_t* wb = (const uint8_t*)w;
+  int failed = 0;
+#pragma omp parallel num_threads(n_threads) if (n_rows * n_in >= 65536)
+  {
+    uint8_t* row = malloc((size_t)row_bytes);
+    if (!row) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n_rows; ++r) {
+      if (!row) continue;
+      if (r < n_groups * QL_IL) {
+        ql_x16_unpack_row(fmt, wb + r / QL_IL * QL_IL * row_bytes, nb, (int)(r % QL_IL), row);
+        deq(fmt, row, n_in, out + r * n_in);
+      } else {
+        deq(fmt, wb + r * row_bytes, n_in, out + r * n_in);
+      }
+    }
+    free(row);
+  }
+  return failed ? QL_ERR_MEMORY : QL_OK;
+}
+
+/* Rows of a Q8_0 / Q4_0 / Q5_0 matrix (n_rows rows of n_in weights, format fmt) between the
+ * file's layout and the sixteen-row one, in place (qkv.quant.repack defines the same byte
+ * permutation in torch; this is the fast one): pack 1 file -> x16, 0 x16 -> file. Returns 0, or
+ * QL_ERR_QTYPE, QL_ERR_SHAPE, QL_ERR_MEMORY. */
+int qkv_quant_repack(void* w, int fmt, int64_t n_rows, int64_t n_in, int pack, int n_threads) {
+  if (!ql_is_x16(fmt | QL_X16)) return QL_ERR_QTYPE;
+  if (n_rows < 0 || n_in <= 0 || n_in % 32 != 0) return QL_ERR_SHAPE;
+  const int64_t nb = n_in / 32, bytes = ql_block_bytes(fmt), row_bytes = nb * bytes, group = QL_IL * row_bytes;
+  const int64_t qs = ql_qs_in_row(fmt), at = ql_qs_in_group(fmt);
+  uint8_t* wb = (uint8_t*)w;
+  int failed = 0;
+#pragma omp parallel num_threads(n_threads) if (n_rows * row_bytes >= (1 << 20))
+  {
+    uint8_t* tmp = malloc((size_t)group);
+    if (!tmp) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < n_rows / QL_IL; ++g) {
+      if (!tmp) continue;
+      uint8_t* src = wb + g * group;
+      memcpy(tmp, src, (size_t)group);
+      for (int i = 0; i < QL_IL; ++i)
+        for (int64_t b = 0; b < nb; ++b) {
+          /* row i's block b in the file's layout (f) and in the group's (x); tmp holds the source */
+          uint8_t* f = (pack ? tmp : src) + i * row_bytes + b * bytes;
+          uint8_t* x = (pack ? src : tmp) + b * QL_IL * bytes;
+          if (pack) {
+            memcpy(x + 2 * i, f, 2);
+            if (fmt == QL_Q5_0) memcpy(x + 32 + 4 * i, f + 2, 4);
+            for (int64_t c = 0; c < (bytes - qs) / 4; ++c) memcpy(x + at + 64 * c + 4 * i, f + qs + 4 * c, 4);
+          } else {
+            memcpy(f, x + 2 * i, 2);
+            if (fmt == QL_Q5_0) memcpy(f + 2, x + 32 + 4 * i, 4);
+            for (int64_t c = 0; c < (bytes - qs) / 4; ++c) memcpy(f + qs + 4 * c, x + at + 64 * c + 4 * i, 4);
+          }
+        }
+    }
+    free(tmp);
+  }
+  return failed ? QL_ERR_MEMORY : QL_OK;
+}
+
+/* Rows idx[0..n) (negative: from the end) of a matrix of n_rows rows (kernel type code: a gguf
+ * id, or a repacked one) in the file's layout, into out (n, row_bytes): an embedding lookup. Returns 0, or
+ * QL_ERR_QTYPE, QL_ERR_SHAPE (n_in not whole blocks, an index outside 0..n_rows). */
+int qkv_quant_rows(const void* w, int code, int64_t n_rows, int64_t n_in, const int64_t* idx, int64_t n,
+                   uint8_t* out) {
+  const int fmt = code & 0xFF, x16 = ql_is_x16(code);
+  if (!x16 && (code & ~0xFF || ql_family(fmt) == QL_FAMILY_NONE)) return QL_ERR_QTYPE;
+  if (n_in <= 0 || n_in % ql_block_size(fmt) != 0) return QL_ERR_SHAPE;
+  const int64_t row_bytes = n_in / ql_block_size(fmt) * ql_block_bytes(fmt), full = x16 ? n_rows / QL_IL * QL_IL : 0;
+  const uint8_t* wb = (const uint8_t*)w;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t r = idx[k] < 0 ? idx[k] + n_rows : idx[k]; /* negative: from the end, as torch indexes */
+    if (r < 0 || r >= n_rows) return QL_ERR_SHAPE;
+    if (r < full)
+      ql_x16_unpack_row(fmt, wb + r / QL_IL * QL_IL * row_bytes, n_in / 32, (int)(r % QL_IL), out + k * row_bytes);
+    else
+      memcpy(out + k * row_bytes, wb + r * row_bytes, (size_t)row_bytes);
+  }
+  return QL_OK;
+}
+
 /* n_rows weight rows of n_in weights each (w: n_rows * row_bytes bytes of format qtype) as
  * fp32 into out (n_rows, n_in), through one path (isa as qkv_quant_isa numbers it; AVX-512
  * CPUs take the AVX2 code: storing the floats, not decoding, bounds this). Bitwise the same
@@ -379,6 +518,7 @@ int qkv_quant_linear(const float* x, int64_t n_rows, int64_t n_in, const void* w
  * (n_rows < 0, or n_in not a positive multiple of the block size), QL_ERR_ISA. */
 int qkv_quant_dequantize_isa(const void* w, int qtype, int64_t n_rows, int64_t n_in, float* out, int n_threads,
                              int isa) {
+  if (ql_is_x16(qtype)) return ql_dequantize_x16(w, qtype & 0xFF, n_rows, n_in, out, n_threads, isa);
   if (ql_family(qtype) == QL_FAMILY_NONE && qtype != QL_F32) return QL_ERR_QTYPE;
   const int64_t block = qtype == QL_F32 ? 1 : ql_block_size(qtype);
   if (n_rows < 0 || n_in <= 0 || n_in % block != 0) return QL_ERR_SHAPE;

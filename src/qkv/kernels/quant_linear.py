@@ -40,7 +40,16 @@ _path = native.Kernel("quant_linear", "qkv_quant_path", [ctypes.c_int], ctypes.c
 _deq_args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
 _dequantize = native.Kernel("quant_linear", "qkv_quant_dequantize", _deq_args, ctypes.c_int)
 _dequantize_isa = native.Kernel("quant_linear", "qkv_quant_dequantize_isa", _deq_args + [ctypes.c_int], ctypes.c_int)
+_shape = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]  # type, n_rows, n_in
+_repack = native.Kernel("quant_linear", "qkv_quant_repack", [ctypes.c_void_p, *_shape, ctypes.c_int, ctypes.c_int])
+_rows_args = [ctypes.c_void_p, *_shape, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+_rows = native.Kernel("quant_linear", "qkv_quant_rows", _rows_args, ctypes.c_int)
 DEQUANTIZE_FORMATS = (*FORMATS, GGMLQuantizationType.F32)
+# a gguf type code plus this flag: Q8_0 / Q4_0 / Q5_0 rows repacked sixteen at a time (qkv.quant.repack,
+# kernels/quant_linear_x16.c); `linear`, `tiled_linear` and `dequantize` take these codes too
+REPACKED = 0x100
+INTERLEAVE = 16  # weight rows per repacked group
+REPACKED_FORMATS = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0)
 _ERRORS = {
     1: "unsupported quantization type",
     2: "bad shape: n_in must be a multiple of the block size and rows at most 64",
@@ -59,6 +68,27 @@ def qtype_of(qtype: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
     return GGMLQuantizationType(int(qtype))
 
 
+def kernel_type(qtype: str | int | GGMLQuantizationType, repacked: bool = False) -> int:
+    """The type code the C kernels take for rows of this format: the gguf id, or with
+    `repacked` (Q8_0 / Q4_0 / Q5_0 only) the id of the sixteen-row layout."""
+    qt = qtype_of(qtype)
+    if not repacked:
+        return int(qt)
+    if qt not in REPACKED_FORMATS:
+        raise ValueError(f"{qt.name} has no repacked layout: only Q8_0, Q4_0 and Q5_0 do")
+    return REPACKED | int(qt)
+
+
+def _code_info(qtype, formats) -> tuple[int, GGMLQuantizationType, int, int] | None:
+    """(kernel code, gguf format, block size, block bytes) of a caller's qtype (a name, a gguf
+    type, or a kernel code with the REPACKED flag), or None for a format not in `formats`."""
+    if isinstance(qtype, int) and not isinstance(qtype, GGMLQuantizationType) and qtype & REPACKED:
+        qt = GGMLQuantizationType(qtype & ~REPACKED)
+        return (qtype, qt, *GGML_QUANT_SIZES[qt]) if qt in REPACKED_FORMATS else None
+    qt = qtype_of(qtype)
+    return (int(qt), qt, *GGML_QUANT_SIZES[qt]) if qt in formats else None
+
+
 def supported(qtype: str | int | GGMLQuantizationType) -> bool:
     """Whether the kernel multiplies this format directly (independent of this machine)."""
     try:
@@ -68,13 +98,17 @@ def supported(qtype: str | int | GGMLQuantizationType) -> bool:
 
 
 def isa(qtype: str | int | GGMLQuantizationType | None = None) -> str:
-    """The newest path this CPU runs ('avx512', 'avx2'), or with a format the path `linear`
-    takes for it (the 32-weight formats stay on AVX2 code: it is faster there); 'off' where
+    """The newest path this CPU runs ('avx512', 'avx2'), or with a format (or a kernel_type
+    code) the path `linear` takes for it (the 32-weight formats in the file's layout stay on
+    AVX2 code: it is faster there; repacked rows take the newest); 'off' where
     the kernels are disabled, unbuilt or the CPU lacks AVX2."""
     best, path = _best_isa.get(), _path.get()
     if best is None or path is None:
         return "off"
-    return ISAS[best() if qtype is None else path(int(qtype_of(qtype)))]
+    if qtype is None:
+        return ISAS[best()]
+    repacked = isinstance(qtype, int) and not isinstance(qtype, GGMLQuantizationType) and qtype & REPACKED
+    return ISAS[path(qtype if repacked else int(qtype_of(qtype)))]
 
 
 def row_bytes(n_in: int, qtype: str | int | GGMLQuantizationType) -> int:
@@ -103,15 +137,14 @@ def _applies(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None) -
     return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.is_contiguous())
 
 
-_formats: dict = {}  # the caller's qtype (str, int or enum) -> (enum, block size, block bytes), or None
+_formats: dict = {}  # the caller's qtype (str, int or enum) -> _code_info's tuple, or None
 
 
-def _format(qtype) -> tuple[GGMLQuantizationType, int, int] | None:
+def _format(qtype) -> tuple[int, GGMLQuantizationType, int, int] | None:
     """Decode calls this for every matrix of every step: look the type up once."""
     info = _formats.get(qtype, False)
     if info is False:
-        qt = qtype_of(qtype)
-        info = _formats[qtype] = (qt, *GGML_QUANT_SIZES[qt]) if qt in FORMATS else None
+        info = _formats[qtype] = _code_info(qtype, FORMATS)
     return info
 
 
@@ -121,7 +154,7 @@ def _run(x, blocks, qtype, bias, isa: str | None) -> torch.Tensor | None:
     kernel = _linear if isa is None else _linear_isa
     if info is None or not _applies(x, blocks, bias) or kernel.get() is None:
         return None
-    qt, block, size = info
+    code, qt, block, size = info
     n_in, n_out = x.shape[-1], blocks.shape[0]
     if n_in % block or blocks.shape[1] != n_in // block * size:
         raise ValueError(
@@ -132,7 +165,7 @@ def _run(x, blocks, qtype, bias, isa: str | None) -> torch.Tensor | None:
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match {n_out} outputs")
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n_out)
-    args = [x.data_ptr(), x.numel() // n_in, n_in, blocks.data_ptr(), int(qt), n_out]
+    args = [x.data_ptr(), x.numel() // n_in, n_in, blocks.data_ptr(), code, n_out]
     args += [None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads()]
     status = kernel.get()(*args) if isa is None else kernel.get()(*args, ISAS.index(isa))
     if status:
@@ -156,7 +189,7 @@ def dequantize(
     info, fn = _deq_format(qtype), (_dequantize if isa is None else _dequantize_isa).get()
     if fn is None or info is None:
         return None
-    qt, _, _ = info
+    code = info[0]
     _check_blocks(blocks, info, n_in)
     if isinstance(rows, range):
         start, stop, step = rows.start, rows.stop, rows.step
@@ -164,33 +197,73 @@ def dequantize(
         start, stop, step = (rows or slice(None)).indices(blocks.shape[0])
     if step != 1 or not 0 <= start <= stop <= blocks.shape[0]:
         raise ValueError(f"rows {rows} are not a step-1 range inside 0..{blocks.shape[0]}: pass slice(start, stop)")
+    _check_groups(code, start, stop, blocks.shape[0])
     n = stop - start
     if out is None:
         out = torch.empty(n * n_in)
     elif out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n * n_in:
         raise ValueError(f"out must be a contiguous fp32 CPU tensor of at least {n * n_in} elements")
     result = out.view(-1)[: n * n_in].view(n, n_in)
-    _dequantize_rows(fn, blocks, qt, n_in, start, result, None if isa is None else ISAS.index(isa))
+    _dequantize_rows(fn, blocks, code, n_in, start, result, None if isa is None else ISAS.index(isa))
     return result
 
 
-_deq_formats: dict = {}  # the caller's qtype -> (enum, block size, block bytes), or None: what dequantize reads
+_deq_formats: dict = {}  # the caller's qtype -> _code_info's tuple, or None: what dequantize reads
 
 
-def _deq_format(qtype) -> tuple[GGMLQuantizationType, int, int] | None:
+def _deq_format(qtype) -> tuple[int, GGMLQuantizationType, int, int] | None:
     """A prefill calls this for every matrix: look the type up once."""
     info = _deq_formats.get(qtype, False)
     if info is False:
-        qt = qtype_of(qtype)
-        info = _deq_formats[qtype] = (qt, *GGML_QUANT_SIZES[qt]) if qt in DEQUANTIZE_FORMATS else None
+        info = _deq_formats[qtype] = _code_info(qtype, DEQUANTIZE_FORMATS)
     return info
 
 
-def _check_blocks(blocks: torch.Tensor, info: tuple[GGMLQuantizationType, int, int], n_in: int) -> None:
+def repack_rows(blocks: torch.Tensor, qtype: str | int | GGMLQuantizationType, pack: bool) -> bool:
+    """Q8_0 / Q4_0 / Q5_0 rows (contiguous uint8 CPU (n_rows, row_bytes)) between the file's
+    layout and the sixteen-row one in place natively (pack: to it); False where the kernels
+    are off (qkv.quant.repack does it in torch then)."""
+    fn, qt = _repack.get(), qtype_of(qtype)
+    if fn is None or blocks.device.type != "cpu" or qt not in REPACKED_FORMATS:
+        return False
+    n_in = blocks.shape[1] // GGML_QUANT_SIZES[qt][1] * 32
+    status = fn(blocks.data_ptr(), int(qt), blocks.shape[0], n_in, int(pack), torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"qkv_quant_repack failed: {_ERRORS.get(status, status)}")
+    return True
+
+
+def rows(blocks: torch.Tensor, code: int, n_in: int, idx: torch.Tensor) -> torch.Tensor | None:
+    """Rows idx (int indices, any shape, negative from the end) of blocks laid out as kernel type
+    `code`, in the file's layout: (*idx.shape, row_bytes) uint8. None where the kernels are off."""
+    fn = _rows.get()
+    if fn is None or blocks.device.type != "cpu":
+        return None
+    flat = idx.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.numel(), blocks.shape[1], dtype=torch.uint8)
+    status = fn(blocks.data_ptr(), code, blocks.shape[0], n_in, flat.data_ptr(), flat.numel(), out.data_ptr())
+    if status == 2:
+        raise IndexError(f"row index out of range for {blocks.shape[0]} rows")
+    if status:
+        raise RuntimeError(f"qkv_quant_rows failed: {_ERRORS.get(status, status)}")
+    return out.view(*idx.shape, blocks.shape[1])
+
+
+def _check_groups(code: int, start: int, stop: int, n_rows: int) -> None:
+    """Repacked rows are read a group at a time: a range must start on a group and end on one
+    or at the last row (the tail after the last group is in the file's layout)."""
+    if code & REPACKED and (start % INTERLEAVE or (stop % INTERLEAVE and stop != n_rows)):
+        raise ValueError(
+            f"rows {start}..{stop} of repacked blocks cut a sixteen-row group: start and stop on multiples of 16 "
+            "(or stop at the last row), or unpack the rows with qkv.quant.repack.rows"
+        )
+
+
+def _check_blocks(blocks: torch.Tensor, info: tuple[int, GGMLQuantizationType, int, int], n_in: int) -> None:
     if blocks.dtype != torch.uint8 or blocks.device.type != "cpu" or blocks.dim() != 2 or not blocks.is_contiguous():
         got = f"{blocks.dtype} {tuple(blocks.shape)} on {blocks.device}"
         raise ValueError(f"blocks must be a contiguous uint8 CPU tensor (n_out, row_bytes), got {got}")
-    qt, block, size = info
+    _, qt, block, size = info
     if n_in % block or blocks.shape[1] != n_in // block * size:
         raise ValueError(
             f"weight rows of {blocks.shape[1]} bytes do not hold {n_in} {qt.name} weights "
@@ -198,12 +271,12 @@ def _check_blocks(blocks: torch.Tensor, info: tuple[GGMLQuantizationType, int, i
         )
 
 
-def _dequantize_rows(fn, blocks, qt: GGMLQuantizationType, n_in: int, start: int, out: torch.Tensor, isa: int | None):
+def _dequantize_rows(fn, blocks, code: int, n_in: int, start: int, out: torch.Tensor, isa: int | None):
     """Rows start..start + len(out) of checked blocks into out (n, n_in) through the C function fn."""
     if not out.shape[0]:
         return
     at = blocks.data_ptr() + start * blocks.shape[1]  # contiguous uint8: a row is shape[1] bytes
-    args = [at, int(qt), out.shape[0], n_in, out.data_ptr(), torch.get_num_threads()]
+    args = [at, code, out.shape[0], n_in, out.data_ptr(), torch.get_num_threads()]
     status = fn(*args) if isa is None else fn(*args, isa)
     if status:
         raise RuntimeError(f"qkv_quant_dequantize failed: {_ERRORS.get(status, status)}")
@@ -233,8 +306,10 @@ def tiled_linear(
         return None
     if tile_rows < 1:
         raise ValueError(f"tile_rows must be positive, got {tile_rows}")
-    qt, n_in, n_out = info[0], x.shape[-1], blocks.shape[0]
+    code, n_in, n_out = info[0], x.shape[-1], blocks.shape[0]
     _check_blocks(blocks, info, n_in)
+    if code & REPACKED:
+        tile_rows = max(INTERLEAVE, tile_rows // INTERLEAVE * INTERLEAVE)  # whole groups
     if bias is not None and bias.shape != (n_out,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match {n_out} outputs")
     rows = x.reshape(-1, n_in)
@@ -244,7 +319,7 @@ def tiled_linear(
         for start in range(0, n_out, tile_rows):
             stop = min(start + tile_rows, n_out)
             w = scratch[: (stop - start) * n_in].view(stop - start, n_in)
-            _dequantize_rows(fn, blocks, qt, n_in, start, w, None)
+            _dequantize_rows(fn, blocks, code, n_in, start, w, None)
             if bias is None:
                 torch.mm(rows, w.t(), out=y[:, start:stop])
             else:

@@ -28,16 +28,68 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qkv.kernels import quant_linear
+from qkv.quant import repack
 from qkv.quant.formats import block_format, dequantize, quantize
 
 
-def _dequantize_all(blocks: torch.Tensor, qtype: str, n_cols: int) -> torch.Tensor:
-    """The whole (rows, n_cols) fp32 matrix: the native kernel where it reads these blocks, else torch."""
+def _dequantize_all(blocks: torch.Tensor, qtype: str, n_cols: int, code: int) -> torch.Tensor:
+    """The whole (rows, n_cols) fp32 matrix of blocks in format qtype, laid out as kernel type
+    `code` says (quant_linear.kernel_type): the native kernel where it reads these blocks, else torch."""
     if blocks.device.type == "cpu" and blocks.is_contiguous() and blocks.dim() == 2:
-        w = quant_linear.dequantize(blocks, qtype, n_cols)
+        w = quant_linear.dequantize(blocks, code, n_cols)
         if w is not None:
             return w
-    return dequantize(blocks, qtype, n_cols)
+    return dequantize(repack.unpacked(blocks, qtype) if code & quant_linear.REPACKED else blocks, qtype, n_cols)
+
+
+class _Repackable(nn.Module):
+    """The `blocks` buffer of a quantized module, in the file's layout or (Q8_0 / Q4_0 / Q5_0, after
+    `repack()`) sixteen rows interleaved for the native decode kernel (qkv.quant.repack).
+    `kernel_type` is the code every kernel call passes; `gguf_blocks()` the file's bytes. A
+    state dict always holds the file's layout, and loading one repacks it again."""
+
+    blocks: torch.Tensor
+    qtype: str
+    repacked: bool = False
+    _borrowed: bool = False  # blocks wrap bytes the module does not own (from_blocks): never written
+
+    @property
+    def kernel_type(self) -> int:
+        return quant_linear.kernel_type(self.qtype, self.repacked)
+
+    def repack(self) -> bool:
+        """Interleave the rows in place where the sixteen-row kernel applies (Q8_0 / Q4_0 / Q5_0, CPU,
+        at least 16 rows, bytes this module owns, QKV_REPACK not 0); whether they are now repacked."""
+        b = self.blocks
+        if not self.repacked and not self._borrowed and repack.enabled() and b.device.type == "cpu":
+            if repack.repackable(self.qtype, b.shape[0]) and b.is_contiguous():
+                repack.repack_(b, self.qtype)
+                self.repacked = True
+                self.blocks = b  # re-registered: views that cached the old layout's type code (fused decode) rebuild
+        return self.repacked
+
+    def unpack(self) -> None:
+        """Back to the file's layout, in place."""
+        if self.repacked:
+            repack.unpack_(self.blocks, self.qtype)
+            self.repacked = False
+            self.blocks = self.blocks  # re-registered, as in repack()
+
+    def gguf_blocks(self) -> torch.Tensor:
+        """The rows in the file's layout: the buffer itself, or an unpacked copy."""
+        return repack.unpacked(self.blocks, self.qtype) if self.repacked else self.blocks
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.repacked and prefix + "blocks" in destination:
+            destination[prefix + "blocks"] = self.gguf_blocks()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        was = self.repacked
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        if was and prefix + "blocks" in state_dict:  # the buffer now holds the state's file layout
+            self.repacked = False
+            self.repack()
 
 
 # fp32 elements of W dequantized at a time by a frozen quantized linear's autograd path
@@ -52,13 +104,13 @@ class _FrozenQuantMatmul(torch.autograd.Function):
     stays at the quantized size plus one tile instead of a full fp32 copy of every layer."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, qtype: str, n_cols: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, qtype: str, n_cols: int, code: int) -> torch.Tensor:
         ctx.save_for_backward(blocks)
-        ctx.qtype, ctx.n_cols = qtype, n_cols
-        y = quant_linear.tiled_linear(x, blocks, qtype)
+        ctx.qtype, ctx.n_cols, ctx.code = qtype, n_cols, code
+        y = quant_linear.tiled_linear(x, blocks, code)
         if y is None:
             out = torch.empty(*x.shape[:-1], blocks.shape[0], dtype=x.dtype, device=x.device)
-            for r0, w in _weight_tiles(blocks, qtype, n_cols, x.dtype):
+            for r0, w in _weight_tiles(blocks, qtype, n_cols, x.dtype, code):
                 out[..., r0 : r0 + w.shape[0]] = x @ w.T
             y = out
         return y
@@ -67,20 +119,22 @@ class _FrozenQuantMatmul(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         (blocks,) = ctx.saved_tensors
         grad_x = None
-        for r0, w in _weight_tiles(blocks, ctx.qtype, ctx.n_cols, grad_y.dtype):
+        for r0, w in _weight_tiles(blocks, ctx.qtype, ctx.n_cols, grad_y.dtype, ctx.code):
             part = grad_y[..., r0 : r0 + w.shape[0]] @ w
             grad_x = part if grad_x is None else grad_x.add_(part)
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
 
 
-def _weight_tiles(blocks: torch.Tensor, qtype: str, n_cols: int, dtype: torch.dtype):
-    """(first row, dequantized rows) of W, GRAD_TILE_ELEMENTS at a time."""
-    rows = max(1, GRAD_TILE_ELEMENTS // n_cols)
+def _weight_tiles(blocks: torch.Tensor, qtype: str, n_cols: int, dtype: torch.dtype, code: int):
+    """(first row, dequantized rows) of W, GRAD_TILE_ELEMENTS at a time (whole sixteen-row
+    groups where the rows are repacked)."""
+    step = repack.INTERLEAVE if code & quant_linear.REPACKED else 1
+    rows = max(step, GRAD_TILE_ELEMENTS // n_cols // step * step)
     for r0 in range(0, blocks.shape[0], rows):
-        yield r0, _dequantize_all(blocks[r0 : r0 + rows], qtype, n_cols).to(dtype)
+        yield r0, _dequantize_all(blocks[r0 : r0 + rows], qtype, n_cols, code).to(dtype)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(_Repackable):
     """y = x @ W.T + b with W held as GGUF blocks of format `qtype`."""
 
     blocks: torch.Tensor
@@ -107,13 +161,13 @@ class QuantLinear(nn.Module):
     def from_blocks(cls, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None):
         """Wrap GGUF bytes (out_features, row_bytes) as they are (no copy)."""
         q = cls(in_features, blocks.shape[0], qtype, bias=False, device=torch.device("meta"))
-        q.blocks = blocks
+        q.blocks, q._borrowed = blocks, True
         q.bias = None if bias is None else nn.Parameter(bias.float())
         dequantize(blocks[:0], q.qtype, in_features)  # the row width check
         return q
 
     def dequantized_weight(self) -> torch.Tensor:
-        return _dequantize_all(self.blocks, self.qtype, self.in_features)
+        return _dequantize_all(self.blocks, self.qtype, self.in_features, self.kernel_type)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -122,11 +176,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:  # training through a frozen quantized layer
-            y = _FrozenQuantMatmul.apply(x, self.blocks, self.qtype, self.in_features)
+            y = _FrozenQuantMatmul.apply(x, self.blocks, self.qtype, self.in_features, self.kernel_type)
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        y = quant_linear.linear(x, self.blocks, self.qtype, self.bias)  # decode: <= 64 rows, int8 x
+        code = self.kernel_type
+        y = quant_linear.linear(x, self.blocks, code, self.bias)  # decode: <= 64 rows, int8 x
         if y is None:
-            y = quant_linear.tiled_linear(x, self.blocks, self.qtype, self.bias)  # prefill: fp32 GEMM per tile
+            y = quant_linear.tiled_linear(x, self.blocks, code, self.bias)  # prefill: fp32 GEMM per tile
         if y is not None:
             return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -137,7 +192,7 @@ class QuantLinear(nn.Module):
         return f"{shape}, qtype={self.qtype}, bias={self.bias is not None}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_Repackable):
     """Token embedding table held as GGUF blocks; a lookup dequantizes only the rows it reads."""
 
     blocks: torch.Tensor
@@ -159,12 +214,12 @@ class QuantEmbedding(nn.Module):
     def from_blocks(cls, blocks: torch.Tensor, qtype: str, embedding_dim: int) -> QuantEmbedding:
         """Wrap GGUF bytes (num_embeddings, row_bytes) as they are (no copy)."""
         q = cls(blocks.shape[0], embedding_dim, qtype, device=torch.device("meta"))
-        q.blocks = blocks
+        q.blocks, q._borrowed = blocks, True
         dequantize(blocks[:0], q.qtype, embedding_dim)  # the row width check
         return q
 
     def dequantized_weight(self) -> torch.Tensor:
-        return _dequantize_all(self.blocks, self.qtype, self.embedding_dim)
+        return _dequantize_all(self.blocks, self.qtype, self.embedding_dim, self.kernel_type)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -173,14 +228,15 @@ class QuantEmbedding(nn.Module):
         return self.dequantized_weight()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return dequantize(self.blocks[idx], self.qtype, self.embedding_dim)
+        rows = repack.rows(self.blocks, self.qtype, idx) if self.repacked else self.blocks[idx]
+        return dequantize(rows, self.qtype, self.embedding_dim)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """h @ table.T, the logits of a tied output head, for any number of rows: a tile of the
         table dequantized at a time (quant_linear.tiled_linear), or the whole table where that
         does not apply. Never rounds h to int8, so a row's logits depend on its batch only
         through the GEMM's float rounding; decode's few rows take quant_linear.linear instead."""
-        y = quant_linear.tiled_linear(h, self.blocks, self.qtype)
+        y = quant_linear.tiled_linear(h, self.blocks, self.kernel_type)
         return y if y is not None else F.linear(h, self.dequantized_weight().to(h.dtype))
 
     def extra_repr(self) -> str:
@@ -212,3 +268,9 @@ def quantize_model(
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
     return model
+
+
+def repack_model(model: nn.Module) -> int:
+    """Repack (in place) every quantized module's rows that the sixteen-row kernel reads, for
+    decode on this CPU (QKV_REPACK=0: none); how many were repacked."""
+    return sum(m.repack() for m in model.modules() if isinstance(m, _Repackable) and not m.repacked)
