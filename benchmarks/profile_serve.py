@@ -6,9 +6,12 @@ requests, prompts of 8-64 words, 64 tokens, ignore_eos) at 16 clients and at 1 c
 /metrics (steps, time inside steps) before and after each level. Each thread's samples are
 sorted into stages by the innermost frame that names one (the rules are STAGES below) and
 turned into milliseconds per engine step: a thread's share of samples in a stage times the
-level's wall time over its steps.
+level's wall time over its steps. First, the time to first token the same way: the same
+requests one at a time, each asking for one token, so each thread's samples split a request's
+whole time by stage, beside the same prompts' first token through the engine in-process.
 
     python benchmarks/profile_serve.py ~/.cache/qkv-bench/smollm2-135m-instruct-q8_0.gguf
+    python benchmarks/profile_serve.py FILE.gguf --first-token   # only the time-to-first-token part
 
 py-spy samples wall time: a frame waiting for the GIL or for a CPU counts where it waits
 (a torch op that waits to re-take the GIL shows as "forward"). The in-process row (the
@@ -39,7 +42,13 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 # (thread, stage, pattern on py-spy's "Class.function (path:line)"): a sample's stage is named by
 # its innermost frame that matches one of its thread's patterns
 STAGES = [
-    ("engine", "forward (model compute)", r"^Engine\._(forward|score_prompt) \("),
+    # model compute, split: the weight products (native fp32 or quantized kernels: a prefill's rows,
+    # the logits), the paged cache's attention (it lives in paged.py beside the block allocator),
+    # the fused decode blocks (one C call per block) and the rest of the model's forward
+    ("engine", "forward: linears", r"\(qkv/kernels/(quant_linear|cpu_linear)\.py|^(QuantLinear|NativeLinear)\."),
+    ("engine", "forward: attention", r"^PagedKVCache\.|^Attention\.forward \("),
+    ("engine", "forward: fused decode blocks", r"\(qkv/infer/fused_decode\.py"),
+    ("engine", "forward: other", r"^Engine\._(forward|score_prompt) \("),
     ("engine", "scheduling + KV blocks", r"\(qkv/infer/(scheduler|paged)\.py"),
     ("engine", "detokenize + stop strings", r"\(qkv/infer/(detokenize|stop_strings)\.py|^Engine\._output \("),
     ("engine", "sampling", r"^Engine\._(sample_and_emit|sample|append|apply_grammar|finish) \("),
@@ -125,6 +134,80 @@ def profile_level(url: str, name: str, pid: int, items: list[dict], clients: int
     )
 
 
+def profile_first_token(url: str, name: str, pid: int, items: list[dict], out: Path) -> dict:
+    """One client, each request asking for one token, so a request's whole time is its time to
+    first token: the py-spy samples of that level are each thread's milliseconds per request."""
+    first = [dict(it, max_tokens=1) for it in items]
+    before = httpx.get(url + "/metrics").text
+    spy = subprocess.Popen(
+        [PY_SPY, "record", "--pid", str(pid), "--threads", "--idle", "--nonblocking"]
+        + ["--rate", "200", "--format", "raw", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    results, wall = asyncio.run(run_level(url, name, first, 1))
+    spy.send_signal(2)
+    spy.wait(30)
+    after = httpx.get(url + "/metrics").text
+    ok = sorted(r.ttft for r in results if r.ok)
+    in_step = metric(after, "qkv_engine_step_seconds") - metric(before, "qkv_engine_step_seconds")
+    return dict(
+        requests=len(first),
+        failed=len(first) - len(ok),
+        wall=wall,
+        ttft_p50=1000 * ok[len(ok) // 2] if ok else float("nan"),
+        ttft_mean=1000 * sum(ok) / len(ok) if ok else float("nan"),
+        ms_in_step=1000 * in_step / len(first),
+        samples=read_raw(out),
+    )
+
+
+def in_process_first_token(path: str, items: list[dict], threads: int) -> float:
+    """Median ms from add_request to the first token through Engine.step in this process (no HTTP)."""
+    import torch
+
+    from qkv.commands.serve import load_for_serving
+    from qkv.infer.engine import Engine
+    from qkv.infer.sampling import SamplingParams
+
+    torch.set_num_threads(threads)
+    model, tok = load_for_serving(path)
+    engine = Engine(model, tok, max_num_seqs=16)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.generate([tok.encode(items[0]["prompt"])], params)
+    times = []
+    for it in items:
+        ids = tok.encode(it["prompt"], add_special=True)
+        t0 = time.perf_counter()
+        engine.add_request(ids, params)
+        while engine.has_unfinished():
+            engine.step()
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def report_first_token(level: dict, in_process_ms: float) -> str:
+    per = level["wall"] / level["requests"]
+    lines = [
+        f"### time to first token, 1 client, {level['requests']} requests of one token ({level['failed']} failed): "
+        f"p50 {level['ttft_p50']:.1f} ms, mean {level['ttft_mean']:.1f} ms at the client; "
+        f"{level['ms_in_step']:.1f} ms per request inside engine.step(); "
+        f"in-process add_request to first token (no HTTP): p50 {in_process_ms:.1f} ms",
+        "",
+        "| thread | stage | share of the thread's samples | ms per request |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("engine", "main", "worker"):
+        counts = level["samples"].get(kind)
+        if not counts:
+            continue
+        total = sum(counts.values())
+        for stage, n in counts.most_common():
+            lines.append(f"| {kind} | {stage} | {100 * n / total:.1f}% | {1000 * per * n / total:.1f} |")
+    return "\n".join(lines)
+
+
 def in_process(path: str, items: list[dict], clients: int, threads: int) -> dict:
     """The same requests through Engine.generate, `clients` at a time: ms per step, no HTTP."""
     import torch
@@ -175,6 +258,9 @@ def main() -> None:
     ap.add_argument("--levels", default="16,1")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--keep", default=None, help="keep py-spy's raw samples in this directory")
+    ap.add_argument(
+        "--first-token", action="store_true", help="only the time-to-first-token breakdown (1 client, 1 token each)"
+    )
     args = ap.parse_args()
     from _serve_helpers import free_port
 
@@ -189,11 +275,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             keep = Path(args.keep or tmp)
             keep.mkdir(parents=True, exist_ok=True)
-            for c in levels:
+            first = profile_first_token(url, "m", proc.pid, items, keep / "first.txt")
+            for c in [] if args.first_token else levels:
                 measured.append(profile_level(url, "m", proc.pid, items, c, keep / f"c{c}.txt"))
     finally:
         stop(proc)
     print(f"{args.gguf}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}\n")
+    print(report_first_token(first, in_process_first_token(args.gguf, items, args.threads)) + "\n", flush=True)
     for level in measured:
         print(report(level) + "\n", flush=True)
     for level in measured:

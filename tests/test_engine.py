@@ -182,7 +182,7 @@ def test_abort_frees_blocks_and_reports(model, tok):
 def test_eos_finishes_with_stop_unless_ignored(model, tok):
     eng = Engine(model, tok, block_size=4, num_blocks=64)
     ref = eng.generate([[5, 6]], greedy(40))[0][0].token_ids
-    eng.eos_id = ref[3]  # pretend a token the model emits early is the tokenizer's eos
+    eng.end_ids = frozenset({ref[3]})  # pretend a token the model emits early ends generation
     k = ref.index(ref[3])
     r = eng.generate([[5, 6]], SamplingParams(max_tokens=40, temperature=0))[0][0]
     assert r.token_ids == ref[: k + 1] and r.finish_reason == "stop"

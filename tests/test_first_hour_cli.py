@@ -199,7 +199,7 @@ def test_stop_reasons():
     from qkv.commands.generate import stop_reason
 
     class Tok:
-        eos_id = 7
+        end_ids = frozenset({7, 9})  # eos and another end token (an end of turn)
 
     plain, with_stop = SamplingParams(), SamplingParams(stop=["\n"])
     assert stop_reason("length", 3, 20, 48, plain, Tok) == "length"
@@ -207,6 +207,7 @@ def test_stop_reasons():
     assert stop_reason("stop", 7, 20, 48, plain, Tok) == "eos"
     assert stop_reason("stop", 3, 20, 48, with_stop, Tok) == "stop"
     assert stop_reason("stop", 7, 20, 48, with_stop, Tok) == "eos"
+    assert stop_reason("stop", 9, 20, 48, with_stop, Tok) == "eos"
 
 
 def test_the_repl_has_help_and_reset_never_sent_to_the_model_and_marks_cut_replies(capsys, monkeypatch, tiny_dir):

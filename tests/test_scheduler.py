@@ -32,7 +32,7 @@ def reference(prompt: list[int], p: SamplingParams) -> list[list[int]]:
         outs = []
         for i in range(p.n):
             q = SamplingParams(**{**p.__dict__, "n": 1, "seed": None if p.seed is None else p.seed + i})
-            outs.append(generate(MODEL, prompt, q, eos_id=None if p.ignore_eos else TOK.eos_id))
+            outs.append(generate(MODEL, prompt, q, eos_id=None if p.ignore_eos else TOK.end_ids))
         _REF[key] = outs
     return _REF[key]
 

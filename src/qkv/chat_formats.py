@@ -4,7 +4,7 @@ A base model's GGUF (Gemma 3 270M's, for one) often carries no `tokenizer.chat_t
 vocabulary holds the turn tokens its instruction-tuned sibling was trained with. `fallback` picks
 the format those tokens imply, so `qkv chat` and `qkv serve` can hold a conversation with it, and
 makes the format's end-of-turn token the tokenizer's end of sequence: a reply ends where the turn
-does (a base model's own end-of-document token then no longer stops generation; the callers say so).
+does, and at the file's own end-of-document token too (it stays among the tokenizer's end tokens).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def fallback(tok: Tokenizer) -> tuple[Tokenizer, str | None]:
         if all(tok.token_id(t) is not None for t in fmt.turn_tokens):
             chat = copy.copy(tok)  # shares the backend; the caller's tokenizer keeps its own settings
             chat.chat_template, chat.eos_token = fmt.template, fmt.end_of_turn
+            if tok.eos_token is not None and tok.eos_token != fmt.end_of_turn:
+                chat.end_tokens = (*tok.end_tokens, tok.eos_token)
             note = (
                 f"the model file has no chat template; its vocabulary has {fmt.name}'s turn tokens, so "
                 f"{fmt.name}'s turn format is used, and a reply ends at {fmt.end_of_turn}"

@@ -72,6 +72,15 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.token_id(self.pad_token)
 
+    # tokens other than eos that the model file declares as ending a reply (a GGUF's eot/eom
+    # ids, generation_config.json's eos_token_id list); set by the loaders
+    end_tokens: tuple[str, ...] = ()
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """Every token id that ends generation (see `end_of_generation_ids`)."""
+        return end_of_generation_ids(self)
+
     # --- text <-> ids --------------------------------------------------------------
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
@@ -212,7 +221,7 @@ class Tokenizer:
             template = (directory / "chat_template.jinja").read_text()
         if isinstance(template, list):  # transformers allows named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        return cls(
+        tok = cls(
             backend,
             chat_template=template,
             bos_token=_token_str(cfg.get("bos_token")),
@@ -220,6 +229,56 @@ class Tokenizer:
             pad_token=_token_str(cfg.get("pad_token")),
             add_bos=bool(cfg.get("add_bos_token", False)),
         )
+        tok.end_tokens = declared_end_tokens(directory, backend)
+        return tok
+
+
+# --- the tokens that end generation ---------------------------------------------------------
+GENERATION_CONFIG = "generation_config.json"
+
+
+def end_of_generation_ids(tok: Tokenizer) -> frozenset[int]:
+    """Every token id that ends a reply, the one set the engine, `qkv generate`/`chat`/`serve` and
+    eval stop on: eos, the end tokens the model file declares (`tok.end_tokens`) and the end of
+    turn of its chat format (the template's, else a known format's its vocabulary holds the turn
+    tokens of: Gemma's base file stops on <eos> and on <end_of_turn>). Worked out once per
+    tokenizer and kept while eos, the declared tokens and the template stay the same."""
+    key = (tok.eos_token, tok.end_tokens, tok.chat_template)
+    cached = tok.__dict__.get("_end_ids")
+    if cached is None or cached[0] != key:
+        names = (tok.eos_token, *tok.end_tokens, _chat_end_of_turn(tok))
+        cached = key, frozenset(i for i in map(tok.token_id, names) if i is not None)
+        tok.__dict__["_end_ids"] = cached
+    return cached[1]
+
+
+def _chat_end_of_turn(tok: Tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant reply, or None."""
+    from qkv import chat_formats  # imports this module
+
+    chat, _ = chat_formats.fallback(tok)
+    if not chat.chat_template:
+        return None
+    probe = "qkv0end0probe"
+    try:
+        text = chat.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
+    except Exception:  # a template that wants another conversation shape: no end of turn found
+        return None
+    after = text.split(probe, 1)[1].lstrip() if probe in text else ""
+    found = [s for s in chat._special_strings() if after.startswith(s)]
+    return max(found, key=len) if found else None
+
+
+def declared_end_tokens(directory: Path, backend: HFTokenizer) -> tuple[str, ...]:
+    """The end tokens generation_config.json's `eos_token_id` (an id or a list) names."""
+    path = directory / GENERATION_CONFIG
+    try:
+        ids = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+    except (ValueError, AttributeError):  # not a JSON object: nothing declared
+        return ()
+    ids = ids if isinstance(ids, list) else [ids]
+    names = (backend.id_to_token(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
+    return tuple(n for n in names if n is not None)
 
 
 # --- training a byte-level BPE tokenizer (qkv-trained models) -------------------------------

@@ -166,8 +166,8 @@ def stop_reason(finish_reason: str | None, last_token: int | None, total_tokens:
     string), length (--max-tokens reached) or context (the window is full)."""
     if finish_reason == "length":
         return "context" if total_tokens >= context else "length"
-    if finish_reason == "stop":  # the engine stops on eos and on the request's stop strings only
-        return "eos" if not params.stop or (last_token is not None and last_token == tok.eos_id) else "stop"
+    if finish_reason == "stop":  # the engine stops on the end tokens and on the request's stop strings only
+        return "eos" if not params.stop or (last_token is not None and last_token in tok.end_ids) else "stop"
     return finish_reason or "unknown"
 
 
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         if args.kv_dtype != "auto":
             raise ValueError("--draft keeps both models' caches in their weights' dtype; drop --kv-dtype or --draft")
         draft, _ = load(args.draft, args.dtype)
-        ids, stats = speculative_generate(model, draft, prompt, params, k=args.spec_k, eos_id=tok.eos_id)
+        ids, stats = speculative_generate(model, draft, prompt, params, k=args.spec_k, eos_id=tok.end_ids)
         out = tok.decode(ids, skip_special=True)
         cut = [s for s in params.stop if s in out]
         for s in params.stop:
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         print(out)
         n_out = len(ids)
         last = ids[-1] if ids else None
-        finish = "stop" if cut or (last is not None and last == tok.eos_id) else "length"
+        finish = "stop" if cut or (last is not None and last in tok.end_ids) else "length"
         reasons.append(stop_reason(finish, last, len(prompt) + n_out, context, params, tok))
         extra = f", {stats.acceptance_rate:.0%} of drafted tokens accepted"
     else:

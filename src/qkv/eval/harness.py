@@ -175,8 +175,9 @@ def greedy_until(model, prompt: list[int], stops: list[str], max_tokens: int, to
     prompt = prompt[-room:]
     out: list[int] = []
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    for tok in generate_stream(model, prompt, params, eos_id=tokenizer.eos_id):
-        if tok == tokenizer.eos_id:
+    ends = tokenizer.end_ids  # eos and the model's other end tokens (end of turn, ...)
+    for tok in generate_stream(model, prompt, params, eos_id=ends):
+        if tok in ends:
             break
         out.append(tok)
         text = tokenizer.decode(out)

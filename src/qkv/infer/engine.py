@@ -148,7 +148,8 @@ class Engine:
         self.steps_total = 0  # steps that ran a forward
         self.step_rows_total = 0  # sequences run, summed over those steps (mean batch = rows / steps)
         self.step_tokens_total = 0  # tokens fed, summed over those steps (prompt chunks + decode tokens)
-        self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+        # every id that ends a reply (eos, the file's eot/eom, the chat format's end of turn)
+        self.end_ids: frozenset[int] = tokenizer.end_ids if tokenizer is not None else frozenset()
         self._grammar: dict[int, GrammarState] = {}  # seq id -> its grammar state (constrained requests)
         self.adapters = set(lora.adapter_names(self.model))  # LoRA adapters a request may name
 
@@ -188,8 +189,8 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use; pick another")
         stops = set(params.stop_token_ids)
-        if self.eos_id is not None and not params.ignore_eos:
-            stops.add(self.eos_id)
+        if not params.ignore_eos:
+            stops |= self.end_ids
         req = _Request(request_id, prompt_ids, params, stops)
         base_seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
         seq = self._new_seq(req, 0, list(prompt_ids), base_seed, next(self._arrivals))

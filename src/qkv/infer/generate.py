@@ -8,7 +8,7 @@ weight once per token, so it is bound by memory bandwidth, not FLOPs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 
@@ -43,10 +43,11 @@ def generate_stream(
     model,
     prompt_ids: list[int],
     params: SamplingParams,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     cache: KVCache | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids one at a time (stops at max_tokens, eos or a stop token id)."""
+    """Yield generated token ids one at a time (stops at max_tokens, a stop token id or an end
+    token: `eos_id` is one id or a set, such as the tokenizer's `end_ids`)."""
     params.validate()
     cfg = model.cfg
     device = next(model.parameters()).device
@@ -60,7 +61,7 @@ def generate_stream(
     dtype = next(model.parameters()).dtype
     cache = cache or KVCache(cfg, max_len, device=device, dtype=dtype)
     gen = make_generator(params.seed if params.seed is not None else int(torch.randint(2**62, (1,))), device)
-    stops = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+    stops = set(params.stop_token_ids) | (end_set(eos_id) if not params.ignore_eos else set())
     out: list[int] = []
     logits = forward_step(model, cache, torch.tensor([prompt_ids], device=device), last_only=True)[0, -1]
     while True:
@@ -72,8 +73,17 @@ def generate_stream(
         logits = forward_step(model, cache, torch.tensor([[tok]], device=device))[0, -1]
 
 
-def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: int | None = None) -> list[int]:
+def generate(
+    model, prompt_ids: list[int], params: SamplingParams, eos_id: int | Collection[int] | None = None
+) -> list[int]:
     return list(generate_stream(model, prompt_ids, params, eos_id))
+
+
+def end_set(eos_id: int | Collection[int] | None) -> set[int]:
+    """The end-token ids as a set: none, one id or a collection of them."""
+    if eos_id is None:
+        return set()
+    return {eos_id} if isinstance(eos_id, int) else set(eos_id)
 
 
 @torch.inference_mode()

@@ -15,11 +15,12 @@ cache position back.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
-from qkv.infer.generate import forward_step
+from qkv.infer.generate import end_set, forward_step
 from qkv.infer.kv_cache import KVCache
 from qkv.infer.sampling import SamplingParams, make_generator, token_probs
 
@@ -59,7 +60,7 @@ def speculative_generate(
     prompt_ids: list[int],
     params: SamplingParams,
     k: int = 4,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
 ) -> tuple[list[int], SpecStats]:
     """Generate with the target's distribution, proposing k tokens at a time with the draft."""
     params.validate()
@@ -82,7 +83,7 @@ def speculative_generate(
     tc = KVCache(target.cfg, max_len + k, device=dev, dtype=next(target.parameters()).dtype)
     dc = KVCache(draft.cfg, max_len + k, device=dev, dtype=next(draft.parameters()).dtype)
     gen = make_generator(params.seed if params.seed is not None else int(torch.randint(2**62, (1,))), dev)
-    stops = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+    stops = set(params.stop_token_ids) | (end_set(eos_id) if not params.ignore_eos else set())
     ids = list(prompt_ids)
     n0 = len(ids)
     stats = SpecStats()

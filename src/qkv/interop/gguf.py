@@ -373,7 +373,7 @@ def _with_added_tokens(backend, tokens: list[str], types: list[int], meta: dict,
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    return Tokenizer(
+    tokenizer = Tokenizer(
         backend,
         chat_template=meta.get("tokenizer.chat_template"),
         bos_token=tok("bos_token_id"),
@@ -381,6 +381,9 @@ def _with_added_tokens(backend, tokens: list[str], types: list[int], meta: dict,
         pad_token=tok("padding_token_id"),
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     )
+    # end of turn and end of message (Llama 3.1's tool calls) end generation as eos does
+    tokenizer.end_tokens = tuple(t for t in (tok("eot_token_id"), tok("eom_token_id")) if t is not None)
+    return tokenizer
 
 
 def _bytes_to_unicode() -> dict[int, str]:

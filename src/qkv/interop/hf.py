@@ -643,6 +643,9 @@ def generation_config(sampling: dict, tokenizer=None) -> dict:
     gen: dict = {"do_sample": values["temperature"] > 0, **values}
     if tokenizer is not None:
         gen.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        declared = [i for i in map(tokenizer.token_id, tokenizer.end_tokens) if i is not None and i != tokenizer.eos_id]
+        if declared and tokenizer.eos_id is not None:  # transformers stops on each id of a list
+            gen["eos_token_id"] = [tokenizer.eos_id, *declared]
     return gen
 
 

@@ -270,7 +270,9 @@ def _generation_routes(served: _Served) -> APIRouter:
         else:
             max_tokens = _budget(longest, req.max_tokens, ctx, "prompt", default=16)
         params = _params(req, max_tokens, req.logprobs, served.sampling_defaults)
-        params.constraint = await run_in_threadpool(_checked_constraint, served, req.constraint())
+        constraint = req.constraint()
+        if constraint is not None:  # compiling a grammar is work for a thread; no grammar, no hop
+            params.constraint = await run_in_threadpool(_checked_constraint, served, constraint)
         params.adapter = adapter
         echo = await run_in_threadpool(_echo_texts, req.prompt, prompts, tokenizer) if req.echo else None
         rids, q = await _submit_all(served, prompts, params)
