@@ -187,6 +187,20 @@ def in_process_first_token(path: str, items: list[dict], threads: int) -> float:
     return 1000 * sorted(times)[len(times) // 2]
 
 
+def stage_rows(level: dict, unit: str, unit_ms: float, fmt: str) -> list[str]:
+    """The markdown rows of each thread's py-spy samples by stage: its share of the thread's
+    samples, and that share of `unit_ms` (the time of one request or one step)."""
+    rows = ["| thread | stage | share of the thread's samples | " + unit + " |", "|---|---|---|---|"]
+    for kind in ("engine", "main", "worker"):
+        counts = level["samples"].get(kind)
+        if not counts:
+            continue
+        total = sum(counts.values())
+        for stage, n in counts.most_common():
+            rows.append(f"| {kind} | {stage} | {100 * n / total:.1f}% | {unit_ms * n / total:{fmt}} |")
+    return rows
+
+
 def report_first_token(level: dict, in_process_ms: float) -> str:
     per = level["wall"] / level["requests"]
     lines = [
@@ -195,17 +209,8 @@ def report_first_token(level: dict, in_process_ms: float) -> str:
         f"{level['ms_in_step']:.1f} ms per request inside engine.step(); "
         f"in-process add_request to first token (no HTTP): p50 {in_process_ms:.1f} ms",
         "",
-        "| thread | stage | share of the thread's samples | ms per request |",
-        "|---|---|---|---|",
     ]
-    for kind in ("engine", "main", "worker"):
-        counts = level["samples"].get(kind)
-        if not counts:
-            continue
-        total = sum(counts.values())
-        for stage, n in counts.most_common():
-            lines.append(f"| {kind} | {stage} | {100 * n / total:.1f}% | {1000 * per * n / total:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + stage_rows(level, "ms per request", 1000 * per, ".1f"))
 
 
 def in_process(path: str, items: list[dict], clients: int, threads: int) -> dict:
@@ -238,17 +243,8 @@ def report(level: dict) -> str:
         f"### {level['clients']} client(s): {level['tok_s']:.0f} tok/s, {ms:.2f} ms per step "
         f"({level['ms_in_step']:.2f} ms inside engine.step()), {level['rows_per_step']:.1f} rows per step",
         "",
-        "| thread | stage | share of the thread's samples | ms per step |",
-        "|---|---|---|---|",
     ]
-    for kind in ("engine", "main", "worker"):
-        counts = level["samples"].get(kind)
-        if not counts:
-            continue
-        total = sum(counts.values())
-        for stage, n in counts.most_common():
-            lines.append(f"| {kind} | {stage} | {100 * n / total:.1f}% | {ms * n / total:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + stage_rows(level, "ms per step", ms, ".2f"))
 
 
 def main() -> None:

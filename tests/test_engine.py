@@ -13,12 +13,7 @@ from qkv.infer.sampling import SamplingError, SamplingParams
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 31)), [3], list(range(40, 77)), [200, 100, 50, 25, 12, 6]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

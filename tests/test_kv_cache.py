@@ -9,14 +9,7 @@ from qkv.infer.generate import forward_step, generate, generate_no_cache
 from qkv.infer.kv_cache import KVCache, kv_bytes_per_token, kv_cache_bytes
 from qkv.infer.sampling import SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops are latency-bound; two OpenMP threads on a shared 2-core box only add waits
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

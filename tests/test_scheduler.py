@@ -2,7 +2,6 @@
 every request (preempted or not) produces exactly what it produces alone."""
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -11,13 +10,7 @@ from qkv.infer.engine import Engine
 from qkv.infer.generate import generate
 from qkv.infer.sampling import SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOK = make_tokenizer()

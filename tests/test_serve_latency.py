@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,12 +20,7 @@ TOK = make_tokenizer()
 MODEL = tiny_model(n_layer=1, d_model=32, n_head=2, n_kv_head=1, max_seq_len=128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy(max_tokens: int) -> SamplingParams:

@@ -10,13 +10,7 @@ from qkv.infer.generate import generate
 from qkv.infer.sampling import SamplingParams, make_generator
 from qkv.infer.speculative import accept_reject, speculative_generate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
