@@ -103,8 +103,8 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def profile_level(url: str, name: str, pid: int, items: list[dict], clients: int, out: Path) -> dict:
-    before = httpx.get(url + "/metrics").text
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling every thread of the server (idle ones too) into `out`, once attached."""
     spy = subprocess.Popen(
         [PY_SPY, "record", "--pid", str(pid), "--threads", "--idle", "--nonblocking"]
         + ["--rate", "200", "--format", "raw", "--output", str(out)],
@@ -112,6 +112,12 @@ def profile_level(url: str, name: str, pid: int, items: list[dict], clients: int
         stderr=subprocess.DEVNULL,
     )
     time.sleep(1.0)  # py-spy attaches
+    return spy
+
+
+def profile_level(url: str, name: str, pid: int, items: list[dict], clients: int, out: Path) -> dict:
+    before = httpx.get(url + "/metrics").text
+    spy = start_py_spy(pid, out)
     results, wall = asyncio.run(run_level(url, name, items, clients))
     spy.send_signal(2)
     spy.wait(30)
@@ -139,13 +145,7 @@ def profile_first_token(url: str, name: str, pid: int, items: list[dict], out: P
     first token: the py-spy samples of that level are each thread's milliseconds per request."""
     first = [dict(it, max_tokens=1) for it in items]
     before = httpx.get(url + "/metrics").text
-    spy = subprocess.Popen(
-        [PY_SPY, "record", "--pid", str(pid), "--threads", "--idle", "--nonblocking"]
-        + ["--rate", "200", "--format", "raw", "--output", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(1.0)  # py-spy attaches
+    spy = start_py_spy(pid, out)
     results, wall = asyncio.run(run_level(url, name, first, 1))
     spy.send_signal(2)
     spy.wait(30)
