@@ -114,7 +114,7 @@ def check_stream(tokenizer, ids: list[int], sizes: list[int], skip_special: bool
         fed += part
         assert full.startswith(sent)  # what is sent is final
         so_far = tokenizer.decode(fed, skip_special=skip_special)
-        if d.byte_ids and fed and fed[-1] in d.byte_ids:  # an open byte-fallback run is held whole
+        if d.byte_ids and fed and fed[-1] in d.run_ids:  # an open byte-fallback run is held whole
             continue
         # everything is sent except trailing U+FFFD (an incomplete, or not yet known to be invalid, character)
         assert sent == so_far.rstrip(REPLACEMENT)
@@ -260,6 +260,21 @@ def scripted_gemma3(tok) -> ScriptedEngine:
         model = tiny_model(vocab_size=tok.vocab_size, d_model=16, n_head=2, n_kv_head=1, max_seq_len=1024)
         _SCRIPTED[id(tok)] = ScriptedEngine(model, tok, block_size=16)
     return _SCRIPTED[id(tok)]
+
+
+def test_a_skipped_special_token_does_not_end_a_byte_run(gemma3):
+    """<eos> between two byte tokens vanishes from the decode, so the bytes join: "a" as
+    <0x61>, then <0x80> makes the whole run invalid. Found by the stop-string property."""
+    a, cont = byte_token(gemma3, 0x61), byte_token(gemma3, 0x80)
+    ids = [a, gemma3.eos_id, cont] + gemma3.encode("word")
+    for skip in (True, False):
+        d = IncrementalDetokenizer(gemma3, skip_special=skip)
+        pieces = [d.push([i]) for i in ids] + [d.flush()]
+        assert "".join(pieces) == gemma3.decode(ids, skip_special=skip)
+    full = gemma3.decode(ids[:3], skip_special=True)
+    assert full == REPLACEMENT * 2
+    pieces, reason = stream_text(scripted_gemma3(gemma3), ids[:3], stop=[full])
+    assert "".join(pieces) == "" and reason == "stop"
 
 
 def test_engine_stop_string_inside_a_split_character(scripted, bpe):

@@ -27,7 +27,9 @@ byte tokens <0x00>..<0xFF>, and its decoder (`tokenizers`' ByteFallback) turns a
 consecutive byte tokens into U+FFFD, one per byte, when any byte in the run is not valid
 UTF-8: a later byte can change text that already decoded well ("a" then <0xC3><0x41>).
 So a trailing run of byte tokens is held back whole until a token that is not a byte ends
-it; the pieces joined are again exactly `decode(ids)`, and each piece is final.
+it; the pieces joined are again exactly `decode(ids)`, and each piece is final. A special
+token that decoding skips does not end a run: the decoder never sees it, so the bytes on
+either side of it join ("a" as <0x61>, <eos>, <0xFF> decodes to two U+FFFD).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class IncrementalDetokenizer:
         self.read_offset = 0  # text of ids[:read_offset] is final and sent
         self.sent = 0  # characters of the text after read_offset already sent (before a trailing U+FFFD)
         self.byte_ids = byte_fallback_ids(tokenizer)  # ids whose run the decoder reads as one (may be empty)
+        # ids a run continues through: the byte tokens, and the special tokens decoding skips
+        self.run_ids = self.byte_ids
+        if self.byte_ids and skip_special:
+            self.run_ids |= skipped_special_ids(tokenizer)
 
     def push(self, ids: Sequence[int]) -> str:
         """Add ids; return the text that is now final (possibly "")."""
@@ -69,7 +75,7 @@ class IncrementalDetokenizer:
     def _advance(self, final: bool) -> str:
         stop = len(self.ids)
         if not final:  # an open run of byte-fallback tokens: its text is not known yet
-            while stop > self.read_offset and self.ids[stop - 1] in self.byte_ids:
+            while stop > self.read_offset and self.ids[stop - 1] in self.run_ids:
                 stop -= 1
         window = self.ids[self.prefix_offset : stop]
         text = self._decode(window)
@@ -97,3 +103,12 @@ def byte_fallback_ids(tokenizer) -> frozenset[int]:
         return frozenset()
     ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
     return frozenset(i for i in ids if i is not None)
+
+
+def skipped_special_ids(tokenizer) -> frozenset[int]:
+    """The ids `decode(..., skip_special=True)` leaves out: a `tokenizers` backend's special
+    added tokens; empty when the tokenizer has no such backend."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return frozenset()
+    return frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
