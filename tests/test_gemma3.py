@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from _gguf_oracle import hf_model
 from qkv.config import ModelConfig
 from qkv.infer.engine import Engine
 from qkv.infer.generate import generate, generate_no_cache
@@ -273,8 +274,7 @@ def test_gemma3_270m_matches_transformers():
     quantized, tok = load_for_inference(path)
     quantized.eval()
     model = dequantized_copy(quantized)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    hf.eval()
+    hf = hf_model(path)  # transformers' gguf_file= load, minus two minutes of vocabulary parsing
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
     # transformers' AutoTokenizer(gguf_file=) on the same file (<bos> = 2), written out: building
     # it converts the 262k-token vocabulary (195 s here, on a loaded machine)

@@ -23,6 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _gguf_oracle import hf_model
 from _infer_fixtures import make_tokenizer, tiny_model
 from qkv.checkpoint import save_model
 from qkv.cli import main as qkv_main
@@ -68,7 +69,7 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_gguf(path: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return hf_model(path)
 
 
 @settings(max_examples=25, deadline=None)

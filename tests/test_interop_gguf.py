@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from _gguf_oracle import hf_model
 from qkv.cli import main as qkv_main
 from qkv.commands.info import gguf_weight_formats
 from qkv.infer.generate import generate
@@ -145,7 +146,7 @@ def smol_quantized():
 
 @pytest.fixture(scope="module")
 def smol_hf():
-    model = transformers.AutoModelForCausalLM.from_pretrained(SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32)
+    model = hf_model(SMOL)
     tok = transformers.AutoTokenizer.from_pretrained(SMOL.parent, gguf_file=SMOL.name)
     return model.eval(), tok
 
