@@ -144,21 +144,11 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def run(args: argparse.Namespace) -> int:
-    check_port_free(args.host, args.port)  # before the slow imports and the model load
-    from pathlib import Path
-
-    import torch
-    import uvicorn
-
+def build_engine(args: argparse.Namespace):
+    """(engine, tokenizer): the model loaded, capped, with its adapters, and the engine over it."""
     from qkv import chat_formats
-    from qkv.commands.generate import model_sampling_defaults
     from qkv.infer.engine import Engine
-    from qkv.interop.registry import MODELS
-    from qkv.serve.app import create_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = load_for_serving(args.model, args.dtype)
     tokenizer, note = chat_formats.fallback(tokenizer)
     if note:
@@ -183,6 +173,26 @@ def run(args: argparse.Namespace) -> int:
     from qkv.infer.constraints import GrammarTokenizer
 
     GrammarTokenizer.of(engine.tokenizer, engine.cfg.vocab_size)
+    return engine, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    check_port_free(args.host, args.port)  # before the slow imports and the model load
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from qkv.commands.generate import model_sampling_defaults
+    from qkv.interop.registry import MODELS
+    from qkv.serve.app import create_app
+    from qkv.serve.async_engine import on_passing_thread
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # set up on a thread that exits: the engine thread will own the process's only OpenMP team
+    engine, tokenizer = on_passing_thread(lambda: build_engine(args))
+    model = engine.model
     default_name = args.model if args.model in MODELS else Path(args.model).resolve().name.removesuffix(".gguf")
     name = args.served_model_name or default_name
     api_key = args.api_key or os.environ.get("QKV_API_KEY") or None
