@@ -204,3 +204,17 @@ def test_autograd_and_other_dtypes_take_the_dequantized_fallback():
         assert_gemm_close(q(x), F.linear(x, w, q.bias), x, w, q.bias)
     with pytest.raises(ValueError, match="tile_rows must be positive"):
         ql.tiled_linear(x.detach(), q.blocks, "q8_0", tile_rows=0)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_prompt_chunks_batched_past_64_rows_each_get_their_result_alone(qtype):
+    """Five prompt chunks of 20 tokens (100 rows) in one call: each chunk's output is bitwise
+    what it gets alone, so a seeded sample does not depend on which prompts shared its step."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(64, 48), qtype)
+    x = torch.randn(5, 20, 64)
+    with torch.inference_mode():
+        together = layer(x)
+        for b in range(5):
+            assert torch.equal(together[b], layer(x[b : b + 1])[0])

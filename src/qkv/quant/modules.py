@@ -180,12 +180,27 @@ class QuantLinear(_Repackable):
             return y if self.bias is None else y + self.bias.to(y.dtype)
         code = self.kernel_type
         y = quant_linear.linear(x, self.blocks, code, self.bias)  # decode: <= 64 rows, int8 x
+        if y is None and x.dim() == 3 and 1 < x.shape[1] <= quant_linear.MAX_ROWS < x.shape[0] * x.shape[1]:
+            y = self._row_kernel_by_sequences(x)
         if y is None:
             y = quant_linear.tiled_linear(x, self.blocks, code, self.bias)  # prefill: fp32 GEMM per tile
         if y is not None:
             return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def _row_kernel_by_sequences(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Several prompt chunks of up to 64 tokens batched together: the row kernel, a few
+        sequences per call, so each prompt's product is the one it gets alone (the kernel's rows
+        are independent; the tiled GEMM would round differently, and a seeded sample would
+        then depend on which prompts happened to share its step)."""
+        parts = []
+        for part in x.split(quant_linear.MAX_ROWS // x.shape[1]):
+            y = quant_linear.linear(part, self.blocks, self.kernel_type, self.bias)
+            if y is None:
+                return None
+            parts.append(y)
+        return torch.cat(parts)
 
     def extra_repr(self) -> str:
         shape = f"in_features={self.in_features}, out_features={self.out_features}"
