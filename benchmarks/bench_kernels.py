@@ -3,13 +3,13 @@ all measured in this run, fp32:
 
 1. linear: y = x W^T for 1-64 rows (a decode step's products) on llama-100m's shapes,
    native vs F.linear (MKL): weight bytes read per second and FLOP/s, beside the read
-   bandwidth and the large-matmul FLOP/s.
+   bandwidth and the large-matmul FLOP/s; on an AVX-512 CPU also the kernel's AVX2 path.
 2. decode attention over the paged cache (64 sequences): the native kernel reading blocks
    in place vs gathering blocks into a padded batch + SDPA (the cache's fallback path).
 3. one decode step of llama-100m: the fused block (one native call per block) vs the
    model's op-by-op forward with the native ops vs PyTorch ops only.
 
-    python benchmarks/bench_kernels.py [--threads 2]
+    python benchmarks/bench_kernels.py [--threads 2] [--rows 1,2,4,8,16,32,64]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from qkv.infer import fused_decode
 from qkv.infer.generate import forward_step
 from qkv.infer.kv_cache import KVCache
 from qkv.infer.paged import PagedKVCache
-from qkv.kernels import linear, native
+from qkv.kernels import cpu_linear, linear, native
 from qkv.model import build_model
 
 
@@ -35,9 +35,10 @@ def read_ceiling() -> tuple[float, callable]:
     return big.nbytes, big.sum
 
 
-def bench_linear(rows_list: list[int], reps: int) -> list[list]:
+def bench_linear(rows_list: list[int], reps: int, compare_avx2: bool) -> list[list]:
     """Each sample runs the product over `copies` distinct matrices of one shape (like the
-    layers of a model: 72+ MB, so every weight comes from memory, as in decode)."""
+    layers of a model: 72+ MB, so every weight comes from memory, as in decode).
+    `compare_avx2` adds the kernel's AVX2 path (on a CPU whose best path is AVX-512)."""
     nbytes, read = read_ceiling()
     out = []
     for n_out, n_in, copies, what in (
@@ -49,15 +50,20 @@ def bench_linear(rows_list: list[int], reps: int) -> list[list]:
         w_bytes = sum(w.nbytes for w in ws)
         for rows in rows_list:
             x = torch.randn(rows, n_in)
+
+            def avx2(x=x, ws=ws):
+                with cpu_linear.pinned_simd_path("avx2"):
+                    return [linear(x, w) for w in ws]
+
+            paths = {
+                "native": lambda x=x, ws=ws: [linear(x, w) for w in ws],
+                "mkl": lambda x=x, ws=ws: [F.linear(x, w) for w in ws],
+                "read": read,
+            }
+            if compare_avx2:
+                paths["avx2"] = avx2
             with torch.inference_mode():
-                t = time_interleaved(
-                    {
-                        "native": lambda x=x, ws=ws: [linear(x, w) for w in ws],
-                        "mkl": lambda x=x, ws=ws: [F.linear(x, w) for w in ws],
-                        "read": read,
-                    },
-                    reps,
-                )
+                t = time_interleaved(paths, reps)
             bw = nbytes / t["read"]
             flop = 2 * rows * n_out * n_in * copies
             out.append(
@@ -68,6 +74,9 @@ def bench_linear(rows_list: list[int], reps: int) -> list[list]:
                     f"{w_bytes / t['mkl'] / 1e9:.1f}",
                     f"{bw / 1e9:.1f}",
                     f"{flop / t['native'] / 1e9:.0f}",
+                ]
+                + ([f"{flop / t['avx2'] / 1e9:.0f}"] if compare_avx2 else [])
+                + [
                     f"{flop / t['mkl'] / 1e9:.0f}",
                     f"{t['mkl'] / t['native']:.2f}x",
                 ]
@@ -161,6 +170,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="123", help="which parts to run")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64", help="part 1's row counts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not native.enabled():
@@ -168,20 +178,16 @@ def main() -> None:
     reps = 3 if args.quick else 7
     print(f"threads={args.threads}  fp32 matmul ceiling (2048^3) = {matmul_ceiling() / 1e9:.0f} GFLOP/s\n")
     if "1" in args.parts:
-        print("## 1. linear, native vs PyTorch (MKL), median of", reps)
+        path = cpu_linear.simd_path()
+        print(f"## 1. linear, native ({path} path) vs PyTorch (MKL), median of", reps)
+        rows = [1, 4] if args.quick else [int(r) for r in args.rows.split(",")]
+        avx2 = path == "avx512"
         print(
             table(
-                bench_linear([1, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64], reps),
-                [
-                    "matrices",
-                    "rows",
-                    "native GB/s",
-                    "MKL GB/s",
-                    "read GB/s",
-                    "native GFLOP/s",
-                    "MKL GFLOP/s",
-                    "speedup",
-                ],
+                bench_linear(rows, reps, compare_avx2=avx2),
+                ["matrices", "rows", "native GB/s", "MKL GB/s", "read GB/s", "native GFLOP/s"]
+                + (["native AVX2 path GFLOP/s"] if avx2 else [])
+                + ["MKL GFLOP/s", "native / MKL"],
             )
         )
     if "2" in args.parts:

@@ -11,14 +11,19 @@ from qkv.kernels import cpu_linear, decode_attention, decode_ops, linear, linear
 needs_native = pytest.mark.skipif(cpu_linear._linear.get() is None, reason="no AVX2 CPU or C compiler here")
 
 
+# every SIMD path of the fp32 kernel this CPU runs: AVX2 everywhere, AVX-512 where it has it
+SIMD_PATHS = ["avx2", "avx512"] if cpu_linear.simd_path() == "avx512" else ["avx2"]
+
+
 @needs_native
+@pytest.mark.parametrize("path", SIMD_PATHS)
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, cpu_linear.MAX_ROWS), n_in=st.integers(1, 70), n_out=st.integers(1, 40), bias=st.booleans())
-def test_matches_f_linear(rows, n_in, n_out, bias):
+def test_matches_f_linear(path, rows, n_in, n_out, bias):
     g = torch.Generator().manual_seed(rows * 10007 + n_in * 101 + n_out)
     x, w = torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g)
     b = torch.randn(n_out, generator=g) if bias else None
-    with torch.inference_mode():
+    with torch.inference_mode(), cpu_linear.pinned_simd_path(path):
         assert cpu_linear.native_applies(x, [w], [b])
         torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
@@ -45,13 +50,35 @@ def test_model_shapes_and_leading_dims():
 
 
 @needs_native
-def test_a_row_gives_bitwise_the_same_output_in_any_batch():
-    """Each output is summed in one fixed order, so batching never changes a request's logits."""
-    w, x = torch.randn(100, 200), torch.randn(9, 200)
+@pytest.mark.parametrize("path", SIMD_PATHS)
+def test_a_row_gives_bitwise_the_same_output_in_any_batch(path):
+    """Each output is summed in one fixed order, so batching never changes a request's logits:
+    row counts with every remainder of the tiles, outputs not a multiple of a tile's, and an
+    input length that ends in a partial vector."""
+    w, b, x = torch.randn(100, 203), torch.randn(100), torch.randn(11, 203)
+    with torch.inference_mode(), cpu_linear.pinned_simd_path(path):
+        alone = torch.cat([linear(x[i : i + 1], w, b) for i in range(11)])
+        for n in (2, 3, 4, 5, 6, 7, 9, 11):
+            assert torch.equal(linear(x[:n], w, b), alone[:n])
+
+
+@needs_native
+def test_the_simd_paths_agree_and_pinning_is_undone():
+    best = cpu_linear.simd_path()
+    w, x = torch.randn(37, 91), torch.randn(6, 91)
     with torch.inference_mode():
-        alone = torch.cat([linear(x[i : i + 1], w) for i in range(9)])
-        for n in (2, 4, 5, 9):
-            assert torch.equal(linear(x[:n], w), alone[:n])
+        results = []
+        for path in SIMD_PATHS:
+            with cpu_linear.pinned_simd_path(path):
+                assert cpu_linear.simd_path() == path
+                results.append(linear(x, w))
+        assert cpu_linear.simd_path() == best
+        for y in results:
+            torch.testing.assert_close(y, F.linear(x, w), atol=1e-5, rtol=1e-5)
+    if best == "avx2":
+        with pytest.raises(RuntimeError, match="cannot run the avx512 path"):
+            with cpu_linear.pinned_simd_path("avx512"):
+                pass
 
 
 def test_falls_back_to_pytorch_where_it_does_not_apply():

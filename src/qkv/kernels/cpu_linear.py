@@ -5,16 +5,19 @@ On CPU a decode step is a few rows times every weight matrix. PyTorch sends thos
 MKL's GEMV/small-M GEMM, which on this project's AMD test machine reads weights at about
 half the memory bandwidth and gets slower from 2 rows on (benchmarks/bench_kernels.py).
 kernels/linear_f32.c streams each weight row once per tile of up to 4 x rows: close to
-the bandwidth for 1 row, and more FLOP/s than MKL up to 64 rows. `linears` runs several
-matrices that read the same x (q/k/v, gate/up) in one call without concatenating them.
+the bandwidth for 1 row, and more FLOP/s than MKL up to 64 rows. It has an AVX2 path and an
+AVX-512 one (wider tiles), chosen from what the CPU reports; `simd_path()` says which.
+`linears` runs several matrices that read the same x (q/k/v, gate/up) in one call without
+concatenating them.
 Larger products (prefill, training) stay with PyTorch, as does anything that needs
 autograd, another dtype or device, or runs under torch.compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,33 @@ _linear = native.Kernel(
     "qkv_linear_f32",
     [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int],
 )
+
+_isa = native.Kernel("linear_f32", "qkv_linear_f32_isa", [], ctypes.c_int)
+_set_isa = native.Kernel("linear_f32", "qkv_linear_f32_set_isa", [ctypes.c_int])
+_ISA_NAMES = {1: "avx2", 2: "avx512"}
+_ISA_CODES = {name: code for code, name in _ISA_NAMES.items()}
+
+
+def simd_path() -> str | None:
+    """The path the native kernel takes on this CPU, "avx512" or "avx2"; None without it."""
+    fn = _isa.get()
+    return None if fn is None else _ISA_NAMES[fn()]
+
+
+@contextlib.contextmanager
+def pinned_simd_path(name: str) -> Iterator[None]:
+    """Run the native kernel's `name` path inside this block ("avx2" runs on any CPU that has
+    the kernel; "avx512" only where the CPU has it), so tests and benchmarks can compare them."""
+    before = simd_path()
+    if before is None:
+        raise RuntimeError("the native fp32 kernel is not available here")
+    _set_isa.get()(_ISA_CODES[name])
+    try:
+        if simd_path() != name:
+            raise RuntimeError(f"this CPU cannot run the {name} path")
+        yield
+    finally:
+        _set_isa.get()(_ISA_CODES[before])
 
 
 def native_applies(
