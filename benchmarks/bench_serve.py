@@ -15,7 +15,8 @@ same workload through `Engine.generate` in-process, with no HTTP at all.
 `--vs-llama-server` runs `qkv serve` and llama.cpp's `llama-server` in turn on each file
 with one workload (prompts of 8-64 words, 64 greedy tokens each with ignore_eos, 32
 requests, 2 threads each, `llama-server -t 2 -c 8192 -np 16`), at 16 concurrent clients
-and at 1 client, and prints the two servers' rows and their ratio per file.
+and at 1 client (each level with prompts of its own, so no server finds them cached), and
+prints the two servers' rows and their ratio per file.
 """
 
 from __future__ import annotations
@@ -293,7 +294,10 @@ def bench_vs_llama_server(
     (and `qkv serve` from another source tree, `before`, when given)."""
     from _serve_helpers import free_port
 
-    items = greedy_workload(n_requests)
+    # each level gets prompts no server has seen: a replayed prompt is a prefix-cache hit
+    # (llama-server keeps whole prompts in its slots, qkv full 16-token blocks), which would
+    # time the caches rather than the prompt
+    items = {c: greedy_workload(n_requests, seed=1000 + c) for c in levels}
     warm = greedy_workload(4, seed=1)
     rows = []
     for path in files:
@@ -312,7 +316,7 @@ def bench_vs_llama_server(
                 asyncio.run(run_level(url, fmt, warm, len(warm)))
                 rss_warm = rss_mb(proc.pid)
                 for c in levels:
-                    row = asyncio.run(measure(url, fmt, items, c, proc.pid))
+                    row = asyncio.run(measure(url, fmt, items[c], c, proc.pid))
                     row.update(model=fmt, server=server, rss_warm_mb=rss_warm, load=os.getloadavg()[0])
                     rows.append(row)
                     print(
