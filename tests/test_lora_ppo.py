@@ -17,6 +17,7 @@ from qkv import lora as L
 from qkv.align import ppo as PPO
 from qkv.align.policy import RewardModel, from_transformer, response_logprobs, save_reward_model
 from qkv.config import preset
+from qkv.kernels import native
 from qkv.model import build_model
 from qkv.train import TrainConfig
 
@@ -96,11 +97,13 @@ def test_ppo_with_lora_trains_adapters_and_value_head_only_against_the_base_with
     assert names >= {"value_head.weight", "value_head.bias"}
     assert all(".lora_A.default." in n or ".lora_B.default." in n or n.startswith("value_head.") for n in names)
     # the policy's adapter still loads as a plain adapter (the head is the run's, not the model's)
+    # (compared through PyTorch's ops: the rollouts installed native kernels behind some of the
+    # policy's modules, which round differently from the plain ones in the last bit)
     merged = tiny(tok.vocab_size)
     L.load_adapter(merged, tmp_path / "ppo")
     ids = torch.randint(0, tok.vocab_size, (2, 10))
-    with torch.no_grad():
-        assert torch.allclose(merged.eval()(ids), policy.eval()(ids), atol=1e-6)
+    with torch.no_grad(), native.disabled():
+        assert torch.equal(merged.eval()(ids), policy.eval()(ids))
 
 
 def test_cli_ppo_with_lora_resumes_bitwise(tmp_path, one_thread):
