@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qkv.eval.tasks import TASKS, load_docs  # noqa: E402 (after the sys.path line above)
+from common import cpu_description  # noqa: E402 (after the sys.path line above)
+from qkv.eval.tasks import TASKS, load_docs  # noqa: E402
 
 ARC_YAML = """task: qkv_arc_easy
 dataset_path: json
@@ -183,7 +184,7 @@ def main() -> None:
         return
     inc = write_lm_eval_tasks(out, args.limit, args.lm_eval_python)
     print(f"model {model}  first {args.limit} items of {', '.join(tasks)}, 0-shot, batch {args.batch_size}")
-    print(f"cpu: {_cpu()}  torch threads: {THREADS or 'both tools default'}  load average: {_load()}")
+    print(f"cpu: {cpu_description()}  torch threads: {THREADS or 'both tools default'}  load average: {_load()}")
     n = len(tasks) * args.limit
     print("\n| repeat | tool | wall s | items/s (wall) | CPU s | items/CPU-s | load average after |")
     print("|---|---|---:|---:|---:|---:|---|")
@@ -246,16 +247,6 @@ def _row(repeat: int, tool: str, n: int, wall: float, cpu: float) -> None:
 
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+
+def cpu_description() -> str:
+    """The CPU a figure came from: its model name, core count and the SIMD features qkv's
+    kernels and bf16 matmuls choose paths by (from /proc/cpuinfo where there is one)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            name = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    return f"{name}, {os.cpu_count()} cores, " + (" ".join(f for f in wanted if f in flags) or "no AVX2")
 
 
 def matmul_ceiling(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -296,6 +297,39 @@ def test_fused_linear_cross_entropy_matches_plain_loss_and_grads(tied):
     t = torch.randint(0, 97, (30,))
     a = fused_linear_cross_entropy(h, w, t, chunk_elems=97 * 4)
     assert a.item() == pytest.approx(torch.nn.functional.cross_entropy(h @ w.t(), t).item(), abs=1e-5)
+
+
+def test_fused_cross_entropy_under_bf16_autocast_runs_its_products_in_bf16_and_matches_plain(monkeypatch):
+    """Under autocast the fused loss's three products (logits, d/dh, d/dW) run in bf16, as
+    autocast's own linear would, and the loss and gradients match plain autocast
+    cross-entropy within bf16's rounding (gradients within 2% of their largest entry);
+    several chunks give what one does."""
+    import qkv.model.loss as loss_module
+
+    torch.manual_seed(0)
+    h0, w0 = torch.randn(300, 48), torch.randn(97, 48) * 0.3
+    t = torch.randint(0, 97, (300,))
+    t[:20] = -100
+
+    def run(fn):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h, w)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    plain = run(lambda h, w: torch.nn.functional.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100))
+    seen = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: (seen.append((a.dtype, b.dtype)), real_mm(a, b))[1])
+    for chunk_elems in (None, 97 * 64):
+        seen.clear()
+        fused = run(lambda h, w, c=chunk_elems: loss_module.fused_linear_cross_entropy(h, w, t, chunk_elems=c))
+        assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+        assert fused[1].dtype == fused[2].dtype == torch.float32  # gradients land in the parameters' dtype
+        assert fused[0].item() == pytest.approx(plain[0].item(), rel=1e-2)
+        for got, want in zip(fused[1:], plain[1:]):
+            assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
 def test_fused_cross_entropy_builds_no_gradient_when_no_backward_can_follow(monkeypatch):

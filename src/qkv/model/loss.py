@@ -48,43 +48,59 @@ def _loss_and_grads(
     valid = targets != ignore_index
     n_valid = valid.sum().clamp(min=1)
     safe_targets = torch.where(valid, targets, 0)
-    w = weight.to(h.dtype)
+    # the products run in the autocast dtype when autocast is on (h arrives in fp32 from the
+    # final norm, and a product with an out= tensor would otherwise stay in fp32)
+    device = h.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    hq, w = h.to(compute), weight.to(compute)
     grad_h = torch.empty_like(h) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, n, chunk):
-        hc, tc, vc = h[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
-        logits = (hc @ w.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+        hc, tc, vc = hq[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
+        # one fused log-softmax pass (faster than logsumexp, then subtract and exp again)
+        logp = torch.log_softmax((hc @ w.t()).float(), dim=-1)
+        total -= (logp.gather(1, tc[:, None]).squeeze(1) * vc).sum()
         if want_h or want_w:
-            g = _logits_grad(logits, lse, tc, vc).to(h.dtype)
+            g = _logits_grad(logp, tc, vc).to(compute)
             if grad_h is not None:
-                torch.mm(g, w, out=grad_h[s : s + chunk])
+                grad_h[s : s + chunk] = g @ w
             if grad_w is not None:
-                grad_w.addmm_(g.t().float(), hc.float())  # fp32 accumulation under bf16
+                if compute == torch.float32:
+                    grad_w.addmm_(g.t(), hc)
+                else:  # a bf16 product (fp32 accumulation inside, as autocast's linears get), summed in fp32
+                    grad_w += g.t() @ hc
     return total, n_valid, grad_h, grad_w
 
 
-def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _logits_grad(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """d(summed loss)/d(logits) of one chunk, softmax - one_hot (zero on ignored rows), built
-    in place of the logits."""
-    g = logits.sub_(lse[:, None]).exp_()
+    in place of its log-probabilities."""
+    g = logp.exp_()
     g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
     g *= valid[:, None]
     return g
 
 
 def fused_linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk_elems: int = 2**25
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_elems: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight.T against targets (ignore_index skipped).
 
     h: (..., d), weight: (V, d), targets: (...). chunk_elems bounds the logits held at once.
+    By default a chunk holds 2^22 logits (16 MB in fp32), which keeps its softmax passes in
+    the CPU's cache (a bf16 step at vocab 8192 ran 20-25% faster than with whole-batch
+    chunks), and at least 128 rows, so each read of a large vocabulary's weight serves
+    enough tokens.
     When no backward can follow (torch.no_grad / inference_mode, or nothing requires a
     gradient) only the loss is computed: evaluation costs what plain cross-entropy does."""
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    chunk = max(1, chunk_elems // weight.shape[0])
+    v = weight.shape[0]
+    chunk = max(128, 2**22 // v) if chunk_elems is None else max(1, chunk_elems // v)
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(h2, weight, t2, ignore_index, chunk)
     total, n_valid, _, _ = _loss_and_grads(h2, weight, t2, ignore_index, chunk, False, False)
