@@ -21,7 +21,9 @@ import torch
 
 from common import cpu_description, matmul_ceiling, table, time_interleaved
 from qkv.config import ModelConfig
+from qkv.kernels import cross_entropy
 from qkv.model import build_model
+from qkv.model import loss as model_loss
 from qkv.train.trainer import flops_per_token
 
 L, H, D, T, B, V = 6, 6, 384, 256, 12, 8192
@@ -68,6 +70,8 @@ def hf_model() -> torch.nn.Module:
 def make_step(model, kind: str, batches, dtype, compile: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     state = {"i": 0}
+    if kind == "qkv" and dtype == "bf16":  # as qkv's Trainer does for a bf16 run
+        model_loss.install_row_kernel(cross_entropy.rows)
     if compile:  # each transformer block through inductor, as `qkv train --compile` does
         for block in model.blocks if kind == "qkv" else model.transformer.h:
             block.compile()

@@ -27,25 +27,6 @@ static inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(lo, hi);
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r) with x = n ln2 + r,
- * |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error < 2e-7). */
-static inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f)); /* below this expf is 0 or denormal */
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
-}
-
 /* In place, for each of the G rows of p (n visible scores, padded to n_pad, a multiple of
  * 8, in a 32-byte aligned buffer): p = softmax(p); the padding ends up 0. */
 static void softmax_rows(float* p, int64_t G, int64_t n, int64_t n_pad) {

@@ -12,7 +12,23 @@ the same chunks give the loss alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# (logits chunk, targets, valid, want_grad) -> (summed loss, gradient or None), or None for
+# logits it does not take: a faster softmax step that the training side may install (the
+# native bf16 kernel, kernels/cross_entropy.py); the model itself stays plain PyTorch.
+RowKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor | None] | None"
+]
+_row_kernel: RowKernel | None = None
+
+
+def install_row_kernel(kernel: RowKernel | None) -> None:
+    """Let `kernel` do each chunk's softmax step for the logits it takes (None: PyTorch's ops)."""
+    global _row_kernel
+    _row_kernel = kernel
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -58,11 +74,16 @@ def _loss_and_grads(
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, n, chunk):
         hc, tc, vc = hq[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
-        # one fused log-softmax pass (faster than logsumexp, then subtract and exp again)
-        logp = torch.log_softmax((hc @ w.t()).float(), dim=-1)
-        total -= (logp.gather(1, tc[:, None]).squeeze(1) * vc).sum()
-        if want_h or want_w:
-            g = _logits_grad(logp, tc, vc).to(compute)
+        logits = hc @ w.t()
+        done = _row_kernel(logits, tc, vc, want_h or want_w) if _row_kernel is not None else None
+        if done is not None:
+            chunk_loss, g = done
+            total += chunk_loss
+        else:  # one fused log-softmax pass (faster than logsumexp, then subtract and exp again)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total -= (logp.gather(1, tc[:, None]).squeeze(1) * vc).sum()
+            g = _logits_grad(logp, tc, vc).to(compute) if want_h or want_w else None
+        if g is not None:
             if grad_h is not None:
                 grad_h[s : s + chunk] = g @ w
             if grad_w is not None:

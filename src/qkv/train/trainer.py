@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 
 from qkv.io import atomic_write_text
+from qkv.kernels import cross_entropy
+from qkv.model import loss as model_loss
 from qkv.train import distributed as D
 from qkv.train import state as S
 from qkv.train.config import TrainConfig, save_config
@@ -196,6 +198,8 @@ class Trainer:
             S.restore_rng(loaded[2], self.device)
         self.history: list[dict] = _read_metrics(self.out_dir / METRICS, self.step) if self.dist.is_main else []
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        if self.autocast_dtype is not None:  # the fused loss's bf16 softmax step in one native pass per row
+            model_loss.install_row_kernel(cross_entropy.rows)
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
         self.peak_flops = (
             matmul_peak(self.device, self.autocast_dtype or torch.float32) if self.flops_per_token else None
