@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 16, 64])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS))
-    ap.add_argument("--paths", nargs="+", default=[None], help="paths side by side: portable, avx2, avx512")
+    ap.add_argument("--paths", nargs="+", default=[None], help="paths side by side: portable, avx2, avx512, avx512vnni")
     ap.add_argument("--shapes", nargs="+", default=[w for _, _, w in SHAPES], help="matrices by name, e.g. down_proj")
     ap.add_argument("--no-repack", action="store_true", help="only the file's layout for Q8_0 / Q4_0")
     ap.add_argument("--models", nargs="+", help="GGUF files: decode with repacked rows vs the file's layout")

@@ -187,8 +187,11 @@ def test_smollm2_shapes_leading_dims_and_the_best_path():
     ref, bound, _ = oracle_and_bound(x.reshape(6, 1536), blocks, T.Q4_0, None)
     assert ((y.reshape(6, 576).double() - ref).abs() <= bound).all()
     assert torch.equal(y, run(x, blocks, T.Q4_0, None, ql.isa("q4_0")))
-    expected = {"avx512": "avx2", "avx2": "avx2", "off": "off"}[ql.isa()]  # 32-weight formats stay on AVX2 code
-    assert ql.isa("q4_0") == expected and ql.isa("q4_k") == ql.isa()
+    # 32-weight formats in the file's layout stay on AVX2 code; VNNI code is for repacked rows only
+    expected = {"avx512vnni": "avx2", "avx512": "avx2", "avx2": "avx2", "off": "off"}[ql.isa()]
+    assert ql.isa("q4_0") == expected
+    assert ql.isa("q4_k") == ("avx512" if ql.isa() == "avx512vnni" else ql.isa())
+    assert ql.isa(T.Q4_0 | ql.REPACKED) == ql.isa()
 
 
 @needs_native

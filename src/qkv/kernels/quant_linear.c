@@ -14,9 +14,9 @@
  * F16 and BF16 weights multiply fp32 x directly. A weight block is unpacked once and used
  * for every row (rows inside, blocks outside); threads split the output rows.
  *
- * Three paths, picked at run time per format (qkv_quant_path): AVX-512 (F, BW, VL), AVX2
- * (+FMA, F16C; the build's baseline), and a portable scalar reference the tests check the
- * others against. Within
+ * Paths, picked at run time per format (qkv_quant_path): AVX-512 VNNI (for rows repacked
+ * sixteen at a time, quant_linear_x16.c), AVX-512 (F, BW, VL), AVX2 (+FMA, F16C; the build's
+ * baseline), and a portable scalar reference the tests check the others against. Within
  * one path a row's result is bitwise the same alone or in any batch: its sums run in one
  * fixed order whatever n_rows is.
  *
@@ -42,7 +42,7 @@ enum {
   QL_F32 = 0, QL_F16 = 1, QL_Q4_0 = 2, QL_Q4_1 = 3, QL_Q5_0 = 6, QL_Q5_1 = 7, QL_Q8_0 = 8,
   QL_Q4_K = 12, QL_Q5_K = 13, QL_Q6_K = 14, QL_BF16 = 30,
 };
-enum { QL_ISA_REF = 0, QL_ISA_AVX2 = 1, QL_ISA_AVX512 = 2 };
+enum { QL_ISA_REF = 0, QL_ISA_AVX2 = 1, QL_ISA_AVX512 = 2, QL_ISA_AVX512_VNNI = 3 };
 enum { QL_OK = 0, QL_ERR_QTYPE = 1, QL_ERR_SHAPE = 2, QL_ERR_ISA = 3, QL_ERR_MEMORY = 4 };
 enum { QL_FAMILY_NONE = -1, QL_FAMILY_32 = 0, QL_FAMILY_K = 1, QL_FAMILY_F = 2 };
 #define QL_MAX_ROWS 64
@@ -307,7 +307,7 @@ static int ql_best_isa(void) {
   if (best < 0) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-      best = QL_ISA_AVX512;
+      best = __builtin_cpu_supports("avx512vnni") ? QL_ISA_AVX512_VNNI : QL_ISA_AVX512;
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
       best = QL_ISA_AVX2;
     else
@@ -316,7 +316,7 @@ static int ql_best_isa(void) {
   return best;
 }
 
-/* The newest path this CPU runs: 0 portable, 1 AVX2, 2 AVX-512. */
+/* The newest path this CPU runs: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI. */
 int qkv_quant_isa(void) { return ql_best_isa(); }
 
 /* The path qkv_quant_linear takes for a format. The 32-weight formats keep the AVX2 code
@@ -328,7 +328,8 @@ int qkv_quant_isa(void) { return ql_best_isa(); }
 int qkv_quant_path(int qtype) {
   const int best = ql_best_isa();
   if (ql_is_x16(qtype)) return best;
-  return ql_family(qtype) == QL_FAMILY_32 && best == QL_ISA_AVX512 ? QL_ISA_AVX2 : best;
+  const int plain = best > QL_ISA_AVX512 ? QL_ISA_AVX512 : best; /* VNNI code exists for repacked rows only */
+  return ql_family(qtype) == QL_FAMILY_32 && plain == QL_ISA_AVX512 ? QL_ISA_AVX2 : plain;
 }
 
 /* qkv_quant_linear_isa for Q8_0 / Q4_0 / Q5_0 repacked sixteen rows at a time (quant_linear_x16.c;
@@ -383,7 +384,8 @@ int qkv_quant_linear_isa(const float* x, int64_t n_rows, int64_t n_in, const voi
   if (n_rows < 0 || n_rows > QL_MAX_ROWS || n_in <= 0 || n_in % ql_block_size(qtype) != 0) return QL_ERR_SHAPE;
   if (isa < QL_ISA_REF || isa > ql_best_isa()) return QL_ERR_ISA;
   if (n_rows == 0 || n_out <= 0) return QL_OK;
-  const ql_row_fn row = isa == QL_ISA_AVX512 ? ql_pick_avx512(qtype) : isa == QL_ISA_AVX2 ? ql_pick_avx2(qtype)
+  /* VNNI code exists for repacked rows only: rows in the file's layout take the AVX-512 code there */
+  const ql_row_fn row = isa >= QL_ISA_AVX512 ? ql_pick_avx512(qtype) : isa == QL_ISA_AVX2 ? ql_pick_avx2(qtype)
                                                                                           : ql_row_ref;
   ql_act a;
   void* mem;

@@ -29,7 +29,7 @@ MAX_ROWS = 64  # the C side's limit: its per-row accumulators are sized for it
 TILE_ROWS = 1024
 _NAMES = ("Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "F16", "BF16")
 FORMATS = tuple(GGMLQuantizationType[name] for name in _NAMES)
-ISAS = ("portable", "avx2", "avx512")  # as the C side numbers its paths
+ISAS = ("portable", "avx2", "avx512", "avx512vnni")  # as the C side numbers its paths
 
 _args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
 _args += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -98,9 +98,10 @@ def supported(qtype: str | int | GGMLQuantizationType) -> bool:
 
 
 def isa(qtype: str | int | GGMLQuantizationType | None = None) -> str:
-    """The newest path this CPU runs ('avx512', 'avx2'), or with a format (or a kernel_type
-    code) the path `linear` takes for it (the 32-weight formats in the file's layout stay on
-    AVX2 code: it is faster there; repacked rows take the newest); 'off' where
+    """The newest path this CPU runs ('avx512vnni', 'avx512', 'avx2'), or with a format (or a
+    kernel_type code) the path `linear` takes for it (the 32-weight formats in the file's layout
+    stay on AVX2 code: it is faster there; VNNI code exists for repacked rows, which take the
+    newest); 'off' where
     the kernels are disabled, unbuilt or the CPU lacks AVX2."""
     best, path = _best_isa.get(), _path.get()
     if best is None or path is None:
@@ -149,7 +150,7 @@ def _format(qtype) -> tuple[int, GGMLQuantizationType, int, int] | None:
 
 
 def _run(x, blocks, qtype, bias, isa: str | None) -> torch.Tensor | None:
-    """`linear` through one path ('portable', 'avx2', 'avx512'; None: the best here)."""
+    """`linear` through one path ('portable', 'avx2', 'avx512', 'avx512vnni'; None: the best here)."""
     info = _format(qtype)
     kernel = _linear if isa is None else _linear_isa
     if info is None or not _applies(x, blocks, bias) or kernel.get() is None:

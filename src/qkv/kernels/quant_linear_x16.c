@@ -22,7 +22,7 @@
  * The arithmetic is the eight-row kernel's (quant_linear_avx2.c) in the same order: exact
  * integer block sums (Q4_0's offset 8 and Q5_0's 16 off through the block's sum of y), then per block
  * acc = fma(float(isum), d_w * d_x, acc). So a repacked row's output is bitwise the
- * file-layout AVX2 path's, on AVX2 and AVX-512 alike, and independent of n_rows.
+ * file-layout AVX2 path's, on AVX2, AVX-512 and AVX-512 VNNI alike, and independent of n_rows.
  */
 
 #define QL_X16 0x100 /* flag on a gguf type code: sixteen rows interleaved as above */
@@ -290,6 +290,80 @@ QL_X16_AVX512_FN(ql_x16_q8_0_avx512, QL_Q8_0)
 QL_X16_AVX512_FN(ql_x16_q4_0_avx512, QL_Q4_0)
 QL_X16_AVX512_FN(ql_x16_q5_0_avx512, QL_Q5_0)
 
+/* ---- AVX-512 VNNI: vpdpbusd is maddubs + madd + add in one instruction ----
+ * Its int32 sums of four u8 x s8 products are exact, and so are the AVX-512 code's (its i16
+ * pair sums never saturate, see there): the same integers, the same float steps, so each
+ * output is bitwise the AVX-512 and AVX2 paths'. Half the integer instructions per block,
+ * which is what a many-row (batched decode) product is bound by. */
+
+#define QL_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+QL_VNNI QL_INLINE void ql_x16_vnni(const int fmt, const uint8_t* g, const ql_act* a, const int64_t nr, __m512* out) {
+  const int64_t bytes = ql_block_bytes(fmt);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  for (int64_t r = 0; r < nr; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a->nb; ++b) {
+    const uint8_t* p = g + b * QL_IL * bytes;
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    __m512i u[8]; /* Q4_0 / Q5_0: [2c + k], chunk c, k 0 the low nibbles (+16: the high) */
+    __m512i wa[8];
+    __mmask64 neg[8];
+    if (fmt == QL_Q8_0) {
+      for (int c = 0; c < 8; ++c) {
+        const __m512i w = _mm512_loadu_si512((const void*)(p + 32 + 64 * c));
+        wa[c] = _mm512_abs_epi8(w), neg[c] = _mm512_movepi8_mask(w);
+      }
+    } else {
+      const int64_t qs = ql_qs_in_group(fmt);
+      const __m512i qh = _mm512_loadu_si512((const void*)(p + 32)), tens = _mm512_set1_epi8(0x10);
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512((const void*)(p + qs + 64 * c));
+        const __m512i l = _mm512_and_si512(v, low4), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        u[2 * c] = fmt == QL_Q5_0 ? _mm512_mask_add_epi8(l, ql_x16_fifth_avx512(qh, 4 * c), l, tens) : l;
+        u[2 * c + 1] = fmt == QL_Q5_0 ? _mm512_mask_add_epi8(h, ql_x16_fifth_avx512(qh, 16 + 4 * c), h, tens) : h;
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t at = r * a->n_in + b * 32;
+      const int8_t* y = a->q + at;
+      __m512i s = _mm512_setzero_si512();
+      if (fmt == QL_Q8_0) {
+        for (int c = 0; c < 8; ++c) {
+          int32_t yc;
+          memcpy(&yc, y + 4 * c, 4);
+          const __m512i bc = _mm512_set1_epi32(yc);
+          s = _mm512_dpbusd_epi32(s, wa[c], _mm512_mask_sub_epi8(bc, neg[c], zero, bc));
+        }
+      } else {
+        for (int c = 0; c < 4; ++c) {
+          int32_t ylo, yhi;
+          memcpy(&ylo, y + 4 * c, 4), memcpy(&yhi, y + 16 + 4 * c, 4);
+          s = _mm512_dpbusd_epi32(s, u[2 * c], _mm512_set1_epi32(ylo));
+          s = _mm512_dpbusd_epi32(s, u[2 * c + 1], _mm512_set1_epi32(yhi));
+        }
+        const int offset = fmt == QL_Q5_0 ? 16 : 8;
+        s = _mm512_sub_epi32(s, _mm512_set1_epi32(offset * (a->sum16[at / 16] + a->sum16[at / 16 + 1])));
+      }
+      out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(a->d[r * a->nb + b])), out[r]);
+    }
+  }
+}
+
+#define QL_X16_VNNI_FN(name, fmt)                                                                                  \
+  QL_VNNI static void name(const uint8_t* g, const ql_act* a, int64_t nr, int64_t o0, int64_t n_out,            \
+                           const float* bias, float* y) {                                                         \
+    __m512 out[QL_MAX_ROWS];                                                                                      \
+    if (nr == 1)                                                                                                  \
+      ql_x16_vnni(fmt, g, a, 1, out);                                                                             \
+    else                                                                                                          \
+      ql_x16_vnni(fmt, g, a, nr, out);                                                                            \
+    const __m512 b = bias ? _mm512_loadu_ps(bias + o0) : _mm512_setzero_ps();                                     \
+    for (int64_t r = 0; r < nr; ++r) _mm512_storeu_ps(y + r * n_out + o0, _mm512_add_ps(out[r], b));              \
+  }
+QL_X16_VNNI_FN(ql_x16_q8_0_vnni, QL_Q8_0)
+QL_X16_VNNI_FN(ql_x16_q4_0_vnni, QL_Q4_0)
+QL_X16_VNNI_FN(ql_x16_q5_0_vnni, QL_Q5_0)
+
 /* ---- the portable reference: each row unpacked to the file's layout, then ql_row_ref ---- */
 
 static void ql_x16_ref(int fmt, const uint8_t* g, const ql_act* a, int64_t nr, int64_t o0, int64_t n_out,
@@ -310,6 +384,8 @@ typedef void (*ql_x16_fn)(const uint8_t* g, const ql_act* a, int64_t nr, int64_t
                           const float* bias, float* y);
 
 static ql_x16_fn ql_pick_x16(int fmt, int isa) {
+  if (isa == QL_ISA_AVX512_VNNI)
+    return fmt == QL_Q8_0 ? ql_x16_q8_0_vnni : fmt == QL_Q4_0 ? ql_x16_q4_0_vnni : ql_x16_q5_0_vnni;
   if (isa == QL_ISA_AVX512)
     return fmt == QL_Q8_0 ? ql_x16_q8_0_avx512 : fmt == QL_Q4_0 ? ql_x16_q4_0_avx512 : ql_x16_q5_0_avx512;
   if (isa == QL_ISA_AVX2)
