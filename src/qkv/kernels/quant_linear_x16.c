@@ -275,20 +275,21 @@ QL_AVX512 QL_INLINE void ql_x16_avx512(const int fmt, const uint8_t* g, const ql
   }
 }
 
-#define QL_X16_AVX512_FN(name, fmt)                                                                                \
-  QL_AVX512 static void name(const uint8_t* g, const ql_act* a, int64_t nr, int64_t o0, int64_t n_out,          \
-                             const float* bias, float* y) {                                                       \
+/* The 512-bit paths' group function (attr: the path's target; kernel: its ql_x16_* body). */
+#define QL_X16_512_FN(attr, kernel, name, fmt)                                                                     \
+  attr static void name(const uint8_t* g, const ql_act* a, int64_t nr, int64_t o0, int64_t n_out,               \
+                        const float* bias, float* y) {                                                            \
     __m512 out[QL_MAX_ROWS];                                                                                      \
     if (nr == 1)                                                                                                  \
-      ql_x16_avx512(fmt, g, a, 1, out);                                                                           \
+      kernel(fmt, g, a, 1, out);                                                                                  \
     else                                                                                                          \
-      ql_x16_avx512(fmt, g, a, nr, out);                                                                          \
+      kernel(fmt, g, a, nr, out);                                                                                 \
     const __m512 b = bias ? _mm512_loadu_ps(bias + o0) : _mm512_setzero_ps();                                     \
     for (int64_t r = 0; r < nr; ++r) _mm512_storeu_ps(y + r * n_out + o0, _mm512_add_ps(out[r], b));              \
   }
-QL_X16_AVX512_FN(ql_x16_q8_0_avx512, QL_Q8_0)
-QL_X16_AVX512_FN(ql_x16_q4_0_avx512, QL_Q4_0)
-QL_X16_AVX512_FN(ql_x16_q5_0_avx512, QL_Q5_0)
+QL_X16_512_FN(QL_AVX512, ql_x16_avx512, ql_x16_q8_0_avx512, QL_Q8_0)
+QL_X16_512_FN(QL_AVX512, ql_x16_avx512, ql_x16_q4_0_avx512, QL_Q4_0)
+QL_X16_512_FN(QL_AVX512, ql_x16_avx512, ql_x16_q5_0_avx512, QL_Q5_0)
 
 /* ---- AVX-512 VNNI: vpdpbusd is maddubs + madd + add in one instruction ----
  * Its int32 sums of four u8 x s8 products are exact, and so are the AVX-512 code's (its i16
@@ -349,20 +350,9 @@ QL_VNNI QL_INLINE void ql_x16_vnni(const int fmt, const uint8_t* g, const ql_act
   }
 }
 
-#define QL_X16_VNNI_FN(name, fmt)                                                                                  \
-  QL_VNNI static void name(const uint8_t* g, const ql_act* a, int64_t nr, int64_t o0, int64_t n_out,            \
-                           const float* bias, float* y) {                                                         \
-    __m512 out[QL_MAX_ROWS];                                                                                      \
-    if (nr == 1)                                                                                                  \
-      ql_x16_vnni(fmt, g, a, 1, out);                                                                             \
-    else                                                                                                          \
-      ql_x16_vnni(fmt, g, a, nr, out);                                                                            \
-    const __m512 b = bias ? _mm512_loadu_ps(bias + o0) : _mm512_setzero_ps();                                     \
-    for (int64_t r = 0; r < nr; ++r) _mm512_storeu_ps(y + r * n_out + o0, _mm512_add_ps(out[r], b));              \
-  }
-QL_X16_VNNI_FN(ql_x16_q8_0_vnni, QL_Q8_0)
-QL_X16_VNNI_FN(ql_x16_q4_0_vnni, QL_Q4_0)
-QL_X16_VNNI_FN(ql_x16_q5_0_vnni, QL_Q5_0)
+QL_X16_512_FN(QL_VNNI, ql_x16_vnni, ql_x16_q8_0_vnni, QL_Q8_0)
+QL_X16_512_FN(QL_VNNI, ql_x16_vnni, ql_x16_q4_0_vnni, QL_Q4_0)
+QL_X16_512_FN(QL_VNNI, ql_x16_vnni, ql_x16_q5_0_vnni, QL_Q5_0)
 
 /* ---- the portable reference: each row unpacked to the file's layout, then ql_row_ref ---- */
 
