@@ -1,17 +1,18 @@
-"""LoRA vs full fine-tuning on SmolLM2-135M-Instruct: peak RSS, step time and the task judge.
+"""LoRA vs full fine-tuning of a bundled model: peak RSS, step time and the task judge.
 
-Each run is `qkv sft` in its own process (so its peak RSS is its own), on the bundled task's
-SFT data, the same batch, sequence length and number of steps:
+--model smollm2 (SmolLM2-135M-Instruct, a Q4_1 GGUF) or gemma3-270m (Gemma 3 270M base, a Q4_K_M
+GGUF). Each run is `qkv sft` in its own process (so its peak RSS is its own), on the bundled
+task's SFT data, the same batch, sequence length and number of steps:
 
-    full        every weight trains (the bundled Q4_1 GGUF dequantized to fp32), AdamW lr 3e-5
-    lora-f32    LoRA r=16 alpha=32 on all linear layers of the fp32 GGUF, lr 1e-3
-    qlora-q4_1  the same adapters on the bundled Q4_1 GGUF kept quantized (QLoRA), lr 1e-3
+    full        every weight trains (the GGUF dequantized to fp32), AdamW lr 3e-5
+    lora-f32    LoRA r=16 alpha=32 on all linear layers of an fp32 copy (`qkv convert --to qkv`), lr 1e-3
+    qlora-<q>   the same adapters on the GGUF kept quantized (QLoRA), lr 1e-3
 
 Step time: the median of the steps after the first (metrics.jsonl). Judge: the bundled task's
 gold judge (qkv.align.task.gold_reward, in [-1, 1]) averaged over 32 held-out prompts, greedy,
 for the base model and after each run. Run under the shared lock:
 
-    flock /tmp/qkv-bench.lock python benchmarks/bench_lora.py --steps 20
+    flock /tmp/qkv-bench.lock python benchmarks/bench_lora.py [--model smollm2|gemma3-270m] --steps 20
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-F32_GGUF = Path("/root/.cache/qkv-bench/smollm2-135m-instruct-f32.gguf")
+MODELS = {"smollm2": "q4_1", "gemma3-270m": "q4_k_m"}  # bundled model -> its GGUF's weight format
 
 RUNNER = """
 import json, resource, sys
@@ -72,6 +73,7 @@ def judge(model, tok, prompts) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-eval", type=int, default=32)
@@ -88,12 +90,14 @@ def main() -> None:
     task = make_task(seed=0, n_sft=400, n_prefs=10, n_prefs_heldout=10, n_rl=10, n_eval=args.n_eval)
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
     data = write_jsonl(tmp / "sft.jsonl", task.sft)
+    f32 = tmp / f"{args.model}-f32"  # an fp32 qkv checkpoint of the model, for LoRA on fp32 weights
+    subprocess.run([sys.executable, "-m", "qkv.cli", "convert", args.model, str(f32), "--to", "qkv"], check=True)
     runs = [
-        ("full", "smollm2", 3e-5, False),
-        ("lora-f32", str(F32_GGUF), 1e-3, True),
-        ("qlora-q4_1", "smollm2", 1e-3, True),
+        ("full", args.model, 3e-5, False),
+        ("lora-f32", str(f32), 1e-3, True),
+        (f"qlora-{MODELS[args.model]}", args.model, 1e-3, True),
     ]
-    base, tok = load(str(F32_GGUF))
+    base, tok = load(str(f32))
     scores = {"base (no fine-tuning)": float("nan") if args.no_judge else judge(base, tok, task.eval_prompts)}
     results = []
     for name, model, lr, lora in runs:
@@ -110,7 +114,8 @@ def main() -> None:
             m, _ = load(tmp / name)
         r["judge"] = scores[name] = judge(m, tok, task.eval_prompts)
         del m
-    print(f"\n{args.steps} steps of 4 x 128 tokens, {args.threads} threads; judge over {args.n_eval} prompts")
+    print(f"\n{args.model}: {args.steps} steps of 4 x 128 tokens, {args.threads} threads", end="")
+    print(f"; judge over {args.n_eval} prompts")
     print(f"base judge {scores['base (no fine-tuning)']:+.3f}")
     print("| run | peak RSS (MB) | step (s) | loss first -> last | judge |")
     print("|---|---|---|---|---|")
