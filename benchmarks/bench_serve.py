@@ -415,12 +415,16 @@ def main() -> None:
     )
     ap.add_argument(
         "--llama-server",
-        default=os.path.expanduser("~/.cache/qkv-bench/build-11434/bin/llama-server"),
-        help="the llama-server binary for --vs-llama-server",
+        default=None,
+        help="the llama-server binary for --vs-llama-server (default: the one bench_quant.py builds)",
     )
     args = ap.parse_args()
     if args.threads is None:
         args.threads = 2 if args.vs_llama_server else 1
+    if args.vs_llama_server and args.llama_server is None:
+        from bench_quant import CACHE, LLAMA_VERSION
+
+        args.llama_server = str(CACHE / f"build-{LLAMA_VERSION}" / "bin" / "llama-server")
     if args.vs_llama_server:
         threads = args.threads
         files = args.vs_llama_server.split(",")
