@@ -82,6 +82,7 @@ def main() -> None:
 
     import torch
 
+    from qkv import chat_formats
     from qkv.align.task import make_task, write_jsonl
     from qkv.interop import load
     from qkv.lora import load_adapter, merge_lora
@@ -98,6 +99,7 @@ def main() -> None:
         (f"qlora-{MODELS[args.model]}", args.model, 1e-3, True),
     ]
     base, tok = load(str(f32))
+    tok, _ = chat_formats.fallback(tok)  # a base model's file may have turn tokens but no template, as `qkv sft` says
     scores = {"base (no fine-tuning)": float("nan") if args.no_judge else judge(base, tok, task.eval_prompts)}
     results = []
     for name, model, lr, lora in runs:
