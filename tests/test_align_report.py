@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qkv.align.report import ReportConfig, run_report
+from qkv.align.report import KEPT_MARKER, ReportConfig, run_report
 
 
 @pytest.mark.slow
@@ -30,7 +30,11 @@ def test_report_runs_every_stage_and_writes_the_table(tmp_path):
         n_eval=8,
         max_new_tokens=6,
     )
-    result = run_report(tmp_path / "run", tmp_path / "docs", rc, log=lambda *a: None)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    hand = f"{KEPT_MARKER}\n\n## Real models\n\n| task | base | SFT |\n"
+    (docs / "alignment.md").write_text("# an older report\n\nstale numbers\n\n" + hand)
+    result = run_report(tmp_path / "run", docs, rc, log=lambda *a: None)
     assert set(result["rows"]) == {"base", "SFT", "DPO", "PPO", "PPO-ptx"}
     for row in result["rows"].values():
         assert -1.0 <= row["gold"] <= 1.0 and 0.0 <= row["exact"] <= 1.0 and row["val_bpb"] > 0
@@ -38,5 +42,7 @@ def test_report_runs_every_stage_and_writes_the_table(tmp_path):
     text = (tmp_path / "docs" / "alignment.md").read_text()
     for name in ("SFT", "DPO", "PPO-ptx"):
         assert f"| {name} |" in text
+    # the old report is gone, the hand-written part after the marker is kept, once
+    assert "stale numbers" not in text and text.endswith(hand) and text.count(KEPT_MARKER) == 1
     assert json.loads((tmp_path / "run" / "report.json").read_text())["config"]["dpo_steps"] == 3
     assert list((tmp_path / "docs" / "img").glob("alignment_*.png"))

@@ -328,13 +328,22 @@ def measure(models: dict, sft, rm, data: StudyData, rc: ReportConfig) -> dict[st
     return rows
 
 
+# alignment.md from this line on is written by hand (measurements of real models that the
+# bundled study does not make) and survives the report rewriting the part above it
+KEPT_MARKER = "<!-- Written by hand from here on: `qkv align report` rewrites only what is above. -->"
+
+
 def write_outputs(result: dict, out: Path, docs: Path) -> None:
-    """report.json in the run directory; the plots and alignment.md in the docs directory."""
+    """report.json in the run directory; the plots and alignment.md in the docs directory
+    (keeping an existing alignment.md's hand-written part, from KEPT_MARKER on)."""
     from qkv.io import atomic_write_text
 
     atomic_write_text(out / "report.json", json.dumps(result, indent=1, default=str) + "\n")
     write_plots(result, docs / "img")
-    atomic_write_text(docs / "alignment.md", render_markdown(result))
+    page = docs / "alignment.md"
+    old = page.read_text() if page.exists() else ""
+    kept = old[old.index(KEPT_MARKER) :] if KEPT_MARKER in old else ""
+    atomic_write_text(page, render_markdown(result) + ("\n" + kept if kept else ""))
 
 
 @torch.no_grad()
