@@ -366,3 +366,33 @@ def test_stages_take_an_imported_model_directly(tmp_path, setup, capsys):
         == 1
     )
     assert "no tokenizer found" in capsys.readouterr().err
+
+
+def test_sequence_logprobs_scores_only_response_positions_and_equals_the_masked_sum():
+    """DPO's sequence log-prob runs the head only where a response token is predicted; it is the
+    masked sum of every position's log-prob, in value and in gradient."""
+    from qkv.align.policy import sequence_logprobs
+    from qkv.config import preset
+    from qkv.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=97, n_layer=1, d_model=32, n_head=2, n_kv_head=1, max_seq_len=32))
+    ids = torch.randint(0, 97, (3, 12))
+    kp = torch.ones(3, 12, dtype=torch.bool)
+    kp[2, 9:] = False  # right padding
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[0, 5:], mask[1, 2:7], mask[2, 6:9] = True, True, True
+    batch = {"ids": ids, "key_padding": kp, "mask": mask}
+    seen = []
+    model.head = lambda h, real=model.head: (seen.append(h.shape[0]), real(h))[1]
+    got = sequence_logprobs(model, batch)
+    assert seen == [int(mask[:, 1:].sum())]  # 7 + 5 + 3 positions, not 3 x 11
+    got.sum().backward()
+    g_got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    del model.head
+    want = (response_logprobs(model, ids, kp) * mask[:, 1:]).sum(1)
+    want.sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(g_got[n], p.grad, atol=1e-6), n
