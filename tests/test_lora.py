@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -434,3 +435,34 @@ def test_frozen_quant_matmul_matches_a_plain_linear(tile_elements, monkeypatch):
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
     with torch.enable_grad():
         assert torch.allclose(q(x), F.linear(x, w, q.bias), atol=1e-5)
+
+
+def test_dpo_scores_the_reference_only_for_the_pairs_its_steps_draw(tmp_path, monkeypatch, one_thread):
+    """A short run on a large preference file: the reference pass covers the pairs the sampler
+    gives the run's steps (3 steps of 4 here), not all 40, and training reads only those."""
+    from qkv.align import dpo as DPO
+    from qkv.align.data import IndexSampler, Preference
+    from qkv.train import TrainConfig
+
+    tok = tiny_tokenizer()
+    model = tiny(vocab=tok.vocab_size)
+    prefs = [
+        Preference(
+            [{"role": "user", "content": f"say {i}"}],
+            [{"role": "assistant", "content": f"{i} indeed"}],
+            [{"role": "assistant", "content": "no"}],
+        )
+        for i in range(40)
+    ]
+    seen = []
+    real = DPO.reference_logprobs
+    monkeypatch.setattr(
+        DPO, "reference_logprobs", lambda m, pairs, pad, **kw: (seen.append(len(pairs)), real(m, pairs, pad, **kw))[1]
+    )
+    cfg = TrainConfig(
+        out_dir=str(tmp_path / "dpo"), max_steps=3, batch_size=4, seq_len=32, save_every=0, progress=False, threads=1
+    )
+    result = DPO.run_dpo(model, tok, prefs, cfg)
+    sampler = IndexSampler(40, 4, 1, cfg.seed)
+    assert seen == [len({i for s in range(3) for i in sampler(s, 0)})] and seen[0] <= 12
+    assert all(math.isfinite(h["loss"]) for h in result.history)
