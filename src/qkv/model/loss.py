@@ -85,7 +85,10 @@ def _loss_and_grads(
             g = _logits_grad(logp, tc, vc).to(compute) if want_h or want_w else None
         if g is not None:
             if grad_h is not None:
-                grad_h[s : s + chunk] = g @ w
+                if compute == h.dtype:  # straight into the gradient, no temporary
+                    torch.mm(g, w, out=grad_h[s : s + chunk])
+                else:  # a bf16 product, widened into h's dtype
+                    grad_h[s : s + chunk] = g @ w
             if grad_w is not None:
                 if compute == torch.float32:
                     grad_w.addmm_(g.t(), hc)
