@@ -1,6 +1,8 @@
 """Prefill over quantized weights: the native dequantizer (qkv.kernels.quant_linear.dequantize)
-against the gguf package, and the tiled product (tiled_linear, QuantLinear beyond 64 rows,
-QuantEmbedding.project as a tied head) against F.linear on gguf's dequantized weights.
+against the gguf package; QuantLinear beyond 64 rows (the decode kernel, 64 rows a call, each
+row bitwise its result alone); and the tiled product (tiled_linear, the fallback for formats
+the kernel does not read, and QuantEmbedding.project as a tied head) against F.linear on gguf's
+dequantized weights.
 
 - dequantize is bit for bit gguf.quants.dequantize on every format and every path, on random
   bytes whose fp16 scales are any finite value (zeros, subnormals and -0 included), since each
@@ -31,6 +33,7 @@ from qkv.kernels import native
 from qkv.kernels import quant_linear as ql
 from qkv.model import build_model
 from qkv.quant import QuantEmbedding, QuantLinear, quantize_model
+from test_quant_kernels import oracle_and_bound
 
 T = GGMLQuantizationType
 needs_native = pytest.mark.skipif(ql._dequantize.get() is None, reason="no AVX2 CPU or C compiler (or QKV_NATIVE=0)")
@@ -133,7 +136,10 @@ def assert_gemm_close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w:
     bias=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_quant_linear_beyond_64_rows_is_f_linear_of_the_gguf_weights(qt, rows, n_out, bias, seed):
+def test_quant_linear_beyond_64_rows_gives_each_row_its_decode_result(qt, rows, n_out, bias, seed):
+    """A prompt's rows go through the decode kernel 64 at a time: each row's output is bitwise
+    what the kernel gives it alone (so within the kernel's derived bound of the gguf weights'
+    product); a format the kernel does not read takes the tiled fp32 GEMM instead."""
     rng = np.random.default_rng(seed)
     n_in = 256 if qt.name.endswith("_K") else 96
     if qt.name.endswith("_K"):  # gguf cannot quantize to K-quants: random bytes, finite scales
@@ -147,8 +153,15 @@ def test_quant_linear_beyond_64_rows_is_f_linear_of_the_gguf_weights(qt, rows, n
     x = torch.from_numpy(rng.standard_normal((rows, n_in)).astype(np.float32))
     with torch.inference_mode(), mock.patch.object(ql, "tiled_linear", wraps=ql.tiled_linear) as tiled:
         got = layer(x)
-    assert tiled.call_count == 1, "more than 64 rows must take the tiled product"
-    assert_gemm_close(got, F.linear(x, w, b), x, w, b)
+        alone = [ql.linear(x[r : r + 1], layer.blocks, qt, b) for r in range(rows)]
+    if qt in ql.FORMATS:
+        assert tiled.call_count == 0, "a format the kernel reads takes it for every row"
+        assert torch.equal(got, torch.cat(alone))
+        ref, bound, _ = oracle_and_bound(x, blocks, qt, b)
+        assert ((got.double() - ref).abs() <= bound).all()
+    else:
+        assert tiled.call_count == 1 and alone[0] is None
+        assert_gemm_close(got, F.linear(x, w, b), x, w, b)
 
 
 @needs_native
@@ -201,7 +214,8 @@ def test_autograd_and_other_dtypes_take_the_dequantized_fallback():
     w = q.dequantized_weight()
     assert x.grad is not None and torch.allclose(x.grad, w.sum(0).expand(100, -1))
     with torch.no_grad():  # the bias is a Parameter: with grad off it is read, not differentiated
-        assert_gemm_close(q(x), F.linear(x, w, q.bias), x, w, q.bias)
+        assert_gemm_close(ql.tiled_linear(x, q.blocks, "q8_0", q.bias), F.linear(x, w, q.bias), x, w, q.bias)
+        assert torch.equal(q(x), torch.cat([ql.linear(x[r : r + 1], q.blocks, "q8_0", q.bias) for r in range(100)]))
     with pytest.raises(ValueError, match="tile_rows must be positive"):
         ql.tiled_linear(x.detach(), q.blocks, "q8_0", tile_rows=0)
 

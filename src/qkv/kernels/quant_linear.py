@@ -9,8 +9,9 @@ Where it does not apply (autograd, torch.compile, more than 64 rows, not fp32 CP
 kernels off or unbuilt) `linear` returns None and the caller dequantizes instead.
 
 `dequantize(blocks, qtype, n_in, rows)`: rows of blocks as fp32, bit for bit what
-gguf.quants.dequantize gives, in native code. A prefill's many rows are a GEMM: QuantLinear
-dequantizes a tile of weight rows at a time with it and multiplies the tile with torch.mm.
+gguf.quants.dequantize gives, in native code. `tiled_linear` dequantizes a tile of weight rows
+at a time with it and multiplies the tile with torch.mm (fp32 x, no int8 rounding): the tied
+output head over many rows, and the forward of training through frozen quantized weights.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def tiled_linear(
     bias: torch.Tensor | None = None,
     tile_rows: int = TILE_ROWS,
 ) -> torch.Tensor | None:
-    """x @ W.T + bias for many rows of x (a prefill): `tile_rows` weight rows at a time are
+    """x @ W.T + bias for many rows of x: `tile_rows` weight rows at a time are
     dequantized natively into one scratch tile and multiplied by torch.mm straight into their
     columns of the output, so memory stays at the blocks plus one fp32 tile. Unlike `linear`
     x is not rounded to int8: the result is F.linear(x, dequantized W, bias) up to the GEMM's
