@@ -137,9 +137,9 @@ def assert_gemm_close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w:
     seed=st.integers(0, 2**32 - 1),
 )
 def test_quant_linear_beyond_64_rows_gives_each_row_its_decode_result(qt, rows, n_out, bias, seed):
-    """A prompt's rows go through the decode kernel 64 at a time: each row's output is bitwise
-    what the kernel gives it alone (so within the kernel's derived bound of the gguf weights'
-    product); a format the kernel does not read takes the tiled fp32 GEMM instead."""
+    """In inference mode a prompt's rows go through the decode kernel 64 at a time: each row's
+    output is bitwise what the kernel gives it alone (so within the kernel's derived bound of
+    the gguf weights' product); a format the kernel does not read takes the tiled fp32 GEMM."""
     rng = np.random.default_rng(seed)
     n_in = 256 if qt.name.endswith("_K") else 96
     if qt.name.endswith("_K"):  # gguf cannot quantize to K-quants: random bytes, finite scales
@@ -214,7 +214,9 @@ def test_autograd_and_other_dtypes_take_the_dequantized_fallback():
     w = q.dequantized_weight()
     assert x.grad is not None and torch.allclose(x.grad, w.sum(0).expand(100, -1))
     with torch.no_grad():  # the bias is a Parameter: with grad off it is read, not differentiated
-        assert_gemm_close(ql.tiled_linear(x, q.blocks, "q8_0", q.bias), F.linear(x, w, q.bias), x, w, q.bias)
+        # outside inference mode (a training step's reference pass) many rows keep the fp32 product
+        assert_gemm_close(q(x), F.linear(x, w, q.bias), x, w, q.bias)
+    with torch.inference_mode():  # decoding and scoring: the int8 row kernel, row by row
         assert torch.equal(q(x), torch.cat([ql.linear(x[r : r + 1], q.blocks, "q8_0", q.bias) for r in range(100)]))
     with pytest.raises(ValueError, match="tile_rows must be positive"):
         ql.tiled_linear(x.detach(), q.blocks, "q8_0", tile_rows=0)

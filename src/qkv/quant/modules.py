@@ -4,10 +4,10 @@ nn.Linear / nn.Embedding as gpt-fast does for int8/int4 (`quantize_model`).
 - `QuantLinear.blocks`: uint8 (out_features, row_bytes), each row the weight row's blocks as
   they lie in a GGUF file; the bias, when there is one, stays an fp32 Parameter.
   forward(x) asks the native quantized matvec (qkv.kernels.quant_linear.linear, int8
-  activations, 64 rows a call: a decode step, or a prompt in slices) first, then the native
-  tiled product (tiled_linear: a tile of weight rows dequantized at a time, then torch.mm), and
-  otherwise dequantizes the whole weight and calls F.linear; nothing is cached, so memory stays
-  at the quantized size plus one tile. Under autograd (QLoRA: a frozen quantized base with
+  activations, 64 rows a call: a decode step, or in inference mode a prompt in slices) first,
+  then the native tiled product (tiled_linear: a tile of weight rows dequantized at a time,
+  then torch.mm), and otherwise dequantizes the whole weight and calls F.linear; nothing is
+  cached, so memory stays at the quantized size plus one tile. Under autograd (QLoRA: a frozen quantized base with
   trainable adapters) the product is differentiable in x, its backward dequantizing a tile of
   rows at a time (_FrozenQuantMatmul); the blocks themselves never get gradients.
 - `QuantEmbedding.blocks`: the (vocab, row_bytes) table; forward(idx) dequantizes only the rows
@@ -180,7 +180,7 @@ class QuantLinear(_Repackable):
             return y if self.bias is None else y + self.bias.to(y.dtype)
         code = self.kernel_type
         y = quant_linear.linear(x, self.blocks, code, self.bias)  # decode: <= 64 rows, int8 x
-        if y is None and x.shape[:-1].numel() > quant_linear.MAX_ROWS:
+        if y is None and x.shape[:-1].numel() > quant_linear.MAX_ROWS and torch.is_inference_mode_enabled():
             y = self._row_kernel_in_slices(x)  # prefill: the same kernel, 64 rows a call
         if y is None:
             y = quant_linear.tiled_linear(x, self.blocks, code, self.bias)  # fp32 GEMM per tile
@@ -194,7 +194,10 @@ class QuantLinear(_Repackable):
         products beat dequantizing tiles for an fp32 GEMM (pp128 of SmolLM2 Q8_0 / Q4_0 on an
         AMD EPYC: 1.5-1.9x with VNNI, 1.3-1.7x with plain AVX-512, 1.3x with AVX2), and its
         rows are independent: a token's product is bitwise the same in a prompt, alone, or
-        batched with other requests, as llama.cpp's int8 activations in prefill are too."""
+        batched with other requests, as llama.cpp's int8 activations in prefill are too.
+        Inference mode only (decoding, scoring): a training step's no-grad passes (DPO's
+        reference, GRPO's old log-probs) keep the fp32 tiled product its differentiable
+        forward computes, so a policy and its reference agree exactly at the start."""
         rows = x.reshape(-1, x.shape[-1])
         parts = []
         for part in rows.split(quant_linear.MAX_ROWS):
