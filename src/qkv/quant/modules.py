@@ -7,9 +7,10 @@ nn.Linear / nn.Embedding as gpt-fast does for int8/int4 (`quantize_model`).
   activations, 64 rows a call: a decode step, or in inference mode a prompt in slices) first,
   then the native tiled product (tiled_linear: a tile of weight rows dequantized at a time,
   then torch.mm), and otherwise dequantizes the whole weight and calls F.linear; nothing is
-  cached, so memory stays at the quantized size plus one tile. Under autograd (QLoRA: a frozen quantized base with
-  trainable adapters) the product is differentiable in x, its backward dequantizing a tile of
-  rows at a time (_FrozenQuantMatmul); the blocks themselves never get gradients.
+  cached, so memory stays at the quantized size plus one tile. Under autograd (QLoRA: a frozen
+  quantized base with trainable adapters) the product is differentiable in x, its backward
+  dequantizing a tile of rows at a time (_FrozenQuantMatmul); the blocks themselves never get
+  gradients.
 - `QuantEmbedding.blocks`: the (vocab, row_bytes) table; forward(idx) dequantizes only the rows
   asked for, and project(h) is h @ table.T (a tied output head) through the tiled product.
 - Both expose `weight`, the dequantized fp32 matrix, for code that reads a module's weight
