@@ -213,10 +213,16 @@ def describe(cfg: ModelConfig, kv_dtype: str | None = None) -> str:
 
 def supports(model) -> bool:
     """Whether the model's architecture and state fit the fused block (any step)."""
+    return _state_fits(model, [b.attn for b in model.blocks])
+
+
+def _state_fits(model, attns: list[nn.Module]) -> bool:
+    """supports(), for a model whose blocks' attention modules are `attns` (a current view's):
+    the same checks without walking the blocks, which is most of their cost a step."""
     return (
         architecture_fits(model.cfg)
         and not model.training
-        and not any(b.attn.keep_probs for b in model.blocks)
+        and not any(a.keep_probs for a in attns)
         and model.final_norm.weight.device.type == "cpu"
     )
 
@@ -228,6 +234,7 @@ class _View:
     weight assigned), or a tensor it points to moved (`.data` assigned, `model.to`), or gone."""
 
     blocks: list[_Block]
+    attns: list[nn.Module]  # each block's attention (its keep_probs is asked every step)
     registrations: int
     tensors: list[weakref.ref]
     addresses: list[int]
@@ -365,9 +372,15 @@ def _block_struct(
 def _blocks(model) -> list[_Block]:
     """The C view of each block's weights, rebuilt when it went stale (see _View); [] when a
     block does not fit (nothing is cached then: the next step asks again)."""
+    view = _current_view(model)
+    return view.blocks if view is not None else []
+
+
+def _current_view(model) -> _View | None:
+    """_blocks' view of the model, current, or None when a block does not fit."""
     view = _views.get(model)
     if view is not None and view.current():
-        return view.blocks
+        return view
     registrations = _registrations  # read first: a registration during the build makes it stale
     modules: list[nn.Module] = [model, model.blocks]
     tensors: list[torch.Tensor] = []
@@ -376,12 +389,14 @@ def _blocks(model) -> list[_Block]:
     for layer, blk in enumerate(model.blocks):
         struct = _block_struct(model.cfg, blk, layer, modules, tensors, keep)
         if struct is None:
-            return []
+            return None
         out.append(struct)
     _watch(modules)
     # the model holds the tensors it owns (the view only watches them); the view keeps the rest
-    _views[model] = _View(out, registrations, [weakref.ref(t) for t in tensors], [t.data_ptr() for t in tensors], keep)
-    return out
+    attns = [blk.attn for blk in model.blocks]
+    view = _View(out, attns, registrations, [weakref.ref(t) for t in tensors], [t.data_ptr() for t in tensors], keep)
+    _views[model] = view
+    return view
 
 
 def _kv_scales(cache) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -419,14 +434,17 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
     """Final-norm hidden states (B, 1, d) of one decode step, or None where the fused
     path does not apply. tokens: (B, 1); positions: (1,) or (B, 1), clamped to the table."""
     B, T = tokens.shape
-    if T != 1 or tokens.device.type != "cpu" or torch.compiler.is_compiling() or not supports(model):
+    if T != 1 or tokens.device.type != "cpu" or torch.compiler.is_compiling() or cache.k.device.type != "cpu":
         return None
-    if cache.k.device.type != "cpu":
+    if not architecture_fits(model.cfg):
+        return None
+    view = _current_view(model)
+    if view is None or not _state_fits(model, view.attns):
         return None
     layout = _kv_layout(cache, B)
-    blocks = _blocks(model)
+    blocks = view.blocks
     decode_block = _decode_kernel()
-    if layout is None or not blocks or decode_block is None:
+    if layout is None or decode_block is None:
         return None
     tables, total, block_size, (block_stride, token_stride, head_stride) = layout
     cfg = model.cfg
@@ -457,10 +475,14 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
     n_threads = torch.get_num_threads()
     angles = None if cos is None or sin is None else (cos.data_ptr(), sin.data_ptr())
     local_angles = angles if local is None else (local[0].data_ptr(), local[1].data_ptr())
+    # each layer's K/V (and scales) by address arithmetic: indexing cache.k[layer] builds a
+    # tensor view, ~1.4 us each, 4 a layer
+    kv_tensors = (cache.k, cache.v) + (scales if scales is not None else ())
+    bases = [(t.data_ptr(), t.stride(0) * t.element_size()) for t in kv_tensors]
     for layer, blk in enumerate(blocks):
-        kv.k, kv.v = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
+        kv.k, kv.v = bases[0][0] + layer * bases[0][1], bases[1][0] + layer * bases[1][1]
         if scales is not None:
-            kv.k_scale, kv.v_scale = scales[0][layer].data_ptr(), scales[1][layer].data_ptr()
+            kv.k_scale, kv.v_scale = bases[2][0] + layer * bases[2][1], bases[3][0] + layer * bases[3][1]
         pair = local_angles if cfg.window_of(layer) is not None else angles
         c, s = (None, None) if pair is None else pair
         rc = decode_block(ctypes.byref(blk), ctypes.byref(kv), x.data_ptr(), B, c, s, n_threads)
