@@ -26,7 +26,7 @@ from common import table
 
 LLAMA_VERSION = "11434.0.0"
 CACHE = Path(os.environ.get("QKV_BENCH_CACHE", Path.home() / ".cache" / "qkv-bench"))
-TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-server"]
+TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-server", "llama-batched-bench"]
 
 
 def build_llama_cpp() -> Path:

@@ -16,7 +16,10 @@ same workload through `Engine.generate` in-process, with no HTTP at all.
 with one workload (prompts of 8-64 words, 64 greedy tokens each with ignore_eos, 32
 requests, 2 threads each, `llama-server -t 2 -c 8192 -np 16`), at 16 concurrent clients
 and at 1 client (each level with prompts of its own, so no server finds them cached), and
-prints the two servers' rows and their ratio per file.
+prints the two servers' rows and their ratio per file. With `--in-process`, each side's
+engine also runs the same work with no server (qkv's `Engine.generate`; llama.cpp's
+`llama-batched-bench`, built beside llama-server), so the table says which part of a gap is
+the server path and which the engine.
 """
 
 from __future__ import annotations
@@ -179,7 +182,10 @@ def engine_ceiling(model_path: str, items: list[dict], max_num_seqs: int, thread
     model, tok = load_for_serving(model_path)
     engine = Engine(model, tok, max_num_seqs=max_num_seqs)
     prompts = [tok.encode(it["prompt"]) for it in items]
-    params = [SamplingParams(max_tokens=it["max_tokens"], temperature=0.8, ignore_eos=True) for it in items]
+    params = [
+        SamplingParams(max_tokens=it["max_tokens"], temperature=it.get("temperature", 0.8), ignore_eos=True)
+        for it in items
+    ]
     engine.generate(prompts[:4], params[:4])  # warm-up
     t0 = time.perf_counter()
     res = engine.generate(prompts, params)
@@ -268,6 +274,19 @@ def bench_model(
     return rows
 
 
+def llama_in_process(
+    binary: str, model_path: str, prompt_tokens: int, gen_tokens: int, levels: list[int], threads: int
+) -> dict[int, float]:
+    """llama.cpp with no server: `llama-batched-bench` (beside llama-server in the build) runs
+    n sequences of prompt_tokens + gen_tokens at once; output tokens / (prefill + decode time)
+    per n, the in-process counterpart of a server's output tok/s at n clients."""
+    cmd = [binary, "-m", model_path, "-c", "8192", "-t", str(threads), "--output-format", "jsonl"]
+    cmd += ["-npp", str(prompt_tokens), "-ntg", str(gen_tokens), "-npl", ",".join(str(n) for n in levels)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {r["pl"]: r["pl"] * r["tg"] / r["t"] for r in rows}
+
+
 def llama_server_cmd(binary: str, model_path: str, port: int, threads: int, slots: int) -> list[str]:
     return [binary, "-m", model_path, "-t", str(threads), "-c", "8192", "-np", str(slots)] + [
         "--host",
@@ -288,10 +307,17 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def bench_vs_llama_server(
-    files: list[str], binary: str, levels: list[int], n_requests: int, threads: int, before: str | None = None
+    files: list[str],
+    binary: str,
+    levels: list[int],
+    n_requests: int,
+    threads: int,
+    before: str | None = None,
+    in_process: bool = False,
 ) -> list:
     """qkv serve and llama-server in turn on each file, same greedy workload, same threads
-    (and `qkv serve` from another source tree, `before`, when given)."""
+    (and `qkv serve` from another source tree, `before`, when given; and, with in_process,
+    each side's engine with no server: qkv's Engine.generate and llama-batched-bench)."""
     from _serve_helpers import free_port
 
     # each level gets prompts no server has seen: a replayed prompt is a prefix-cache hit
@@ -326,6 +352,19 @@ def bench_vs_llama_server(
                     )
             finally:
                 stop(proc)
+        if in_process:  # the same work with no server on either side: what each server path costs
+            from qkv.commands.serve import load_for_serving
+
+            _, tok = load_for_serving(path)
+            words = [it for c in levels for it in items[c]]
+            prompt_tokens = round(sum(len(tok.encode(it["prompt"])) for it in words) / len(words))
+            batched = str(Path(binary).with_name("llama-batched-bench"))
+            llama = llama_in_process(batched, path, prompt_tokens, words[0]["max_tokens"], levels, threads)
+            for c in levels:
+                qkv_rate = engine_ceiling(path, items[c], c, threads)
+                rows.append(dict(model=fmt, concurrency=c, server="qkv Engine (no server)", tok_s=qkv_rate))
+                rows.append(dict(model=fmt, concurrency=c, server="llama-batched-bench (no server)", tok_s=llama[c]))
+                print(f"  {fmt} c={c}: qkv Engine {qkv_rate:.0f} tok/s, llama-batched-bench {llama[c]:.0f} tok/s")
     return rows
 
 
@@ -334,7 +373,8 @@ def peer_table(rows: list[dict]) -> str:
     columns += ("ITL p50 / p99 (ms)", "load avg")
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     peer = {(r["model"], r["concurrency"]): r["tok_s"] for r in rows if r["server"] == "llama-server"}
-    for r in sorted(rows, key=lambda r: (r["model"], -r["concurrency"], r["server"])):
+    served = [r for r in rows if "no server" not in r["server"]]
+    for r in sorted(served, key=lambda r: (r["model"], -r["concurrency"], r["server"])):
         ratio = "–"
         if r["server"].startswith("qkv serve") and peer.get((r["model"], r["concurrency"])):
             ratio = f"{r['tok_s'] / peer[(r['model'], r['concurrency'])]:.2f}x"
@@ -342,6 +382,26 @@ def peer_table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['concurrency']} | {r['server']} | {r['failed']} | {r['tok_s']:.0f} | {ratio} "
             f"| {r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} "
             f"| {r['load']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def server_cost_table(rows: list[dict]) -> str:
+    """Each side served and with no server, per format and clients: what the server path
+    keeps of its engine's rate, and qkv over llama.cpp both ways."""
+    rate = {(r["model"], r["concurrency"], r["server"]): r["tok_s"] for r in rows}
+    columns = ("format", "clients", "llama-server", "llama-batched-bench", "served / engine")
+    columns += ("qkv serve", "qkv Engine", "served / engine", "qkv / llama served", "qkv / llama engines")
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    keys = sorted(
+        {(r["model"], r["concurrency"]) for r in rows if "no server" in r["server"]}, key=lambda k: (k[0], -k[1])
+    )
+    for fmt, c in keys:
+        ls, lb = rate[(fmt, c, "llama-server")], rate[(fmt, c, "llama-batched-bench (no server)")]
+        qs, qe = rate[(fmt, c, "qkv serve")], rate[(fmt, c, "qkv Engine (no server)")]
+        out.append(
+            f"| {fmt} | {c} | {ls:.0f} | {lb:.0f} | {ls / lb:.2f} | {qs:.0f} | {qe:.0f} | {qs / qe:.2f} "
+            f"| {qs / ls:.2f}x | {qe / lb:.2f}x |"
         )
     return "\n".join(out)
 
@@ -414,6 +474,13 @@ def main() -> None:
         "--before", default=None, metavar="SRC", help="with --vs-llama-server: also serve qkv from this source tree"
     )
     ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="with --vs-llama-server: also run each side with no server (qkv's Engine.generate on the same "
+        "requests, llama.cpp's llama-batched-bench on prompts of their mean length), to show what each server "
+        "path costs",
+    )
+    ap.add_argument(
         "--llama-server",
         default=None,
         help="the llama-server binary for --vs-llama-server (default: the one bench_quant.py builds)",
@@ -428,9 +495,12 @@ def main() -> None:
     if args.vs_llama_server:
         threads = args.threads
         files = args.vs_llama_server.split(",")
-        rows = bench_vs_llama_server(files, args.llama_server, [16, 1], 32, threads, args.before)
+        rows = bench_vs_llama_server(files, args.llama_server, [16, 1], 32, threads, args.before, args.in_process)
         print(f"\nmachine: {os.cpu_count()} CPUs, {threads} threads per server; the load generator shares the cores")
         print(peer_table(rows))
+        if args.in_process:
+            print()
+            print(server_cost_table(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
