@@ -113,3 +113,71 @@ def test_tiny_model_q8_0_logits_close_to_fp32_and_it_generates():
                 twin.get_submodule(name).weight.copy_(m.dequantized_weight())
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     assert generate(q, [5, 9, 2, 7], params) == generate(twin, [5, 9, 2, 7], params)
+
+
+class _Rows:
+    """A plain (V, d) tensor lent a tile at a time, counting the rows lent."""
+
+    def __init__(self, w: torch.Tensor, group: int = 1):
+        self.w, self.shape, self.group, self.lent = w, tuple(w.shape), group, []
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        assert start % self.group == 0
+        self.lent.append((start, stop))
+        return self.w[start:stop]
+
+
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_tiled_head_loss_and_grad_match_plain_cross_entropy(n):
+    """The loss over a head lent a tile of rows at a time (online log-sum-exp over tiles, then
+    softmax - one_hot per tile) equals F.cross_entropy of the whole logits, and so does its
+    gradient for h, with ignored targets and with tiles that do not divide the vocabulary."""
+    import qkv.model.loss as loss_module
+
+    torch.manual_seed(n)
+    v, d = 1000, 48
+    w = torch.randn(v, d) * 0.5
+    t = torch.randint(0, v, (n,))
+    t[: n // 3] = -100
+    h0 = torch.randn(n, d)
+    h_ref, h = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    plain = F.cross_entropy(h_ref @ w.t(), t, ignore_index=-100)
+    plain.backward()
+    rows = _Rows(w, group=16)
+    tiled = loss_module.fused_linear_cross_entropy(h, rows, t)
+    tiled.backward()
+    assert tiled.item() == pytest.approx(plain.item(), rel=1e-5)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-7)
+    assert rows.lent[0][0] == 0 and rows.lent[-1][1] == v  # every row lent, starting on groups
+    with torch.no_grad():
+        assert loss_module.fused_linear_cross_entropy(h0, rows, t).item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("repacked", [False, True])
+def test_quantized_tied_head_trains_without_its_whole_table_in_fp32(repacked, monkeypatch):
+    """A model whose tied embedding is quantized (QLoRA's frozen head) computes model.loss
+    from tiles of the table: never the whole dequantized table, and the same loss and
+    gradients as the model with that table dequantized to fp32."""
+    cfg = CFG.replace(vocab_size=4000, d_model=64)
+    model = build_model(cfg)
+    q = quantize_model(copy.deepcopy(model), "q8_0", include=["tok_emb"])
+    if repacked and not q.tok_emb.repack():
+        pytest.skip("repacked rows need the native kernels")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.tok_emb.weight.copy_(q.tok_emb.dequantized_weight())
+    twin.tok_emb.weight.requires_grad_(False)
+    x, y = torch.randint(0, cfg.vocab_size, (2, 16)), torch.randint(0, cfg.vocab_size, (2, 16))
+    ref = twin.loss(x, y)
+    ref.backward()
+
+    def whole_table(*args, **kwargs):
+        raise AssertionError("the loss dequantized the whole head")
+
+    monkeypatch.setattr(QuantEmbedding, "dequantized_weight", whole_table)
+    loss = q.train().loss(x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    trained = dict(twin.named_parameters())
+    for name, p in q.named_parameters():  # the twin also has the frozen table, which q keeps as blocks
+        torch.testing.assert_close(p.grad, trained[name].grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -62,7 +62,7 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
         h = model.hidden(x, positions=positions, mask=mask)
     else:
         h = model.hidden(x, key_padding=batch["key_padding"][:, :-1])
-    loss = fused_linear_cross_entropy(h, model.output_weight, y)
+    loss = fused_linear_cross_entropy(h, model.loss_weight(), y)
     aux = model.aux_loss() if model.training and hasattr(model, "aux_loss") else None
     if aux is not None:
         loss = loss + aux

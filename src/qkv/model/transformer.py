@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from qkv.config import ModelConfig
 from qkv.model.attention import Attention, KVCacheLike, causal_mask
 from qkv.model.layers import RMSNorm, make_mlp, make_norm
-from qkv.model.loss import fused_linear_cross_entropy
+from qkv.model.loss import WeightRows, fused_linear_cross_entropy
 from qkv.model.moe import MoE
 from qkv.model.positions import rope_table, sinusoidal_table
 
@@ -220,6 +220,14 @@ class Transformer(nn.Module):
         """(vocab, d) unembedding: the token embedding when tied, else lm_head's weight."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def loss_weight(self) -> torch.Tensor | WeightRows:
+        """The head's weight for the fused loss. A head module that lends its weight a tile of
+        rows at a time (`weight_rows()`: quantized blocks, frozen) is read that way, so a step
+        never holds the whole table in fp32; any other head gives output_weight."""
+        head = self.tok_emb if self.lm_head is None else self.lm_head
+        lend = getattr(head, "weight_rows", None)
+        return lend() if callable(lend) else self.output_weight
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from hidden states (tied: the token embedding matrix)."""
         return self.softcap(F.linear(h, self.output_weight.to(h.dtype)))
@@ -257,7 +265,7 @@ class Transformer(nn.Module):
         stored whole."""
         h = self.hidden(idx, positions, key_padding=key_padding)
         if self.cfg.final_softcap is None:
-            loss = fused_linear_cross_entropy(h, self.output_weight, targets, ignore_index)
+            loss = fused_linear_cross_entropy(h, self.loss_weight(), targets, ignore_index)
         else:  # the fused loss has no soft-cap: the logits are stored whole
             logits = self.head(h).float()
             loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)

@@ -80,6 +80,14 @@ class _Repackable(nn.Module):
         """The rows in the file's layout: the buffer itself, or an unpacked copy."""
         return repack.unpacked(self.blocks, self.qtype) if self.repacked else self.blocks
 
+    def weight_rows(self) -> BlockRows:
+        """The weight lent a tile of rows at a time (the fused loss's WeightRows), so a frozen
+        quantized head is never dequantized whole for a training step."""
+        return BlockRows(self, (self.blocks.shape[0], self._cols()), quant_linear.INTERLEAVE if self.repacked else 1)
+
+    def _cols(self) -> int:
+        raise NotImplementedError
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.repacked and prefix + "blocks" in destination:
@@ -91,6 +99,19 @@ class _Repackable(nn.Module):
         if was and prefix + "blocks" in state_dict:  # the buffer now holds the state's file layout
             self.repacked = False
             self.repack()
+
+
+class BlockRows:
+    """A quantized module's (rows, cols) weight, dequantized a tile of rows at a time
+    (qkv.model.loss.WeightRows): `group` is 16 for rows repacked sixteen at a time, whose
+    tiles must start on a group."""
+
+    def __init__(self, module: _Repackable, shape: tuple[int, int], group: int):
+        self.module, self.shape, self.group = module, shape, group
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        m = self.module
+        return _dequantize_all(m.blocks[start:stop], m.qtype, self.shape[1], m.kernel_type)
 
 
 # fp32 elements of W dequantized at a time by a frozen quantized linear's autograd path
@@ -170,6 +191,9 @@ class QuantLinear(_Repackable):
     def dequantized_weight(self) -> torch.Tensor:
         return _dequantize_all(self.blocks, self.qtype, self.in_features, self.kernel_type)
 
+    def _cols(self) -> int:
+        return self.in_features
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized fp32 weight (slow path: a full dequantization per access)."""
@@ -241,6 +265,9 @@ class QuantEmbedding(_Repackable):
 
     def dequantized_weight(self) -> torch.Tensor:
         return _dequantize_all(self.blocks, self.qtype, self.embedding_dim, self.kernel_type)
+
+    def _cols(self) -> int:
+        return self.embedding_dim
 
     @property
     def weight(self) -> torch.Tensor:
