@@ -181,3 +181,27 @@ def test_quantized_tied_head_trains_without_its_whole_table_in_fp32(repacked, mo
     trained = dict(twin.named_parameters())
     for name, p in q.named_parameters():  # the twin also has the frozen table, which q keeps as blocks
         torch.testing.assert_close(p.grad, trained[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_alignment_logprobs_through_a_quantized_tied_head_match_the_fp32_twin(monkeypatch):
+    """DPO's sequence log-probs and GRPO/PPO's per-token ones read a quantized tied head in
+    tiles (qkv.align.policy.head_logprobs): the same values and gradients as the model with
+    the table dequantized to fp32, at a sampling temperature, without the whole table."""
+    from qkv.align.policy import head_logprobs
+
+    cfg = CFG.replace(vocab_size=3000)
+    model = build_model(cfg)
+    q = quantize_model(copy.deepcopy(model), "q8_0", include=["tok_emb"])
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.tok_emb.weight.copy_(q.tok_emb.dequantized_weight())
+    h0, targets = torch.randn(2, 9, cfg.d_model), torch.randint(0, cfg.vocab_size, (2, 9))
+    h_ref, h = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    ref = head_logprobs(twin, h_ref, targets, temperature=0.7)
+    weights = torch.randn(2, 9)  # any downstream use of the log-probs
+    (ref * weights).sum().backward()
+    monkeypatch.setattr(QuantEmbedding, "dequantized_weight", lambda self: pytest.fail("whole table dequantized"))
+    lp = head_logprobs(q, h, targets, temperature=0.7)
+    (lp * weights).sum().backward()
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)

@@ -26,6 +26,7 @@ from qkv.align.data import batch_sequences, encode_prompt
 from qkv.align.losses import gather_logprobs
 from qkv.config import ModelConfig
 from qkv.model import Transformer
+from qkv.model.loss import tiled_logprobs
 
 HEAD_FILE = "head.json"  # marks a checkpoint with a scalar head: {"head": "score"|"value"}
 
@@ -100,12 +101,22 @@ def load_reward_model(directory: str | Path, device: str = "cpu") -> RewardModel
     return model.to(device).eval()
 
 
+def head_logprobs(model: Transformer, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """gather_logprobs(model.head(h), targets, temperature); a head the model lends a tile of
+    rows at a time (a frozen quantized tied head, QLoRA) is read that way: no whole fp32
+    table and no (..., V) logits (Gemma 3's 262,144 x 640 table is 671 MB in fp32)."""
+    weight = model.loss_weight()
+    if not isinstance(weight, torch.Tensor) and model.cfg.final_softcap is None:
+        return tiled_logprobs(h, weight, targets, temperature)
+    return gather_logprobs(model.head(h), targets, temperature)
+
+
 def response_logprobs(
     model: Transformer, ids: torch.Tensor, key_padding: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """log pi(ids[:, t+1] | ids[:, :t+1]) for all t: (B, T-1) in fp32."""
     h = model.hidden(ids, key_padding=key_padding)[:, :-1]
-    return gather_logprobs(model.head(h), ids[:, 1:], temperature)
+    return head_logprobs(model, h, ids[:, 1:], temperature)
 
 
 def sequence_logprobs(model: Transformer, batch: dict, temperature: float = 1.0) -> torch.Tensor:
@@ -115,7 +126,7 @@ def sequence_logprobs(model: Transformer, batch: dict, temperature: float = 1.0)
     262k: a batch of 64 sequences x 40 positions is 2.7 GB of fp32 logits at every position)."""
     ids, mask = batch["ids"], batch["mask"][:, 1:].bool()
     h = model.hidden(ids, key_padding=batch["key_padding"])[:, :-1]
-    lp = gather_logprobs(model.head(h[mask]), ids[:, 1:][mask], temperature)
+    lp = head_logprobs(model, h[mask], ids[:, 1:][mask], temperature)
     row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
     return torch.zeros(ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, row, lp)
 

@@ -120,65 +120,86 @@ class WeightRows(Protocol):
         ...
 
 
-class _TiledCrossEntropy(torch.autograd.Function):
-    """The loss over a WeightRows head: no gradient for the weight (it is frozen)."""
+class _TiledLogProbs(torch.autograd.Function):
+    """log softmax(h @ W.T / temperature)[targets] per row, W a frozen WeightRows: no
+    gradient for W. The forward passes over W's tiles once (each row's running max and sum
+    of exponentials: its log-sum-exp, online; and its target's logit); the backward passes
+    once more, forming each tile's (one_hot - softmax) / temperature, scaled by the rows'
+    incoming gradients, and adding its product with the tile to grad_h. A tile of logits
+    for all rows is at most 2^22 elements, as in the untiled loss."""
 
     @staticmethod
-    def forward(ctx, h, weight: WeightRows, targets, ignore_index: int):
-        total, n_valid, grad_h = _tiled_loss_and_grad_h(h, weight, targets, ignore_index, ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad_h, n_valid)
-        return total / n_valid
+    def forward(ctx, h, weight: WeightRows, targets, temperature: float):
+        hq = h.to(_compute_dtype(h))
+        lse, target_logit = _tiled_lse_and_target(hq, weight, targets, temperature)
+        ctx.save_for_backward(h, targets, lse)
+        ctx.weight, ctx.temperature = weight, temperature
+        return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, n_valid = ctx.saved_tensors
-        return grad_h * (grad_out / n_valid).to(grad_h.dtype), None, None, None
+        h, targets, lse = ctx.saved_tensors
+        weight, temperature = ctx.weight, ctx.temperature
+        compute = _compute_dtype(h)
+        hq, n = h.to(compute), h.shape[0]
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        rows, scale = torch.arange(n, device=h.device), grad_out.float()[:, None] / temperature
+        for start, stop in _tiles(n, weight):
+            w = weight.rows(start, stop).to(compute)
+            g = -torch.exp((hq @ w.t()).float() / temperature - lse[:, None])  # d lp / d logits: one_hot - p
+            here = (targets >= start) & (targets < stop)
+            g[rows[here], targets[here] - start] += 1.0
+            grad_h += ((g * scale).to(compute) @ w).float()
+        return grad_h.to(h.dtype), None, None, None
 
 
-def _tiled_loss_and_grad_h(
-    h: torch.Tensor, weight: WeightRows, targets: torch.Tensor, ignore_index: int, want_h: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(summed loss, number of counted targets, d sum / d h) with the vocabulary in tiles:
-    a first pass over the tiles keeps each row's running max and sum of exponentials (the
-    log-sum-exp, online) and its target's logit; a second, only when a gradient is wanted,
-    forms each tile's softmax - one_hot from them and adds its product with the tile to the
-    gradient. Each tile is lent (dequantized) once a pass; a tile's logits for all rows are
-    at most 2^22 elements, as in the untiled loss."""
-    n, (v, _) = h.shape[0], weight.shape
-    valid = targets != ignore_index
-    n_valid = valid.sum().clamp(min=1)
-    safe = torch.where(valid, targets, 0)
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The products' dtype: autocast's when it is on (as the untiled loss runs them), else h's."""
     device = h.device.type
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    hq = h.to(compute)
-    group = max(1, weight.group)
-    tile = max(group, (2**22 // max(n, 1)) // group * group)
-    rows = torch.arange(n, device=h.device)
-    run_max = torch.full((n,), float("-inf"), device=h.device)
-    run_sum = torch.zeros(n, device=h.device)
-    target_logit = torch.zeros(n, device=h.device)
-    for start in range(0, v, tile):
-        stop = min(start + tile, v)
-        logits = (hq @ weight.rows(start, stop).to(compute).t()).float()
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+
+
+def _tiles(n_rows: int, weight: WeightRows) -> list[tuple[int, int]]:
+    """(start, stop) of the tiles of W's rows, each starting on a group, sized so that a
+    tile's logits for n_rows rows hold at most 2^22 elements."""
+    v, group = weight.shape[0], max(1, weight.group)
+    tile = max(group, (2**22 // max(n_rows, 1)) // group * group)
+    return [(start, min(start + tile, v)) for start in range(0, v, tile)]
+
+
+def _tiled_lse_and_target(
+    hq: torch.Tensor, weight: WeightRows, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-sum-exp of its logits / temperature and its target's logit / temperature."""
+    n = hq.shape[0]
+    rows = torch.arange(n, device=hq.device)
+    run_max = torch.full((n,), float("-inf"), device=hq.device)
+    run_sum = torch.zeros(n, device=hq.device)
+    target_logit = torch.zeros(n, device=hq.device)
+    for start, stop in _tiles(n, weight):
+        logits = (hq @ weight.rows(start, stop).to(hq.dtype).t()).float() / temperature
         new_max = torch.maximum(run_max, logits.amax(1))
         run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
         run_max = new_max
-        here = (safe >= start) & (safe < stop)
-        target_logit[here] = logits[rows[here], safe[here] - start]
-    lse = run_max + torch.log(run_sum)
-    total = ((lse - target_logit) * valid).sum()
-    if not want_h:
-        return total, n_valid, None
-    grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-    for start in range(0, v, tile):
-        stop = min(start + tile, v)
-        w = weight.rows(start, stop).to(compute)
-        g = torch.exp((hq @ w.t()).float() - lse[:, None])
-        here = (safe >= start) & (safe < stop)
-        g[rows[here], safe[here] - start] -= 1.0
-        g *= valid[:, None]
-        grad_h += (g.to(compute) @ w).float()
-    return total, n_valid, grad_h.to(h.dtype)
+        here = (targets >= start) & (targets < stop)
+        target_logit[here] = logits[rows[here], targets[here] - start]
+    return run_max + torch.log(run_sum), target_logit
+
+
+def tiled_logprobs(
+    h: torch.Tensor, weight: WeightRows, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(h @ W.T / temperature)[targets] in fp32, (...) for h (..., d) and targets
+    (...), with W lent a tile of rows at a time (a frozen quantized head): what
+    `gather_logprobs(F.linear(h, W), targets, temperature)` gives, differentiable in h, with
+    no (..., V) logits and no whole fp32 W."""
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if torch.is_grad_enabled() and h2.requires_grad:
+        lp = _TiledLogProbs.apply(h2, weight, t2, temperature)
+    else:
+        lse, target_logit = _tiled_lse_and_target(h2.to(_compute_dtype(h2)), weight, t2, temperature)
+        lp = target_logit - lse
+    return lp.reshape(targets.shape)
 
 
 def fused_linear_cross_entropy(
@@ -199,11 +220,10 @@ def fused_linear_cross_entropy(
     When no backward can follow (torch.no_grad / inference_mode, or nothing requires a
     gradient) only the loss is computed: evaluation costs what plain cross-entropy does."""
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    if not isinstance(weight, torch.Tensor):
-        if torch.is_grad_enabled() and h2.requires_grad:
-            return _TiledCrossEntropy.apply(h2, weight, t2, ignore_index)
-        total, n_valid, _ = _tiled_loss_and_grad_h(h2, weight, t2, ignore_index, False)
-        return total / n_valid
+    if not isinstance(weight, torch.Tensor):  # a frozen head lent in tiles: the mean of -log p
+        valid = t2 != ignore_index
+        lp = tiled_logprobs(h2, weight, torch.where(valid, t2, 0))
+        return -(lp * valid).sum() / valid.sum().clamp(min=1)
     v = weight.shape[0]
     chunk = max(128, 2**22 // v) if chunk_elems is None else max(1, chunk_elems // v)
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
