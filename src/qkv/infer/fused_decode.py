@@ -213,18 +213,13 @@ def describe(cfg: ModelConfig, kv_dtype: str | None = None) -> str:
 
 def supports(model) -> bool:
     """Whether the model's architecture and state fit the fused block (any step)."""
-    return _state_fits(model, [b.attn for b in model.blocks])
+    return architecture_fits(model.cfg) and _state_fits(model, [b.attn for b in model.blocks])
 
 
 def _state_fits(model, attns: list[nn.Module]) -> bool:
-    """supports(), for a model whose blocks' attention modules are `attns` (a current view's):
-    the same checks without walking the blocks, which is most of their cost a step."""
-    return (
-        architecture_fits(model.cfg)
-        and not model.training
-        and not any(a.keep_probs for a in attns)
-        and model.final_norm.weight.device.type == "cpu"
-    )
+    """The state half of supports(), for a model whose blocks' attention modules are `attns`
+    (a current view's): without walking the blocks, which is most of its cost a step."""
+    return not model.training and not any(a.keep_probs for a in attns) and model.final_norm.weight.device.type == "cpu"
 
 
 @dataclasses.dataclass
