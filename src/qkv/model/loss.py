@@ -122,35 +122,24 @@ class WeightRows(Protocol):
 
 class _TiledLogProbs(torch.autograd.Function):
     """log softmax(h @ W.T / temperature)[targets] per row, W a frozen WeightRows: no
-    gradient for W. The forward passes over W's tiles once (each row's running max and sum
-    of exponentials: its log-sum-exp, online; and its target's logit); the backward passes
-    once more, forming each tile's (one_hot - softmax) / temperature, scaled by the rows'
-    incoming gradients, and adding its product with the tile to grad_h. A tile of logits
-    for all rows is at most 2^22 elements, as in the untiled loss."""
+    gradient for W. One pass over W's tiles gives each row's log-sum-exp (a running max and
+    sum of exponentials, online) and its target's logit, and, when a gradient will be wanted,
+    its whole gradient direction d lp / d h = (W[target] - softmax @ W) / temperature: the
+    softmax-weighted sum of W's rows is accumulated tile by tile and rescaled whenever the
+    running max moves, as flash attention accumulates its output. The backward only scales
+    each row's direction by its incoming gradient, so each tile is dequantized once a step.
+    A tile of logits for all rows is at most 2^22 elements, as in the untiled loss."""
 
     @staticmethod
     def forward(ctx, h, weight: WeightRows, targets, temperature: float):
-        hq = h.to(_compute_dtype(h))
-        lse, target_logit = _tiled_lse_and_target(hq, weight, targets, temperature)
-        ctx.save_for_backward(h, targets, lse)
-        ctx.weight, ctx.temperature = weight, temperature
-        return target_logit - lse
+        lp, direction = _tiled_pass(h, weight, targets, temperature, want_grad=True)
+        ctx.save_for_backward(direction)
+        return lp
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, targets, lse = ctx.saved_tensors
-        weight, temperature = ctx.weight, ctx.temperature
-        compute = _compute_dtype(h)
-        hq, n = h.to(compute), h.shape[0]
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        rows, scale = torch.arange(n, device=h.device), grad_out.float()[:, None] / temperature
-        for start, stop in _tiles(n, weight):
-            w = weight.rows(start, stop).to(compute)
-            g = -torch.exp((hq @ w.t()).float() / temperature - lse[:, None])  # d lp / d logits: one_hot - p
-            here = (targets >= start) & (targets < stop)
-            g[rows[here], targets[here] - start] += 1.0
-            grad_h += ((g * scale).to(compute) @ w).float()
-        return grad_h.to(h.dtype), None, None, None
+        (direction,) = ctx.saved_tensors
+        return (direction * grad_out.float()[:, None]).to(direction.dtype), None, None, None
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -167,23 +156,36 @@ def _tiles(n_rows: int, weight: WeightRows) -> list[tuple[int, int]]:
     return [(start, min(start + tile, v)) for start in range(0, v, tile)]
 
 
-def _tiled_lse_and_target(
-    hq: torch.Tensor, weight: WeightRows, targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's log-sum-exp of its logits / temperature and its target's logit / temperature."""
-    n = hq.shape[0]
-    rows = torch.arange(n, device=hq.device)
-    run_max = torch.full((n,), float("-inf"), device=hq.device)
-    run_sum = torch.zeros(n, device=hq.device)
-    target_logit = torch.zeros(n, device=hq.device)
+def _tiled_pass(
+    h: torch.Tensor, weight: WeightRows, targets: torch.Tensor, temperature: float, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's log-probability of its target under softmax(h @ W.T / temperature), and
+    (want_grad) its gradient with respect to h, in one pass over W's tiles."""
+    compute = _compute_dtype(h)
+    hq, n = h.to(compute), h.shape[0]
+    rows = torch.arange(n, device=h.device)
+    run_max = torch.full((n,), float("-inf"), device=h.device)
+    run_sum = torch.zeros(n, device=h.device)
+    target_logit = torch.zeros(n, device=h.device)
+    expected = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want_grad else None  # sum e^(l - max) w
+    chosen = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want_grad else None  # W[target]
     for start, stop in _tiles(n, weight):
-        logits = (hq @ weight.rows(start, stop).to(hq.dtype).t()).float() / temperature
+        w = weight.rows(start, stop).to(compute)
+        logits = (hq @ w.t()).float() / temperature
         new_max = torch.maximum(run_max, logits.amax(1))
-        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
+        rescale = torch.exp(run_max - new_max)
+        e = torch.exp(logits - new_max[:, None])
+        run_sum = run_sum * rescale + e.sum(1)
         run_max = new_max
         here = (targets >= start) & (targets < stop)
         target_logit[here] = logits[rows[here], targets[here] - start]
-    return run_max + torch.log(run_sum), target_logit
+        if expected is not None and chosen is not None:
+            expected.mul_(rescale[:, None]).add_((e.to(compute) @ w).float())
+            chosen[here] = w[targets[here] - start].float()
+    lp = target_logit - (run_max + torch.log(run_sum))
+    if expected is None or chosen is None:
+        return lp, None
+    return lp, ((chosen - expected / run_sum[:, None]) / temperature).to(h.dtype)
 
 
 def tiled_logprobs(
@@ -197,8 +199,7 @@ def tiled_logprobs(
     if torch.is_grad_enabled() and h2.requires_grad:
         lp = _TiledLogProbs.apply(h2, weight, t2, temperature)
     else:
-        lse, target_logit = _tiled_lse_and_target(h2.to(_compute_dtype(h2)), weight, t2, temperature)
-        lp = target_logit - lse
+        lp, _ = _tiled_pass(h2, weight, t2, temperature, want_grad=False)
     return lp.reshape(targets.shape)
 
 
