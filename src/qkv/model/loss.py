@@ -67,8 +67,7 @@ def _loss_and_grads(
     safe_targets = torch.where(valid, targets, 0)
     # the products run in the autocast dtype when autocast is on (h arrives in fp32 from the
     # final norm, and a product with an out= tensor would otherwise stay in fp32)
-    device = h.device.type
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    compute = _compute_dtype(h)
     hq, w = h.to(compute), weight.to(compute)
     grad_h = torch.empty_like(h) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
@@ -109,8 +108,8 @@ def _logits_grad(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor)
 
 class WeightRows(Protocol):
     """A frozen (V, d) weight lent a tile of rows at a time: a head kept in quantized blocks,
-    which the loss then never holds whole in fp32 (Gemma 3's tied 262,144 x 640 table is
-    671 MB that way, each step)."""
+    which the loss then never expands whole to fp32 (Gemma 3's tied 262,144 x 640 table
+    would be 671 MB a step)."""
 
     shape: tuple[int, int]
     group: int  # a tile starts on a multiple of this (the layout's row groups)
@@ -143,7 +142,7 @@ class _TiledLogProbs(torch.autograd.Function):
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The products' dtype: autocast's when it is on (as the untiled loss runs them), else h's."""
+    """The products' dtype: autocast's when it is on (as its own linears would run), else h's."""
     device = h.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
 
