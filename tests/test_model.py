@@ -357,3 +357,23 @@ def test_fused_cross_entropy_builds_no_gradient_when_no_backward_can_follow(monk
     model.zero_grad()
     plain.backward()
     assert all((p.grad - grads[n]).abs().max() < 1e-6 for n, p in model.named_parameters())
+
+
+def test_building_and_running_a_model_does_not_import_torch_dynamo():
+    """torch._dynamo takes ~2 s to import; a model built on the meta device (as loaders do) or
+    on the CPU, and run eagerly, never needs it, so no qkv command should pay it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from qkv.config import ModelConfig\n"
+        "from qkv.model.transformer import build_model\n"
+        "cfg = ModelConfig(vocab_size=97, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=4096)\n"
+        "build_model(cfg, device='meta')\n"
+        "model = build_model(cfg).eval()\n"
+        "model(torch.randint(0, 97, (1, 3)), positions=torch.arange(3000, 3003))  # the tables grow\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

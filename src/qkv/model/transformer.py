@@ -60,6 +60,13 @@ class Block(nn.Module):
         return x + self.dropout(m)
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its own normal_ init (init_weights gives every weight its init).
+    On the meta device, where loaders build a model before assigning its weights, torch's
+    normal_ imports torch._dynamo: about 2 s that every command paid."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class Transformer(nn.Module):
     # position tables, registered as non-persistent buffers for the `pos` kinds that use them
     # (the RoPE ones cover the positions seen so far: see rope_at)
@@ -72,14 +79,14 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = _embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
-            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.pos_emb = _embedding(cfg.max_seq_len, cfg.d_model)
         elif cfg.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         elif cfg.pos == "rope":
             for name, table in self._rope_tables(min(cfg.max_seq_len, ROPE_ROWS_AT_BUILD)).items():
-                self.register_buffer(name, table, persistent=False)
+                self.register_buffer(name, table.to(torch.get_default_device()), persistent=False)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
@@ -120,31 +127,39 @@ class Transformer(nn.Module):
     def _rope_tables(self, rows: int) -> dict[str, torch.Tensor]:
         """The cos/sin tables (global, and local when local layers have their own base) for
         positions 0..rows-1. Each row depends only on its position, so a longer table's first
-        rows are bitwise a shorter one's (tests/test_model.py holds it to that)."""
+        rows are bitwise a shorter one's (tests/test_model.py holds it to that). Computed on the
+        CPU whatever the model's device: the same values everywhere, and a model built on the
+        meta device (as loaders build one) runs none of torch's meta-tensor Python, which
+        imports torch._dynamo (about 2 s)."""
         cfg = self.cfg
-        cos, sin = rope_table(cfg.head_dim, rows, cfg.rope_theta, cfg.rope_scaling)
-        tables = {"rope_cos": cos, "rope_sin": sin}
-        if cfg.rope_local_theta is not None:
-            cos, sin = rope_table(cfg.head_dim, rows, cfg.rope_local_theta)
-            tables |= {"rope_local_cos": cos, "rope_local_sin": sin}
+        with torch.device("cpu"):
+            cos, sin = rope_table(cfg.head_dim, rows, cfg.rope_theta, cfg.rope_scaling)
+            tables = {"rope_cos": cos, "rope_sin": sin}
+            if cfg.rope_local_theta is not None:
+                cos, sin = rope_table(cfg.head_dim, rows, cfg.rope_local_theta)
+                tables |= {"rope_local_cos": cos, "rope_local_sin": sin}
         return tables
 
-    @torch.compiler.disable  # a compiled forward breaks here, and its guards see the new tables
     def grow_rope_tables(self, rows: int) -> None:
         """Cover positions up to rows - 1: double the tables until they do (at most to
-        max_seq_len), computed on the tables' device and cast to their dtype, as built."""
-        have = self.rope_cos.shape[0]
-        if rows <= have:
+        max_seq_len), cast to the tables' dtype and put on their device, as built."""
+        if rows <= self.rope_cos.shape[0]:
             return
+        if torch.compiler.is_compiling():  # a compiled forward breaks here; its guards see the new tables
+            _grow_outside_the_graph(self, rows)
+        else:
+            self._grow_rope_tables(rows)
+
+    def _grow_rope_tables(self, rows: int) -> None:
+        have = self.rope_cos.shape[0]
         while have < rows:
             have *= 2
         old = self.rope_cos
-        # on the tables' device, as build_model computes them (a meta model allocates nothing);
         # never inference tensors, which a later training step could not use
-        with torch.device(old.device), torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             tables = self._rope_tables(min(have, self.cfg.max_seq_len))
-        for name, table in tables.items():
-            setattr(self, name, table.to(dtype=old.dtype))
+            for name, table in tables.items():
+                setattr(self, name, table.to(device=old.device, dtype=old.dtype))
 
     def rope_at(self, positions: torch.Tensor, rows: int | None = None):
         """(cos, sin) of the global and of the local RoPE tables gathered at `positions`
@@ -309,6 +324,12 @@ def count_params(model: Transformer) -> ParamCounts:
             per_expert = (b.mlp.w_gate.numel() + b.mlp.w_up.numel() + b.mlp.w_down.numel()) // cfg.n_expert
             inactive += (cfg.n_expert - cfg.n_expert_per_token) * per_expert
     return ParamCounts(total=total, active=total - inactive, embedding=embedding)
+
+
+def _grow_outside_the_graph(model: Transformer, rows: int) -> None:
+    """Transformer._grow_rope_tables run eagerly from a compiled forward (torch.compiler.disable,
+    applied here because only a compiled forward gets here and torch._dynamo is then loaded)."""
+    torch.compiler.disable(model._grow_rope_tables)(rows)
 
 
 def build_model(
