@@ -79,6 +79,39 @@ def test_shared_context_packing_equals_scoring_alone(llama_pair):
     assert [s.is_greedy for s in flat] == [a[0].is_greedy for a in alone]
 
 
+def test_target_logprobs_over_vocab_tiles_equal_log_softmax(llama_pair, monkeypatch):
+    """Tiles of 16 over a 97-entry vocabulary (the last one partial), a tie between two
+    vocabulary rows in different tiles (the first is the argmax, as torch.argmax picks), and
+    a head kept in quantized blocks (read a tile of rows at a time)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from qkv.eval import loglik
+    from qkv.quant import quantize_model
+
+    monkeypatch.setattr(loglik, "VOCAB_TILE", 16)
+    _, model = llama_pair
+    tied = copy.deepcopy(model)
+    with torch.no_grad():
+        w = tied.output_weight
+        w[60] = w[10]  # rows 10 and 60 give equal logits
+        h = torch.cat([8 * w[10][None], torch.randn(12, w.shape[1], generator=torch.Generator().manual_seed(3))])
+    target = torch.tensor([60, 10] + [int(t) for t in torch.randint(0, VOCAB, (12,))])
+    h = torch.cat([h[:1], h])  # the tied row twice: once scored against 60, once against 10
+    quantized = quantize_model(copy.deepcopy(model), "q8_0")
+    for net in (tied, quantized):
+        with torch.inference_mode():
+            lp, greedy = loglik.target_logprobs(net, h, target)
+            weight = net.loss_weight()  # the quantized head: its blocks dequantized whole
+            weight = weight if isinstance(weight, torch.Tensor) else weight.rows(0, VOCAB)
+            ref = F.linear(h, weight).log_softmax(-1)
+        assert lp.tolist() == pytest.approx(ref.gather(1, target[:, None])[:, 0].tolist(), abs=1e-5)
+        assert greedy.tolist() == (ref.argmax(-1) == target).tolist()
+        if net is tied:  # row 10 is the argmax, tied with 60: only 10 counts as greedy
+            assert greedy[:2].tolist() == [False, True]
+
+
 def test_encode_pair_splits_at_the_contexts_token_count():
     from _infer_fixtures import make_tokenizer
 

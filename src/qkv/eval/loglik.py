@@ -12,7 +12,9 @@ The shared-prefix forward: all requests of one question are packed into one row,
 distinct context once, followed by the continuations that score against it. A token of a
 continuation attends to its context and to its own earlier tokens, never to a sibling
 continuation, and positions restart where the harness's would (context then continuation),
-so each log-likelihood equals scoring that (context, continuation) alone. Rows of several
+so each log-likelihood equals scoring that (context, continuation) alone. A continuation's
+last token enters the row only as a target (no position reads the trunk at it, as in the
+harness, which feeds context + continuation minus its last token). Rows of several
 questions are batched with padding; only the positions that predict a continuation token
 go through the output head.
 """
@@ -23,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from qkv.infer.backend import logits as head_logits
 from qkv.infer.backend import prepare_for_inference
 
 
@@ -95,12 +97,14 @@ def _pack(units: list[_Unit]) -> _Row:
         row.branch += [-1] * n_ctx
         last_ctx = start + n_ctx - 1
         for b, (cont, req) in enumerate(zip(unit.continuations, unit.requests)):
+            # a continuation's last token is only a target: nothing reads the trunk at it
+            inputs = cont[:-1]
             at = len(row.tokens)
-            row.tokens += cont
-            row.positions += range(n_ctx, n_ctx + len(cont))
-            row.unit += [u_id] * len(cont)
-            row.branch += [b] * len(cont)
-            row.predict_at += [last_ctx] + list(range(at, at + len(cont) - 1))
+            row.tokens += inputs
+            row.positions += range(n_ctx, n_ctx + len(inputs))
+            row.unit += [u_id] * len(inputs)
+            row.branch += [b] * len(inputs)
+            row.predict_at += [last_ctx] + list(range(at, at + len(inputs)))
             row.target += cont
             row.target_request += [req] * len(cont)
     return row
@@ -124,6 +128,43 @@ def _batch_tensors(rows: list[_Row], pad_id: int):
     return tokens, positions, mask[:, None]
 
 
+VOCAB_TILE = 2048  # head rows per tile: a tile's logits for a batch's positions stay in cache
+
+
+def target_logprobs(model, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's log-probability of its target (fp32) and whether the target is the
+    model's argmax (the first maximum, as torch.argmax picks it), from the output head a tile
+    of vocabulary rows at a time: a running log-sum-exp, the best logit so far and the target's
+    logit. The whole (positions, vocab) logits are never held: at SmolLM2's 49,152 entries and
+    a batch's ~900 positions they are 177 MB, written by the product and read back by each
+    softmax pass (a tile's are 7 MB); the head runs ~1.3x faster so (measured, this file's
+    benchmark: benchmarks/bench_eval.py)."""
+    weight = model.loss_weight()  # a tensor, or quantized blocks lent a tile of rows at a time
+
+    def tile_rows(start: int, stop: int) -> torch.Tensor:
+        return weight[start:stop] if isinstance(weight, torch.Tensor) else weight.rows(start, stop)
+
+    vocab, group = weight.shape[0], 1 if isinstance(weight, torch.Tensor) else max(1, weight.group)
+    tile = max(group, VOCAB_TILE // group * group)
+    n = h.shape[0]
+    positions = torch.arange(n)
+    lse = torch.full((n,), float("-inf"))
+    best = torch.full((n,), float("-inf"))
+    best_id = torch.zeros(n, dtype=torch.long)
+    target_logit = torch.zeros(n)
+    for start in range(0, vocab, tile):
+        stop = min(start + tile, vocab)
+        logits = model.softcap(F.linear(h, tile_rows(start, stop).to(h.dtype))).float()
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, 1))
+        tile_best, tile_id = logits.max(1)
+        better = tile_best > best  # strictly: an earlier tile keeps a tie, as argmax does
+        best = torch.where(better, tile_best, best)
+        best_id = torch.where(better, tile_id + start, best_id)
+        here = (target >= start) & (target < stop)
+        target_logit[here] = logits[positions[here], target[here] - start]
+    return target_logit - lse, best_id == target
+
+
 @torch.inference_mode()
 def score_rows(model, rows: list[_Row], pad_id: int) -> dict[int, Scored]:
     """One batched forward over packed rows: {request index: its score}."""
@@ -133,9 +174,9 @@ def score_rows(model, rows: list[_Row], pad_id: int) -> dict[int, Scored]:
     col_idx = torch.tensor([c for r in rows for c in r.predict_at])
     target = torch.tensor([t for r in rows for t in r.target])
     requests, local = torch.unique(torch.tensor([q for r in rows for q in r.target_request]), return_inverse=True)
-    logprobs = head_logits(model, h[row_idx, col_idx]).float().log_softmax(-1)
-    token_lp = logprobs.gather(1, target[:, None])[:, 0].double()
-    miss = (logprobs.argmax(-1) != target).long()
+    token_lp, greedy = target_logprobs(model, h[row_idx, col_idx], target)
+    token_lp = token_lp.double()
+    miss = (~greedy).long()
     n = len(requests)
     loglik = torch.zeros(n, dtype=torch.float64).index_add_(0, local, token_lp)
     misses = torch.zeros(n, dtype=torch.long).index_add_(0, local, miss)
