@@ -96,7 +96,8 @@ def test_fused_block_runs_quantized_projections_like_the_modules(qtype):
     cfg = CFG.replace(d_model=256, n_head=4, n_kv_head=2, head_dim=64, d_ff=512)
     model = quantize_model(build_model(cfg).eval(), qtype, include=["blocks.*"])
     backend.prepare_for_inference(model, "native")
-    assert fused_decode.supports(model) and len(fused_decode._blocks(model)) == cfg.n_layer
+    view = fused_decode._current_view(model)
+    assert fused_decode.supports(model) and view is not None and len(view.blocks) == cfg.n_layer
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     caches = [KVCache(cfg, 16), KVCache(cfg, 16)]
     with torch.inference_mode():

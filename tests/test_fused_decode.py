@@ -10,7 +10,7 @@ from qkv.infer.kv_cache import KVCache, new_kv_cache
 from qkv.infer.paged import PagedKVCache
 from qkv.model import build_model
 
-pytestmark = pytest.mark.skipif(fused_decode._decode_block.get() is None, reason="no AVX2 CPU or C compiler here")
+pytestmark = pytest.mark.skipif(fused_decode._decode_layers.get() is None, reason="no AVX2 CPU or C compiler here")
 
 VARIANTS = {
     "llama (GQA, RoPE)": dict(),

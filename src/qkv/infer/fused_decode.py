@@ -1,4 +1,4 @@
-"""Decode steps with one native call per block (kernels/decode_layer_f32.c).
+"""Decode steps with one native call for all the blocks (kernels/decode_layer_f32.c).
 
 A decode step of a small model on CPU is mostly a stream over the weights, and run op by
 op from Python a Llama block costs ~0.4 ms of dispatch on top of that. `hidden` runs the
@@ -96,10 +96,10 @@ class _KV(ctypes.Structure):
     ]
 
 
-_decode_block = native.Kernel(
+_decode_layers = native.Kernel(
     "decode_layer_f32",
-    "qkv_decode_block_f32",
-    [ctypes.POINTER(_Block), ctypes.POINTER(_KV), _P, ctypes.c_int64, _P, _P, ctypes.c_int],
+    "qkv_decode_layers_f32",
+    [ctypes.POINTER(_Block), ctypes.c_int64, ctypes.POINTER(_KV), _P, _P, ctypes.c_int64, _P, _P, _P, _P, ctypes.c_int],
     ctypes.c_int,
 )
 
@@ -169,9 +169,10 @@ _layout_checked = False
 
 
 def _decode_kernel():
-    """The C block function, after checking once that the ctypes mirrors match the C structs."""
+    """The C function that runs every block of a step, after checking once that the ctypes
+    mirrors match the C structs."""
     global _layout_checked
-    fn = _decode_block.get()
+    fn = _decode_layers.get()
     if fn is None or _layout_checked:
         return fn
     for mirror, sizeof in ((_Block, _block_sizeof), (_KV, _kv_sizeof)):
@@ -228,7 +229,7 @@ class _View:
     parameter or buffer registered on a module it was read from (a module swapped in, a
     weight assigned), or a tensor it points to moved (`.data` assigned, `model.to`), or gone."""
 
-    blocks: list[_Block]
+    blocks: ctypes.Array[_Block]  # one C array, every block in order
     attns: list[nn.Module]  # each block's attention (its keep_probs is asked every step)
     registrations: int
     tensors: list[weakref.ref]
@@ -364,15 +365,9 @@ def _block_struct(
     return struct
 
 
-def _blocks(model) -> list[_Block]:
-    """The C view of each block's weights, rebuilt when it went stale (see _View); [] when a
-    block does not fit (nothing is cached then: the next step asks again)."""
-    view = _current_view(model)
-    return view.blocks if view is not None else []
-
-
 def _current_view(model) -> _View | None:
-    """_blocks' view of the model, current, or None when a block does not fit."""
+    """The C view of each block's weights (see _View), rebuilt when it went stale; None when a
+    block does not fit (nothing is cached then: the next step asks again)."""
     view = _views.get(model)
     if view is not None and view.current():
         return view
@@ -389,7 +384,8 @@ def _current_view(model) -> _View | None:
     _watch(modules)
     # the model holds the tensors it owns (the view only watches them); the view keeps the rest
     attns = [blk.attn for blk in model.blocks]
-    view = _View(out, attns, registrations, [weakref.ref(t) for t in tensors], [t.data_ptr() for t in tensors], keep)
+    refs, addresses = [weakref.ref(t) for t in tensors], [t.data_ptr() for t in tensors]
+    view = _View((_Block * len(out))(*out), attns, registrations, refs, addresses, keep)
     _views[model] = view
     return view
 
@@ -437,9 +433,8 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
     if view is None or not _state_fits(model, view.attns):
         return None
     layout = _kv_layout(cache, B)
-    blocks = view.blocks
-    decode_block = _decode_kernel()
-    if layout is None or decode_block is None:
+    decode_layers = _decode_kernel()
+    if layout is None or decode_layers is None:
         return None
     tables, total, block_size, (block_stride, token_stride, head_stride) = layout
     cfg = model.cfg
@@ -465,22 +460,20 @@ def hidden(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch
         block_stride=block_stride,
         token_stride=token_stride,
         head_stride=head_stride,
-    )  # k, v (and an int8 cache's scales) are set per layer
+    )  # layer 0's K/V (and an int8 cache's scales); the C side steps through the layers
     scales = _kv_scales(cache) if cache.k.dtype == torch.int8 else None
-    n_threads = torch.get_num_threads()
-    angles = None if cos is None or sin is None else (cos.data_ptr(), sin.data_ptr())
-    local_angles = angles if local is None else (local[0].data_ptr(), local[1].data_ptr())
-    # each layer's K/V (and scales) by address arithmetic: indexing cache.k[layer] builds a
-    # tensor view, ~1.4 us each, 4 a layer
+    # each layer's K/V (and scales) by address arithmetic from layer 0's: indexing cache.k[layer]
+    # builds a tensor view, ~1.4 us each, 4 a layer
     kv_tensors = (cache.k, cache.v) + (scales if scales is not None else ())
-    bases = [(t.data_ptr(), t.stride(0) * t.element_size()) for t in kv_tensors]
-    for layer, blk in enumerate(blocks):
-        kv.k, kv.v = bases[0][0] + layer * bases[0][1], bases[1][0] + layer * bases[1][1]
-        if scales is not None:
-            kv.k_scale, kv.v_scale = bases[2][0] + layer * bases[2][1], bases[3][0] + layer * bases[3][1]
-        pair = local_angles if cfg.window_of(layer) is not None else angles
-        c, s = (None, None) if pair is None else pair
-        rc = decode_block(ctypes.byref(blk), ctypes.byref(kv), x.data_ptr(), B, c, s, n_threads)
-        if rc != 0:
-            raise MemoryError("the fused decode block could not allocate its scratch buffers")
+    kv.k, kv.v = cache.k.data_ptr(), cache.v.data_ptr()
+    if scales is not None:
+        kv.k_scale, kv.v_scale = scales[0].data_ptr(), scales[1].data_ptr()
+    layer_bytes = (ctypes.c_int64 * 4)(*[t.stride(0) * t.element_size() for t in kv_tensors])
+    angles = (None, None) if cos is None or sin is None else (cos.data_ptr(), sin.data_ptr())
+    local_angles = (None, None) if local is None else (local[0].data_ptr(), local[1].data_ptr())
+    blocks = view.blocks
+    rc = decode_layers(blocks, len(blocks), ctypes.byref(kv), layer_bytes, x.data_ptr(), B, *angles, *local_angles,
+                       torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the fused decode block could not allocate its scratch buffers")
     return model.final_norm(x).view(B, 1, cfg.d_model)

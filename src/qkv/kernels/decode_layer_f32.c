@@ -219,6 +219,31 @@ fail:
   return -1;
 }
 
+/* Every block of a decode step, one after another, in one call: no return to Python between
+ * layers (whose interpreter, between calls, ran in a cache the weights had just streamed
+ * through). kv addresses layer 0's K/V; layer l's are layer_bytes[i] * l bytes further
+ * (i: k, v, k_scale, v_scale; the scales only when kv has them). A block with a sliding
+ * window rotates by local_cos/local_sin when the model has separate local angles (else
+ * NULL: every block takes cos/sin). Returns 0, or the failing block's error. */
+int qkv_decode_layers_f32(const qkv_block* blocks, int64_t n_layers, const qkv_kv* kv, const int64_t* layer_bytes,
+                          float* x, int64_t B, const float* cos, const float* sin, const float* local_cos,
+                          const float* local_sin, int n_threads) {
+  for (int64_t l = 0; l < n_layers; ++l) {
+    qkv_kv at = *kv;
+    at.k = (char*)kv->k + l * layer_bytes[0];
+    at.v = (char*)kv->v + l * layer_bytes[1];
+    if (kv->k_scale) {
+      at.k_scale = (float*)((char*)kv->k_scale + l * layer_bytes[2]);
+      at.v_scale = (float*)((char*)kv->v_scale + l * layer_bytes[3]);
+    }
+    const int local = blocks[l].window != 0 && local_cos != 0;
+    const int rc = qkv_decode_block_f32(&blocks[l], &at, x, B, local ? local_cos : cos, local ? local_sin : sin,
+                                        n_threads);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 /* The struct sizes, so the Python side (ctypes mirrors of these structs) can refuse to call
  * a library built from another version of this file. */
 int64_t qkv_decode_block_sizeof(void) { return sizeof(qkv_block); }
