@@ -93,8 +93,13 @@ def test_fused_block_runs_quantized_projections_like_the_modules(qtype):
     from qkv.quant import quantize_model
 
     torch.manual_seed(0)
-    cfg = CFG.replace(d_model=256, n_head=4, n_kv_head=2, head_dim=64, d_ff=512)
+    # q/k/v biases (Qwen2's): a repacked format runs q/k/v in one call, each with its own bias
+    cfg = CFG.replace(d_model=256, n_head=4, n_kv_head=2, head_dim=64, d_ff=512, qkv_bias=True)
     model = quantize_model(build_model(cfg).eval(), qtype, include=["blocks.*"])
+    with torch.no_grad():
+        for blk in model.blocks:
+            for proj in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj):
+                proj.bias.normal_()  # built as zeros
     backend.prepare_for_inference(model, "native")
     view = fused_decode._current_view(model)
     assert fused_decode.supports(model) and view is not None and len(view.blocks) == cfg.n_layer

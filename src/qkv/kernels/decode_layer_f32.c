@@ -114,7 +114,7 @@ static int project(const float* x, int64_t B, int64_t n_in, const void* w, int64
   return qkv_quant_linear(x, B, n_in, w, (int)type, n_out, b, y, n_threads);
 }
 
-/* Several projections of the same x: one call of the fp32 kernel when all are fp32. */
+/* Several projections of the same x: one call when all are fp32 or all one repacked format. */
 static int project_many(const float* x, int64_t B, int64_t n_in, int n, const void* const* w, const int64_t* type,
                         const float* const* b, float* const* y, const int64_t* n_out, int n_threads) {
   int all_f32 = 1;
@@ -123,6 +123,9 @@ static int project_many(const float* x, int64_t B, int64_t n_in, int n, const vo
     qkv_linear_f32(x, B, n_in, n, (const float* const*)w, b, y, n_out, n_threads);
     return 0;
   }
+  int same_type = 1; /* one repacked format: one parallel region (qkv_quant_linear_many) */
+  for (int i = 1; i < n; ++i) same_type &= type[i] == type[0];
+  if (same_type && qkv_quant_linear_many(x, B, n_in, n, w, (int)type[0], n_out, b, y, n_threads) == QL_OK) return 0;
   for (int i = 0; i < n; ++i) {
     const int rc = project(x, B, n_in, w[i], type[i], b[i], y[i], n_out[i], n_threads);
     if (rc) return rc;

@@ -371,6 +371,43 @@ static int ql_linear_x16(const float* x, int64_t n_rows, int64_t n_in, const voi
   return QL_OK;
 }
 
+/* Several matrices of one repacked format that read the same x (q/k/v, gate/up), each as
+ * qkv_quant_linear would compute it: x rounded to 8 bits once, and one parallel region over
+ * all their sixteen-row groups. A decode step's fork and join costs microseconds, about what
+ * a 192-row matrix's whole product takes. Returns QL_ERR_QTYPE when qtype is not a repacked
+ * format and QL_ERR_SHAPE when a matrix has a tail (n_out % 16), which the caller then runs
+ * one matrix at a time; else as qkv_quant_linear. */
+int qkv_quant_linear_many(const float* x, int64_t n_rows, int64_t n_in, int n, const void* const* w, int qtype,
+                          const int64_t* n_out, const float* const* bias, float* const* y, int n_threads) {
+  if (!ql_is_x16(qtype) || n < 1 || n > 8) return QL_ERR_QTYPE;
+  if (n_rows < 0 || n_rows > QL_MAX_ROWS || n_in <= 0 || n_in % 32 != 0) return QL_ERR_SHAPE;
+  int64_t first[9] = {0}; /* matrix m's groups are first[m] .. first[m + 1] - 1 */
+  for (int m = 0; m < n; ++m) {
+    if (n_out[m] < 0 || n_out[m] % QL_IL) return QL_ERR_SHAPE;
+    first[m + 1] = first[m] + n_out[m] / QL_IL;
+  }
+  if (n_rows == 0) return QL_OK;
+  const int fmt = qtype & 0xFF, isa = qkv_quant_path(qtype);
+  ql_act a;
+  void* mem;
+  if (ql_round_rows(x, n_rows, n_in, fmt, n_threads, &a, &mem) != QL_OK) return QL_ERR_MEMORY;
+  const int64_t row_bytes = n_in / 32 * ql_block_bytes(fmt);
+  const ql_x16_fn fn = ql_pick_x16(fmt, isa);
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (first[n] > 1)
+  for (int64_t t = 0; t < first[n]; ++t) {
+    int m = 0;
+    while (t >= first[m + 1]) ++m;
+    const int64_t o = (t - first[m]) * QL_IL;
+    const uint8_t* at = (const uint8_t*)w[m] + o * row_bytes;
+    if (fn)
+      fn(at, &a, n_rows, o, n_out[m], bias[m], y[m]);
+    else
+      ql_x16_ref(fmt, at, &a, n_rows, o, n_out[m], bias[m], y[m]);
+  }
+  free(mem);
+  return QL_OK;
+}
+
 /* y = x W^T + bias through one path (isa as qkv_quant_isa numbers it). x: (n_rows, n_in)
  * fp32; w: n_out rows of n_in / block_size blocks of format qtype (a gguf
  * GGMLQuantizationType); bias: (n_out,) or NULL; y: (n_rows, n_out). Returns 0, or
