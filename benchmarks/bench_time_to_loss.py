@@ -222,27 +222,8 @@ def time_to(trace: list[dict], target: float) -> float | None:
     return next((r["seconds"] for r in trace if r["val_loss"] <= target), None)
 
 
-def main() -> None:
-    global B, T, WARMUP, EVAL_BATCHES  # the run's shape, also in the worker processes
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--target", type=float, default=5.0, help="validation loss (nats/token) to reach")
-    p.add_argument("--litgpt-python", type=Path, default=LITGPT_PY)
-    p.add_argument("--runs", default="litgpt,qkv-muon,qkv-adamw")
-    p.add_argument("--litgpt-compile", action="store_true", help="keep litgpt's torch.compile (see above)")
-    p.add_argument("--batch", type=int, default=B)
-    p.add_argument("--context", type=int, default=T)
-    p.add_argument("--warmup", type=int, default=WARMUP)
-    p.add_argument("--eval-batches", type=int, default=EVAL_BATCHES)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    B, T, WARMUP, EVAL_BATCHES = args.batch, args.context, args.warmup, args.eval_batches
-    shape = ["--batch", str(B), "--context", str(T), "--warmup", str(WARMUP), "--eval-batches", str(EVAL_BATCHES)]
-    if args.worker:  # one qkv run in this fresh process
-        print("TRACE " + json.dumps(run_qkv(args.worker, args.steps, args.eval_every, CACHE / f"run-{args.worker}")))
-        return
-
+def run_all(args: argparse.Namespace, shape: list[str]) -> dict[str, list[dict]]:
+    """Every run of --runs, one after another in fresh processes; their traces, also saved."""
     CACHE.mkdir(parents=True, exist_ok=True)
     prepare_data(args.steps)
     traces: dict[str, list[dict]] = {}
@@ -266,14 +247,42 @@ def main() -> None:
             flush=True,
         )
     (CACHE / "traces.json").write_text(json.dumps(traces, indent=1))
+    return traces
 
-    base = time_to(traces.get("litgpt", []), args.target)
-    print(f"\ntime to val loss {args.target} (training seconds; ratio to litgpt):")
-    for name, trace in traces.items():
-        t = time_to(trace, args.target)
-        ratio = f"{t / base:.2f}x" if t is not None and base else "-"
-        best = min(r["val_loss"] for r in trace)
-        print(f"  {name:10s} {'not reached' if t is None else f'{t:7.1f} s'}  {ratio:>6s}  best val {best:.4f}")
+
+def main() -> None:
+    global B, T, WARMUP, EVAL_BATCHES  # the run's shape, also in the worker processes
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--target", default="5.0", help="validation loss(es) to reach, nats/token, comma-separated")
+    p.add_argument("--litgpt-python", type=Path, default=LITGPT_PY)
+    p.add_argument("--runs", default="litgpt,qkv-muon,qkv-adamw")
+    p.add_argument("--litgpt-compile", action="store_true", help="keep litgpt's torch.compile (see above)")
+    p.add_argument("--batch", type=int, default=B)
+    p.add_argument("--context", type=int, default=T)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--eval-batches", type=int, default=EVAL_BATCHES)
+    p.add_argument("--from-traces", action="store_true", help="no runs: report and plot the last invocation's traces")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    targets = [float(t) for t in args.target.split(",") if t.strip()]
+    B, T, WARMUP, EVAL_BATCHES = args.batch, args.context, args.warmup, args.eval_batches
+    shape = ["--batch", str(B), "--context", str(T), "--warmup", str(WARMUP), "--eval-batches", str(EVAL_BATCHES)]
+    if args.worker:  # one qkv run in this fresh process
+        print("TRACE " + json.dumps(run_qkv(args.worker, args.steps, args.eval_every, CACHE / f"run-{args.worker}")))
+        return
+
+    traces = json.loads((CACHE / "traces.json").read_text()) if args.from_traces else run_all(args, shape)
+
+    for target in targets:
+        base = time_to(traces.get("litgpt", []), target)
+        print(f"\ntime to val loss {target} (training seconds; ratio to litgpt):")
+        for name, trace in traces.items():
+            t = time_to(trace, target)
+            ratio = f"{t / base:.2f}x" if t is not None and base else "-"
+            best = min(r["val_loss"] for r in trace)
+            print(f"  {name:10s} {'not reached' if t is None else f'{t:7.1f} s'}  {ratio:>6s}  best val {best:.4f}")
 
     import matplotlib
 
@@ -283,7 +292,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, trace in traces.items():
         ax.plot([r["seconds"] for r in trace], [r["val_loss"] for r in trace], marker=".", label=name)
-    ax.axhline(args.target, color="grey", ls="--", lw=0.8, label=f"target {args.target}")
+    for i, target in enumerate(targets):
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label="targets" if i == 0 else None)
     ax.set_xlabel("training wall time (s, evals excluded; 2 shared CPU cores)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"GPT-2-style {L}x{D}, Shakespeare BPE {VOCAB}, batch {B}x{T}")
