@@ -24,7 +24,8 @@ def test_quantized_request_alone_or_batched_gives_the_same_tokens(qtype):
     seeded = SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True)
     engine = Engine(model, tok, max_num_seqs=8, block_size=8)
     if native.enabled():
-        assert backend.backend_of(model) == "native" and len(fused_decode._blocks(model)) == model.cfg.n_layer
+        view = fused_decode._current_view(model)
+        assert backend.backend_of(model) == "native" and view is not None and len(view.blocks) == model.cfg.n_layer
     alone = [engine.generate([prompts[0]], p)[0][0].token_ids for p in (greedy, seeded)]
     batched = engine.generate(prompts + prompts[:1], [greedy, greedy, seeded, greedy, seeded])
     assert batched[0][0].token_ids == alone[0]
