@@ -222,9 +222,8 @@ fail:
   return -1;
 }
 
-/* Every block of a decode step, one after another, in one call: no return to Python between
- * layers (whose interpreter, between calls, ran in a cache the weights had just streamed
- * through). kv addresses layer 0's K/V; layer l's are layer_bytes[i] * l bytes further
+/* Every block of a decode step, one after another, in one call (one ctypes call a step
+ * instead of one a block). kv addresses layer 0's K/V; layer l's are layer_bytes[i] * l bytes further
  * (i: k, v, k_scale, v_scale; the scales only when kv has them). A block with a sliding
  * window rotates by local_cos/local_sin when the model has separate local angles (else
  * NULL: every block takes cos/sin). Returns 0, or the failing block's error. */

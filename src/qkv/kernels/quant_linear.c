@@ -373,8 +373,8 @@ static int ql_linear_x16(const float* x, int64_t n_rows, int64_t n_in, const voi
 
 /* Several matrices of one repacked format that read the same x (q/k/v, gate/up), each as
  * qkv_quant_linear would compute it: x rounded to 8 bits once, and one parallel region over
- * all their sixteen-row groups. A decode step's fork and join costs microseconds, about what
- * a 192-row matrix's whole product takes. Returns QL_ERR_QTYPE when qtype is not a repacked
+ * all their sixteen-row groups. A call's fixed cost (the region's fork and join, rounding x)
+ * measured ~5 us on an AMD EPYC, where streaming a 192 x 576 Q4_0 matrix takes ~2. Returns QL_ERR_QTYPE when qtype is not a repacked
  * format and QL_ERR_SHAPE when a matrix has a tail (n_out % 16), which the caller then runs
  * one matrix at a time; else as qkv_quant_linear. */
 int qkv_quant_linear_many(const float* x, int64_t n_rows, int64_t n_in, int n, const void* const* w, int qtype,
