@@ -14,45 +14,6 @@
 
 #include "simd.h"
 
-static inline float bf16_to_f32(uint16_t h) {
-  union {
-    uint32_t u;
-    float f;
-  } v = {(uint32_t)h << 16};
-  return v.f;
-}
-
-/* Round to nearest even, as PyTorch's float -> bfloat16 does for finite values. */
-static inline uint16_t f32_to_bf16(float f) {
-  union {
-    float f;
-    uint32_t u;
-  } v = {f};
-  if (isnan(f)) return (uint16_t)((v.u >> 16) | 0x40); /* stays a (quiet) NaN */
-  return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
-}
-
-static inline __m256 widen8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-/* 8 floats in [-1, 1] (a softmax minus a one-hot, or NaN) to bf16, round to nearest even. */
-static inline __m128i narrow8(__m256 x) {
-  __m256i b = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  b = _mm256_or_si256(b, _mm256_and_si256(nan, _mm256_set1_epi32(0x40)));
-  return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-}
-
-static inline float hmax(__m256 v) {
-  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
-  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
-  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
-  return _mm256_cvtss_f32(v);
-}
-
 /* One row of v logits x: *loss = logsumexp(x) - x[t] and, when g is not NULL,
  * g = softmax(x) - one_hot(t) in bf16; an invalid row (valid = 0) gets loss 0 and g = 0.
  * buf: v floats of scratch, 32-byte aligned. */

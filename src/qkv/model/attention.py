@@ -22,6 +22,7 @@ no such hook, so a soft-capped model takes the math path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -71,6 +72,21 @@ def math_attention(q, k, v, mask, scale, keep_probs: bool = False, softcap: floa
     return out, (probs.reshape(B, H, T, S) if keep_probs else None)
 
 
+# (q, k, v, scale) -> causal attention (B, H, T, D), or None for inputs it does not take: a
+# faster kernel for the causal case that the training side may install (the native one,
+# kernels/causal_attention.py); the model itself stays plain PyTorch.
+CausalKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]
+_causal_kernel: CausalKernel | None = None
+
+
+def install_causal_kernel(kernel: CausalKernel | None) -> CausalKernel | None:
+    """Let `kernel` compute causal attention without a mask where it applies (None: SDPA);
+    returns the kernel it replaces."""
+    global _causal_kernel
+    before, _causal_kernel = _causal_kernel, kernel
+    return before
+
+
 def fused_attention(q, k, v, mask, scale, dropout_p: float = 0.0):
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -80,6 +96,10 @@ def fused_attention(q, k, v, mask, scale, dropout_p: float = 0.0):
         out = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, scale=scale)
         return out.view(B, H, 1, D)
     is_causal = mask is None and T == S
+    if is_causal and dropout_p == 0.0 and _causal_kernel is not None:
+        y = _causal_kernel(q, k, v, scale)
+        if y is not None:
+            return y
     if mask is None and not is_causal:
         mask = causal_mask(T, S, q.device)[None, None]
     return F.scaled_dot_product_attention(

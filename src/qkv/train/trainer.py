@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 
 from qkv.io import atomic_write_text
-from qkv.kernels import cross_entropy
+from qkv.kernels import causal_attention, cross_entropy
+from qkv.model import attention as model_attention
 from qkv.model import loss as model_loss
 from qkv.train import distributed as D
 from qkv.train import state as S
@@ -215,8 +216,18 @@ class Trainer:
         return self.dist.world
 
     # --- pieces ---------------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None)
+    @contextmanager
+    def _forward(self):
+        """Where the model's forward runs: under bf16 autocast for a bf16 run, with causal
+        attention (forward and backward) in the native kernel where it applies, SDPA elsewhere.
+        The kernel is installed for these forwards only: the model outside training (sampling,
+        a later evaluation in the same process) keeps SDPA."""
+        before = model_attention.install_causal_kernel(causal_attention.attention)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
+                yield
+        finally:
+            model_attention.install_causal_kernel(before)
 
     def _seed_step(self, step: int) -> None:
         torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1009 + self.rank)
@@ -245,7 +256,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(self.cfg.eval_steps):
             batch = _to_device(self.eval_batch(i), self.device)
-            with self._autocast():
+            with self._forward():
                 loss, _ = self.loss_fn(self.model, batch)
             total += loss.detach().float()
         self.model.train(was_training)
@@ -320,7 +331,7 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1
             ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
             with ctx:
-                with self._autocast():
+                with self._forward():
                     loss, metrics = self.wrapped(batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
