@@ -21,9 +21,10 @@ import torch
 
 from common import cpu_description, matmul_ceiling, table, time_interleaved
 from qkv.config import ModelConfig
-from qkv.kernels import causal_attention, cross_entropy
+from qkv.kernels import causal_attention, cross_entropy, gelu
 from qkv.model import attention as model_attention
 from qkv.model import build_model
+from qkv.model import layers as model_layers
 from qkv.model import loss as model_loss
 from qkv.train.trainer import flops_per_token
 
@@ -73,8 +74,9 @@ def make_step(model, kind: str, batches, dtype, compile: bool = False):
     state = {"i": 0}
     if kind == "qkv" and dtype == "bf16":  # as qkv's Trainer does for a bf16 run
         model_loss.install_row_kernel(cross_entropy.rows)
-    if kind == "qkv":  # as qkv's Trainer does (transformers' GPT-2 calls SDPA, which never reaches it)
+    if kind == "qkv":  # as qkv's Trainer does (transformers' GPT-2 never reaches these hooks)
         model_attention.install_causal_kernel(causal_attention.attention)
+        model_layers.install_gelu_tanh_kernel(gelu.gelu_tanh)
     if compile:  # each transformer block through inductor, as `qkv train --compile` does
         for block in model.blocks if kind == "qkv" else model.transformer.h:
             block.compile()

@@ -191,4 +191,6 @@ def test_training_steps_use_the_kernel_and_leave_sdpa_installed_after(tmp_path, 
     )  # fmt: skip
     Trainer(_model(0), cfg, lambda m, b: (m.loss(b[:, :-1], b[:, 1:]), {}), lambda step, micro: data[step]).fit()
     assert calls and all(calls)  # two layers a step, with autograd on
-    assert model_attention._causal_kernel is None
+    from qkv.model import layers
+
+    assert model_attention._causal_kernel is None and layers._gelu_tanh_kernel is None

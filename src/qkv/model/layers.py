@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from qkv.config import ModelConfig
+
+# x -> F.gelu(x, approximate="tanh"), or None for tensors it does not take: a faster kernel
+# the training side may install (the native one, kernels/gelu.py); the model stays plain PyTorch.
+GeluKernel = Callable[[torch.Tensor], "torch.Tensor | None"]
+_gelu_tanh_kernel: GeluKernel | None = None
+
+
+def install_gelu_tanh_kernel(kernel: GeluKernel | None) -> GeluKernel | None:
+    """Let `kernel` compute the tanh-approximated GELU where it applies (None: F.gelu); returns
+    the kernel it replaces."""
+    global _gelu_tanh_kernel
+    before, _gelu_tanh_kernel = _gelu_tanh_kernel, kernel
+    return before
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    if approximate == "tanh" and _gelu_tanh_kernel is not None:
+        y = _gelu_tanh_kernel(x)
+        if y is not None:
+            return y
+    return F.gelu(x, approximate=approximate)
 
 
 class RMSNorm(nn.Module):
@@ -61,7 +84,7 @@ class GeGLU(SwiGLU):
         self.approximate = approximate
 
     def act(self, gate: torch.Tensor) -> torch.Tensor:
-        return F.gelu(gate, approximate=self.approximate)
+        return gelu(gate, self.approximate)
 
 
 class GeluMLP(nn.Module):
@@ -74,7 +97,7 @@ class GeluMLP(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+        return self.down_proj(gelu(self.up_proj(x), self.approximate))
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module | None:

@@ -37,8 +37,9 @@ import torch
 import torch.nn as nn
 
 from qkv.io import atomic_write_text
-from qkv.kernels import causal_attention, cross_entropy
+from qkv.kernels import causal_attention, cross_entropy, gelu
 from qkv.model import attention as model_attention
+from qkv.model import layers as model_layers
 from qkv.model import loss as model_loss
 from qkv.train import distributed as D
 from qkv.train import state as S
@@ -219,15 +220,17 @@ class Trainer:
     @contextmanager
     def _forward(self):
         """Where the model's forward runs: under bf16 autocast for a bf16 run, with causal
-        attention (forward and backward) in the native kernel where it applies, SDPA elsewhere.
-        The kernel is installed for these forwards only: the model outside training (sampling,
-        a later evaluation in the same process) keeps SDPA."""
-        before = model_attention.install_causal_kernel(causal_attention.attention)
+        attention and the tanh GELU (forward and backward) in native kernels where they apply,
+        PyTorch's ops elsewhere. The kernels are installed for these forwards only: the model
+        outside training (sampling, a later evaluation in the same process) keeps PyTorch's."""
+        attention_before = model_attention.install_causal_kernel(causal_attention.attention)
+        gelu_before = model_layers.install_gelu_tanh_kernel(gelu.gelu_tanh)
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
                 yield
         finally:
-            model_attention.install_causal_kernel(before)
+            model_attention.install_causal_kernel(attention_before)
+            model_layers.install_gelu_tanh_kernel(gelu_before)
 
     def _seed_step(self, step: int) -> None:
         torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1009 + self.rank)
