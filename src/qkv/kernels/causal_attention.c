@@ -112,20 +112,52 @@ static void matmul(int64_t rows, int64_t n, int64_t kn, const float* A, int64_t 
   }
 }
 
-/* One (batch, kv head)'s K or V rows widened: row-major (S, D) into rm and/or transposed
- * (D, S16), zero past S, into tr (either may be NULL). */
-static void widen_kv(const void* x, int dtype, int64_t base, int64_t stride, int64_t S, int64_t D, float* rm, float* tr,
-                     float* row) {
-  const int64_t S16 = round16(S);
-  for (int64_t j = 0; j < S; ++j) {
-    float* dst = rm ? rm + j * D : row;
-    load_f32(x, dtype, base + j * stride, D, dst);
-    if (tr)
-      for (int64_t d = 0; d < D; ++d) tr[d * S16 + j] = dst[d];
+/* dst[i][j] = src[j][i] for an 8 x 8 block (row strides ss, ds). */
+static inline void transpose8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
   }
-  if (tr)
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = S; j < S16; ++j) tr[d * S16 + j] = 0.0f;
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+/* n rows of D values at base + j * stride (fp32 or bf16) as fp32 rows of dst, the rows a few
+ * ahead prefetched: they sit a whole (position) stride apart in the projections' layout. */
+static void load_rows(const void* x, int dtype, int64_t base, int64_t stride, int64_t n, int64_t D, float* dst) {
+  const int64_t bytes = dtype == F32 ? 4 : 2;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + 4 < n) {
+      const char* ahead = (const char*)x + (base + (j + 4) * stride) * bytes;
+      for (int64_t c = 0; c < D * bytes; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+    }
+    load_f32(x, dtype, base + j * stride, D, dst + j * D);
+  }
+}
+
+/* One (batch, kv head)'s K or V rows widened: row-major (S, D) into rm and, when tr is not
+ * NULL, transposed (D, S16), zero past S, into tr. */
+static void widen_kv(const void* x, int dtype, int64_t base, int64_t stride, int64_t S, int64_t D, float* rm, float* tr) {
+  const int64_t S16 = round16(S);
+  load_rows(x, dtype, base, stride, S, D, rm);
+  if (!tr) return;
+  int64_t j = 0;
+  for (; j + 8 <= S; j += 8)
+    for (int64_t d = 0; d < D; d += 8) transpose8(rm + j * D + d, D, tr + d * S16 + j, S16);
+  for (; j < S; ++j)
+    for (int64_t d = 0; d < D; ++d) tr[d * S16 + j] = rm[j * D + d];
+  for (int64_t d = 0; d < D; ++d)
+    for (j = S; j < S16; ++j) tr[d * S16 + j] = 0.0f;
 }
 
 static void* alloc_floats(int64_t n) { return aligned_alloc(32, (size_t)round16(n) * sizeof(float)); }
@@ -138,13 +170,13 @@ int qkv_causal_attention_fwd(const void* q, const void* k, const void* v, int dt
   int failed = 0;
 #pragma omp parallel num_threads(n_threads)
   {
-    float* kt = alloc_floats(D * S16);  /* K transposed: (D, S16) */
-    float* vf = alloc_floats(S * D);    /* V: (S, D) */
+    float* kf = alloc_floats(S * D);   /* K: (S, D) */
+    float* kt = alloc_floats(D * S16); /* K transposed: (D, S16) */
+    float* vf = alloc_floats(S * D);   /* V: (S, D) */
     float* qb = alloc_floats(TILE_ROWS * D);
     float* p = alloc_floats(TILE_ROWS * S16); /* scores, then probabilities */
     float* ob = alloc_floats(TILE_ROWS * D);
-    float* row = alloc_floats(D);
-    const int ok = kt && vf && qb && p && ob && row;
+    const int ok = kf && kt && vf && qb && p && ob;
     if (!ok) {
 #pragma omp atomic write
       failed = 1;
@@ -153,39 +185,49 @@ int qkv_causal_attention_fwd(const void* q, const void* k, const void* v, int dt
     for (int64_t item = 0; item < B * H; ++item) {
       if (!ok) continue;
       const int64_t b = item / H, h = item % H, hk = h / G;
-      widen_kv(k, dtype, b * ks[0] + hk * ks[1], ks[2], S, D, NULL, kt, row);
-      widen_kv(v, dtype, b * vs[0] + hk * vs[1], vs[2], S, D, vf, NULL, row);
+      widen_kv(k, dtype, b * ks[0] + hk * ks[1], ks[2], S, D, kf, kt);
+      widen_kv(v, dtype, b * vs[0] + hk * vs[1], vs[2], S, D, vf, NULL);
       for (int64_t i0 = 0; i0 < T; i0 += TILE_ROWS) {
         const int64_t R = T - i0 < TILE_ROWS ? T - i0 : TILE_ROWS;
         const int64_t kend = clamp(off + i0 + R, 0, S); /* keys the tile's last row sees */
-        for (int64_t r = 0; r < R; ++r) load_f32(q, dtype, b * qs[0] + h * qs[1] + (i0 + r) * qs[2], D, qb + r * D);
+        float inv_sum[TILE_ROWS];
+        load_rows(q, dtype, b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], R, D, qb);
         matmul(R, round16(kend), D, qb, D, 1, kt, S16, p, S16, 0);
         for (int64_t r = 0; r < R; ++r) {
           float* pr = p + r * S16;
           const int64_t n = clamp(off + i0 + r + 1, 0, S); /* keys this row sees */
-          float m = -INFINITY;
-          for (int64_t j = 0; j < n; ++j) pr[j] *= scale, m = pr[j] > m ? pr[j] : m;
-          float sum = 0.0f;
+          /* scale and max, then exp and sum; the 1 / sum goes on the output row, not on p */
+          const __m256 sc = _mm256_set1_ps(scale);
+          __m256 mx = _mm256_set1_ps(-INFINITY);
           int64_t j = 0;
+          for (; j + 8 <= n; j += 8) {
+            const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(pr + j), sc);
+            _mm256_storeu_ps(pr + j, x);
+            mx = _mm256_max_ps(mx, x);
+          }
+          float m = hmax(mx);
+          for (; j < n; ++j) pr[j] *= scale, m = pr[j] > m ? pr[j] : m;
           const __m256 mv = _mm256_set1_ps(m);
           __m256 sv = _mm256_setzero_ps();
-          for (; j + 8 <= n; j += 8) {
+          for (j = 0; j + 8 <= n; j += 8) {
             const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(pr + j), mv));
             _mm256_storeu_ps(pr + j, e);
             sv = _mm256_add_ps(sv, e);
           }
-          sum = hsum(sv);
+          float sum = hsum(sv);
           for (; j < n; ++j) pr[j] = expf(pr[j] - m), sum += pr[j];
-          const float inv = n ? 1.0f / sum : 0.0f;
-          for (j = 0; j < n; ++j) pr[j] *= inv;
           for (; j < kend; ++j) pr[j] = 0.0f;
+          inv_sum[r] = n ? 1.0f / sum : 0.0f;
           lse[(b * H + h) * T + i0 + r] = n ? m + logf(sum) : INFINITY; /* a row that sees nothing: p = 0 */
         }
         matmul(R, D, kend, p, S16, 1, vf, D, ob, D, 0);
-        for (int64_t r = 0; r < R; ++r) store_f32(ob + r * D, D, dtype, o, ((b * T + i0 + r) * H + h) * D);
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t d = 0; d < D; ++d) ob[r * D + d] *= inv_sum[r];
+          store_f32(ob + r * D, D, dtype, o, ((b * T + i0 + r) * H + h) * D);
+        }
       }
     }
-    free(kt), free(vf), free(qb), free(p), free(ob), free(row);
+    free(kf), free(kt), free(vf), free(qb), free(p), free(ob);
   }
   return failed ? 2 : 0;
 }
@@ -208,8 +250,7 @@ int qkv_causal_attention_bwd(const void* q, const void* k, const void* v, const 
     float* dqb = alloc_floats(BLOCK_ROWS * D);
     float* p = alloc_floats(BLOCK_ROWS * S16);
     float* ds = alloc_floats(BLOCK_ROWS * S16);
-    float* row = alloc_floats(D);
-    const int ok = kf && kt && vt && dk_acc && dv_acc && qb && dob && dqb && p && ds && row;
+    const int ok = kf && kt && vt && dk_acc && dv_acc && qb && dob && dqb && p && ds;
     if (!ok) {
 #pragma omp atomic write
       failed = 1;
@@ -218,19 +259,16 @@ int qkv_causal_attention_bwd(const void* q, const void* k, const void* v, const 
     for (int64_t item = 0; item < B * Hkv; ++item) {
       if (!ok) continue;
       const int64_t b = item / Hkv, hk = item % Hkv;
-      widen_kv(k, dtype, b * ks[0] + hk * ks[1], ks[2], S, D, kf, kt, row);
-      widen_kv(v, dtype, b * vs[0] + hk * vs[1], vs[2], S, D, NULL, vt, row);
+      widen_kv(k, dtype, b * ks[0] + hk * ks[1], ks[2], S, D, kf, kt);
+      widen_kv(v, dtype, b * vs[0] + hk * vs[1], vs[2], S, D, dv_acc, vt); /* dv_acc: scratch until zeroed */
       memset(dk_acc, 0, (size_t)(S * D) * sizeof(float));
       memset(dv_acc, 0, (size_t)(S * D) * sizeof(float));
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         for (int64_t i0 = 0; i0 < T; i0 += BLOCK_ROWS) {
           const int64_t R = T - i0 < BLOCK_ROWS ? T - i0 : BLOCK_ROWS;
           const int64_t kend = clamp(off + i0 + R, 0, S); /* keys the block's last row sees */
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t t = i0 + r;
-            load_f32(q, dtype, b * qs[0] + h * qs[1] + t * qs[2], D, qb + r * D);
-            load_f32(dout, dtype, b * dos[0] + h * dos[1] + t * dos[2], D, dob + r * D);
-          }
+          load_rows(q, dtype, b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], R, D, qb);
+          load_rows(dout, dtype, b * dos[0] + h * dos[1] + i0 * dos[2], dos[2], R, D, dob);
           for (int64_t t0 = 0; t0 < R; t0 += TILE_ROWS) {
             const int64_t Rt = R - t0 < TILE_ROWS ? R - t0 : TILE_ROWS;
             const int64_t tend = clamp(off + i0 + t0 + Rt, 0, S);
@@ -272,7 +310,6 @@ int qkv_causal_attention_bwd(const void* q, const void* k, const void* v, const 
       }
     }
     free(kf), free(kt), free(vt), free(dk_acc), free(dv_acc), free(qb), free(dob), free(dqb), free(p), free(ds);
-    free(row);
   }
   return failed ? 2 : 0;
 }
