@@ -2,7 +2,7 @@
 
 Config: 6 layers / 6 heads / d 384 / context 256 / batch 12, GPT-2 architecture
 (learned positions, LayerNorm, GELU, biases, tied embeddings), vocab 8192. Both models do
-forward + backward + AdamW (foreach, same hyperparameters) on the same batches; steps are
+forward + backward + AdamW (fused, same hyperparameters) on the same batches; steps are
 interleaved so machine noise hits both alike. MFU = achieved training FLOP/s (6N + attention,
 PaLM appendix B) over the matmul ceiling measured in this same run, per dtype.
 
@@ -70,7 +70,8 @@ def hf_model() -> torch.nn.Module:
 
 
 def make_step(model, kind: str, batches, dtype, compile: bool = False):
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    # fused: what qkv's Trainer uses on CPU; transformers gets the same (its Trainer's "adamw_torch_fused")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     state = {"i": 0}
     if kind == "qkv" and dtype == "bf16":  # as qkv's Trainer does for a bf16 run
         model_loss.install_row_kernel(cross_entropy.rows)
