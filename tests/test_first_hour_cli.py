@@ -247,6 +247,16 @@ def test_a_registered_name_resolves_in_every_loader(capsys, tiny_name, tiny_dir)
     assert code == 0 and info["format"] == "qkv" and info["context_length"] == 48 and info["chat_template"] is True
 
 
+def test_a_quoted_tilde_path_is_the_home_directory(tmp_path, monkeypatch, tiny_dir):
+    """`qkv serve --model "~/models/m"` (quoted: the shell leaves the ~) finds the model."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m").symlink_to(tiny_dir)
+    assert resolve_model("~/models/m") == tmp_path / "models" / "m"
+    with pytest.raises(FileNotFoundError, match="~/models/missing: no such file or directory"):
+        resolve_model("~/models/missing")
+
+
 def test_unknown_names_and_ambiguous_directories_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="did you mean 'smollm2'"):
         resolve_model("smolm2")

@@ -86,6 +86,9 @@ def resolve_model(spec: str | Path) -> Path:
     path = Path(spec)
     if path.exists():
         return path
+    home = path.expanduser()  # "~/models/x.gguf" quoted, so the shell did not expand it
+    if home != path and home.exists():
+        return home
     entry = MODELS.get(str(spec))
     if entry is not None:
         found = entry.path()
