@@ -10,9 +10,12 @@ task's SFT data, the same batch, sequence length and number of steps:
 
 Step time: the median of the steps after the first (metrics.jsonl). Judge: the bundled task's
 gold judge (qkv.align.task.gold_reward, in [-1, 1]) averaged over 32 held-out prompts, greedy,
-for the base model and after each run. Run under the shared lock:
+for the base model and after each run. Benchmarks (--eval-tasks): `qkv eval`'s harness on the
+first --eval-limit items of each task, 0-shot, for the base and each run (adapters merged). Run
+under the shared lock:
 
-    flock /tmp/qkv-bench.lock python benchmarks/bench_lora.py [--model smollm2|gemma3-270m] --steps 20
+    flock /tmp/qkv-bench.lock python benchmarks/bench_lora.py [--model smollm2|gemma3-270m] --steps 20 \
+        [--eval-tasks arc_easy,hellaswag --eval-limit 200]
 """
 
 from __future__ import annotations
@@ -78,12 +81,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--no-judge", action="store_true", help="peak RSS and step time only (no generation)")
+    ap.add_argument("--eval-tasks", default="", help="qkv eval tasks scored before and after each run (none: skip)")
+    ap.add_argument("--eval-limit", type=int, default=200, help="items per --eval-tasks task")
     args = ap.parse_args()
 
     import torch
 
     from qkv import chat_formats
     from qkv.align.task import make_task, write_jsonl
+    from qkv.eval.harness import EvalOptions, core_score, evaluate, parse_tasks
     from qkv.interop import load
     from qkv.lora import load_adapter, merge_lora
 
@@ -98,15 +104,27 @@ def main() -> None:
         ("lora-f32", str(f32), 1e-3, True),
         (f"qlora-{MODELS[args.model]}", args.model, 1e-3, True),
     ]
-    base, tok = load(str(f32))
-    tok, _ = chat_formats.fallback(tok)  # a base model's file may have turn tokens but no template, as `qkv sft` says
+    base, raw_tok = load(str(f32))
+    # a base model's file may have turn tokens but no template, as `qkv sft` says
+    tok, _ = chat_formats.fallback(raw_tok)
+    eval_tasks = parse_tasks(args.eval_tasks) if args.eval_tasks else []
+
+    def bench_scores(m) -> dict:
+        """Each task's primary accuracy with its standard error, and the CORE score."""
+        if not eval_tasks:
+            return {}
+        res = evaluate(m, raw_tok, eval_tasks, EvalOptions(limit=args.eval_limit, progress=False))
+        out = {t: (r.metrics[r.primary], r.metrics[r.primary + "_stderr"], r.primary) for t, r in res.items()}
+        return {**out, "CORE": core_score(res)}
+
     scores = {"base (no fine-tuning)": float("nan") if args.no_judge else judge(base, tok, task.eval_prompts)}
+    base_bench = bench_scores(base)
     results = []
     for name, model, lr, lora in runs:
         r = run_sft(name, model, data, tmp / name, args.steps, lr, lora, args.threads)
-        r["judge"] = float("nan")
+        r["judge"], r["bench"] = float("nan"), {}
         results.append(r)
-        if args.no_judge:
+        if args.no_judge and not eval_tasks:
             continue
         if lora:
             m, _ = load(model, dequantize=True)
@@ -114,7 +132,9 @@ def main() -> None:
             merge_lora(m)
         else:
             m, _ = load(tmp / name)
-        r["judge"] = scores[name] = judge(m, tok, task.eval_prompts)
+        if not args.no_judge:
+            r["judge"] = scores[name] = judge(m, tok, task.eval_prompts)
+        r["bench"] = bench_scores(m)
         del m
     print(f"\n{args.model}: {args.steps} steps of 4 x 128 tokens, {args.threads} threads", end="")
     print(f"; judge over {args.n_eval} prompts")
@@ -126,6 +146,13 @@ def main() -> None:
             f"| {r['name']} | {r['peak_rss_mb']:,.0f} | {r['step_s']:.2f} | "
             f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} | {r['judge']:+.3f} |"
         )
+    if eval_tasks:
+        print(f"\nqkv eval, first {args.eval_limit} items of each task, 0-shot (primary metric +- stderr):")
+        print("| model | " + " | ".join(eval_tasks) + " | CORE |")
+        print("|---|" + "---|" * (len(eval_tasks) + 1))
+        for name, b in [("base (no fine-tuning)", base_bench)] + [(r["name"], r["bench"]) for r in results]:
+            cells = [f"{b[t][0]:.3f} +- {b[t][1]:.3f} ({b[t][2]})" for t in eval_tasks]
+            print(f"| {name} | " + " | ".join(cells) + f" | {b['CORE']:.3f} |")
 
 
 if __name__ == "__main__":
