@@ -25,6 +25,7 @@ def install_gelu_tanh_kernel(kernel: GeluKernel | None) -> GeluKernel | None:
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """F.gelu(x, approximate=...), through the installed kernel for the tanh form where it applies."""
     if approximate == "tanh" and _gelu_tanh_kernel is not None:
         y = _gelu_tanh_kernel(x)
         if y is not None:
