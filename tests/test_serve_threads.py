@@ -16,8 +16,10 @@ from qkv.commands import serve
 from qkv.serve.async_engine import on_passing_thread
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def os_threads() -> set[str]:
+    """The process's OS thread ids. Sets, not counts: a thread left by an earlier test may exit
+    while this one runs, and a count would read that as a thread not created."""
+    return set(os.listdir("/proc/self/task"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
@@ -38,11 +40,11 @@ def test_a_parallel_op_on_a_passing_thread_leaves_no_threads_behind():
             return float(x[0])
 
         assert on_passing_thread(work) == pytest.approx(1.0001**20)
-        assert seen[0] > before + 1  # the passing thread and at least one team helper
+        assert len(seen[0] - before) >= 2  # the passing thread and at least one team helper
         deadline = time.monotonic() + 10
-        while os_threads() > before and time.monotonic() < deadline:
+        while os_threads() - before and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert os_threads() == before
+        assert not os_threads() - before
     finally:
         torch.set_num_threads(threads)
 
